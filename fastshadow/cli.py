@@ -1,0 +1,174 @@
+"""fastshadow command line: `fastshadow proxy`, `fastshadow demo`, ..."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from . import __version__
+
+PROXY_EPILOG = """\
+Per-device options (--backend, --backend-listen, --mode, --device, --name)
+given after a --listen apply to that device; given before the first --listen
+they are defaults for every device. One process serves any number of devices.
+
+examples:
+  # one disk, isolated: QEMU connects to /run/fs/disk0.sock, the backend
+  # (qemu-storage-daemon) listens on /run/qsd/disk0.sock
+  fastshadow proxy --listen /run/fs/disk0.sock --backend /run/qsd/disk0.sock \\
+      --mode isolated --device blk
+
+  # two devices in one process, both direct
+  fastshadow proxy --mode direct \\
+      --listen /run/fs/a.sock --backend /run/qsd/a.sock \\
+      --listen /run/fs/b.sock --backend /run/qsd/b.sock
+
+  # a backend that connects out to us (e.g. DPDK vhost in client mode)
+  fastshadow proxy --listen /run/fs/net0.sock --backend-listen /run/fs/net0-be.sock --device net
+
+  # the same from a config file (TOML, [[device]] tables; see README)
+  fastshadow proxy --config /etc/fastshadow.toml
+"""
+
+_PER_DEVICE = ("backend", "backend_listen", "mode", "device", "name")
+
+
+class _DeviceOption(argparse.Action):
+    """Collects --listen and the per-device options in command-line order."""
+
+    def __call__(self, parser, namespace, value, option_string=None):
+        devices = getattr(namespace, "devices", None)
+        if devices is None:
+            devices = []
+            namespace.devices = devices
+        defaults = getattr(namespace, "device_defaults", None)
+        if defaults is None:
+            defaults = {}
+            namespace.device_defaults = defaults
+        if self.dest == "listen":
+            devices.append({"listen": value})
+        elif devices:
+            if self.dest in devices[-1]:
+                parser.error(f"{option_string} given twice for the device listening on {devices[-1]['listen']}")
+            devices[-1][self.dest] = value
+        else:
+            defaults[self.dest] = value
+
+
+def _add_proxy_parser(sub) -> None:
+    p = sub.add_parser(
+        "proxy", help="run the vhost-user proxy",
+        description="Sit between QEMU (vhost-user front-end) and a vhost-user backend. In direct mode every "
+                    "message is forwarded; in isolated mode the backend never receives guest RAM.",
+        epilog=PROXY_EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--listen", metavar="SOCK", action=_DeviceOption,
+                   help="unix socket QEMU connects to (its -chardev socket,path=SOCK); starts a new device")
+    p.add_argument("--backend", metavar="SOCK", action=_DeviceOption,
+                   help="unix socket of the backend, which fastshadow connects to (the backend listens)")
+    p.add_argument("--backend-listen", metavar="SOCK", action=_DeviceOption,
+                   help="unix socket fastshadow listens on for a backend that connects out")
+    p.add_argument("--mode", choices=["direct", "isolated"], action=_DeviceOption,
+                   help="direct: forward everything (default); isolated: the backend sees only a shadow region")
+    p.add_argument("--device", choices=["blk", "net", "fs", "vsock", "scsi", "generic", "gpu", "balloon"],
+                   action=_DeviceOption,
+                   help="virtio device type behind the socket (default blk); gpu and balloon are refused in "
+                        "isolated mode because their payloads carry guest addresses")
+    p.add_argument("--name", action=_DeviceOption,
+                   help="device name used in logs and in the shadow memfd name (default: dev0, dev1, ...)")
+    p.add_argument("--config", metavar="FILE", help="TOML config file with [[device]] tables instead of options")
+    p.add_argument("--backend-timeout", type=float, default=10.0, metavar="S",
+                   help="seconds to wait for the backend to accept or connect (default 10)")
+    p.add_argument("--reply-timeout", type=float, default=30.0, metavar="S",
+                   help="seconds the backend may take to answer a request (default 30)")
+    p.add_argument("--max-request-bytes", type=int, default=4 << 20, metavar="N",
+                   help="isolated: largest guest request accepted, in bytes (default 4 MiB)")
+    p.add_argument("--bounce-per-queue", type=int, default=16 << 20, metavar="N",
+                   help="isolated: bounce space per queue in the shadow region, bytes (default 16 MiB)")
+    p.add_argument("--busy-poll-us", type=int, default=0, metavar="US",
+                   help="isolated: data plane busy-polls this long before sleeping (default 0)")
+    p.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"],
+                   help="debug logs one line per vhost-user message (default info)")
+    p.add_argument("--log-format", default="text", choices=["text", "json"], help="log line format (default text)")
+    p.set_defaults(func=cmd_proxy, devices=None, device_defaults=None)
+
+
+def build_proxy_config(args):
+    from .proxy.config import ConfigError, DeviceConfig, DeviceType, Mode, ProxyConfig, load_toml
+
+    if args.config:
+        if args.devices:
+            raise ConfigError("give either --config or --listen options, not both")
+        cfg = load_toml(args.config)
+        return cfg
+    defaults = args.device_defaults or {}
+    devices = []
+    for i, d in enumerate(args.devices or []):
+        merged = {**defaults, **d}
+        devices.append(DeviceConfig(
+            name=merged.get("name") or f"dev{i}",
+            listen=merged["listen"],
+            backend=merged.get("backend"),
+            backend_listen=merged.get("backend_listen"),
+            mode=Mode(merged.get("mode", "direct")),
+            device=DeviceType(merged.get("device", "blk")),
+            backend_timeout=args.backend_timeout,
+            reply_timeout=args.reply_timeout,
+            max_request_bytes=args.max_request_bytes,
+            bounce_per_queue=args.bounce_per_queue,
+        ))
+    cfg = ProxyConfig(device=devices, log_level=args.log_level, log_format=args.log_format,
+                      busy_poll_us=args.busy_poll_us)
+    cfg.validate()
+    return cfg
+
+
+def cmd_proxy(args) -> int:
+    from . import logs
+    from .proxy.config import ConfigError
+    from .proxy.endpoints import EndpointError
+    from .proxy.server import Proxy
+
+    try:
+        cfg = build_proxy_config(args)
+    except ConfigError as e:
+        print(f"fastshadow proxy: {e}", file=sys.stderr)
+        return 2
+    logs.setup(cfg.log_level if args.config else args.log_level, cfg.log_format)
+    try:
+        proxy = Proxy(cfg)
+    except EndpointError as e:
+        print(f"fastshadow proxy: {e}", file=sys.stderr)
+        return 1
+    proxy.install_signal_handlers()
+    proxy.serve_forever()
+    return 0
+
+
+def cmd_demo(args) -> int:
+    from .demo import run_demo
+    return run_demo(mode=args.mode, keep=args.keep)
+
+
+def _add_demo_parser(sub) -> None:
+    p = sub.add_parser("demo", help="boot a tiny VM whose disk goes through fastshadow and verify its I/O",
+                       description="Build (once, cached) a small guest, start qemu-storage-daemon, fastshadow and "
+                                   "QEMU; the guest writes and verifies data on its disk; print the verification "
+                                   "and, in isolated mode, the proof that the backend never mapped guest RAM.")
+    p.add_argument("--mode", choices=["direct", "isolated"], default="isolated",
+                   help="proxy mode (default isolated)")
+    p.add_argument("--keep", action="store_true", help="keep the work directory (logs, sockets) for inspection")
+    p.set_defaults(func=cmd_demo)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="fastshadow", description=__doc__)
+    parser.add_argument("--version", action="version", version=f"fastshadow {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True)
+    _add_proxy_parser(sub)
+    _add_demo_parser(sub)
+    args = parser.parse_args(argv)
+    return args.func(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,108 @@
+"""Proxy configuration: from the command line or a TOML file, typed by msgspec.
+
+A config file serves several devices from one process:
+
+    [[device]]
+    name = "disk0"
+    listen = "/run/fastshadow/disk0.sock"     # QEMU connects here
+    backend = "/run/qsd/disk0.sock"           # fastshadow connects to the backend
+    mode = "isolated"
+    device = "blk"
+"""
+
+from __future__ import annotations
+
+import enum
+import tomllib
+from pathlib import Path
+
+import msgspec
+
+
+class Mode(str, enum.Enum):
+    DIRECT = "direct"
+    ISOLATED = "isolated"
+
+
+class DeviceType(str, enum.Enum):
+    BLK = "blk"
+    NET = "net"
+    FS = "fs"
+    VSOCK = "vsock"
+    SCSI = "scsi"
+    GENERIC = "generic"
+    GPU = "gpu"
+    BALLOON = "balloon"
+
+
+#: Devices whose requests carry guest addresses inside their payloads (the
+#: backend would have to read guest RAM directly): isolation cannot shadow them.
+UNSHADOWABLE = {
+    DeviceType.GPU: "virtio-gpu resource commands carry guest physical addresses of framebuffers",
+    DeviceType.BALLOON: "virtio-balloon page lists are guest physical addresses the backend acts on",
+}
+
+
+class ConfigError(ValueError):
+    """The configuration is not usable; the message says which setting and why."""
+
+
+class DeviceConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
+    name: str
+    listen: str
+    backend: str | None = None
+    backend_listen: str | None = None
+    mode: Mode = Mode.DIRECT
+    device: DeviceType = DeviceType.BLK
+    #: Seconds to wait for the backend (connect retries or its connection).
+    backend_timeout: float = 10.0
+    #: Seconds the backend may take to answer a request.
+    reply_timeout: float = 30.0
+    #: Isolated mode: the largest request (sum of buffer lengths) accepted from the guest.
+    max_request_bytes: int = 4 << 20
+    #: Isolated mode: bounce space per queue in the shadow region.
+    bounce_per_queue: int = 16 << 20
+
+    def validate(self) -> None:
+        if (self.backend is None) == (self.backend_listen is None):
+            raise ConfigError(f"device {self.name!r}: give exactly one of backend (connect) or backend_listen")
+        if self.mode is Mode.ISOLATED and self.device in UNSHADOWABLE:
+            raise ConfigError(f"device {self.name!r}: isolated mode cannot serve {self.device.value}: "
+                              f"{UNSHADOWABLE[self.device]}; use --mode direct or another device type")
+        if self.backend_timeout <= 0 or self.reply_timeout <= 0:
+            raise ConfigError(f"device {self.name!r}: timeouts must be positive")
+        if self.max_request_bytes <= 0 or self.bounce_per_queue < self.max_request_bytes:
+            raise ConfigError(f"device {self.name!r}: bounce_per_queue ({self.bounce_per_queue}) must hold at "
+                              f"least one request of max_request_bytes ({self.max_request_bytes})")
+
+
+class ProxyConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
+    device: list[DeviceConfig]
+    log_level: str = "info"
+    log_format: str = "text"
+    #: Data plane: microseconds to busy-poll before sleeping (0: never).
+    busy_poll_us: int = 0
+
+    def validate(self) -> None:
+        if not self.device:
+            raise ConfigError("no device configured: give --listen/--backend or a config file with [[device]]")
+        seen: set[str] = set()
+        for d in self.device:
+            d.validate()
+            for key in (d.name, d.listen):
+                if key in seen:
+                    raise ConfigError(f"{key!r} is used by two devices")
+                seen.add(key)
+
+
+def load_toml(path: str | Path) -> ProxyConfig:
+    try:
+        raw = tomllib.loads(Path(path).read_text())
+    except (OSError, tomllib.TOMLDecodeError) as e:
+        raise ConfigError(f"cannot read config file {path}: {e}") from e
+    try:
+        cfg = msgspec.convert(raw, ProxyConfig)
+    except msgspec.ValidationError as e:
+        raise ConfigError(f"config file {path}: {e}") from e
+    cfg.validate()
+    return cfg

@@ -1,0 +1,157 @@
+"""The proxy process: one listening socket per device, one session at a time per device.
+
+The main thread accepts QEMU connections; each accepted connection gets a
+thread that obtains the backend connection and runs the session. When a
+session ends (either side left or misbehaved) the device waits for the
+next QEMU connection, which is what QEMU's `reconnect=` expects.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import selectors
+import signal
+import socket
+import threading
+
+from ..logs import kv
+from .config import DeviceConfig, Mode, ProxyConfig
+from .endpoints import BackendEndpoint, EndpointError, listen_unix
+from .session import DirectSession, Session
+
+log = logging.getLogger("fastshadow.proxy")
+
+
+class Device:
+    """A configured device: where QEMU connects, how we reach the backend, its current session."""
+
+    def __init__(self, cfg: DeviceConfig, proxy: "Proxy"):
+        self.cfg = cfg
+        self.proxy = proxy
+        self.listener = listen_unix(cfg.listen)
+        self.backend = BackendEndpoint(connect=cfg.backend, listen=cfg.backend_listen, timeout=cfg.backend_timeout)
+        self.session: Session | None = None
+        self.thread: threading.Thread | None = None
+        self.sessions_served = 0
+
+    @property
+    def busy(self) -> bool:
+        return self.thread is not None and self.thread.is_alive()
+
+    def accept(self) -> None:
+        sock, _ = self.listener.accept()
+        sock.setblocking(True)
+        if self.busy:
+            kv(log, logging.WARNING, "qemu.refused", dev=self.cfg.name,
+               reason="a session is already active on this device; vhost-user allows one front-end")
+            sock.close()
+            return
+        kv(log, logging.INFO, "qemu.connected", dev=self.cfg.name, listen=self.cfg.listen)
+        self.thread = threading.Thread(target=self._serve, args=(sock,), name=f"session-{self.cfg.name}", daemon=True)
+        self.thread.start()
+
+    def _serve(self, qemu_sock: socket.socket) -> None:
+        try:
+            backend_sock = self.backend.get()
+        except EndpointError as e:
+            kv(log, logging.ERROR, "backend.unavailable", dev=self.cfg.name, backend=self.backend.description,
+               reason=str(e))
+            qemu_sock.close()
+            return
+        try:
+            self.session = self.proxy.make_session(self.cfg, qemu_sock, backend_sock)
+        except Exception as e:
+            kv(log, logging.ERROR, "session.setup_failed", dev=self.cfg.name, reason=str(e))
+            qemu_sock.close()
+            backend_sock.close()
+            return
+        self.sessions_served += 1
+        self.session.run()
+        kv(log, logging.INFO, "device.waiting", dev=self.cfg.name, listen=self.cfg.listen)
+
+    def close(self) -> None:
+        if self.session is not None:
+            self.session.abort("proxy shutting down")
+        if self.thread is not None:
+            self.thread.join(timeout=10)
+        self.listener.close()
+        self.backend.close()
+        try:
+            os.unlink(self.cfg.listen)
+        except OSError:
+            pass
+
+
+class Proxy:
+    def __init__(self, cfg: ProxyConfig):
+        cfg.validate()
+        self.cfg = cfg
+        self.devices: list[Device] = []
+        self._wake_r, self._wake_w = os.pipe2(os.O_CLOEXEC | os.O_NONBLOCK)
+        self._stop = threading.Event()
+        self.dataplane = None
+        try:
+            for dcfg in cfg.device:
+                self.devices.append(Device(dcfg, self))
+        except Exception:
+            self.close()
+            raise
+
+    def make_session(self, cfg: DeviceConfig, qemu_sock: socket.socket, backend_sock: socket.socket) -> Session:
+        if cfg.mode is Mode.DIRECT:
+            return DirectSession(cfg, qemu_sock, backend_sock)
+        from .isolated import IsolatedSession  # imports the C data plane only when needed
+        return IsolatedSession(cfg, qemu_sock, backend_sock, self.get_dataplane())
+
+    def get_dataplane(self):
+        if self.dataplane is None:
+            from ..dataplane import DataPlane
+            self.dataplane = DataPlane(busy_poll_us=self.cfg.busy_poll_us)
+            self.dataplane.start()
+        return self.dataplane
+
+    def serve_forever(self) -> None:
+        for d in self.devices:
+            kv(log, logging.INFO, "device.listening", dev=d.cfg.name, listen=d.cfg.listen,
+               backend=d.backend.description, mode=d.cfg.mode.value, device=d.cfg.device.value)
+        with selectors.DefaultSelector() as sel:
+            sel.register(self._wake_r, selectors.EVENT_READ, None)
+            for d in self.devices:
+                sel.register(d.listener, selectors.EVENT_READ, d)
+            while not self._stop.is_set():
+                for key, _ in sel.select():
+                    if key.data is None:
+                        continue
+                    try:
+                        key.data.accept()
+                    except OSError as e:
+                        kv(log, logging.WARNING, "accept.failed", dev=key.data.cfg.name, reason=str(e))
+        self.close()
+
+    def stop(self) -> None:
+        """Ask serve_forever to return (safe from signal handlers and other threads)."""
+        self._stop.set()
+        try:
+            os.write(self._wake_w, b"x")
+        except OSError:
+            pass
+
+    def install_signal_handlers(self) -> None:
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(sig, lambda *_: self.stop())
+
+    def close(self) -> None:
+        for d in self.devices:
+            d.close()
+        self.devices = []
+        if self.dataplane is not None:
+            self.dataplane.stop()
+            self.dataplane = None
+        for fd in (self._wake_r, self._wake_w):
+            try:
+                os.close(fd)
+            except OSError:
+                pass
+        self._wake_r = self._wake_w = -1
+        kv(log, logging.INFO, "proxy.stopped")

@@ -1,0 +1,244 @@
+"""A proxy session: one QEMU connection, one backend connection, in between.
+
+The session thread reads QEMU's requests one at a time, hands each to
+`on_frontend`, and when the backend owes a reply, waits for it on the
+backend socket and passes it back. On the main socket a backend only ever
+answers, so nothing arrives from it unasked; anything that does is a
+protocol error (or, when it is an EOF, the backend went away).
+
+Back-end initiated requests travel on a separate channel (SET_BACKEND_REQ_FD).
+fastshadow never hands QEMU's end of that channel to the backend: it keeps
+it, gives the backend one end of a socketpair of its own, and relays every
+message in a thread (BackendChannelRelay), so that each one is logged and,
+in isolated mode, filtered.
+
+DirectSession forwards everything unchanged. IsolatedSession (isolated.py)
+overrides the handlers that speak of guest memory.
+"""
+
+from __future__ import annotations
+
+import logging
+import selectors
+import socket
+import threading
+
+from ..logs import kv
+from ..protocol import (BackendReq, Channel, Connection, FrontendReq, Message, Negotiation, PeerClosed,
+                        ProtocolError, ReplyTimeout, VhostUserError)
+from ..protocol.errors import UnexpectedMessage
+from .config import DeviceConfig
+
+log = logging.getLogger("fastshadow.proxy")
+
+
+class Session:
+    """Base of both modes: connection handling, reply relaying, teardown."""
+
+    mode = "direct"
+
+    def __init__(self, cfg: DeviceConfig, qemu_sock: socket.socket, backend_sock: socket.socket):
+        self.cfg = cfg
+        self.name = cfg.name
+        self.qemu = Connection(qemu_sock, Channel.MAIN, receives_replies=False, name="qemu")
+        self.backend = Connection(backend_sock, Channel.MAIN, receives_replies=True, name="backend")
+        self.neg = Negotiation()
+        self.relay: BackendChannelRelay | None = None
+        self._closing = threading.Event()
+        self.end_reason: str | None = None
+
+    # -- life cycle --------------------------------------------------------
+    def run(self) -> None:
+        """Serve until either side goes away or misbehaves. Never raises."""
+        kv(log, logging.INFO, "session.start", dev=self.name, mode=self.mode)
+        try:
+            self._loop()
+        except PeerClosed as e:
+            self._end(logging.INFO, "session.end", str(e))
+        except ProtocolError as e:
+            self._end(logging.WARNING, "session.refused", f"{type(e).__name__}: {e}")
+        except VhostUserError as e:
+            self._end(logging.WARNING, "session.failed", f"{type(e).__name__}: {e}")
+        except OSError as e:
+            if self._closing.is_set():
+                self._end(logging.INFO, "session.end", self.end_reason or "closed")
+            else:
+                self._end(logging.WARNING, "session.failed", f"socket error: {e}")
+        except Exception as e:  # a bug of ours: log it fully, keep the process serving
+            log.exception("session.crashed dev=%s", self.name)
+            self.end_reason = f"internal error: {e!r}"
+        finally:
+            self.close()
+
+    def _end(self, level: int, event: str, reason: str) -> None:
+        if self.end_reason is None:
+            self.end_reason = reason
+        kv(log, level, event, dev=self.name, reason=self.end_reason)
+
+    def abort(self, reason: str) -> None:
+        """Stop the session from another thread: the session loop sees EOF and ends."""
+        if self.end_reason is None:
+            self.end_reason = reason
+        self._closing.set()
+        for conn in (self.qemu, self.backend):
+            try:
+                conn.sock.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+
+    def close(self) -> None:
+        self._closing.set()
+        if self.relay is not None:
+            self.relay.stop()
+        self.qemu.close()
+        self.backend.close()
+        self.teardown()
+
+    def teardown(self) -> None:
+        """Mode-specific cleanup after both sockets are closed."""
+
+    # -- the loop ------------------------------------------------------------
+    def _loop(self) -> None:
+        with selectors.DefaultSelector() as sel:
+            sel.register(self.qemu.sock, selectors.EVENT_READ, "qemu")
+            sel.register(self.backend.sock, selectors.EVENT_READ, "backend")
+            while True:
+                for key, _ in sel.select():
+                    if key.data == "qemu":
+                        msg = self.qemu.recv()
+                        self.trace("qemu->fastshadow", msg)
+                        self.neg.observe(msg)
+                        self.on_frontend(msg)
+                    else:
+                        self._backend_unasked()
+
+    def _backend_unasked(self) -> None:
+        try:
+            msg = self.backend.recv()
+        except PeerClosed as e:
+            raise PeerClosed(f"backend closed the connection ({e})") from None
+        msg.close_fds()
+        raise UnexpectedMessage(f"backend sent {msg.request.name} on the main socket without being asked")
+
+    # -- helpers for handlers -------------------------------------------------
+    def trace(self, direction: str, msg: Message) -> None:
+        if log.isEnabledFor(logging.DEBUG):
+            kv(log, logging.DEBUG, "msg", dev=self.name, dir=direction, req=msg.request.name,
+               reply=msg.is_reply, need_reply=msg.need_reply, payload=repr(msg.payload), fds=len(msg.fds))
+
+    def to_backend(self, msg: Message, *, expect_reply: bool | None = None) -> Message | None:
+        """Send `msg` to the backend (closing our fd copies) and return its reply, if one is owed."""
+        if expect_reply is None:
+            expect_reply = self.neg.expects_reply(msg)
+        self.trace("fastshadow->backend", msg)
+        try:
+            reply = self.backend.request(msg, expect_reply=expect_reply, timeout=self.cfg.reply_timeout)
+        except ReplyTimeout as e:
+            raise ReplyTimeout(f"backend did not answer {msg.request.name} within "
+                               f"{self.cfg.reply_timeout:g} s") from e
+        except PeerClosed as e:
+            raise PeerClosed(f"backend closed the connection ({e})") from None
+        finally:
+            msg.close_fds()
+        if reply is not None:
+            self.trace("backend->fastshadow", reply)
+        return reply
+
+    def to_qemu(self, msg: Message) -> None:
+        self.trace("fastshadow->qemu", msg)
+        self.qemu.send(msg, close_fds=True)
+
+    def forward(self, msg: Message) -> None:
+        """Forward a QEMU request as is, and its reply (if any) back to QEMU."""
+        reply = self.to_backend(msg)
+        if reply is not None:
+            self.to_qemu(reply)
+
+    def start_relay(self, msg: Message) -> Message:
+        """SET_BACKEND_REQ_FD: keep QEMU's channel, give the backend one end of our own."""
+        if self.relay is not None:
+            self.relay.stop()
+        qemu_end = socket.socket(fileno=msg.fds.pop())
+        msg.close_fds()
+        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+        self.relay = BackendChannelRelay(self, backend_side=ours, qemu_side=qemu_end)
+        self.relay.start()
+        return Message(msg.request, msg.payload, [theirs.detach()], msg.flags)
+
+    # -- handlers (overridden by modes) ------------------------------------------
+    def on_frontend(self, msg: Message) -> None:
+        raise NotImplementedError
+
+    def filter_backend_request(self, msg: Message) -> str | None:
+        """None to relay a back-end request to QEMU, or the reason it is refused."""
+        return None
+
+
+class DirectSession(Session):
+    """Forward every message both ways unchanged (fds included)."""
+
+    mode = "direct"
+
+    def on_frontend(self, msg: Message) -> None:
+        if msg.request == FrontendReq.SET_BACKEND_REQ_FD:
+            msg = self.start_relay(msg)
+        self.forward(msg)
+
+
+class BackendChannelRelay(threading.Thread):
+    """Relays back-end requests (and QEMU's replies) between two sockets."""
+
+    def __init__(self, session: Session, *, backend_side: socket.socket, qemu_side: socket.socket):
+        super().__init__(name=f"relay-{session.name}", daemon=True)
+        self.session = session
+        self.from_backend = Connection(backend_side, Channel.BACKEND, receives_replies=False,
+                                       name="backend (request channel)")
+        self.to_qemu = Connection(qemu_side, Channel.BACKEND, receives_replies=True,
+                                  name="qemu (request channel)")
+        self._stopping = threading.Event()
+
+    def run(self) -> None:
+        s = self.session
+        try:
+            while True:
+                msg = self.from_backend.recv()
+                s.trace("backend->fastshadow (channel)", msg)
+                refusal = s.filter_backend_request(msg)
+                expect = s.neg.expects_reply(msg)
+                if refusal is not None:
+                    kv(log, logging.WARNING, "backend_request.refused", dev=s.name, req=msg.request.name,
+                       reason=refusal)
+                    msg.close_fds()
+                    if expect:
+                        self.from_backend.send(msg.ack(ok=False))
+                    continue
+                try:
+                    reply = self.to_qemu.request(msg, expect_reply=expect, timeout=s.cfg.reply_timeout)
+                finally:
+                    msg.close_fds()
+                if reply is not None:
+                    s.trace("qemu->fastshadow (channel)", reply)
+                    self.from_backend.send(reply, close_fds=True)
+        except PeerClosed:
+            if not self._stopping.is_set():
+                kv(log, logging.DEBUG, "backend_channel.closed", dev=s.name)
+        except (VhostUserError, OSError) as e:
+            if not self._stopping.is_set():
+                kv(log, logging.WARNING, "backend_channel.refused", dev=s.name, reason=f"{type(e).__name__}: {e}")
+                s.abort(f"backend request channel: {e}")
+        finally:
+            self.from_backend.close()
+            self.to_qemu.close()
+
+    def stop(self) -> None:
+        self._stopping.set()
+        for conn in (self.from_backend, self.to_qemu):
+            try:
+                conn.sock.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+        if threading.current_thread() is not self:
+            self.join(timeout=5)
+
+
+__all__ = ["Session", "DirectSession", "BackendChannelRelay", "BackendReq"]
