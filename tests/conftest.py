@@ -1,0 +1,119 @@
+"""Shared fixtures: real processes (fastshadow proxy, qemu-storage-daemon) in a temp dir."""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+
+def need_binary(name: str) -> str:
+    path = shutil.which(name)
+    if path is None:
+        pytest.skip(f"{name} is not installed (the README's test command installs it)")
+    return path
+
+
+def wait_path(path: str | Path, timeout: float = 10.0, proc: subprocess.Popen | None = None) -> None:
+    deadline = time.monotonic() + timeout
+    while not os.path.exists(path):
+        if proc is not None and proc.poll() is not None:
+            raise RuntimeError(f"process exited with {proc.returncode} before {path} appeared")
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"{path} did not appear within {timeout} s")
+        time.sleep(0.02)
+
+
+class ProxyProcess:
+    """`fastshadow proxy` as a real subprocess, its log in a file."""
+
+    def __init__(self, workdir: Path, args: list[str], sockets: list[str], name: str = "proxy"):
+        self.log_path = workdir / f"{name}.log"
+        self._log = open(self.log_path, "wb")
+        self.proc = subprocess.Popen([sys.executable, "-m", "fastshadow.cli", "proxy", *args],
+                                     stdout=self._log, stderr=subprocess.STDOUT)
+        for s in sockets:
+            wait_path(s, 15, self.proc)
+
+    @property
+    def pid(self) -> int:
+        return self.proc.pid
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+    def wait_log(self, pattern: str, timeout: float = 15.0, count: int = 1) -> list[str]:
+        deadline = time.monotonic() + timeout
+        rx = re.compile(pattern)
+        while True:
+            lines = [ln for ln in self.log().splitlines() if rx.search(ln)]
+            if len(lines) >= count:
+                return lines
+            if self.proc.poll() is not None:
+                raise AssertionError(f"proxy exited ({self.proc.returncode}) while waiting for {pattern!r}:\n"
+                                     + self.log()[-3000:])
+            if time.monotonic() > deadline:
+                raise AssertionError(f"no log line matching {pattern!r} within {timeout} s:\n" + self.log()[-3000:])
+            time.sleep(0.05)
+
+    def alive(self) -> bool:
+        return self.proc.poll() is None
+
+    def stop(self) -> int:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(10)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        self._log.close()
+        return self.proc.returncode
+
+
+@pytest.fixture
+def workdir(tmp_path_factory) -> Path:
+    # Unix socket paths are limited to 108 bytes: keep them short.
+    d = Path(tmp_path_factory.mktemp("fs", numbered=True))
+    if len(str(d)) > 60:
+        import tempfile
+        d = Path(tempfile.mkdtemp(prefix="fs-"))
+    return d
+
+
+@pytest.fixture
+def start_proxy(workdir):
+    procs: list[ProxyProcess] = []
+
+    def start(args: list[str], sockets: list[str], name: str = "proxy") -> ProxyProcess:
+        p = ProxyProcess(workdir, args, sockets, name)
+        procs.append(p)
+        return p
+
+    yield start
+    for p in procs:
+        p.stop()
+
+
+@pytest.fixture
+def start_qsd(workdir):
+    need_binary("qemu-storage-daemon")
+    from fastshadow.guest.qsd import StorageDaemon
+    daemons = []
+
+    def start(sock: str, **kw):
+        d = StorageDaemon(sock, **kw)
+        d.__enter__()
+        daemons.append(d)
+        return d
+
+    yield start
+    for d in daemons:
+        d.__exit__(None, None, None)
