@@ -117,3 +117,11 @@ def start_qsd(workdir):
     yield start
     for d in daemons:
         d.__exit__(None, None, None)
+
+
+@pytest.fixture(scope="session")
+def guest_image():
+    """The test guest (Debian kernel + busybox initramfs + checker), built once and cached."""
+    need_binary("qemu-system-x86_64")
+    from fastshadow.guest import build_guest_image
+    return build_guest_image(log=lambda *a: None)

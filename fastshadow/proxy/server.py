@@ -109,7 +109,26 @@ class Proxy:
             from ..dataplane import DataPlane
             self.dataplane = DataPlane(busy_poll_us=self.cfg.busy_poll_us)
             self.dataplane.start()
+            self._events_thread = threading.Thread(target=self._log_dataplane_events, args=(self.dataplane,),
+                                                   name="dataplane-events", daemon=True)
+            self._events_thread.start()
         return self.dataplane
+
+    def _log_dataplane_events(self, dp) -> None:
+        """One log line per data-plane event (a refused request, a broken queue, ...)."""
+        import select
+        fd = dp.event_fd
+        while not self._stop.is_set() and self.dataplane is dp:
+            r, _, _ = select.select([fd], [], [], 0.5)
+            if not r:
+                continue
+            try:
+                events = dp.drain_events()
+            except Exception as e:  # the data plane is gone (shutdown)
+                kv(log, logging.DEBUG, "dataplane.events_stopped", reason=str(e))
+                return
+            for ev in events:
+                kv(log, logging.WARNING, "dataplane.refused", detail=ev.message)
 
     def serve_forever(self) -> None:
         for d in self.devices:
@@ -146,8 +165,10 @@ class Proxy:
             d.close()
         self.devices = []
         if self.dataplane is not None:
-            self.dataplane.stop()
-            self.dataplane = None
+            dp, self.dataplane = self.dataplane, None
+            self._stop.set()
+            self._events_thread.join()  # never drain events from a stopped data plane
+            dp.stop()
         for fd in (self._wake_r, self._wake_w):
             try:
                 os.close(fd)

@@ -100,6 +100,7 @@ class Session:
     # -- the loop ------------------------------------------------------------
     def _loop(self) -> None:
         with selectors.DefaultSelector() as sel:
+            self._sel = sel
             sel.register(self.qemu.sock, selectors.EVENT_READ, "qemu")
             sel.register(self.backend.sock, selectors.EVENT_READ, "backend")
             while True:
@@ -109,8 +110,20 @@ class Session:
                         self.trace("qemu->fastshadow", msg)
                         self.neg.observe(msg)
                         self.on_frontend(msg)
-                    else:
+                    elif key.data == "backend":
                         self._backend_unasked()
+                    else:
+                        key.data()
+
+    def watch(self, fd: int, callback) -> None:
+        """Call `callback()` in the session thread whenever `fd` is readable (handlers only)."""
+        self._sel.register(fd, selectors.EVENT_READ, callback)
+
+    def unwatch(self, fd: int) -> None:
+        try:
+            self._sel.unregister(fd)
+        except (KeyError, ValueError):
+            pass
 
     def _backend_unasked(self) -> None:
         try:

@@ -1,0 +1,108 @@
+"""The isolation proof, checked from outside: what memory can a process reach?
+
+Guest RAM is a memfd of QEMU's (`memory-backend-memfd`). A process can reach
+it only by mapping it or holding an fd of it, and both show in /proc: the
+inode column of /proc/PID/maps and the targets of /proc/PID/fd/*. So the
+proof compares inodes: QEMU's guest-RAM memfd inodes against everything
+the backend maps or holds.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+
+SHADOW_PREFIX = "memfd:fastshadow-shadow"
+
+
+@dataclass
+class Mapping:
+    start: int
+    end: int
+    perms: str
+    inode: int
+    path: str
+
+    @property
+    def size(self) -> int:
+        return self.end - self.start
+
+
+def read_maps(pid: int) -> list[Mapping]:
+    out = []
+    with open(f"/proc/{pid}/maps") as f:
+        for line in f:
+            parts = line.split(maxsplit=5)
+            start, end = (int(x, 16) for x in parts[0].split("-"))
+            path = parts[5].strip() if len(parts) > 5 else ""
+            out.append(Mapping(start, end, parts[1], int(parts[4]), path))
+    return out
+
+
+def read_fds(pid: int) -> dict[int, tuple[str, int]]:
+    """fd number -> (link target, inode) for every open fd of `pid`."""
+    out = {}
+    base = f"/proc/{pid}/fd"
+    for name in os.listdir(base):
+        try:
+            target = os.readlink(f"{base}/{name}")
+            ino = os.stat(f"{base}/{name}").st_ino
+        except OSError:
+            continue
+        out[int(name)] = (target, ino)
+    return out
+
+
+def guest_ram_inodes(qemu_pid: int, min_size: int = 16 << 20) -> set[int]:
+    """Inodes of QEMU's shared memfd mappings large enough to be guest RAM."""
+    inodes = set()
+    for m in read_maps(qemu_pid):
+        if m.path.startswith("/memfd:") and "s" in m.perms and m.size >= min_size:
+            inodes.add(m.inode)
+    return inodes
+
+
+@dataclass
+class IsolationReport:
+    backend_pid: int
+    guest_inodes: set[int]
+    guest_maps: list[Mapping] = field(default_factory=list)      # backend mappings of guest RAM
+    guest_fds: list[tuple[int, str]] = field(default_factory=list)  # backend fds of guest RAM
+    shadow_maps: list[Mapping] = field(default_factory=list)     # backend mappings of shadow memfds
+    shadow_fds: list[tuple[int, str]] = field(default_factory=list)
+
+    @property
+    def isolated(self) -> bool:
+        """The backend reaches no guest RAM, and does reach a fastshadow shadow region."""
+        return bool(self.guest_inodes) and not self.guest_maps and not self.guest_fds and bool(self.shadow_maps)
+
+    def lines(self) -> list[str]:
+        out = [f"backend pid {self.backend_pid}: guest RAM memfd inodes {sorted(self.guest_inodes)}"]
+        for m in self.guest_maps:
+            out.append(f"  GUEST RAM MAPPED   {m.start:#x}-{m.end:#x} {m.perms} inode {m.inode} {m.path}")
+        for fd, t in self.guest_fds:
+            out.append(f"  GUEST RAM FD       fd {fd} -> {t}")
+        for m in self.shadow_maps:
+            out.append(f"  shadow mapped      {m.start:#x}-{m.end:#x} {m.perms} inode {m.inode} {m.path}")
+        for fd, t in self.shadow_fds:
+            out.append(f"  shadow fd          fd {fd} -> {t}")
+        out.append("  verdict: " + ("ISOLATED: the backend maps no guest RAM and holds no fd of it"
+                                    if self.isolated else "NOT ISOLATED: the backend can reach guest RAM"
+                                    if self.guest_maps or self.guest_fds else "INCONCLUSIVE"))
+        return out
+
+
+def check_isolation(backend_pid: int, qemu_pid: int) -> IsolationReport:
+    inodes = guest_ram_inodes(qemu_pid)
+    rep = IsolationReport(backend_pid, inodes)
+    for m in read_maps(backend_pid):
+        if m.inode in inodes and m.path.startswith("/memfd:"):
+            rep.guest_maps.append(m)
+        elif m.path.startswith("/" + SHADOW_PREFIX):
+            rep.shadow_maps.append(m)
+    for fd, (target, ino) in read_fds(backend_pid).items():
+        if ino in inodes and target.startswith("/memfd:"):
+            rep.guest_fds.append((fd, target))
+        elif target.startswith("/" + SHADOW_PREFIX):
+            rep.shadow_fds.append((fd, target))
+    return rep
