@@ -120,7 +120,7 @@ def test_fds_on_request_that_takes_none_is_refused(workdir, start_qsd, start_pro
 def test_backend_death_is_logged_and_proxy_waits_for_next_session(workdir, start_qsd, start_proxy):
     qsd_sock = str(workdir / "qsd.sock")
     qsd = start_qsd(qsd_sock, driver="null")
-    proxy = start_proxy(["--listen", str(workdir / "fs.sock"), "--backend", qsd_sock],
+    proxy = start_proxy(["--listen", str(workdir / "fs.sock"), "--backend", qsd_sock, "--backend-timeout", "1"],
                         [str(workdir / "fs.sock")])
     fe = Frontend.connect(str(workdir / "fs.sock"))
     fe.get_features()
@@ -244,7 +244,9 @@ def test_backend_request_channel_is_relayed(workdir, start_proxy):
     msg = chan.recv(timeout=10)
     assert msg.request.name == "CONFIG_CHANGE_MSG" and msg.need_reply
     chan.send(msg.ack())
-    t.join(10)
+    deadline = time.monotonic() + 10
+    while "value" not in got_reply and time.monotonic() < deadline:
+        time.sleep(0.02)
     assert got_reply == {"value": 0}
     proxy.wait_log(r"dir=\"backend->fastshadow \(channel\)\" req=CONFIG_CHANGE_MSG")
     proxy.wait_log(r"dir=\"qemu->fastshadow \(channel\)\" req=CONFIG_CHANGE_MSG reply=True")
