@@ -166,6 +166,8 @@ def main(argv: list[str] | None = None) -> int:
     sub = parser.add_subparsers(dest="command", required=True)
     _add_proxy_parser(sub)
     _add_demo_parser(sub)
+    from .trace.tool import add_parser as add_trace_parser
+    add_trace_parser(sub)
     args = parser.parse_args(argv)
     return args.func(args)
 

@@ -1,0 +1,84 @@
+"""What bcc needs on this machine, checked one by one with what to do about it.
+
+bcc compiles its programs against the running kernel's headers and attaches
+through tracefs (DESIGN §6). `fastshadow trace --check` prints this list;
+`fastshadow trace` refuses to start, naming the first missing piece.
+"""
+
+from __future__ import annotations
+
+import os
+import platform
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+DIST_PACKAGES = "/usr/lib/python3/dist-packages"
+
+
+@dataclass
+class Check:
+    name: str
+    ok: bool
+    detail: str
+    fix: str = ""
+
+
+def kernel_build_dir() -> Path:
+    return Path(os.environ.get("FASTSHADOW_KERNEL_BUILD", f"/lib/modules/{platform.release()}/build"))
+
+
+def tracefs_dir() -> Path:
+    return Path(os.environ.get("FASTSHADOW_TRACEFS", "/sys/kernel/tracing"))
+
+
+def import_bcc():
+    """The bcc module: Debian installs it for the system Python only."""
+    try:
+        import bcc  # noqa: F401
+    except ImportError:
+        if DIST_PACKAGES not in sys.path and os.path.isdir(DIST_PACKAGES):
+            sys.path.append(DIST_PACKAGES)
+        import bcc  # noqa: F401
+    return sys.modules["bcc"]
+
+
+def _is_mountpoint(path: Path) -> bool:
+    """True when `path` is a mount point (readable by anyone, unlike tracefs itself)."""
+    try:
+        return os.path.ismount(path)
+    except OSError:
+        return False
+
+
+def checks() -> list[Check]:
+    out = []
+    root = os.geteuid() == 0
+    out.append(Check("root", root, f"running as uid {os.geteuid()}",
+                     "" if root else "run as root (loading BPF programs needs CAP_BPF and CAP_PERFMON)"))
+    build = kernel_build_dir()
+    has_headers = (build / "include").is_dir() or (build / "Makefile").is_file()
+    out.append(Check("kernel headers", has_headers, f"{build}" + (" -> " + os.path.realpath(build) if build.exists() else
+                                                                   " does not exist"),
+                     "" if has_headers else "apt-get install linux-headers-amd64 and link "
+                     f"{build} (and ../source) to /usr/src/linux-headers-*-amd64 (scripts/setup does this)"))
+    tfs = tracefs_dir()
+    mounted = _is_mountpoint(tfs)
+    out.append(Check("tracefs", mounted, f"{tfs}" + (" mounted" if mounted else " not mounted"),
+                     "" if mounted else f"mount -t tracefs nodev {tfs} (scripts/setup does this)"))
+    try:
+        bcc = import_bcc()
+        out.append(Check("bcc", True, f"bcc {getattr(bcc, '__version__', '?')} from {os.path.dirname(bcc.__file__)}"))
+    except Exception as e:  # ImportError, or libbcc missing underneath
+        out.append(Check("bcc", False, f"cannot import bcc: {e}", "apt-get install python3-bpfcc"))
+    return out
+
+
+class TraceEnvironmentError(RuntimeError):
+    """A prerequisite of tracing is missing; the message says which and how to fix it."""
+
+
+def require() -> None:
+    for c in checks():
+        if not c.ok:
+            raise TraceEnvironmentError(f"cannot trace: {c.name}: {c.detail}; fix: {c.fix}")
