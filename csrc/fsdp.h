@@ -2,19 +2,203 @@
  * fsdp.h: the public interface of fastshadow's C data plane.
  *
  * This header is also the cffi cdef (csrc/build_ffi.py strips preprocessor
- * lines), so it holds plain declarations only: fixed-width types, structs,
- * enums, prototypes.  Functions return 0 or a negative errno; the Python
- * layer (fastshadow/dataplane.py) turns those into exceptions.
+ * lines and the FSDP_C_ONLY sections), so outside those sections it holds
+ * plain declarations only: fixed-width types, structs, enums, prototypes.
+ * Functions return 0 (or a count) or a negative errno; the Python layer
+ * (fastshadow/dataplane.py) turns those into exceptions.
+ *
+ * Objects:
+ *   struct fsdp_dp   one per process: the event loop thread (io_uring), the
+ *                    command channel and the event ring.  When its loop is
+ *                    not running, every call executes on the caller's thread
+ *                    (the synchronous engine used by tests: fsdp_dev_poll).
+ *   struct fsdp_dev  one per vhost-user device in isolated mode: guest memory
+ *                    table, the shadow region (a sealed memfd) and one shadow
+ *                    split virtqueue per guest queue.
+ *
+ * Threading: every fsdp_dev_* / fsdp_queue_* call may come from any thread;
+ * while the loop runs it is executed ON the loop thread between two batches
+ * (the caller blocks until it is done), otherwise inline under the dp lock.
+ * fsdp_dev_poll is refused (-EBUSY) while the loop runs.
  */
 #ifndef FSDP_H
 #define FSDP_H
 /* FSDP_C_ONLY_BEGIN */
 #include <stdint.h>
 #include <stddef.h>
+
+/* Where the backend is told the shadow region lives.  Both are fake and
+ * stable: no real host virtual address ever reaches the backend.  Non-zero
+ * GPA so that a zeroed descriptor never points into the region. */
+#define FSDP_SHADOW_GPA_BASE   0x100000000ULL
+#define FSDP_SHADOW_UADDR_BASE 0x7e0000000000ULL
 /* FSDP_C_ONLY_END */
 
 /* Bumped whenever this interface changes; checked at import. */
-#define FSDP_ABI_VERSION 1
+#define FSDP_ABI_VERSION 2
 int fsdp_abi_version(void);
+
+/* Limits and flags (enums so that cffi sees them as constants too). */
+enum {
+    FSDP_MAX_MEM_REGIONS = 64,
+    FSDP_MAX_QUEUE_SIZE = 32768,
+    FSDP_MAX_QUEUES = 64,
+    FSDP_NAME_MAX = 64,
+};
+
+/* fsdp_queue_start flags. */
+enum {
+    FSDP_QF_GUEST_EVENT_IDX = 1,    /* VIRTIO_RING_F_EVENT_IDX on the guest ring */
+    FSDP_QF_BACKEND_EVENT_IDX = 2,  /* ... and on the shadow ring */
+};
+
+/* fsdp_dev_poll out_flags. */
+enum {
+    FSDP_POLL_BACKEND_KICKED = 1,
+    FSDP_POLL_GUEST_CALLED = 2,
+    FSDP_POLL_PROGRESS = 4,         /* something moved on some ring */
+    FSDP_POLL_MORE = 8,             /* a queue ran out of its per-pass budget: poll again */
+};
+
+/*
+ * Event codes.  One event record is emitted per refused request, per broken
+ * queue and per backend protocol violation.  The meaning of a and b is given
+ * per code (see fsdp_event_str and fastshadow/dataplane.py).
+ */
+enum fsdp_event_code {
+    FSDP_EV_NONE = 0,
+    /* A guest chain refused: completed toward the guest with len 0. */
+    FSDP_EV_DESC_NEXT_OUT_OF_RANGE = 1,   /* a = next, b = table size */
+    FSDP_EV_CHAIN_TOO_LONG = 2,           /* a = limit (loop or > queue size) */
+    FSDP_EV_ADDR_UNMAPPED = 3,            /* a = gpa, b = len */
+    FSDP_EV_ADDR_OVERFLOW = 4,            /* a = gpa, b = len */
+    FSDP_EV_INDIRECT_NESTED = 5,          /* a = descriptor index in the table */
+    FSDP_EV_INDIRECT_BAD_LEN = 6,         /* a = len, b = max len */
+    FSDP_EV_INDIRECT_WITH_NEXT = 7,       /* a = descriptor index */
+    FSDP_EV_WRITABLE_BEFORE_READABLE = 8, /* a = position in the chain */
+    FSDP_EV_REQUEST_TOO_LARGE = 9,        /* a = bytes, b = cap */
+    /* A corrupt guest ring: the queue is broken and stops. */
+    FSDP_EV_BAD_HEAD = 16,                /* a = head, b = queue size */
+    FSDP_EV_AVAIL_IDX_JUMP = 17,          /* a = avail idx, b = last avail idx */
+    FSDP_EV_RING_UNMAPPED = 18,           /* a = ring uaddr: memory table change */
+    /* A backend protocol violation on the shadow used ring. */
+    FSDP_EV_USED_UNKNOWN_ID = 32,         /* a = id */
+    FSDP_EV_USED_DOUBLE_COMPLETION = 33,  /* a = id */
+    FSDP_EV_USED_LEN_TOO_LARGE = 34,      /* a = len, b = writable bytes; failed toward guest */
+    FSDP_EV_USED_IDX_JUMP = 35,           /* a = used idx, b = last used; backend side stops */
+    /* Other. */
+    FSDP_EV_COPYBACK_UNMAPPED = 48,       /* a = gpa, b = len; request failed toward guest */
+    FSDP_EV_INFLIGHT_ABORTED = 49,        /* a = requests failed toward guest */
+    FSDP_EV_EVENTS_LOST = 50,             /* a = count (synthesised by the reader) */
+    FSDP_EV_LOOP_ERROR = 51,              /* a = -errno from io_uring */
+};
+
+struct fsdp_event {
+    uint32_t dev;
+    uint32_t queue;
+    uint32_t code;
+    uint32_t head;      /* guest head index where relevant, else 0 */
+    uint64_t a;
+    uint64_t b;
+};
+
+struct fsdp_queue_stats {
+    uint64_t requests;       /* guest requests shadowed (published to the backend) */
+    uint64_t bytes_in;       /* bytes copied guest -> bounce (to the backend) */
+    uint64_t bytes_out;      /* bytes copied bounce -> guest */
+    uint64_t refused;        /* guest chains refused (len 0 toward the guest) */
+    uint64_t guest_kicks;    /* guest kick eventfd completions seen */
+    uint64_t backend_kicks;  /* eventfd writes toward the backend */
+    uint64_t backend_calls;  /* backend call eventfd completions seen */
+    uint64_t guest_calls;    /* eventfd writes toward the guest */
+    uint64_t throttled;      /* intake stalls for lack of bounce space/descriptors */
+    uint64_t inflight;       /* requests currently owned by the backend */
+    uint64_t completed;      /* requests completed toward the guest (any len) */
+    uint64_t backend_errors; /* shadow used entries refused */
+};
+
+struct fsdp_mem_region {
+    uint64_t gpa;
+    uint64_t size;
+    uint64_t uaddr;        /* QEMU's user address (to translate SET_VRING_ADDR) */
+    uint64_t mmap_offset;
+    int32_t fd;            /* the caller's; mapped, never kept */
+};
+
+struct fsdp_dp_config {
+    uint32_t busy_poll_us;      /* spin on the rings this long before sleeping */
+    uint32_t poll_interval_us;  /* wait timeout while a queue has no kick fd (0: 100) */
+    uint32_t event_ring_size;   /* records (0: 1024) */
+};
+
+struct fsdp_dev_config {
+    uint32_t num_queues;          /* 1..FSDP_MAX_QUEUES */
+    uint32_t max_queue_size;      /* shadow ring space reserved per queue (0: 32768) */
+    uint64_t shadow_size;         /* 0: computed; else >= the computed minimum */
+    uint64_t max_request_bytes;   /* cap of one request's total length (0: 4 MiB) */
+    uint64_t bounce_per_queue;    /* bytes (0: 16 MiB), rounded up to pages */
+};
+
+struct fsdp_dev_info {
+    uint32_t id;
+    uint32_t num_queues;
+    uint32_t max_queue_size;
+    int32_t shadow_fd;           /* owned by the data plane; hand to the backend */
+    uint64_t shadow_size;
+    uint64_t shadow_gpa;         /* FSDP_SHADOW_GPA_BASE */
+    uint64_t shadow_uaddr;       /* FSDP_SHADOW_UADDR_BASE */
+    uint64_t queue_slot_size;    /* bytes of shadow region per queue */
+    uint64_t bounce_per_queue;
+};
+
+struct fsdp_dp;
+struct fsdp_dev;
+
+/* Data plane: loop, commands, events. */
+int fsdp_dp_new(const struct fsdp_dp_config *cfg, struct fsdp_dp **out);
+void fsdp_dp_free(struct fsdp_dp *dp);          /* stops the loop, frees devices */
+int fsdp_dp_start(struct fsdp_dp *dp);
+int fsdp_dp_stop(struct fsdp_dp *dp);           /* joins the thread */
+int fsdp_dp_running(struct fsdp_dp *dp);
+int fsdp_dp_event_fd(struct fsdp_dp *dp);
+/* Copies up to max events out; returns the count; *lost = records dropped
+ * because the ring was full since the last call. */
+int fsdp_dp_drain_events(struct fsdp_dp *dp, struct fsdp_event *out, uint32_t max,
+                         uint64_t *lost);
+const char *fsdp_event_name(uint32_t code);
+const char *fsdp_event_str(uint32_t code);
+
+/* Devices. */
+int fsdp_dev_add(struct fsdp_dp *dp, const char *name, const struct fsdp_dev_config *cfg,
+                 struct fsdp_dev **out);
+int fsdp_dev_remove(struct fsdp_dev *dev);      /* frees dev */
+int fsdp_dev_info(struct fsdp_dev *dev, struct fsdp_dev_info *out);
+int fsdp_dev_set_mem_table(struct fsdp_dev *dev, const struct fsdp_mem_region *regions,
+                           uint32_t n);
+int fsdp_dev_add_mem_region(struct fsdp_dev *dev, const struct fsdp_mem_region *region);
+int fsdp_dev_remove_mem_region(struct fsdp_dev *dev, uint64_t gpa, uint64_t size);
+int fsdp_dev_reset(struct fsdp_dev *dev);
+/* Synchronous engine pass over every started queue (loop not running). */
+int fsdp_dev_poll(struct fsdp_dev *dev, uint32_t *out_flags);
+
+/* Queues. */
+int fsdp_queue_set_num(struct fsdp_dev *dev, uint32_t q, uint32_t num);
+int fsdp_queue_set_base(struct fsdp_dev *dev, uint32_t q, uint32_t avail_idx);
+int fsdp_queue_set_addr(struct fsdp_dev *dev, uint32_t q, uint64_t desc_uaddr,
+                        uint64_t avail_uaddr, uint64_t used_uaddr);
+int fsdp_queue_set_guest_kick(struct fsdp_dev *dev, uint32_t q, int fd);  /* -1: poll */
+int fsdp_queue_set_guest_call(struct fsdp_dev *dev, uint32_t q, int fd);  /* -1: none */
+int fsdp_queue_backend_fds(struct fsdp_dev *dev, uint32_t q, int *kick_fd, int *call_fd);
+int fsdp_queue_shadow_addrs(struct fsdp_dev *dev, uint32_t q, uint64_t *desc,
+                            uint64_t *avail, uint64_t *used);
+int fsdp_queue_start(struct fsdp_dev *dev, uint32_t q, uint32_t flags);
+/* Stop intake and wait up to timeout_ms for in-flight requests to complete.
+ * *avail_idx receives the guest's next avail index in every case; returns
+ * -ETIMEDOUT if requests are still in flight (they stay owned by the data
+ * plane: fsdp_queue_start re-publishes them, fsdp_queue_abort fails them). */
+int fsdp_queue_stop(struct fsdp_dev *dev, uint32_t q, uint32_t timeout_ms,
+                    uint32_t *avail_idx);
+int fsdp_queue_abort(struct fsdp_dev *dev, uint32_t q);   /* returns requests failed */
+int fsdp_queue_stats(struct fsdp_dev *dev, uint32_t q, struct fsdp_queue_stats *out);
 
 #endif

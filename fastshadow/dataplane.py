@@ -1,14 +1,480 @@
-"""The Python face of the C data plane (csrc/, built by cffi as fastshadow._dataplane)."""
+"""The Python face of the C data plane (csrc/, built by cffi as fastshadow._dataplane).
+
+A thin layer: every C function returns 0 (or a count) or -errno, and
+``_check`` turns a negative value into a :class:`DataPlaneError` subclass.
+cffi releases the GIL around every call, so a call that waits for the loop
+thread (every device/queue operation while the loop runs) does not stall the
+rest of the control plane.
+
+Typical use by the control plane (isolated mode)::
+
+    dp = DataPlane(busy_poll_us=0)
+    dp.start()
+    dev = dp.add_device("blk0", num_queues=1)
+    # backend gets: one memory region {gpa: dev.shadow_gpa, size: dev.shadow_size,
+    #               uaddr: dev.shadow_uaddr, fd: dev.shadow_fd, offset 0}
+    dev.set_mem_table([MemRegion(gpa, size, uaddr, fd, offset), ...])  # SET_MEM_TABLE
+    dev.queue_set_num(0, 256)                                          # SET_VRING_NUM
+    dev.queue_set_base(0, 0)                                           # SET_VRING_BASE
+    dev.queue_set_addr(0, desc, avail, used)                           # SET_VRING_ADDR
+    dev.queue_shadow_addrs(0)  -> addresses to send to the backend
+    dev.queue_set_guest_kick(0, kick_fd); dev.queue_set_guest_call(0, call_fd)
+    dev.queue_backend_fds(0)   -> (kick, call) eventfds to send to the backend
+    dev.queue_start(0, event_idx=True)                                 # ENABLE / kick
+    idx = dev.queue_stop(0)                                            # GET_VRING_BASE
+    for ev in dp.drain_events(): log.warning(ev.message)              # when dp.event_fd is readable
+"""
 
 from __future__ import annotations
+
+import errno
+import os
+from typing import Iterable
+
+import msgspec
 
 from ._dataplane import ffi, lib  # noqa: F401  (re-exported for callers)
 
 #: Must match FSDP_ABI_VERSION in csrc/fsdp.h; a stale build fails loudly here.
-ABI_VERSION = 1
+ABI_VERSION = 2
 
 if lib.fsdp_abi_version() != ABI_VERSION:  # pragma: no cover - build mismatch
     raise ImportError(
         f"fastshadow._dataplane ABI {lib.fsdp_abi_version()} != {ABI_VERSION}: "
         "rebuild with `pip install -e .`"
     )
+
+#: Where the backend is told the shadow region lives (fake, stable).
+SHADOW_GPA_BASE = 0x100000000
+SHADOW_UADDR_BASE = 0x7E0000000000
+MAX_QUEUE_SIZE = lib.FSDP_MAX_QUEUE_SIZE
+MAX_MEM_REGIONS = lib.FSDP_MAX_MEM_REGIONS
+
+POLL_BACKEND_KICKED = lib.FSDP_POLL_BACKEND_KICKED
+POLL_GUEST_CALLED = lib.FSDP_POLL_GUEST_CALLED
+POLL_PROGRESS = lib.FSDP_POLL_PROGRESS
+POLL_MORE = lib.FSDP_POLL_MORE
+
+
+# --------------------------------------------------------------------------
+# Errors
+
+
+class DataPlaneError(OSError):
+    """A data plane call failed; ``errno`` is the C function's -return value."""
+
+
+class InvalidRequest(DataPlaneError):
+    """EINVAL / E2BIG: argument or state does not allow this (e.g. no SET_VRING_NUM yet)."""
+
+
+class QueueBusy(DataPlaneError):
+    """EBUSY: the queue (or the loop) is running; stop it first."""
+
+
+class AddressUntranslatable(DataPlaneError):
+    """EFAULT: a ring address is not inside one mapped guest memory region."""
+
+
+class NoSpace(DataPlaneError):
+    """ENOSPC: a table is full or the shadow region is too small."""
+
+
+class NotFound(DataPlaneError):
+    """ENOENT / ENODEV: no such region or device."""
+
+
+class DrainTimeout(DataPlaneError):
+    """ETIMEDOUT from queue_stop: requests are still in flight.
+
+    ``avail_idx`` is the guest's next avail index all the same; the requests
+    in flight stay owned by the data plane (``queue_start`` re-publishes them,
+    ``queue_abort`` fails them toward the guest).
+    """
+
+    avail_idx: int = 0
+    inflight: int = 0
+
+
+_ERRNO_CLASS = {
+    errno.EINVAL: InvalidRequest,
+    errno.E2BIG: InvalidRequest,
+    errno.EBUSY: QueueBusy,
+    errno.EALREADY: QueueBusy,
+    errno.EFAULT: AddressUntranslatable,
+    errno.ENOSPC: NoSpace,
+    errno.ENOENT: NotFound,
+    errno.ENODEV: NotFound,
+    errno.ETIMEDOUT: DrainTimeout,
+}
+
+
+def _error(rc: int, what: str) -> DataPlaneError:
+    code = -rc
+    cls = _ERRNO_CLASS.get(code, DataPlaneError)
+    return cls(code, f"{what}: {os.strerror(code)}")
+
+
+def _check(rc: int, what: str) -> int:
+    if rc < 0:
+        raise _error(rc, what)
+    return rc
+
+
+# --------------------------------------------------------------------------
+# Plain data
+
+
+class MemRegion(msgspec.Struct, frozen=True):
+    """One guest RAM region as QEMU describes it in SET_MEM_TABLE / ADD_MEM_REG."""
+
+    gpa: int
+    size: int
+    uaddr: int
+    fd: int
+    mmap_offset: int = 0
+
+
+class QueueStats(msgspec.Struct, frozen=True):
+    requests: int
+    bytes_in: int
+    bytes_out: int
+    refused: int
+    guest_kicks: int
+    backend_kicks: int
+    backend_calls: int
+    guest_calls: int
+    throttled: int
+    inflight: int
+    completed: int
+    backend_errors: int
+
+
+class Event(msgspec.Struct, frozen=True):
+    """One event record; ``message`` is the log line."""
+
+    dev: int
+    dev_name: str
+    queue: int
+    code: int
+    name: str
+    head: int
+    a: int
+    b: int
+    message: str
+
+
+def event_name(code: int) -> str:
+    return ffi.string(lib.fsdp_event_name(code)).decode()
+
+
+def event_text(code: int) -> str:
+    return ffi.string(lib.fsdp_event_str(code)).decode()
+
+
+_REFUSALS = {
+    lib.FSDP_EV_DESC_NEXT_OUT_OF_RANGE,
+    lib.FSDP_EV_CHAIN_TOO_LONG,
+    lib.FSDP_EV_ADDR_UNMAPPED,
+    lib.FSDP_EV_ADDR_OVERFLOW,
+    lib.FSDP_EV_INDIRECT_NESTED,
+    lib.FSDP_EV_INDIRECT_BAD_LEN,
+    lib.FSDP_EV_INDIRECT_WITH_NEXT,
+    lib.FSDP_EV_WRITABLE_BEFORE_READABLE,
+    lib.FSDP_EV_REQUEST_TOO_LARGE,
+}
+
+_DETAIL = {
+    lib.FSDP_EV_DESC_NEXT_OUT_OF_RANGE: lambda a, b: f"descriptor next index {a} >= table size {b}",
+    lib.FSDP_EV_CHAIN_TOO_LONG: lambda a, b: f"chain longer than {a} descriptors (loop or over the queue size)",
+    lib.FSDP_EV_ADDR_UNMAPPED: lambda a, b: f"buffer at gpa {a:#x} len {b} is outside guest memory",
+    lib.FSDP_EV_ADDR_OVERFLOW: lambda a, b: f"buffer at gpa {a:#x} len {b} wraps around the address space",
+    lib.FSDP_EV_INDIRECT_NESTED: lambda a, b: f"indirect descriptor at index {a} inside an indirect table",
+    lib.FSDP_EV_INDIRECT_BAD_LEN: lambda a, b: f"indirect table length {a} is not a non-zero multiple of 16 up to {b}",
+    lib.FSDP_EV_INDIRECT_WITH_NEXT: lambda a, b: f"indirect descriptor at index {a} also has NEXT set",
+    lib.FSDP_EV_WRITABLE_BEFORE_READABLE: lambda a, b: f"device-readable descriptor at chain position {a} follows a writable one",
+    lib.FSDP_EV_REQUEST_TOO_LARGE: lambda a, b: f"request needs {a} bytes, over the limit of {b}",
+    lib.FSDP_EV_BAD_HEAD: lambda a, b: f"avail ring head {a} >= queue size {b}: queue broken, stopped",
+    lib.FSDP_EV_AVAIL_IDX_JUMP: lambda a, b: f"avail idx {a} is {(a - b) & 0xFFFF} entries ahead of last avail {b}: queue broken, stopped",
+    lib.FSDP_EV_RING_UNMAPPED: lambda a, b: f"ring at user address {a:#x} is no longer in guest memory: queue paused",
+    lib.FSDP_EV_USED_UNKNOWN_ID: lambda a, b: f"backend used an id {a} (len {b}) that is not in flight: ignored",
+    lib.FSDP_EV_USED_DOUBLE_COMPLETION: lambda a, b: f"backend completed id {a} (len {b}) a second time: ignored",
+    lib.FSDP_EV_USED_LEN_TOO_LARGE: lambda a, b: f"backend used len {a} > {b} writable bytes: request failed toward the guest (len 0)",
+    lib.FSDP_EV_USED_IDX_JUMP: lambda a, b: f"backend used idx {a} is ahead of the requests in flight (last used {b}): shadow ring abandoned",
+    lib.FSDP_EV_COPYBACK_UNMAPPED: lambda a, b: f"writable buffer gpa {a:#x} len {b} unmapped before completion: request failed toward the guest",
+    lib.FSDP_EV_INFLIGHT_ABORTED: lambda a, b: f"{a} requests in flight failed toward the guest (len 0)",
+    lib.FSDP_EV_EVENTS_LOST: lambda a, b: f"{a} event records lost (event ring full)",
+    lib.FSDP_EV_LOOP_ERROR: lambda a, b: f"io_uring operation failed: {os.strerror(-_s64(a))}",
+}
+
+
+def _s64(v: int) -> int:
+    return v - (1 << 64) if v >= 1 << 63 else v
+
+
+def _message(dev_name: str, queue: int, code: int, head: int, a: int, b: int) -> str:
+    detail = _DETAIL.get(code, lambda a, b: f"{event_text(code)} (a={a:#x}, b={b:#x})")(a, b)
+    where = f"{dev_name} q{queue}"
+    if code in _REFUSALS:
+        return f"{where}: refused request head {head}: {detail}"
+    if code == lib.FSDP_EV_USED_LEN_TOO_LARGE:
+        return f"{where}: request head {head}: {detail}"
+    return f"{where}: {detail}"
+
+
+# --------------------------------------------------------------------------
+# Data plane and devices
+
+
+class DataPlane:
+    """One per process: owns the event loop thread, the command channel and the event ring.
+
+    Not started, every call runs on the caller's thread and ``Device.poll``
+    drives the engine synchronously (tests).  Started, every device/queue call
+    runs on the loop thread between two batches; the caller blocks until done.
+    """
+
+    def __init__(self, *, busy_poll_us: int = 0, poll_interval_us: int = 100,
+                 event_ring_size: int = 1024):
+        cfg = ffi.new("struct fsdp_dp_config *")
+        cfg.busy_poll_us = busy_poll_us
+        cfg.poll_interval_us = poll_interval_us
+        cfg.event_ring_size = event_ring_size
+        out = ffi.new("struct fsdp_dp **")
+        _check(lib.fsdp_dp_new(cfg, out), "data plane")
+        self._dp = out[0]
+        self._devices: dict[int, Device] = {}
+        self._names: dict[int, str] = {}
+
+    # lifecycle -------------------------------------------------------------
+    def start(self) -> None:
+        _check(lib.fsdp_dp_start(self._live()), "start data plane loop")
+
+    def stop(self) -> None:
+        """Stop the loop thread (joins it).  Devices stay; calls run inline again."""
+        if self._dp is not None:
+            _check(lib.fsdp_dp_stop(self._dp), "stop data plane loop")
+
+    @property
+    def running(self) -> bool:
+        return self._dp is not None and bool(lib.fsdp_dp_running(self._dp))
+
+    def close(self) -> None:
+        """Stop the loop and free every device (their fds and mappings included)."""
+        if self._dp is not None:
+            for dev in self._devices.values():
+                dev._dev = None
+            self._devices.clear()
+            lib.fsdp_dp_free(self._dp)
+            self._dp = None
+
+    def __enter__(self) -> DataPlane:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def __del__(self):
+        try:
+            self.close()
+        except Exception:  # pragma: no cover - interpreter shutdown
+            pass
+
+    def _live(self):
+        if self._dp is None:
+            raise DataPlaneError(errno.EBADF, "data plane is closed")
+        return self._dp
+
+    # devices ---------------------------------------------------------------
+    def add_device(self, name: str, *, num_queues: int, shadow_size: int | None = None,
+                   max_request_bytes: int = 4 << 20, bounce_per_queue: int = 16 << 20,
+                   max_queue_size: int = MAX_QUEUE_SIZE) -> Device:
+        cfg = ffi.new("struct fsdp_dev_config *")
+        cfg.num_queues = num_queues
+        cfg.max_queue_size = max_queue_size
+        cfg.shadow_size = shadow_size or 0
+        cfg.max_request_bytes = max_request_bytes
+        cfg.bounce_per_queue = bounce_per_queue
+        out = ffi.new("struct fsdp_dev **")
+        _check(lib.fsdp_dev_add(self._live(), name.encode(), cfg, out), f"add device {name!r}")
+        dev = Device(self, out[0], name)
+        self._devices[dev.id] = dev
+        self._names[dev.id] = name
+        return dev
+
+    def remove_device(self, dev: Device) -> None:
+        if dev._dev is None:
+            return
+        _check(lib.fsdp_dev_remove(dev._dev), f"remove device {dev.name!r}")
+        dev._dev = None
+        self._devices.pop(dev.id, None)
+
+    # events ----------------------------------------------------------------
+    @property
+    def event_fd(self) -> int:
+        """Readable when events are waiting; drain with :meth:`drain_events`."""
+        return lib.fsdp_dp_event_fd(self._live())
+
+    def drain_events(self) -> list[Event]:
+        buf = ffi.new("struct fsdp_event[]", 256)
+        lost = ffi.new("uint64_t *")
+        events: list[Event] = []
+        total_lost = 0
+        while True:
+            n = _check(lib.fsdp_dp_drain_events(self._live(), buf, 256, lost), "drain events")
+            total_lost += lost[0]
+            for i in range(n):
+                e = buf[i]
+                name = self._names.get(e.dev, f"dev{e.dev}")
+                events.append(Event(e.dev, name, e.queue, e.code, event_name(e.code), e.head,
+                                    e.a, e.b, _message(name, e.queue, e.code, e.head, e.a, e.b)))
+            if n < 256:
+                break
+        if total_lost:
+            code = lib.FSDP_EV_EVENTS_LOST
+            events.append(Event(0xFFFFFFFF, "dataplane", 0, code, event_name(code), 0, total_lost, 0,
+                                f"dataplane: {total_lost} event records lost (event ring full)"))
+        return events
+
+
+class Device:
+    """One vhost-user device in isolated mode (created by :meth:`DataPlane.add_device`).
+
+    ``shadow_fd`` (and the backend eventfds) belong to the data plane: send
+    them to the backend, never close them.  fds passed in (memory regions,
+    guest kick/call) stay the caller's: the data plane maps or duplicates
+    what it needs.
+    """
+
+    def __init__(self, dp: DataPlane, ptr, name: str):
+        self._dp = dp
+        self._dev = ptr
+        self.name = name
+        info = ffi.new("struct fsdp_dev_info *")
+        _check(lib.fsdp_dev_info(ptr, info), "device info")
+        self.id: int = info.id
+        self.num_queues: int = info.num_queues
+        self.max_queue_size: int = info.max_queue_size
+        self.shadow_fd: int = info.shadow_fd
+        self.shadow_size: int = info.shadow_size
+        self.shadow_gpa: int = info.shadow_gpa
+        self.shadow_uaddr: int = info.shadow_uaddr
+        self.queue_slot_size: int = info.queue_slot_size
+        self.bounce_per_queue: int = info.bounce_per_queue
+
+    def __repr__(self) -> str:
+        return f"<Device {self.name!r} id={self.id} queues={self.num_queues}>"
+
+    def _live(self):
+        if self._dev is None:
+            raise NotFound(errno.ENODEV, f"device {self.name!r} was removed")
+        return self._dev
+
+    def _q(self, what: str, q: int) -> str:
+        return f"{self.name} q{q}: {what}"
+
+    # memory ----------------------------------------------------------------
+    @staticmethod
+    def _fill_region(c, r: MemRegion) -> None:
+        c.gpa, c.size, c.uaddr, c.mmap_offset, c.fd = r.gpa, r.size, r.uaddr, r.mmap_offset, r.fd
+
+    def set_mem_table(self, regions: Iterable[MemRegion]) -> None:
+        regions = list(regions)
+        arr = ffi.new("struct fsdp_mem_region[]", max(1, len(regions)))
+        for i, r in enumerate(regions):
+            self._fill_region(arr[i], r)
+        _check(lib.fsdp_dev_set_mem_table(self._live(), arr, len(regions)),
+               f"{self.name}: set memory table ({len(regions)} regions)")
+
+    def add_mem_region(self, r: MemRegion) -> None:
+        c = ffi.new("struct fsdp_mem_region *")
+        self._fill_region(c, r)
+        _check(lib.fsdp_dev_add_mem_region(self._live(), c),
+               f"{self.name}: add memory region gpa {r.gpa:#x} size {r.size:#x}")
+
+    def remove_mem_region(self, gpa: int, size: int) -> None:
+        _check(lib.fsdp_dev_remove_mem_region(self._live(), gpa, size),
+               f"{self.name}: remove memory region gpa {gpa:#x} size {size:#x}")
+
+    def reset(self) -> None:
+        """Device reset: every queue forgets its state; requests in flight are dropped."""
+        _check(lib.fsdp_dev_reset(self._live()), f"{self.name}: reset")
+
+    def poll(self) -> int:
+        """One synchronous engine pass over every started queue (loop not running).
+
+        Returns POLL_* flags.  Notifications are written to the eventfds.
+        """
+        flags = ffi.new("uint32_t *")
+        _check(lib.fsdp_dev_poll(self._live(), flags), f"{self.name}: poll")
+        return flags[0]
+
+    # queues ----------------------------------------------------------------
+    def queue_set_num(self, q: int, num: int) -> None:
+        _check(lib.fsdp_queue_set_num(self._live(), q, num), self._q(f"set num {num}", q))
+
+    def queue_set_base(self, q: int, avail_idx: int) -> None:
+        _check(lib.fsdp_queue_set_base(self._live(), q, avail_idx), self._q(f"set base {avail_idx}", q))
+
+    def queue_set_addr(self, q: int, desc_uaddr: int, avail_uaddr: int, used_uaddr: int) -> None:
+        _check(lib.fsdp_queue_set_addr(self._live(), q, desc_uaddr, avail_uaddr, used_uaddr),
+               self._q(f"set ring addresses desc {desc_uaddr:#x} avail {avail_uaddr:#x} "
+                       f"used {used_uaddr:#x}", q))
+
+    def queue_set_guest_kick(self, q: int, fd: int | None) -> None:
+        """The guest's kick eventfd (duplicated); None: no fd, poll the ring."""
+        _check(lib.fsdp_queue_set_guest_kick(self._live(), q, -1 if fd is None else fd),
+               self._q("set guest kick fd", q))
+
+    def queue_set_guest_call(self, q: int, fd: int | None) -> None:
+        """The guest's call eventfd (duplicated); None: never notify."""
+        _check(lib.fsdp_queue_set_guest_call(self._live(), q, -1 if fd is None else fd),
+               self._q("set guest call fd", q))
+
+    def queue_backend_fds(self, q: int) -> tuple[int, int]:
+        """(kick_fd, call_fd): eventfds owned by the data plane, to hand to the backend."""
+        k = ffi.new("int *")
+        c = ffi.new("int *")
+        _check(lib.fsdp_queue_backend_fds(self._live(), q, k, c), self._q("backend fds", q))
+        return k[0], c[0]
+
+    def queue_shadow_addrs(self, q: int) -> tuple[int, int, int]:
+        """(desc, avail, used) fake user addresses for SET_VRING_ADDR toward the backend."""
+        d = ffi.new("uint64_t *")
+        a = ffi.new("uint64_t *")
+        u = ffi.new("uint64_t *")
+        _check(lib.fsdp_queue_shadow_addrs(self._live(), q, d, a, u), self._q("shadow addresses", q))
+        return d[0], a[0], u[0]
+
+    def queue_start(self, q: int, *, event_idx: bool, backend_event_idx: bool | None = None) -> None:
+        """Start the queue.  event_idx: VIRTIO_RING_F_EVENT_IDX negotiated (both
+        sides unless backend_event_idx says otherwise)."""
+        if backend_event_idx is None:
+            backend_event_idx = event_idx
+        flags = (lib.FSDP_QF_GUEST_EVENT_IDX if event_idx else 0) | (
+            lib.FSDP_QF_BACKEND_EVENT_IDX if backend_event_idx else 0)
+        _check(lib.fsdp_queue_start(self._live(), q, flags), self._q("start", q))
+
+    def queue_stop(self, q: int, timeout_ms: int = 5000) -> int:
+        """Stop intake, wait for in-flight requests, return the guest's next avail index.
+
+        Raises :class:`DrainTimeout` (with ``avail_idx``) if requests remain in flight.
+        """
+        idx = ffi.new("uint32_t *")
+        rc = lib.fsdp_queue_stop(self._live(), q, timeout_ms, idx)
+        if rc < 0:
+            err = _error(rc, self._q(f"stop (drain within {timeout_ms} ms)", q))
+            if isinstance(err, DrainTimeout):
+                err.avail_idx = idx[0]
+                err.inflight = self.stats(q).inflight
+            raise err
+        return idx[0]
+
+    def queue_abort(self, q: int) -> int:
+        """Fail every request kept in flight by a stopped queue toward the guest (len 0)."""
+        return _check(lib.fsdp_queue_abort(self._live(), q), self._q("abort in-flight requests", q))
+
+    def stats(self, q: int) -> QueueStats:
+        s = ffi.new("struct fsdp_queue_stats *")
+        _check(lib.fsdp_queue_stats(self._live(), q, s), self._q("stats", q))
+        return QueueStats(**{f: getattr(s, f) for f in QueueStats.__struct_fields__})

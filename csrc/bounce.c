@@ -1,0 +1,157 @@
+/*
+ * bounce.c: the bounce-space allocator of one queue.
+ *
+ * The queue's bounce area is cut into 4 KiB pages tracked by a bitmap
+ * (1 = used).  A request takes one contiguous run of pages (its slab) found
+ * next-fit from a rotating cursor, so consecutive requests tend to sit next
+ * to each other and the search rarely rescans busy space; frees happen in
+ * any order.  Inside a slab, buffers of at most 64 bytes (virtio-blk
+ * headers, status bytes) are packed at 64-byte alignment at the start and
+ * larger buffers each start on a page, so an O_DIRECT backend can use them
+ * without a bounce of its own.  All of this state is private: the backend can scribble over the
+ * bounce bytes but never over where we think they are.
+ */
+#include <errno.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "fsdp_internal.h"
+
+int bounce_init(struct fsdp_bounce *b, uint32_t npages)
+{
+    size_t words = (npages + 63u) / 64u;
+
+    memset(b, 0, sizeof(*b));
+    b->bitmap = calloc(words ? words : 1, sizeof(uint64_t));
+    if (!b->bitmap)
+        return -ENOMEM;
+    b->npages = npages;
+    bounce_reset(b);
+    return 0;
+}
+
+void bounce_destroy(struct fsdp_bounce *b)
+{
+    free(b->bitmap);
+    memset(b, 0, sizeof(*b));
+}
+
+void bounce_reset(struct fsdp_bounce *b)
+{
+    memset(b->bitmap, 0, (b->npages + 63u) / 64u * sizeof(uint64_t));
+    b->nfree = b->npages;
+    b->cursor = 0;
+}
+
+static inline bool page_used(const struct fsdp_bounce *b, uint32_t i)
+{
+    return (b->bitmap[i / 64u] >> (i % 64u)) & 1u;
+}
+
+/* First page of a run of n free pages inside [from, to), or -1. */
+static int64_t find_run(const struct fsdp_bounce *b, uint32_t from, uint32_t to, uint32_t n)
+{
+    uint32_t run = 0, start = from;
+    uint32_t i = from;
+
+    while (i < to) {
+        uint64_t w = b->bitmap[i / 64u];
+        if (i % 64u == 0 && to - i >= 64u) {
+            if (w == ~0ull) {           /* whole word busy: skip it */
+                run = 0;
+                i += 64u;
+                continue;
+            }
+            if (w == 0) {               /* whole word free */
+                if (run == 0)
+                    start = i;
+                run += 64u;
+                i += 64u;
+                if (run >= n)
+                    return start;
+                continue;
+            }
+        }
+        if ((w >> (i % 64u)) & 1u) {
+            run = 0;
+        } else {
+            if (run == 0)
+                start = i;
+            if (++run >= n)
+                return start;
+        }
+        i++;
+    }
+    return -1;
+}
+
+static void mark(struct fsdp_bounce *b, uint32_t first, uint32_t n, bool used)
+{
+    for (uint32_t i = first; i < first + n; i++) {
+        uint64_t bit = 1ull << (i % 64u);
+        if (used)
+            b->bitmap[i / 64u] |= bit;
+        else
+            b->bitmap[i / 64u] &= ~bit;
+    }
+}
+
+int64_t bounce_alloc(struct fsdp_bounce *b, uint32_t n)
+{
+    int64_t r;
+
+    if (n == 0 || n > b->nfree)
+        return -1;
+    r = find_run(b, b->cursor, b->npages, n);
+    if (r < 0)
+        r = find_run(b, 0, b->npages, n);
+    if (r < 0)
+        return -1;
+    mark(b, (uint32_t)r, n, true);
+    b->nfree -= n;
+    b->cursor = (uint32_t)r + n;
+    if (b->cursor >= b->npages)
+        b->cursor = 0;
+    return r;
+}
+
+void bounce_free(struct fsdp_bounce *b, uint32_t first, uint32_t n)
+{
+    if (n == 0 || first >= b->npages || n > b->npages - first)
+        return;   /* private bookkeeping is never wrong; be defensive anyway */
+    mark(b, first, n, false);
+    b->nfree += n;
+}
+
+uint64_t bounce_layout(const struct fsdp_seg *segs, uint32_t n, uint64_t *offs, bool compact)
+{
+    uint64_t off = 0;
+
+    if (compact) {
+        /* Everything packed at 64 bytes: only for requests that would not
+         * fit the pool otherwise. */
+        for (uint32_t i = 0; i < n; i++) {
+            off = FSDP_ALIGN_UP(off, 64u);
+            offs[i] = off;
+            off += segs[i].len;
+        }
+        return FSDP_ALIGN_UP(off, FSDP_PAGE);
+    }
+    /* Small buffers first, packed at 64 bytes (a blk header and status byte
+     * share one page), then every larger buffer on its own page boundary.
+     * Shadow descriptors keep the guest's order; only their offsets differ. */
+    for (uint32_t i = 0; i < n; i++) {
+        if (segs[i].len <= 64u) {
+            offs[i] = off;
+            off += 64u;
+        }
+    }
+    off = FSDP_ALIGN_UP(off, FSDP_PAGE);
+    for (uint32_t i = 0; i < n; i++) {
+        if (segs[i].len > 64u) {
+            offs[i] = off;
+            off = FSDP_ALIGN_UP(off + segs[i].len, FSDP_PAGE);
+        }
+    }
+    return off;
+}

@@ -1,0 +1,125 @@
+/*
+ * chain.c: walk and validate one guest descriptor chain.
+ *
+ * Every descriptor is read exactly once from guest memory into a private
+ * local (an indirect table is copied whole into private memory first), and
+ * only the private copy is used afterwards.  The whole chain is validated
+ * before anything is written anywhere: the caller gets either a complete list
+ * of segments or one refusal code with its two arguments.
+ *
+ * Rules (DESIGN.md section 3, as in rust-vmm virtio-queue):
+ *   - at most `num` steps in the main table and at most table-size steps in an
+ *     indirect table (a loop ends as CHAIN_TOO_LONG), and at most `num` data
+ *     segments in total (the shadow ring holds `num` descriptors);
+ *   - next < size of the table being walked;
+ *   - indirect: length a non-zero multiple of 16, at most 16 * num, no NEXT
+ *     flag on the indirect descriptor, no indirect inside an indirect table;
+ *     the WRITE flag of an indirect descriptor is ignored (virtio 2.7.5.3.2);
+ *   - every buffer lies inside mapped guest memory, without wrapping (a
+ *     buffer crossing two adjacent regions is fine: the copier splits it);
+ *     zero-length buffers are allowed and never touched;
+ *   - all device-readable segments before all device-writable ones;
+ *   - total length <= max_bytes.
+ */
+#include <string.h>
+
+#include "fsdp_internal.h"
+
+static int refuse(struct fsdp_chain *out, uint32_t code, uint64_t a, uint64_t b)
+{
+    out->err = code;   /* out->steps stays what was spent */
+    out->err_a = a;
+    out->err_b = b;
+    return (int)code;
+}
+
+static struct vring_desc read_private_desc(const uint8_t *p)
+{
+    struct vring_desc d;
+    memcpy(&d, p, sizeof(d));
+    d.addr = le64toh(d.addr);
+    d.len = le32toh(d.len);
+    d.flags = le16toh(d.flags);
+    d.next = le16toh(d.next);
+    return d;
+}
+
+int chain_walk(struct fsdp_mem *m, const uint8_t *table, uint32_t num, uint16_t head,
+               uint64_t max_bytes, struct fsdp_seg *segs, uint8_t *ind,
+               struct fsdp_chain *out)
+{
+    const uint8_t *t = table;       /* table being walked: shared or private */
+    uint32_t tsize = num;
+    uint32_t idx = head;            /* caller checked head < num */
+    uint32_t steps = 0;             /* descriptors read in this table */
+    bool indirect = false, seen_write = false;
+    uint32_t n = 0;
+    uint64_t readable = 0, writable = 0;
+    int rc;
+
+    memset(out, 0, sizeof(*out));
+    for (;;) {
+        struct vring_desc d;
+
+        out->steps++;
+        if (++steps > tsize)
+            return refuse(out, FSDP_EV_CHAIN_TOO_LONG, tsize, 0);
+        if (indirect)
+            d = read_private_desc(t + 16u * idx);
+        else
+            d = vr_read_desc(t + 16u * idx);   /* the one read of this descriptor */
+
+        if (d.flags & VRING_DESC_F_INDIRECT) {
+            if (indirect)
+                return refuse(out, FSDP_EV_INDIRECT_NESTED, idx, 0);
+            if (d.flags & VRING_DESC_F_NEXT)
+                return refuse(out, FSDP_EV_INDIRECT_WITH_NEXT, idx, 0);
+            if (d.len == 0 || d.len % 16u || d.len > 16u * num)
+                return refuse(out, FSDP_EV_INDIRECT_BAD_LEN, d.len, 16ull * num);
+            /* Read the table once, into private memory (split if needed). */
+            rc = mem_copy_from_guest(m, ind, d.addr, d.len);
+            if (rc)
+                return refuse(out, (uint32_t)rc, d.addr, d.len);
+            out->steps += d.len / 16u;
+            t = ind;
+            tsize = d.len / 16u;
+            idx = 0;
+            steps = 0;
+            indirect = true;
+            continue;
+        }
+
+        if (n >= num)
+            return refuse(out, FSDP_EV_CHAIN_TOO_LONG, num, 0);
+        if (d.len) {
+            rc = mem_check_range(m, d.addr, d.len);
+            if (rc)
+                return refuse(out, (uint32_t)rc, d.addr, d.len);
+        }
+        if (d.flags & VRING_DESC_F_WRITE) {
+            seen_write = true;
+            writable += d.len;
+        } else {
+            if (seen_write)
+                return refuse(out, FSDP_EV_WRITABLE_BEFORE_READABLE, n, 0);
+            readable += d.len;
+        }
+        /* No overflow: at most 32768 segments of at most 2^32-1 bytes. */
+        if (readable + writable > max_bytes)
+            return refuse(out, FSDP_EV_REQUEST_TOO_LARGE, readable + writable, max_bytes);
+        segs[n].gpa = d.addr;
+        segs[n].len = d.len;
+        segs[n].flags = d.flags & VRING_DESC_F_WRITE;
+        n++;
+
+        if (!(d.flags & VRING_DESC_F_NEXT))
+            break;
+        if (d.next >= tsize)
+            return refuse(out, FSDP_EV_DESC_NEXT_OUT_OF_RANGE, d.next, tsize);
+        idx = d.next;
+    }
+    out->n = n;
+    out->readable = readable;
+    out->writable = writable;
+    return 0;
+}

@@ -1,0 +1,375 @@
+/*
+ * fsdp_internal.h: private structures of the data plane.
+ *
+ * Nothing here is visible to Python.  Two kinds of memory appear below and
+ * must never be confused:
+ *   - SHARED memory: guest RAM (guest rings and buffers; the guest may rewrite
+ *     any byte at any time) and the shadow region (the backend may rewrite any
+ *     byte at any time).  It is only touched through the vr_* accessors below,
+ *     each of which performs exactly one load or store.
+ *   - PRIVATE memory: everything allocated with malloc.  All bookkeeping of a
+ *     request (its guest head, its validated segments, its bounce offsets,
+ *     its writable size) lives here and only here.
+ */
+#ifndef FSDP_INTERNAL_H
+#define FSDP_INTERNAL_H
+
+#include <pthread.h>
+#include <stdbool.h>
+#include <stdint.h>
+#include <stddef.h>
+#include <endian.h>
+
+#include "fsdp.h"
+
+#define FSDP_PAGE 4096u
+#define FSDP_ALIGN_UP(x, a) (((x) + ((a) - 1)) / (a) * (a))
+
+/* ------------------------------------------------------------------------ */
+/* Split virtqueue layout (virtio 1.x, little endian).                        */
+
+#define VRING_DESC_F_NEXT 1
+#define VRING_DESC_F_WRITE 2
+#define VRING_DESC_F_INDIRECT 4
+#define VRING_USED_F_NO_NOTIFY 1
+#define VRING_AVAIL_F_NO_INTERRUPT 1
+
+struct vring_desc {
+    uint64_t addr;
+    uint32_t len;
+    uint16_t flags;
+    uint16_t next;
+};
+
+/* avail: flags u16, idx u16, ring[num] u16, used_event u16 */
+static inline size_t vring_desc_size(uint32_t num) { return 16u * (size_t)num; }
+static inline size_t vring_avail_size(uint32_t num) { return 6u + 2u * (size_t)num; }
+static inline size_t vring_used_size(uint32_t num) { return 6u + 8u * (size_t)num; }
+
+/* Offsets inside the avail and used rings. */
+#define AVAIL_FLAGS 0
+#define AVAIL_IDX 2
+#define AVAIL_RING(i) (4 + 2 * (size_t)(i))
+#define AVAIL_USED_EVENT(num) AVAIL_RING(num)
+#define USED_FLAGS 0
+#define USED_IDX 2
+#define USED_RING(i) (4 + 8 * (size_t)(i))
+#define USED_AVAIL_EVENT(num) USED_RING(num)
+
+/* Linux's vring_need_event: true if event_idx lies in (old, new]. */
+static inline bool vring_need_event(uint16_t event_idx, uint16_t new_idx, uint16_t old)
+{
+    return (uint16_t)(new_idx - event_idx - 1) < (uint16_t)(new_idx - old);
+}
+
+/*
+ * Accessors for shared memory.  Each is one single-copy-atomic access of a
+ * naturally aligned field (ring and descriptor-table alignment is checked at
+ * SET_VRING_ADDR time), so the compiler can neither tear nor repeat it: a
+ * value read once is the value used.  Ordering is requested explicitly where
+ * the protocol needs it (acquire on the producer's idx, release on ours).
+ */
+static inline uint16_t vr_load16(const void *p)
+{
+    return le16toh(__atomic_load_n((const uint16_t *)p, __ATOMIC_RELAXED));
+}
+static inline uint16_t vr_load16_acquire(const void *p)
+{
+    return le16toh(__atomic_load_n((const uint16_t *)p, __ATOMIC_ACQUIRE));
+}
+static inline uint32_t vr_load32(const void *p)
+{
+    return le32toh(__atomic_load_n((const uint32_t *)p, __ATOMIC_RELAXED));
+}
+static inline uint64_t vr_load64(const void *p)
+{
+    return le64toh(__atomic_load_n((const uint64_t *)p, __ATOMIC_RELAXED));
+}
+static inline void vr_store16(void *p, uint16_t v)
+{
+    __atomic_store_n((uint16_t *)p, htole16(v), __ATOMIC_RELAXED);
+}
+static inline void vr_store16_release(void *p, uint16_t v)
+{
+    __atomic_store_n((uint16_t *)p, htole16(v), __ATOMIC_RELEASE);
+}
+static inline void vr_store32(void *p, uint32_t v)
+{
+    __atomic_store_n((uint32_t *)p, htole32(v), __ATOMIC_RELAXED);
+}
+static inline void vr_store64(void *p, uint64_t v)
+{
+    __atomic_store_n((uint64_t *)p, htole64(v), __ATOMIC_RELAXED);
+}
+/* Full fence: orders an earlier store before a later load (the one ordering
+ * acquire/release cannot give).  Used around notification decisions. */
+static inline void vr_mb(void) { __atomic_thread_fence(__ATOMIC_SEQ_CST); }
+
+/* One descriptor read from shared memory field by field into private memory. */
+static inline struct vring_desc vr_read_desc(const uint8_t *p)
+{
+    struct vring_desc d;
+    d.addr = vr_load64(p);
+    d.len = vr_load32(p + 8);
+    d.flags = vr_load16(p + 12);
+    d.next = vr_load16(p + 14);
+    return d;
+}
+
+/* ------------------------------------------------------------------------ */
+/* Guest memory (mem.c).                                                      */
+
+struct fsdp_region {
+    uint64_t gpa, size, uaddr;
+    uint8_t *host;          /* host pointer of gpa */
+    void *map_base;         /* what mmap returned (host - alignment slack) */
+    size_t map_len;
+};
+
+struct fsdp_mem {
+    uint32_t n;
+    uint32_t last;          /* index of the last region hit (lookup cache) */
+    struct fsdp_region r[FSDP_MAX_MEM_REGIONS];   /* sorted by gpa, disjoint */
+};
+
+/* A contiguous host piece of a guest range. */
+struct fsdp_piece {
+    uint8_t *host;
+    uint64_t len;
+};
+
+int mem_map_region(const struct fsdp_mem_region *in, struct fsdp_region *out);
+void mem_unmap_region(struct fsdp_region *r);
+int mem_validate_table(const struct fsdp_region *r, uint32_t n);
+void mem_sort(struct fsdp_region *r, uint32_t n);
+/* 0 if [gpa, gpa+len) is entirely mapped (possibly across adjacent regions),
+ * else FSDP_EV_ADDR_OVERFLOW or FSDP_EV_ADDR_UNMAPPED. */
+int mem_check_range(struct fsdp_mem *m, uint64_t gpa, uint64_t len);
+/* Copies; return 0 or the event code (range not mapped). */
+int mem_copy_from_guest(struct fsdp_mem *m, void *dst, uint64_t gpa, uint64_t len);
+int mem_copy_to_guest(struct fsdp_mem *m, uint64_t gpa, const void *src, uint64_t len);
+/* Host pointer of [uaddr, uaddr+len) if it lies within one region. */
+uint8_t *mem_uaddr_to_host(struct fsdp_mem *m, uint64_t uaddr, uint64_t len);
+
+/* ------------------------------------------------------------------------ */
+/* Chain walker (chain.c).                                                    */
+
+struct fsdp_seg {
+    uint64_t gpa;
+    uint32_t len;
+    uint16_t flags;         /* VRING_DESC_F_WRITE only */
+};
+
+struct fsdp_chain {
+    uint32_t n;             /* segments */
+    uint32_t steps;         /* descriptors read (cost, for the per-pass budget) */
+    uint64_t readable;      /* bytes */
+    uint64_t writable;
+    /* on refusal */
+    uint32_t err;           /* event code */
+    uint64_t err_a, err_b;
+};
+
+/* Walk and validate the chain at head (< num).  table points at the guest
+ * descriptor table (shared); segs has room for num entries; ind is private
+ * scratch of 16*num bytes for indirect tables.  Returns 0 or an event code. */
+int chain_walk(struct fsdp_mem *m, const uint8_t *table, uint32_t num, uint16_t head,
+               uint64_t max_bytes, struct fsdp_seg *segs, uint8_t *ind,
+               struct fsdp_chain *out);
+
+/* ------------------------------------------------------------------------ */
+/* Bounce allocator (bounce.c): pages of one queue's bounce area.             */
+
+struct fsdp_bounce {
+    uint32_t npages;
+    uint32_t nfree;
+    uint32_t cursor;        /* next-fit start */
+    uint64_t *bitmap;       /* 1 = used */
+};
+
+int bounce_init(struct fsdp_bounce *b, uint32_t npages);
+void bounce_destroy(struct fsdp_bounce *b);
+void bounce_reset(struct fsdp_bounce *b);
+/* First page of a free run of n pages, or -1. */
+int64_t bounce_alloc(struct fsdp_bounce *b, uint32_t n);
+void bounce_free(struct fsdp_bounce *b, uint32_t first, uint32_t n);
+
+/* Layout of a request inside a slab: small buffers (<= 64 B) packed at 64-B
+ * alignment first, then larger ones each page aligned (compact: all at 64 B).  Returns the slab size in bytes and
+ * fills offs[i] (offset of segment i inside the slab). */
+uint64_t bounce_layout(const struct fsdp_seg *segs, uint32_t n, uint64_t *offs, bool compact);
+
+/* ------------------------------------------------------------------------ */
+/* Queues and devices (shadow.c, device.c).                                   */
+
+enum { SD_FREE = 0, SD_HEAD = 1, SD_BODY = 2, SD_DONE = 3 };
+
+/* Per shadow descriptor private record (indexed by shadow descriptor). */
+struct fsdp_sdesc {
+    uint64_t gpa;           /* the guest segment this shadow descriptor mirrors */
+    uint64_t off;           /* its bounce bytes, offset from the queue's bounce base */
+    uint32_t len;
+    uint16_t flags;         /* VRING_DESC_F_WRITE */
+    uint16_t next;          /* private chain link */
+    uint32_t own_page;      /* fallback allocation of this segment alone */
+    uint32_t own_npages;    /* 0 if part of the request's slab */
+};
+
+/* Per shadow head private record. */
+struct fsdp_req {
+    uint16_t guest_head;
+    uint16_t ndesc;
+    uint32_t slab_page;
+    uint32_t slab_npages;   /* 0: segments carry their own allocations */
+    uint64_t writable;
+    uint64_t readable;
+    uint64_t seq;           /* publish order, for re-publishing */
+};
+
+struct fsdp_dev;
+
+struct fsdp_queue {
+    struct fsdp_dev *dev;
+    uint32_t idx;
+    uint32_t num;           /* 0: not configured */
+
+    /* guest side */
+    uint64_t desc_uaddr, avail_uaddr, used_uaddr;
+    bool addr_set;
+    uint8_t *g_desc, *g_avail, *g_used;   /* translated; valid if rings_ok */
+    bool rings_ok;
+    uint16_t last_avail;    /* next guest avail entry to take */
+    uint16_t used_idx;      /* our guest used idx */
+    uint16_t signalled_used;
+    bool signalled_used_valid;
+    int guest_kick_fd, guest_call_fd;     /* dup'd, or -1 */
+    bool guest_call_blocking;             /* no O_NONBLOCK: signal with write(2), see loop.c */
+
+    /* shadow side */
+    uint8_t *s_desc, *s_avail, *s_used, *s_bounce;   /* in the shadow region */
+    uint64_t s_desc_off, s_avail_off, s_used_off, s_bounce_off;
+    uint16_t s_avail_idx;   /* our shadow avail idx */
+    uint16_t s_last_used;   /* next shadow used entry to read */
+    uint16_t s_num_added;   /* published since the last kick decision */
+    int backend_kick_fd, backend_call_fd; /* ours */
+
+    /* state */
+    bool started;
+    bool stopping;
+    bool broken;            /* guest ring corrupt: no more intake */
+    bool backend_broken;    /* shadow used ring corrupt: no more harvest */
+    bool throttled;         /* currently stalled on bounce/desc space */
+    bool guest_event_idx, backend_event_idx;
+    bool need_backend_kick, need_guest_call;
+    bool guest_used_dirty;  /* used entries pushed, idx not yet published */
+    bool more;              /* a pass ran out of budget: come back without sleeping */
+    uint64_t seq;
+
+    /* private bookkeeping, sized by num */
+    uint32_t cap;           /* num the arrays below were allocated for */
+    struct fsdp_sdesc *sd;
+    struct fsdp_req *req;
+    uint8_t *sstate;        /* SD_* per shadow descriptor */
+    uint16_t *freelist;
+    uint32_t nfree;
+    struct fsdp_seg *scratch;   /* chain walker output */
+    uint64_t *offs;             /* layout scratch */
+    uint8_t *ind;               /* indirect table private copy */
+    uint32_t inflight;
+
+    struct fsdp_bounce bounce;
+    struct fsdp_queue_stats st;
+
+    /* io_uring watch tokens (loop.c) */
+    uint32_t kick_token, call_token;
+    bool kick_armed, call_armed;
+    bool kick_failed;       /* read on the kick fd failed: poll this queue */
+
+    /* deferred queue_stop command waiting for in-flight to drain */
+    struct fsdp_cmd *stop_waiter;
+};
+
+struct fsdp_dp;
+
+struct fsdp_dev {
+    struct fsdp_dp *dp;
+    uint32_t id;
+    char name[FSDP_NAME_MAX];
+    struct fsdp_dev_config cfg;
+    struct fsdp_mem mem;
+    int shadow_fd;
+    uint8_t *shadow;
+    uint64_t shadow_size;
+    uint64_t ring_reserve;  /* ring bytes reserved per queue slot */
+    uint64_t slot_size;     /* ring_reserve + bounce */
+    uint32_t num_queues;
+    struct fsdp_queue *q;
+    bool attached;          /* in the dp's device table */
+};
+
+/* device.c */
+void dev_destroy(struct fsdp_dev *dev);
+struct fsdp_cmd *queue_stop_finish(struct fsdp_queue *q);
+uint32_t queue_notify_sync(struct fsdp_queue *q);
+
+/* shadow.c: the engine. */
+int queue_alloc(struct fsdp_queue *q, uint32_t num);
+void queue_free_arrays(struct fsdp_queue *q);
+int queue_translate_rings(struct fsdp_queue *q, bool emit);
+int queue_do_start(struct fsdp_queue *q, uint32_t flags);
+/* Zero the shadow desc/avail/used rings of a stopped queue. */
+void queue_clear_shadow(struct fsdp_queue *q);
+void queue_do_reset(struct fsdp_queue *q);
+uint32_t queue_abort_inflight(struct fsdp_queue *q);
+/* One pass: harvest the shadow used ring, take from the guest avail ring,
+ * publish both indices, decide notifications (sets need_* flags).  Returns
+ * true if anything moved. */
+bool queue_process(struct fsdp_queue *q);
+/* True if the rings hold work (used by busy-poll; read-only). */
+bool queue_has_work(struct fsdp_queue *q);
+
+/* events.c */
+struct fsdp_evring {
+    pthread_mutex_t lock;
+    struct fsdp_event *ev;
+    uint32_t size, head, count;
+    uint64_t lost;
+    int efd;
+};
+int evring_init(struct fsdp_evring *r, uint32_t size);
+void evring_destroy(struct fsdp_evring *r);
+void evring_push(struct fsdp_evring *r, const struct fsdp_event *e);
+void dev_event(struct fsdp_dev *dev, uint32_t q, uint32_t code, uint32_t head,
+               uint64_t a, uint64_t b);
+
+/* loop.c: command channel. */
+struct fsdp_cmd;
+typedef int (*fsdp_cmd_fn)(struct fsdp_dp *dp, struct fsdp_cmd *c);
+struct fsdp_cmd {
+    fsdp_cmd_fn fn;
+    struct fsdp_dev *dev;
+    uint32_t q;
+    uint64_t u[4];
+    const void *p;
+    void *out;
+    int rc;
+    bool done;
+    bool deferrable;        /* running on the loop: fn may leave it pending */
+    bool deferred;          /* fn left it pending; completed later by the loop */
+    struct fsdp_cmd *next;
+};
+int dp_exec(struct fsdp_dp *dp, struct fsdp_cmd *c);
+/* Wait at most timeout_ms (< 0: forever); on timeout run cancel_fn (with
+ * c->p = the original command) on the loop and wait for both. */
+int dp_exec_timed(struct fsdp_dp *dp, struct fsdp_cmd *c, int64_t timeout_ms,
+                  fsdp_cmd_fn cancel_fn);
+/* Only inline: -EBUSY while the loop runs (synchronous engine entry). */
+int dp_exec_inline(struct fsdp_dp *dp, struct fsdp_cmd *c);
+void dp_cmd_complete(struct fsdp_dp *dp, struct fsdp_cmd *c, int rc);
+int dp_attach_dev(struct fsdp_dp *dp, struct fsdp_dev *dev);   /* on loop */
+void dp_detach_dev(struct fsdp_dp *dp, struct fsdp_dev *dev);  /* on loop */
+void dp_fd_changed(struct fsdp_dp *dp, struct fsdp_queue *q);  /* on loop */
+struct fsdp_evring *dp_events(struct fsdp_dp *dp);
+bool dp_loop_running(struct fsdp_dp *dp);
+
+#endif

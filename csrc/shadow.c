@@ -1,0 +1,684 @@
+/*
+ * shadow.c: the engine of one queue: guest split ring <-> shadow split ring.
+ *
+ * Toward the guest we are the DEVICE: we read the guest avail ring and its
+ * descriptors, write the guest used ring, and (event idx) write avail_event.
+ * Toward the backend we are the DRIVER: we write the shadow descriptors and
+ * avail ring, read the shadow used ring, and (event idx) write used_event.
+ *
+ * Everything we know about a request in flight lives in private arrays
+ * indexed by shadow descriptor (q->sd, q->req, q->sstate): the guest head,
+ * the validated guest segments, the bounce offsets and the writable size.
+ * The shadow region is write-only for us except for three values the
+ * backend owns there: the used idx, the used elements (each read once and
+ * validated) and the notification fields (used flags / avail_event), which
+ * can only make us kick more or less.
+ *
+ * Ring indices are free-running uint16_t; slots are idx % num (num need not
+ * be a power of two).
+ */
+#define _GNU_SOURCE
+#include <errno.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "fsdp_internal.h"
+#include "probes.h"
+
+enum take_result { TAKEN, REFUSED, NOSPACE, BROKEN };
+
+/* ------------------------------------------------------------------------ */
+/* Private arrays.                                                            */
+
+void queue_free_arrays(struct fsdp_queue *q)
+{
+    free(q->sd);
+    free(q->req);
+    free(q->sstate);
+    free(q->freelist);
+    free(q->scratch);
+    free(q->offs);
+    free(q->ind);
+    q->sd = NULL;
+    q->req = NULL;
+    q->sstate = NULL;
+    q->freelist = NULL;
+    q->scratch = NULL;
+    q->offs = NULL;
+    q->ind = NULL;
+    q->cap = 0;
+    q->nfree = 0;
+}
+
+static void reset_freelist(struct fsdp_queue *q)
+{
+    /* Pop order 0, 1, 2, ...: the stack holds them reversed. */
+    for (uint32_t i = 0; i < q->cap; i++)
+        q->freelist[i] = (uint16_t)(q->cap - 1 - i);
+    q->nfree = q->cap;
+    memset(q->sstate, SD_FREE, q->cap);
+}
+
+int queue_alloc(struct fsdp_queue *q, uint32_t num)
+{
+    if (q->cap == num) {
+        reset_freelist(q);
+        return 0;
+    }
+    queue_free_arrays(q);
+    q->sd = calloc(num, sizeof(*q->sd));
+    q->req = calloc(num, sizeof(*q->req));
+    q->sstate = calloc(num, 1);
+    q->freelist = calloc(num, sizeof(*q->freelist));
+    q->scratch = calloc(num, sizeof(*q->scratch));
+    q->offs = calloc(num, sizeof(*q->offs));
+    q->ind = calloc(num, 16);
+    if (!q->sd || !q->req || !q->sstate || !q->freelist || !q->scratch || !q->offs ||
+        !q->ind) {
+        queue_free_arrays(q);
+        return -ENOMEM;
+    }
+    q->cap = num;
+    reset_freelist(q);
+    return 0;
+}
+
+/* ------------------------------------------------------------------------ */
+/* Guest rings.                                                               */
+
+static uint8_t *ring_ptr(struct fsdp_queue *q, uint64_t uaddr, uint64_t len, uint64_t align)
+{
+    uint8_t *p = mem_uaddr_to_host(&q->dev->mem, uaddr, len);
+    if (p && ((uintptr_t)p % align))
+        return NULL;
+    return p;
+}
+
+/* (Re)translate the guest rings through the current memory table.  Called on
+ * SET_VRING_ADDR and after every memory table change. */
+int queue_translate_rings(struct fsdp_queue *q, bool emit)
+{
+    uint8_t *d, *a, *u;
+    bool was_ok = q->rings_ok;
+
+    q->rings_ok = false;
+    if (!q->addr_set || !q->num)
+        return -EINVAL;
+    d = ring_ptr(q, q->desc_uaddr, vring_desc_size(q->num), 16);
+    a = ring_ptr(q, q->avail_uaddr, vring_avail_size(q->num), 2);
+    u = ring_ptr(q, q->used_uaddr, vring_used_size(q->num), 4);
+    if (!d || !a || !u) {
+        if (emit && was_ok && q->started)
+            dev_event(q->dev, q->idx, FSDP_EV_RING_UNMAPPED, 0,
+                      !d ? q->desc_uaddr : !a ? q->avail_uaddr : q->used_uaddr, 0);
+        return -EFAULT;
+    }
+    q->g_desc = d;
+    q->g_avail = a;
+    q->g_used = u;
+    q->rings_ok = true;
+    return 0;
+}
+
+static void push_guest_used(struct fsdp_queue *q, uint16_t head, uint32_t len)
+{
+    uint8_t *e = q->g_used + USED_RING(q->used_idx % q->num);
+
+    vr_store32(e, head);
+    vr_store32(e + 4, len);
+    q->used_idx++;
+    q->guest_used_dirty = true;
+    q->st.completed++;
+    PROBE_REQUEST_COMPLETED(q->dev->id, q->idx, head, len);
+}
+
+/* Publish the guest used idx once per pass and decide whether to call. */
+static void publish_guest_used(struct fsdp_queue *q)
+{
+    uint16_t old, ev;
+    bool valid, call;
+
+    if (!q->guest_used_dirty)
+        return;
+    q->guest_used_dirty = false;
+    /* Release: the used elements and every byte copied into the guest's
+     * buffers are visible before the idx that hands them to the driver. */
+    vr_store16_release(q->g_used + USED_IDX, q->used_idx);
+    /* Full fence: our idx store must be visible before we read the driver's
+     * used_event/flags.  Otherwise the driver may arm used_event after
+     * reading our old idx while we read its old used_event: both sleep. */
+    vr_mb();
+    old = q->signalled_used;
+    valid = q->signalled_used_valid;
+    q->signalled_used = q->used_idx;
+    q->signalled_used_valid = true;
+    if (q->guest_event_idx) {
+        ev = vr_load16(q->g_avail + AVAIL_USED_EVENT(q->num));
+        call = !valid || vring_need_event(ev, q->used_idx, old);
+    } else {
+        call = !(vr_load16(q->g_avail + AVAIL_FLAGS) & VRING_AVAIL_F_NO_INTERRUPT);
+    }
+    if (call)
+        q->need_guest_call = true;
+}
+
+/* ------------------------------------------------------------------------ */
+/* Shadow ring: publish.                                                      */
+
+static void write_shadow_chain(struct fsdp_queue *q, uint16_t head)
+{
+    uint16_t s = head;
+    uint16_t n = q->req[head].ndesc;
+
+    for (uint16_t i = 0; i < n; i++) {
+        struct fsdp_sdesc *sd = &q->sd[s];
+        uint8_t *p = q->s_desc + 16u * s;
+        uint16_t flags = sd->flags;
+        if (i + 1u < n)
+            flags |= VRING_DESC_F_NEXT;
+        vr_store64(p, FSDP_SHADOW_GPA_BASE + q->s_bounce_off + sd->off);
+        vr_store32(p + 8, sd->len);
+        vr_store16(p + 12, flags);
+        vr_store16(p + 14, i + 1u < n ? sd->next : 0);
+        s = sd->next;
+    }
+    vr_store16(q->s_avail + AVAIL_RING(q->s_avail_idx % q->num), head);
+    q->s_avail_idx++;
+    q->s_num_added++;
+}
+
+/* Copy the readable guest bytes of a request into its bounce space.  The
+ * ranges were validated against the current memory table. */
+static uint64_t copy_in(struct fsdp_queue *q, uint16_t head)
+{
+    uint16_t s = head;
+    uint64_t bytes = 0;
+
+    for (uint16_t i = 0; i < q->req[head].ndesc; i++) {
+        struct fsdp_sdesc *sd = &q->sd[s];
+        if (!(sd->flags & VRING_DESC_F_WRITE) && sd->len) {
+            if (mem_copy_from_guest(&q->dev->mem, q->s_bounce + sd->off, sd->gpa, sd->len) == 0)
+                bytes += sd->len;
+        }
+        s = sd->next;
+    }
+    return bytes;
+}
+
+static void publish_shadow_avail(struct fsdp_queue *q)
+{
+    uint16_t old, new_idx;
+    bool kick;
+
+    if (!q->s_num_added)
+        return;
+    /* Release: shadow descriptors, bounce bytes and ring entries written
+     * above are visible before the backend can observe the new idx. */
+    vr_store16_release(q->s_avail + AVAIL_IDX, q->s_avail_idx);
+    /* Full fence (virtio_mb in Linux's virtqueue_kick_prepare): the idx store
+     * must be visible before we read the backend's avail_event/flags, or the
+     * backend may go to sleep on our old idx while we skip the kick. */
+    vr_mb();
+    new_idx = q->s_avail_idx;
+    old = (uint16_t)(new_idx - q->s_num_added);
+    q->s_num_added = 0;
+    if (q->backend_event_idx)
+        kick = vring_need_event(vr_load16(q->s_used + USED_AVAIL_EVENT(q->num)), new_idx, old);
+    else
+        kick = !(vr_load16(q->s_used + USED_FLAGS) & VRING_USED_F_NO_NOTIFY);
+    if (kick)
+        q->need_backend_kick = true;
+}
+
+/* ------------------------------------------------------------------------ */
+/* Intake: guest avail -> shadow.                                             */
+
+static void release_request(struct fsdp_queue *q, uint16_t head)
+{
+    struct fsdp_req *r = &q->req[head];
+    uint16_t s = head;
+
+    for (uint16_t i = 0; i < r->ndesc; i++) {
+        struct fsdp_sdesc *sd = &q->sd[s];
+        uint16_t next = sd->next;
+        if (sd->own_npages)
+            bounce_free(&q->bounce, sd->own_page, sd->own_npages);
+        sd->own_npages = 0;
+        /* A completed head stays SD_DONE until reused, so that a second
+         * completion of it is told apart from a made-up id. */
+        q->sstate[s] = (s == head) ? SD_DONE : SD_FREE;
+        q->freelist[q->nfree++] = s;
+        s = next;
+    }
+    if (r->slab_npages)
+        bounce_free(&q->bounce, r->slab_page, r->slab_npages);
+    r->slab_npages = 0;
+    r->ndesc = 0;
+    q->inflight--;
+    q->st.inflight = q->inflight;
+}
+
+/* Fallback when no contiguous slab is free: one allocation per segment,
+ * recorded in q->offs[i] as page | npages << 32.  All or nothing. */
+static bool alloc_per_segment(struct fsdp_queue *q, uint32_t n)
+{
+    for (uint32_t i = 0; i < n; i++) {
+        uint32_t np = (uint32_t)(FSDP_ALIGN_UP((uint64_t)q->scratch[i].len, FSDP_PAGE) / FSDP_PAGE);
+        int64_t p = np ? bounce_alloc(&q->bounce, np) : 0;
+        if (p < 0) {
+            for (uint32_t j = 0; j < i; j++)
+                bounce_free(&q->bounce, (uint32_t)q->offs[j], (uint32_t)(q->offs[j] >> 32));
+            return false;
+        }
+        q->offs[i] = (uint64_t)p | (uint64_t)np << 32;
+    }
+    return true;
+}
+
+static enum take_result take_one(struct fsdp_queue *q, uint32_t *steps)
+{
+    struct fsdp_dev *dev = q->dev;
+    struct fsdp_chain ch;
+    uint16_t head;
+    uint64_t slab;
+    uint32_t npages, n;
+    int64_t first;
+    bool fragmented = false;
+    int rc;
+
+    head = vr_load16(q->g_avail + AVAIL_RING(q->last_avail % q->num));
+    if (head >= q->num) {
+        /* A head outside the table: the ring itself is corrupt. */
+        dev_event(dev, q->idx, FSDP_EV_BAD_HEAD, head, head, q->num);
+        q->broken = true;
+        return BROKEN;
+    }
+
+    rc = chain_walk(&dev->mem, q->g_desc, q->num, head, dev->cfg.max_request_bytes,
+                    q->scratch, q->ind, &ch);
+    *steps = ch.steps;
+    if (rc == 0) {
+        n = ch.n;
+        if (n > q->nfree)
+            return NOSPACE;
+        slab = bounce_layout(q->scratch, n, q->offs, false);
+        if (slab / FSDP_PAGE > q->bounce.npages)   /* pathological: many mid-size buffers */
+            slab = bounce_layout(q->scratch, n, q->offs, true);
+        if (slab / FSDP_PAGE > q->bounce.npages) {
+            /* Would never fit, even in an empty pool: refuse, don't wait forever. */
+            rc = FSDP_EV_REQUEST_TOO_LARGE;
+            ch.err_a = slab;
+            ch.err_b = (uint64_t)q->bounce.npages * FSDP_PAGE;
+        }
+    }
+    if (rc) {
+        dev_event(dev, q->idx, (uint32_t)rc, head, ch.err_a, ch.err_b);
+        PROBE_REQUEST_REFUSED(dev->id, q->idx, head, rc);
+        q->st.refused++;
+        push_guest_used(q, head, 0);
+        q->last_avail++;
+        return REFUSED;
+    }
+
+    npages = (uint32_t)(slab / FSDP_PAGE);
+    first = npages ? bounce_alloc(&q->bounce, npages) : 0;
+    if (first < 0) {
+        /* No contiguous run free: one allocation per segment (pages kept in
+         * q->offs, no longer needed for the slab layout). */
+        if (q->bounce.nfree < npages || !alloc_per_segment(q, n))
+            return NOSPACE;
+        fragmented = true;
+    }
+
+    /* Shadow descriptors: the top n of the free stack, linked privately. */
+#define SIDX(i) (q->freelist[q->nfree - 1u - (i)])
+    for (uint32_t i = 0; i < n; i++) {
+        struct fsdp_sdesc *sd = &q->sd[SIDX(i)];
+        if (fragmented) {
+            sd->own_page = (uint32_t)q->offs[i];
+            sd->own_npages = (uint32_t)(q->offs[i] >> 32);
+            sd->off = (uint64_t)sd->own_page * FSDP_PAGE;
+        } else {
+            sd->own_npages = 0;
+            sd->off = (uint64_t)first * FSDP_PAGE + q->offs[i];
+        }
+        sd->gpa = q->scratch[i].gpa;
+        sd->len = q->scratch[i].len;
+        sd->flags = q->scratch[i].flags;
+        sd->next = i + 1 < n ? SIDX(i + 1) : 0;
+        q->sstate[SIDX(i)] = i ? SD_BODY : SD_HEAD;
+    }
+    uint16_t shead = SIDX(0);
+#undef SIDX
+    q->nfree -= n;
+
+    struct fsdp_req *r = &q->req[shead];
+    r->guest_head = head;
+    r->ndesc = (uint16_t)n;
+    r->slab_page = fragmented ? 0 : (uint32_t)first;
+    r->slab_npages = fragmented ? 0 : npages;
+    r->writable = ch.writable;
+    r->readable = ch.readable;
+    r->seq = q->seq++;
+
+    uint64_t bytes = copy_in(q, shead);
+    write_shadow_chain(q, shead);
+    q->inflight++;
+    q->st.inflight = q->inflight;
+    q->st.requests++;
+    q->st.bytes_in += bytes;
+    q->last_avail++;
+    PROBE_REQUEST_SHADOWED(dev->id, q->idx, head, bytes);
+    return TAKEN;
+}
+
+/*
+ * Work budget of one pass over one queue.  A guest can make every chain cost
+ * up to num descriptor reads (a loop is only detected after num steps), and
+ * keep refilling its ring as fast as we drain it; without a bound one queue
+ * could keep the loop thread for itself (num^2 steps per pass at num =
+ * 32768).  When the budget runs out the queue sets q->more and the loop comes
+ * back to it after a turn over every other queue, without sleeping.
+ */
+static int64_t intake_budget(const struct fsdp_queue *q) { return 4 * (int64_t)q->num + 256; }
+
+static bool intake(struct fsdp_queue *q)
+{
+    bool any = false, armed = false;
+    int64_t budget = intake_budget(q);
+
+    for (;;) {
+        /* Acquire: pairs with the driver's write barrier before its idx
+         * store, so the ring entries and descriptors it published are
+         * visible to the loads that follow. */
+        uint16_t avail = vr_load16_acquire(q->g_avail + AVAIL_IDX);
+        uint16_t n = (uint16_t)(avail - q->last_avail);
+
+        if (n > q->num) {
+            /* More new entries than the ring holds: corrupt.  Walking them
+             * would make one kick cost up to 65535 refusals (a cheap denial
+             * of service), so the queue stops instead. */
+            dev_event(q->dev, q->idx, FSDP_EV_AVAIL_IDX_JUMP, 0, avail, q->last_avail);
+            q->broken = true;
+            break;
+        }
+        if (n == 0) {
+            if (!q->guest_event_idx || armed)
+                break;
+            /* Ask for a kick at the next entry, then look again: the driver
+             * may have published after our load but before seeing the new
+             * avail_event.  Full fence: the avail_event store must be
+             * visible before the idx re-load (store->load ordering). */
+            vr_store16(q->g_used + USED_AVAIL_EVENT(q->num), q->last_avail);
+            vr_mb();
+            armed = true;
+            continue;
+        }
+        while (n) {
+            uint32_t steps = 0;
+            enum take_result r;
+
+            if (budget <= 0) {
+                q->more = true;
+                return any;
+            }
+            r = take_one(q, &steps);
+            budget -= steps ? steps : 1;
+            if (r == NOSPACE) {
+                /* Back-pressure: leave the entry in the guest ring;
+                 * completions will free space and bring us back here. */
+                if (!q->throttled)
+                    q->st.throttled++;
+                q->throttled = true;
+                return any;
+            }
+            if (r == BROKEN)
+                return any;
+            q->throttled = false;
+            any = true;
+            armed = false;
+            n--;
+        }
+    }
+    return any;
+}
+
+/* ------------------------------------------------------------------------ */
+/* Harvest: shadow used -> guest.                                             */
+
+static uint32_t copy_back(struct fsdp_queue *q, uint16_t head, uint32_t len)
+{
+    uint16_t s = head;
+    uint32_t left = len;
+
+    for (uint16_t i = 0; i < q->req[head].ndesc && left; i++) {
+        struct fsdp_sdesc *sd = &q->sd[s];
+        if (sd->flags & VRING_DESC_F_WRITE) {
+            uint32_t take = sd->len < left ? sd->len : left;
+            if (take) {
+                /* Private offset and length: whatever the backend did to
+                 * the shadow descriptors, we copy from where WE put it. */
+                int rc = mem_copy_to_guest(&q->dev->mem, sd->gpa, q->s_bounce + sd->off, take);
+                if (rc) {
+                    dev_event(q->dev, q->idx, FSDP_EV_COPYBACK_UNMAPPED,
+                              q->req[head].guest_head, sd->gpa, take);
+                    return UINT32_MAX;
+                }
+            }
+            left -= take;
+        }
+        s = sd->next;
+    }
+    return len - left;
+}
+
+static void complete_one(struct fsdp_queue *q, uint32_t id, uint32_t len)
+{
+    struct fsdp_req *r;
+    uint32_t glen = 0, copied;
+
+    if (id >= q->num || q->sstate[id] != SD_HEAD) {
+        uint32_t code = (id < q->num && q->sstate[id] == SD_DONE)
+                            ? FSDP_EV_USED_DOUBLE_COMPLETION : FSDP_EV_USED_UNKNOWN_ID;
+        dev_event(q->dev, q->idx, code, 0, id, len);
+        q->st.backend_errors++;
+        return;
+    }
+    r = &q->req[id];
+    if (len > r->writable) {
+        dev_event(q->dev, q->idx, FSDP_EV_USED_LEN_TOO_LARGE, r->guest_head, len, r->writable);
+        q->st.backend_errors++;
+    } else {
+        copied = copy_back(q, (uint16_t)id, len);
+        if (copied != UINT32_MAX) {
+            glen = len;
+            q->st.bytes_out += copied;
+        }
+    }
+    push_guest_used(q, r->guest_head, glen);
+    release_request(q, (uint16_t)id);
+}
+
+static bool harvest(struct fsdp_queue *q)
+{
+    bool any = false, armed = false;
+    uint32_t budget = q->num;   /* entries per pass: see intake_budget */
+
+    for (;;) {
+        /* Acquire: pairs with the backend's release of its used idx, so the
+         * used elements below are at least as new as the idx. */
+        uint16_t used = vr_load16_acquire(q->s_used + USED_IDX);
+        uint16_t n = (uint16_t)(used - q->s_last_used);
+
+        if (n == 0) {
+            if (!q->backend_event_idx || armed)
+                break;
+            /* Ask for a call at the next completion and look again (the
+             * backend may have completed after our load but before seeing
+             * used_event).  Full fence: store used_event, then load idx. */
+            vr_store16(q->s_avail + AVAIL_USED_EVENT(q->num), q->s_last_used);
+            vr_mb();
+            armed = true;
+            continue;
+        }
+        if (budget == 0) {
+            q->more = true;
+            break;
+        }
+        if (n > q->inflight) {
+            /* More completions than requests in flight: the backend's used
+             * ring is garbage.  Stop reading it; requests stay owned by us
+             * (queue_stop/queue_start re-publish them, queue_abort fails). */
+            dev_event(q->dev, q->idx, FSDP_EV_USED_IDX_JUMP, 0, used, q->s_last_used);
+            q->backend_broken = true;
+            break;
+        }
+        if (n > budget)
+            n = (uint16_t)budget;
+        budget -= n;
+        for (uint16_t i = 0; i < n; i++) {
+            const uint8_t *e = q->s_used + USED_RING(q->s_last_used % q->num);
+            uint32_t id = vr_load32(e);          /* each read once */
+            uint32_t len = vr_load32(e + 4);
+            q->s_last_used++;
+            complete_one(q, id, len);
+        }
+        any = true;
+        armed = false;
+    }
+    return any;
+}
+
+/* ------------------------------------------------------------------------ */
+/* Queue lifecycle.                                                           */
+
+static int cmp_seq(const void *a, const void *b, void *arg)
+{
+    const struct fsdp_queue *q = arg;
+    uint64_t x = q->req[*(const uint16_t *)a].seq, y = q->req[*(const uint16_t *)b].seq;
+    return x < y ? -1 : x > y;
+}
+
+void queue_clear_shadow(struct fsdp_queue *q)
+{
+    memset(q->s_desc, 0, vring_desc_size(q->num));
+    memset(q->s_avail, 0, vring_avail_size(q->num));
+    memset(q->s_used, 0, vring_used_size(q->num));
+}
+
+int queue_do_start(struct fsdp_queue *q, uint32_t flags)
+{
+    if (q->started)
+        return 0;           /* idempotent: SET_VRING_KICK may come again */
+    if (!q->num || !q->rings_ok)
+        return -EINVAL;
+
+    /* Fresh shadow ring: the region is ours, clear it. */
+    queue_clear_shadow(q);
+    q->s_avail_idx = 0;
+    q->s_last_used = 0;
+    q->s_num_added = 0;
+    q->guest_event_idx = !!(flags & FSDP_QF_GUEST_EVENT_IDX);
+    q->backend_event_idx = !!(flags & FSDP_QF_BACKEND_EVENT_IDX);
+    q->used_idx = vr_load16(q->g_used + USED_IDX);
+    q->signalled_used_valid = false;
+    q->broken = false;
+    q->backend_broken = false;
+    q->throttled = false;
+    q->stopping = false;
+    q->guest_used_dirty = false;
+    q->need_backend_kick = q->need_guest_call = false;
+
+    /* Requests kept from a previous run (backend died or did not drain):
+     * re-publish them, in their original order, with their readable bytes
+     * copied again (the old backend may have scribbled on the bounce). */
+    if (q->inflight) {
+        uint16_t *heads = (uint16_t *)q->offs;   /* scratch, num entries of 8 B */
+        uint32_t k = 0;
+        for (uint32_t s = 0; s < q->num; s++)
+            if (q->sstate[s] == SD_HEAD)
+                heads[k++] = (uint16_t)s;
+        qsort_r(heads, k, sizeof(*heads), cmp_seq, q);
+        for (uint32_t i = 0; i < k; i++) {
+            q->st.bytes_in += copy_in(q, heads[i]);
+            write_shadow_chain(q, heads[i]);
+        }
+    }
+    q->started = true;
+    return 0;
+}
+
+/* Drop everything without touching the guest (device reset). */
+void queue_do_reset(struct fsdp_queue *q)
+{
+    q->started = false;
+    q->stopping = false;
+    q->broken = false;
+    q->backend_broken = false;
+    q->throttled = false;
+    q->inflight = 0;
+    q->st.inflight = 0;
+    if (q->cap)
+        reset_freelist(q);
+    if (q->bounce.bitmap)
+        bounce_reset(&q->bounce);
+    q->last_avail = 0;
+    q->used_idx = 0;
+    q->signalled_used_valid = false;
+    q->addr_set = false;
+    q->rings_ok = false;
+    q->guest_event_idx = q->backend_event_idx = false;
+    q->need_backend_kick = q->need_guest_call = false;
+    q->guest_used_dirty = false;
+    q->s_avail_idx = q->s_last_used = q->s_num_added = 0;
+}
+
+/* Fail every request in flight toward the guest (len 0).  Needs the guest
+ * rings; returns the count. */
+uint32_t queue_abort_inflight(struct fsdp_queue *q)
+{
+    uint32_t k = 0;
+
+    if (!q->inflight || !q->rings_ok)
+        return 0;
+    for (uint32_t s = 0; s < q->num && q->inflight; s++) {
+        if (q->sstate[s] != SD_HEAD)
+            continue;
+        push_guest_used(q, q->req[s].guest_head, 0);
+        release_request(q, (uint16_t)s);
+        k++;
+    }
+    dev_event(q->dev, q->idx, FSDP_EV_INFLIGHT_ABORTED, 0, k, 0);
+    publish_guest_used(q);
+    return k;
+}
+
+bool queue_process(struct fsdp_queue *q)
+{
+    bool any = false;
+
+    q->more = false;
+    if (!q->started || !q->rings_ok)
+        return false;
+    if (!q->backend_broken)
+        any |= harvest(q);
+    if (!q->stopping && !q->broken && !q->backend_broken)
+        any |= intake(q);
+    publish_guest_used(q);
+    publish_shadow_avail(q);
+    return any;
+}
+
+bool queue_has_work(struct fsdp_queue *q)
+{
+    if (!q->started || !q->rings_ok || q->backend_broken)
+        return false;
+    if (q->more)
+        return true;
+    if (q->inflight && vr_load16(q->s_used + USED_IDX) != q->s_last_used)
+        return true;
+    if (!q->stopping && !q->broken && !q->throttled &&
+        vr_load16(q->g_avail + AVAIL_IDX) != q->last_avail)
+        return true;
+    return false;
+}

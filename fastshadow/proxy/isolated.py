@@ -1,0 +1,363 @@
+"""Isolated mode: the backend never receives a guest RAM fd (DESIGN §3-§4).
+
+Everything that speaks of guest memory is terminated here and re-originated
+toward the backend, pointing at the device's shadow region:
+
+- SET_MEM_TABLE / ADD_MEM_REG / REM_MEM_REG: guest RAM is mapped by the data
+  plane only, fastshadow answers QEMU itself; the backend receives one table,
+  once, holding the shadow region at fake addresses.
+- SET_VRING_ADDR / BASE / KICK / CALL / ERR: the guest's values stay here;
+  the backend gets the shadow ring's addresses, index 0 and eventfds of
+  fastshadow's own.
+- GET_VRING_BASE: stop taking from the guest ring, drain what the backend
+  holds, complete it to the guest, stop the backend ring, answer with the
+  guest's index.
+- Feature bits the data plane cannot shadow are masked (features.py), and
+  the requests that would need them are refused.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+
+from ..logs import kv
+from ..protocol import payloads as p
+from ..protocol.errors import UnexpectedMessage
+from ..protocol.features import ProtocolFeature, VirtioFeature
+from ..protocol.messages import FLAG_NEED_REPLY, FrontendReq, Message
+from . import features as feat
+from .config import DeviceConfig, DeviceType
+from .session import Session
+
+log = logging.getLogger("fastshadow.proxy")
+
+#: Queue count when QEMU never asked GET_QUEUE_NUM (no MQ): the device type's fixed count.
+DEFAULT_QUEUES = {DeviceType.BLK: 1, DeviceType.NET: 3, DeviceType.FS: 2, DeviceType.VSOCK: 3,
+                  DeviceType.SCSI: 3, DeviceType.GENERIC: 8}
+
+#: Requests refused in isolated mode, with the reason (their features are never offered).
+REFUSED = {
+    FrontendReq.SET_LOG_BASE: "dirty logging for migration is not implemented in isolated mode",
+    FrontendReq.SET_LOG_FD: "dirty logging for migration is not implemented in isolated mode",
+    FrontendReq.IOTLB_MSG: "vIOMMU translation is not implemented in isolated mode",
+    FrontendReq.POSTCOPY_ADVISE: "postcopy migration would give the backend guest RAM",
+    FrontendReq.POSTCOPY_LISTEN: "postcopy migration would give the backend guest RAM",
+    FrontendReq.POSTCOPY_END: "postcopy migration would give the backend guest RAM",
+    FrontendReq.GET_INFLIGHT_FD: "inflight tracking is not offered in isolated mode",
+    FrontendReq.SET_INFLIGHT_FD: "inflight tracking is not offered in isolated mode",
+    FrontendReq.GPU_SET_SOCKET: "virtio-gpu cannot be isolated",
+    FrontendReq.VRING_KICK: "in-band notifications are not offered in isolated mode",
+    FrontendReq.GET_SHARED_OBJECT: "shared objects are not offered in isolated mode",
+    FrontendReq.SET_DEVICE_STATE_FD: "device state migration is not offered in isolated mode",
+    FrontendReq.CHECK_DEVICE_STATE: "device state migration is not offered in isolated mode",
+    FrontendReq.GET_SHMEM_CONFIG: "VIRTIO shared memory regions are not offered in isolated mode",
+    FrontendReq.SET_VRING_ENDIAN: "legacy big-endian rings are not offered in isolated mode",
+}
+
+#: Back-end channel requests refused in isolated mode.
+REFUSED_BACKEND = {
+    "VRING_HOST_NOTIFIER_MSG": "it would map backend memory into the guest, bypassing the proxy",
+    "SHARED_OBJECT_ADD": "shared objects are not offered in isolated mode",
+    "SHARED_OBJECT_REMOVE": "shared objects are not offered in isolated mode",
+    "SHARED_OBJECT_LOOKUP": "shared objects are not offered in isolated mode",
+    "SHMEM_MAP": "it would map backend memory into the guest",
+    "SHMEM_UNMAP": "VIRTIO shared memory regions are not offered in isolated mode",
+    "IOTLB_MSG": "vIOMMU translation is not implemented in isolated mode",
+    "VRING_CALL": "in-band notifications are not offered in isolated mode",
+    "VRING_ERR": "in-band notifications are not offered in isolated mode",
+}
+
+
+class IsolatedSession(Session):
+    mode = "isolated"
+
+    def __init__(self, cfg: DeviceConfig, qemu_sock, backend_sock, dataplane):
+        if cfg.device in (DeviceType.GPU, DeviceType.BALLOON):  # config validation refuses these first
+            raise ValueError(f"{cfg.device.value} cannot be isolated")
+        super().__init__(cfg, qemu_sock, backend_sock)
+        self.dp = dataplane
+        self.dev = None
+        self.queue_num: int | None = None
+        self.backend_device_features: int | None = None
+        self.offered_device_features: int | None = None
+        self.backend_protocol_features = 0
+        self.backend_has_table = False
+        self.started: set[int] = set()
+        self.err_fds: dict[int, tuple[int, int | None]] = {}  # queue -> (ours, QEMU's)
+        self.handlers = {
+            FrontendReq.GET_FEATURES: self.on_get_features,
+            FrontendReq.SET_FEATURES: self.on_set_features,
+            FrontendReq.GET_PROTOCOL_FEATURES: self.on_get_protocol_features,
+            FrontendReq.SET_PROTOCOL_FEATURES: self.on_set_protocol_features,
+            FrontendReq.GET_QUEUE_NUM: self.on_get_queue_num,
+            FrontendReq.GET_MAX_MEM_SLOTS: self.on_get_max_mem_slots,
+            FrontendReq.SET_MEM_TABLE: self.on_set_mem_table,
+            FrontendReq.ADD_MEM_REG: self.on_add_mem_reg,
+            FrontendReq.REM_MEM_REG: self.on_rem_mem_reg,
+            FrontendReq.SET_VRING_NUM: self.on_set_vring_num,
+            FrontendReq.SET_VRING_ADDR: self.on_set_vring_addr,
+            FrontendReq.SET_VRING_BASE: self.on_set_vring_base,
+            FrontendReq.GET_VRING_BASE: self.on_get_vring_base,
+            FrontendReq.SET_VRING_KICK: self.on_set_vring_kick,
+            FrontendReq.SET_VRING_CALL: self.on_set_vring_call,
+            FrontendReq.SET_VRING_ERR: self.on_set_vring_err,
+            FrontendReq.SET_BACKEND_REQ_FD: self.on_set_backend_req_fd,
+            FrontendReq.RESET_DEVICE: self.on_reset,
+            FrontendReq.RESET_OWNER: self.on_reset,
+        }
+        for req in (FrontendReq.SET_OWNER, FrontendReq.SET_VRING_ENABLE, FrontendReq.GET_CONFIG,
+                    FrontendReq.SET_CONFIG, FrontendReq.SET_STATUS, FrontendReq.GET_STATUS,
+                    FrontendReq.NET_SET_MTU, FrontendReq.SEND_RARP, FrontendReq.CREATE_CRYPTO_SESSION,
+                    FrontendReq.CLOSE_CRYPTO_SESSION):
+            self.handlers[req] = self.forward
+
+    # -- dispatch ------------------------------------------------------------------
+    def on_frontend(self, msg: Message) -> None:
+        handler = self.handlers.get(msg.request)
+        if handler is None:
+            msg.close_fds()
+            raise UnexpectedMessage(f"QEMU sent {msg.request.name}, refused in isolated mode: "
+                                    f"{REFUSED.get(msg.request, 'not supported in isolated mode')}")
+        handler(msg)
+
+    def filter_backend_request(self, msg: Message) -> str | None:
+        return REFUSED_BACKEND.get(msg.request.name)
+
+    def ack(self, msg: Message, ok: bool = True) -> None:
+        """Answer a request fastshadow terminated, if QEMU asked for a REPLY_ACK."""
+        if self.neg.expects_reply(msg):
+            self.to_qemu(msg.ack(ok))
+
+    def to_backend_as(self, msg: Message, payload: p.Payload, fds: list[int] | None = None) -> None:
+        """Send a re-originated request to the backend and relay its answer (if QEMU wanted one)."""
+        out = Message(msg.request, payload, fds or [], msg.flags)
+        reply = self.to_backend(out, expect_reply=self.neg.expects_reply(msg))
+        if reply is not None:
+            self.to_qemu(reply)
+
+    # -- features ------------------------------------------------------------------
+    def on_get_features(self, msg: Message) -> None:
+        reply = self.to_backend(msg)
+        self.backend_device_features = reply.payload.value
+        offered = feat.device_features_for_qemu(reply.payload.value)
+        self.offered_device_features = offered
+        for name, why in feat.masked_reasons(reply.payload.value, feat.MASKED_DEVICE_FEATURES):
+            kv(log, logging.INFO, "feature.masked", dev=self.name, feature=name, reason=why)
+        self.to_qemu(msg.reply(p.U64(offered)))
+
+    def on_set_features(self, msg: Message) -> None:
+        try:
+            value = feat.device_features_for_backend(msg.payload.value, self.offered_device_features)
+        except feat.FeatureRefused as e:
+            raise UnexpectedMessage(str(e)) from None
+        self.to_backend_as(msg, p.U64(value))
+
+    def on_get_protocol_features(self, msg: Message) -> None:
+        reply = self.to_backend(msg)
+        self.backend_protocol_features = reply.payload.value
+        for name, why in feat.masked_reasons(reply.payload.value, feat.MASKED_PROTOCOL_FEATURES):
+            kv(log, logging.INFO, "protocol_feature.masked", dev=self.name, feature=name, reason=why)
+        self.to_qemu(msg.reply(p.U64(feat.protocol_features_for_qemu(reply.payload.value))))
+
+    def on_set_protocol_features(self, msg: Message) -> None:
+        try:
+            value = feat.protocol_features_for_backend(msg.payload.value, self.backend_protocol_features)
+        except feat.FeatureRefused as e:
+            raise UnexpectedMessage(str(e)) from None
+        self.to_backend_as(msg, p.U64(value))
+
+    def on_get_queue_num(self, msg: Message) -> None:
+        reply = self.to_backend(msg)
+        self.queue_num = reply.payload.value
+        self.to_qemu(reply)
+
+    def on_get_max_mem_slots(self, msg: Message) -> None:
+        from ..dataplane import lib
+        self.to_qemu(msg.reply(p.U64(lib.FSDP_MAX_MEM_REGIONS)))
+
+    # -- memory ----------------------------------------------------------------------
+    def device(self):
+        """The data-plane device, created once the queue count is known."""
+        if self.dev is None:
+            nq = self.queue_num or DEFAULT_QUEUES.get(self.cfg.device, 8)
+            self.dev = self.dp.add_device(self.name, num_queues=max(1, min(nq, 64)),
+                                          max_request_bytes=self.cfg.max_request_bytes,
+                                          bounce_per_queue=self.cfg.bounce_per_queue)
+            kv(log, logging.INFO, "shadow.created", dev=self.name, queues=nq, shadow_bytes=self.dev.shadow_size,
+               shadow_gpa=hex(self.dev.shadow_gpa))
+        return self.dev
+
+    def send_backend_table(self) -> None:
+        """The backend's only memory: the shadow region, at fake addresses, sent once."""
+        if self.backend_has_table:
+            return
+        dev = self.device()
+        region = p.MemoryRegion(dev.shadow_gpa, dev.shadow_size, dev.shadow_uaddr, 0)
+        flags = msg_flags(self.neg.has(ProtocolFeature.REPLY_ACK))
+        out = Message(FrontendReq.SET_MEM_TABLE, p.MemTable([region]), [os.dup(dev.shadow_fd)], flags)
+        reply = self.to_backend(out, expect_reply=bool(flags & FLAG_NEED_REPLY))
+        if reply is not None and reply.payload.value != 0:
+            raise UnexpectedMessage(f"backend refused the shadow memory table (ack {reply.payload.value})")
+        self.backend_has_table = True
+
+    def on_set_mem_table(self, msg: Message) -> None:
+        from ..dataplane import MemRegion
+        regions = [MemRegion(r.guest_phys_addr, r.memory_size, r.userspace_addr, fd, r.mmap_offset)
+                   for r, fd in zip(msg.payload.regions, msg.fds)]
+        try:
+            self.device().set_mem_table(regions)
+        finally:
+            msg.close_fds()
+        kv(log, logging.INFO, "guest_memory.mapped", dev=self.name, regions=len(regions),
+           bytes=sum(r.size for r in regions))
+        self.send_backend_table()
+        self.ack(msg)
+
+    def on_add_mem_reg(self, msg: Message) -> None:
+        from ..dataplane import MemRegion
+        r = msg.payload.region
+        try:
+            self.device().add_mem_region(MemRegion(r.guest_phys_addr, r.memory_size, r.userspace_addr,
+                                                   msg.fds[0], r.mmap_offset))
+        finally:
+            msg.close_fds()
+        self.send_backend_table()
+        self.ack(msg)
+
+    def on_rem_mem_reg(self, msg: Message) -> None:
+        msg.close_fds()  # the spec allows a stray fd here; it is never used
+        r = msg.payload.region
+        self.device().remove_mem_region(r.guest_phys_addr, r.memory_size)
+        self.ack(msg)
+
+    # -- rings -------------------------------------------------------------------------
+    def queue_index(self, index: int) -> int:
+        dev = self.device()
+        if index >= dev.num_queues:
+            raise UnexpectedMessage(f"QEMU named queue {index}, but the device has {dev.num_queues} queues "
+                                    f"(GET_QUEUE_NUM or the {self.cfg.device.value} default)")
+        return index
+
+    def on_set_vring_num(self, msg: Message) -> None:
+        q = self.queue_index(msg.payload.index)
+        self.dev.queue_set_num(q, msg.payload.num)
+        self.forward(msg)
+
+    def on_set_vring_addr(self, msg: Message) -> None:
+        a = msg.payload
+        q = self.queue_index(a.index)
+        if a.flags & p.VRING_F_LOG:
+            raise UnexpectedMessage("QEMU asked for used-ring logging, which isolated mode never offers")
+        self.dev.queue_set_addr(q, a.desc, a.avail, a.used)
+        desc, avail, used = self.dev.queue_shadow_addrs(q)
+        self.to_backend_as(msg, p.VringAddr(q, 0, desc, used, avail, 0))
+
+    def on_set_vring_base(self, msg: Message) -> None:
+        q = self.queue_index(msg.payload.index)
+        self.dev.queue_set_base(q, msg.payload.num)
+        # The shadow ring always starts from index 0.
+        self.to_backend_as(msg, p.VringState(q, 0))
+
+    def on_get_vring_base(self, msg: Message) -> None:
+        q = self.queue_index(msg.payload.index)
+        from ..dataplane import DrainTimeout
+        try:
+            idx = self.dev.queue_stop(q, timeout_ms=int(self.cfg.reply_timeout * 1000))
+        except DrainTimeout as e:
+            # The backend kept requests past the deadline. They stay owned by the data
+            # plane and are re-published when the ring starts again (safe for blk).
+            idx = e.avail_idx
+            kv(log, logging.ERROR, "vring.drain_timeout", dev=self.name, queue=q, inflight=e.inflight,
+               reason=f"backend still held {e.inflight} requests after {self.cfg.reply_timeout:g} s")
+        self.started.discard(q)
+        self.log_stats(q)
+        reply = self.to_backend(msg)  # the backend stops its ring; its index is the shadow's
+        kv(log, logging.DEBUG, "vring.stopped", dev=self.name, queue=q, guest_avail_idx=idx,
+           shadow_idx=reply.payload.num if reply is not None else None)
+        self.to_qemu(msg.reply(p.VringState(q, idx)))
+
+    def log_stats(self, q: int) -> None:
+        st = self.dev.stats(q)
+        kv(log, logging.INFO, "vring.stats", dev=self.name, queue=q, requests=st.requests, completed=st.completed,
+           bytes_in=st.bytes_in, bytes_out=st.bytes_out, refused=st.refused, throttled=st.throttled,
+           guest_kicks=st.guest_kicks, backend_kicks=st.backend_kicks, backend_calls=st.backend_calls,
+           guest_calls=st.guest_calls, backend_errors=st.backend_errors)
+
+    def on_set_vring_kick(self, msg: Message) -> None:
+        q = self.queue_index(msg.payload.index)
+        try:
+            self.dev.queue_set_guest_kick(q, None if msg.payload.nofd else msg.fds[0])
+        finally:
+            msg.close_fds()
+        # The kick fd starts the ring (vhost-user "Ring states").
+        event_idx = bool(self.neg.features & VirtioFeature.RING_EVENT_IDX)
+        self.dev.queue_start(q, event_idx=event_idx)
+        self.started.add(q)
+        kick, _ = self.dev.queue_backend_fds(q)
+        self.to_backend_as(msg, p.VringFd.make(q), [os.dup(kick)])
+
+    def on_set_vring_call(self, msg: Message) -> None:
+        q = self.queue_index(msg.payload.index)
+        try:
+            self.dev.queue_set_guest_call(q, None if msg.payload.nofd else msg.fds[0])
+        finally:
+            msg.close_fds()
+        _, call = self.dev.queue_backend_fds(q)
+        self.to_backend_as(msg, p.VringFd.make(q), [os.dup(call)])
+
+    def on_set_vring_err(self, msg: Message) -> None:
+        q = self.queue_index(msg.payload.index)
+        qemu_fd = None if msg.payload.nofd else os.dup(msg.fds[0])
+        msg.close_fds()
+        old = self.err_fds.pop(q, None)
+        if old is not None:
+            self._close_err(old)
+        ours = os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK)
+        self.err_fds[q] = (ours, qemu_fd)
+        self.watch(ours, lambda: self._on_backend_err(q))
+        self.to_backend_as(msg, p.VringFd.make(q), [os.dup(ours)])
+
+    def _on_backend_err(self, q: int) -> None:
+        ours, qemu_fd = self.err_fds[q]
+        try:
+            os.eventfd_read(ours)
+        except BlockingIOError:
+            return
+        kv(log, logging.WARNING, "backend.vring_error", dev=self.name, queue=q)
+        if qemu_fd is not None:
+            os.eventfd_write(qemu_fd, 1)
+
+    def _close_err(self, pair: tuple[int, int | None]) -> None:
+        ours, qemu_fd = pair
+        self.unwatch(ours)
+        os.close(ours)
+        if qemu_fd is not None:
+            os.close(qemu_fd)
+
+    def on_set_backend_req_fd(self, msg: Message) -> None:
+        self.forward(self.start_relay(msg))
+
+    def on_reset(self, msg: Message) -> None:
+        if self.dev is not None:
+            self.dev.reset()
+        self.started.clear()
+        self.forward(msg)
+
+    # -- teardown ---------------------------------------------------------------------
+    def teardown(self) -> None:
+        for pair in self.err_fds.values():
+            try:
+                self._close_err(pair)
+            except OSError:
+                pass
+        self.err_fds.clear()
+        if self.dev is not None:
+            self.dp.remove_device(self.dev)
+            kv(log, logging.INFO, "shadow.freed", dev=self.name)
+            self.dev = None
+
+
+def msg_flags(need_reply: bool) -> int:
+    from ..protocol.messages import VERSION
+    return VERSION | (FLAG_NEED_REPLY if need_reply else 0)
