@@ -94,6 +94,10 @@ class Proxy:
         try:
             for dcfg in cfg.device:
                 self.devices.append(Device(dcfg, self))
+            if any(d.mode is Mode.ISOLATED for d in cfg.device):
+                # Start the data plane now: a build problem shows at start-up, not at
+                # QEMU's first connection, and tracers find its probes right away.
+                self.get_dataplane()
         except Exception:
             self.close()
             raise
