@@ -49,22 +49,19 @@ static inline void observe(u32 hop, u32 q, u64 delta)
     hist.increment(k);
 }
 
-static inline int read_dq(struct pt_regs *ctx, struct qkey *k)
-{
-    u64 dev = 0, q = 0;
-    bpf_usdt_readarg(1, ctx, &dev);
-    bpf_usdt_readarg(2, ctx, &q);
-    k->dev = dev;
-    k->q = q;
-    QUEUE_FILTER
-    return 1;
-}
+/*
+ * READ_DQ(k) is expanded by the loader (fastshadow/trace/tool.py) into the
+ * two bpf_usdt_readarg() calls: bcc rewrites those per probe function (each
+ * attachment point has its own argument locations), so they must sit in the
+ * probe function's own body, and bcc refuses them inside C macros.  It reads
+ * dev and q (u32, as csrc/probes.h declares them) into k and returns from the
+ * probe when QUEUE_FILTER rejects the queue.
+ */
 
 int on_guest_kick(struct pt_regs *ctx)
 {
     struct qkey k = {};
-    if (!read_dq(ctx, &k))
-        return 0;
+    READ_DQ(k);
     u64 now = bpf_ktime_get_ns();
     last_kick.update(&k, &now);
     count(C_GUEST_KICK);
@@ -74,9 +71,8 @@ int on_guest_kick(struct pt_regs *ctx)
 int on_request_shadowed(struct pt_regs *ctx)
 {
     struct qkey k = {};
-    if (!read_dq(ctx, &k))
-        return 0;
-    u64 head = 0;
+    READ_DQ(k);
+    u16 head = 0;   /* the guest head index: u16 */
     bpf_usdt_readarg(3, ctx, &head);
     u64 now = bpf_ktime_get_ns();
     count(C_SHADOWED);
@@ -97,8 +93,7 @@ int on_request_shadowed(struct pt_regs *ctx)
 int on_backend_kick(struct pt_regs *ctx)
 {
     struct qkey k = {};
-    if (!read_dq(ctx, &k))
-        return 0;
+    READ_DQ(k);
     u64 now = bpf_ktime_get_ns();
     count(C_BACKEND_KICK);
     u64 *first = first_shadowed.lookup(&k);
@@ -112,8 +107,7 @@ int on_backend_kick(struct pt_regs *ctx)
 int on_backend_call(struct pt_regs *ctx)
 {
     struct qkey k = {};
-    if (!read_dq(ctx, &k))
-        return 0;
+    READ_DQ(k);
     u64 now = bpf_ktime_get_ns();
     last_call.update(&k, &now);
     count(C_BACKEND_CALL);
@@ -123,9 +117,8 @@ int on_backend_call(struct pt_regs *ctx)
 int on_request_completed(struct pt_regs *ctx)
 {
     struct qkey k = {};
-    if (!read_dq(ctx, &k))
-        return 0;
-    u64 head = 0;
+    READ_DQ(k);
+    u16 head = 0;   /* the guest head index: u16 */
     bpf_usdt_readarg(3, ctx, &head);
     u64 now = bpf_ktime_get_ns();
     count(C_COMPLETED);
@@ -147,8 +140,7 @@ int on_request_completed(struct pt_regs *ctx)
 int on_guest_call(struct pt_regs *ctx)
 {
     struct qkey k = {};
-    if (!read_dq(ctx, &k))
-        return 0;
+    READ_DQ(k);
     u64 now = bpf_ktime_get_ns();
     count(C_GUEST_CALL);
     u64 *first = first_completed.lookup(&k);
@@ -162,8 +154,7 @@ int on_guest_call(struct pt_regs *ctx)
 int on_request_refused(struct pt_regs *ctx)
 {
     struct qkey k = {};
-    if (!read_dq(ctx, &k))
-        return 0;
+    READ_DQ(k);
     count(C_REFUSED);
     return 0;
 }
@@ -178,7 +169,8 @@ BPF_ARRAY(driver_counts, u64, 2);
 
 int on_driver_complete(struct pt_regs *ctx)
 {
-    u64 q = 0, lat = 0;
+    u32 q = 0;      /* complete(u32 q, u32 head, u32 bytes, u64 latency_ns) */
+    u64 lat = 0;
     bpf_usdt_readarg(1, ctx, &q);
     bpf_usdt_readarg(4, ctx, &lat);
     u32 k = 1;

@@ -113,7 +113,7 @@ def plot(run: TraceRun, path: str) -> None:
     if not hists:
         axes[0, 0].text(0.5, 0.5, "no samples", ha="center")
     axes[-1, 0].set_xlabel("latency (log2 buckets, lower bound)")
-    fig.suptitle(f"fastshadow notification latency, pid {run.pid}")
+    fig.suptitle(f"fastshadow notification latency, pid {run.pid or run.driver_pid}")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)

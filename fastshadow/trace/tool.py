@@ -55,9 +55,19 @@ def add_parser(sub) -> None:
     p.set_defaults(func=run)
 
 
+READ_DQ = """{ u32 dev_ = 0, q_ = 0;
+      bpf_usdt_readarg(1, ctx, &dev_);
+      bpf_usdt_readarg(2, ctx, &q_);
+      K.dev = dev_; K.q = q_;
+      QUEUE_FILTER }"""
+
+
 def bpf_text(queue: int | None) -> str:
+    """The BPF program with its placeholders filled (no option branches in kernel code)."""
+    import re
     text = BPF_SOURCE.read_text()
-    filt = f"if (k->q != {int(queue)}) return 0;" if queue is not None else ""
+    text = re.sub(r"READ_DQ\((\w+)\);", lambda m: READ_DQ.replace("K.", m.group(1) + "."), text)
+    filt = f"if (q_ != {int(queue)}) return 0;" if queue is not None else ""
     return text.replace("QUEUE_FILTER", filt)
 
 
@@ -67,8 +77,8 @@ def run(args) -> int:
     if args.ebpf:
         print(bpf_text(args.queue))
         return 0
-    if args.pid is None:
-        print("fastshadow trace: --pid is required (or --check)", file=sys.stderr)
+    if args.pid is None and args.driver_pid is None:
+        print("fastshadow trace: --pid is required (or --driver-pid, or --check)", file=sys.stderr)
         return 2
     try:
         environment.require()
@@ -93,20 +103,23 @@ def check_cmd() -> int:
 
 
 class Tracer:
-    def __init__(self, pid: int, *, driver_pid: int | None = None, queue: int | None = None):
+    def __init__(self, pid: int | None, *, driver_pid: int | None = None, queue: int | None = None):
         bcc = environment.import_bcc()
-        if not os.path.exists(f"/proc/{pid}"):
-            raise TraceError(f"no process {pid}")
+        for p in (pid, driver_pid):
+            if p is not None and not os.path.exists(f"/proc/{p}"):
+                raise TraceError(f"no process {p}")
         self.pid, self.driver_pid, self.queue = pid, driver_pid, queue
         contexts = []
-        u = bcc.USDT(pid=pid)
-        try:
-            for probe in PROBES:
-                u.enable_probe(probe=probe, fn_name=f"on_{probe}")
-        except Exception as e:
-            raise TraceError(f"process {pid} has no fastshadow data plane probes ({e}); is it a fastshadow "
-                             "proxy with an isolated device?") from None
-        contexts.append(u)
+        if pid is not None:
+            u = bcc.USDT(pid=pid)
+            try:
+                for probe in PROBES:
+                    u.enable_probe(probe=probe, fn_name=f"on_{probe}")
+            except Exception as e:
+                raise TraceError(f"process {pid} has no fastshadow data plane probes ({e}); is it a fastshadow "
+                                 "proxy with an isolated device? (direct mode has no data plane: trace the "
+                                 "load generator with --driver-pid)") from None
+            contexts.append(u)
         if driver_pid is not None:
             d = bcc.USDT(pid=driver_pid)
             try:
@@ -134,15 +147,16 @@ class Tracer:
             counts["driver_complete"] = int(dm[dm.Key(1)].value)
             dm.clear()
         histograms = [Histogram(ALL_HOPS[hop], q, dict(sorted(s.items()))) for (hop, q), s in sorted(hists.items())]
-        return Interval(self.pid, t0, time.monotonic_ns(), counts, histograms, lost=counts.get("map_full", 0))
+        return Interval(self.pid or 0, t0, time.monotonic_ns(), counts, histograms, lost=counts.get("map_full", 0))
 
     def loop(self, *, duration, interval, json_path, plot_path, quiet) -> int:
         stop = {"now": False}
         prev = signal.signal(signal.SIGINT, lambda *_: stop.update(now=True))
         signal.signal(signal.SIGTERM, lambda *_: stop.update(now=True))
         started = time.monotonic()
-        print(f"Tracing fastshadow pid {self.pid}" + (f" and load generator pid {self.driver_pid}"
-                                                     if self.driver_pid else "") +
+        who = [f"fastshadow pid {self.pid}"] if self.pid else []
+        who += [f"load generator pid {self.driver_pid}"] if self.driver_pid else []
+        print("Tracing " + " and ".join(who) +
               (f", queue {self.queue}" if self.queue is not None else "") + "... Hit Ctrl-C to end.", flush=True)
         t0 = time.monotonic_ns()
         try:
@@ -154,8 +168,8 @@ class Tracer:
                 end = time.monotonic() + nap
                 while not stop["now"] and time.monotonic() < end:
                     time.sleep(min(0.1, max(0.0, end - time.monotonic())))
-                if not os.path.exists(f"/proc/{self.pid}"):
-                    stop["now"] = True
+                if any(p is not None and not os.path.exists(f"/proc/{p}") for p in (self.pid, self.driver_pid)):
+                    stop["now"] = True  # the traced process is gone: print what we have and end
                 iv = self.snapshot(t0)
                 t0 = iv.end_ns
                 self.intervals.append(iv)
@@ -163,7 +177,7 @@ class Tracer:
                     print(time.strftime("\n%H:%M:%S"), format_interval(iv), flush=True)
         finally:
             signal.signal(signal.SIGINT, prev)
-        result = TraceRun(self.pid, self.driver_pid, self.queue, self.intervals)
+        result = TraceRun(self.pid or 0, self.driver_pid, self.queue, self.intervals)
         totals = result.totals()
         print("\ntotal events: " + "  ".join(f"{k}={v}" for k, v in totals.items() if v), flush=True)
         if json_path:
