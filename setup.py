@@ -2,4 +2,4 @@
 # only through setup(); everything else lives in pyproject.toml.
 from setuptools import setup
 
-setup(cffi_modules=["csrc/build_ffi.py:ffibuilder"])
+setup(cffi_modules=["csrc/build_ffi.py:ffibuilder", "bench/build_loadgen.py:ffibuilder"])

@@ -1,0 +1,161 @@
+"""`fastshadow bench`: direct against proxied against isolated, in one run.
+
+Wired into fastshadow's CLI with::
+
+    from bench.cli import add_parser as add_bench_parser
+    add_bench_parser(sub)
+
+(`add_parser` sets ``func=run`` on its subparser, like ``fastshadow trace``.)
+It also runs on its own: ``python -m bench.cli --quick``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import shlex
+import sys
+from pathlib import Path
+
+EXAMPLES = """\
+examples:
+  fastshadow bench                          # the quick preset (< 60 s): null backend, all modes
+  fastshadow bench --full --out out/full    # the full preset (~15 min): null and file, 3 reps
+  fastshadow bench --modes direct,proxy-direct --backend file --duration 5
+  fastshadow bench --quick --proxy-args="--busy-poll-us 50"   # tune the proxy under test
+
+results.json (msgspec schema in bench/report.py), throughput-<backend>.png and
+latency-cdf-<backend>.png are written to --out; `python -m bench.report
+results.json` prints the table again.
+"""
+
+
+def add_parser(sub) -> argparse.ArgumentParser:
+    p = sub.add_parser(
+        "bench", help="measure direct vs proxied vs isolated I/O with a vhost-user load generator",
+        description="Drive qemu-storage-daemon with bench/'s vhost-user load generator (a virtio-blk driver "
+                    "emulation in C) directly, through `fastshadow proxy --mode direct` and through "
+                    "`--mode isolated`, interleaving the modes, and report IOPS, MB/s, latency percentiles, "
+                    "CPU seconds per process and the ratios to direct.",
+        epilog=EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_arguments(p)
+    p.set_defaults(func=run)
+    return p
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    from . import BACKENDS, MODES  # nothing heavy at parse time: `fastshadow proxy` parses this too
+    preset = p.add_mutually_exclusive_group()
+    preset.add_argument("--quick", dest="preset", action="store_const", const="quick",
+                        help="quick preset (default): null backend, 4 workloads, 2 s each, 1 rep; under 60 s")
+    preset.add_argument("--full", dest="preset", action="store_const", const="full",
+                        help="full preset: null and file backends, 512 B-1 MiB, QD1/QD32/QD8, read and write, "
+                             "1 and 2 queues, 3 reps; about 15 min")
+    p.add_argument("--modes", default=",".join(MODES), metavar="LIST",
+                   help=f"comma-separated modes to compare (default {','.join(MODES)})")
+    p.add_argument("--backend", action="append", choices=BACKENDS, dest="backends",
+                   help="qemu-storage-daemon block driver: null (null-co, pure overhead) or file "
+                        "(an image with cache.direct=on, aio=io_uring); repeat for both "
+                        "(default: quick null, full both)")
+    p.add_argument("--out", type=Path, default=Path("out/bench"), metavar="DIR",
+                   help="where results.json and the PNGs go (default out/bench)")
+    p.add_argument("--duration", type=float, metavar="S", help="seconds per run (default: the preset's)")
+    p.add_argument("--requests", type=int, metavar="N", help="requests per run instead of a duration")
+    p.add_argument("--reps", type=int, metavar="N", help="repetitions (default: the preset's)")
+    p.add_argument("--workload", action="append", metavar="RW:BS:QD[:QUEUES]",
+                   help="instead of the preset's workloads, e.g. randread:4k:32 or write:1m:8:2 "
+                        "(rw: randread, read, randwrite, write); repeatable")
+    p.add_argument("--proxy-args", default="", metavar="ARGS",
+                   help="extra arguments for every `fastshadow proxy` started, e.g. \"--busy-poll-us 50\"")
+    p.add_argument("--loadgen-busy-poll-us", type=int, default=0, metavar="US",
+                   help="the load generator spins this long before sleeping on a call eventfd (default 0)")
+    p.add_argument("--loadgen-threads", choices=["one", "per-queue"], default="one",
+                   help="one thread drives all queues (default), or one thread per queue")
+    p.add_argument("--pin", choices=["split", "split-free-proxy", "none"], default="split",
+                   help="split (default): the load generator on the first CPU, qemu-storage-daemon and the proxy "
+                        "on the others, as a guest's vCPU and its backend would be; split-free-proxy: the same "
+                        "but the proxy may run on any CPU; none: the scheduler decides (a wakeup on the same CPU "
+                        "is ~10x cheaper here, so results then vary with placement)")
+    p.add_argument("--no-event-idx", action="store_true", help="do not negotiate VIRTIO_RING_F_EVENT_IDX")
+    p.add_argument("--queue-size", type=int, default=256, help="virtqueue size (default 256; raised for QD > 85)")
+    p.add_argument("--file-size", default="512M", help="size of the file backend's image (default 512M)")
+    p.add_argument("--workdir", type=Path, help="sockets, logs and the image go here (default: a temp dir)")
+    p.add_argument("--keep", action="store_true", help="keep the work directory (proxy and qsd logs)")
+    p.add_argument("--timeout", type=float, default=5.0, metavar="S",
+                   help="a peer that does not answer a request, or a device that completes nothing, "
+                        "for this long fails the run (default 5)")
+    p.add_argument("--no-memcpy", action="store_true", help="skip the memcpy baseline")
+    p.add_argument("--no-plots", action="store_true", help="skip the PNGs")
+    p.set_defaults(preset=None)
+
+
+def parse_workload(text: str):
+    from .report import Workload, parse_size
+    parts = text.split(":")
+    if len(parts) not in (3, 4) or parts[0] not in ("randread", "read", "randwrite", "write"):
+        raise ValueError(f"bad workload {text!r}: want RW:BS:QD[:QUEUES], e.g. randread:4k:32")
+    return Workload(parts[0], parse_size(parts[1]), int(parts[2]), int(parts[3]) if len(parts) == 4 else 1)
+
+
+def config_from_args(args):
+    from . import MODES
+    from .report import parse_size
+    from .runner import PRESETS, Config
+    preset = PRESETS[args.preset or "quick"]
+    modes = [m.strip() for m in args.modes.split(",") if m.strip()]
+    bad = [m for m in modes if m not in MODES]
+    if bad or not modes:
+        raise ValueError(f"unknown mode(s) {', '.join(bad) or '(none)'}: choose from {', '.join(MODES)}")
+    workloads = [parse_workload(w) for w in args.workload] if args.workload else list(preset.workloads)
+    for w in workloads:
+        if w.bs < 512 or w.bs % 512 or w.bs > 1 << 20 or not 1 <= w.queues <= 4 or w.qd < 1:
+            raise ValueError(f"workload {w.label}: block size 512 B..1 MiB (multiple of 512), 1-4 queues, qd >= 1")
+    duration = args.duration if args.duration is not None else (None if args.requests else preset.duration)
+    return Config(
+        preset=preset.name if not args.workload else f"{preset.name}+custom",
+        modes=modes, backends=list(dict.fromkeys(args.backends or preset.backends)), workloads=workloads,
+        duration=duration, requests=args.requests, reps=args.reps or preset.reps, out=args.out,
+        workdir=args.workdir, keep=args.keep, queue_size=args.queue_size, event_idx=not args.no_event_idx,
+        busy_poll_us=args.loadgen_busy_poll_us, loadgen_threads=args.loadgen_threads,
+        proxy_args=shlex.split(args.proxy_args), file_size=parse_size(args.file_size),
+        pin=args.pin, setup_timeout=args.timeout, stall_timeout=args.timeout, memcpy=not args.no_memcpy,
+        plots=not args.no_plots,
+        command=getattr(args, "command_line", None) or "fastshadow bench " + " ".join(
+            shlex.quote(a) for a in sys.argv[2:]))
+
+
+def run(args) -> int:
+    from . import report as rp
+    try:
+        cfg = config_from_args(args)
+    except ValueError as e:
+        print(f"fastshadow bench: {e}", file=sys.stderr)
+        return 2
+    from .runner import run_bench
+    runs = len(cfg.backends) * cfg.reps * len(cfg.workloads) * len(cfg.modes)
+    what = f"{cfg.duration:g} s each" if cfg.duration else f"{cfg.requests} requests each"
+    print(f"fastshadow bench: {cfg.preset} preset, {runs} runs ({what}), modes {', '.join(cfg.modes)}, "
+          f"backends {', '.join(cfg.backends)}", flush=True)
+    try:
+        results = run_bench(cfg, log=lambda s: print(s, flush=True))
+    except KeyboardInterrupt:
+        print("fastshadow bench: interrupted", file=sys.stderr)
+        return 130
+    print()
+    print(rp.table(results))
+    print()
+    print(f"wrote {cfg.out / 'results.json'}" + "".join(f", {cfg.out / p}" for p in results.plots)
+          + f" ({results.wall_s:.0f} s)")
+    return 0 if results.runs else 1
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m bench.cli", description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_arguments(ap)
+    args = ap.parse_args(argv)
+    args.command_line = "python -m bench.cli " + " ".join(shlex.quote(a) for a in (argv or sys.argv[1:]))
+    return run(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

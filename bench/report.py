@@ -1,0 +1,488 @@
+"""Benchmark results: the JSON schema (msgspec Structs), the summary and ratio
+computations, the printed table, and the PNG plots (matplotlib, Agg backend).
+
+Everything the plots and the table show is in results.json, so they can be
+made again from it alone::
+
+    python -m bench.report out/bench/results.json            # print the table
+    python -m bench.report out/bench/results.json --plots    # and rewrite the PNGs next to it
+"""
+
+from __future__ import annotations
+
+import math
+import statistics
+import sys
+from pathlib import Path
+from typing import Callable, Iterable
+
+import msgspec
+
+from . import MODES
+
+SCHEMA_VERSION = 1
+#: Quantile levels of the stored latency CDFs (dense in the tail).
+CDF_LEVELS = ([i / 200 for i in range(200)] + [0.995, 0.9975, 0.999, 0.9995, 0.9999, 1.0])
+
+
+# ---- schema -------------------------------------------------------------------------------------
+class Workload(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    rw: str          # "randread", "read" (sequential), "randwrite", "write"
+    bs: int          # bytes per request
+    qd: int          # requests in flight per queue
+    queues: int = 1
+
+    @property
+    def is_read(self) -> bool:
+        return self.rw.endswith("read")
+
+    @property
+    def is_random(self) -> bool:
+        return self.rw.startswith("rand")
+
+    @property
+    def label(self) -> str:
+        q = f" q{self.queues}" if self.queues != 1 else ""
+        return f"{size_label(self.bs)} {self.rw} qd{self.qd}{q}"
+
+
+class Machine(msgspec.Struct):
+    hostname: str
+    nproc: int
+    kernel: str
+    cpu_model: str
+    mem_total_bytes: int
+    python: str
+    qemu_storage_daemon: str
+    fastshadow: str
+
+
+class Memcpy(msgspec.Struct):
+    """Single-core memcpy bandwidth (GB/s = 10^9 bytes/s), median of the timed copies."""
+    cold_gb_per_s: float
+    cold_bytes: int        # each buffer; larger than the caches
+    hot_gb_per_s: float
+    hot_bytes: int         # each buffer; stays in cache
+    iterations_cold: int
+    iterations_hot: int
+
+
+class Cpu(msgspec.Struct):
+    """CPU seconds (user + system) each process spent during the run."""
+    loadgen: float             # this process (the driver threads + Python), getrusage
+    backend: float             # qemu-storage-daemon, /proc/PID/stat
+    proxy: float | None = None  # fastshadow proxy, /proc/PID/stat; None in direct mode
+    #: Busy CPU seconds of the whole machine (/proc/stat) minus the three above: anything else
+    #: that ran meanwhile (other people's work, kernel threads). Large values mean a noisy run.
+    other: float = 0.0
+    #: Time the hypervisor ran something else on our vCPUs (/proc/stat steal), all CPUs.
+    steal: float = 0.0
+
+    @property
+    def total(self) -> float:
+        return self.loadgen + self.backend + (self.proxy or 0.0)
+
+
+class Run(msgspec.Struct):
+    index: int
+    rep: int
+    mode: str
+    backend: str
+    workload: Workload
+    requests: int
+    duration_s: float          # first submit to last completion
+    iops: float
+    mb_per_s: float            # 10^6 bytes/s
+    lat_p50_ns: int
+    lat_p99_ns: int
+    lat_p999_ns: int
+    lat_mean_ns: int
+    lat_min_ns: int
+    lat_max_ns: int
+    cpu_s: Cpu
+    cpu_us_per_request: float  # all three processes' CPU / requests
+    kicks: int                 # kick eventfd writes by the driver
+    sleeps: int                # times the driver slept waiting for a call
+    wakeups: int               # call eventfd reads that returned a count
+
+
+class Skip(msgspec.Struct):
+    """A mode skipped on a backend (workload None), or one failed run (workload set)."""
+    backend: str
+    mode: str
+    reason: str
+    workload: Workload | None = None  # None: the whole mode was skipped on this backend
+
+
+class Summary(msgspec.Struct):
+    """Median over the repetitions of one (backend, workload, mode)."""
+    backend: str
+    workload: Workload
+    mode: str
+    reps: int
+    iops: float
+    mb_per_s: float
+    lat_p50_ns: int
+    lat_p99_ns: int
+    lat_p999_ns: int
+    cpu_loadgen_s: float
+    cpu_backend_s: float
+    cpu_proxy_s: float | None
+    cpu_us_per_request: float
+    cpu_other_s: float = 0.0   # median of the runs' Cpu.other: how busy the rest of the machine was
+
+
+class Ratio(msgspec.Struct):
+    """mode / baseline of the medians (iops and mb_per_s > 1: faster; latency and CPU > 1: costlier)."""
+    backend: str
+    workload: Workload
+    mode: str
+    baseline: str
+    iops: float
+    mb_per_s: float
+    lat_p50: float
+    lat_p99: float
+    lat_p999: float
+    cpu_per_request: float
+
+
+class Cdf(msgspec.Struct):
+    """Latency quantiles of every request of a QD1 workload, all repetitions pooled:
+    latency_ns[i] is the quantile at Results.cdf_levels[i]."""
+    backend: str
+    workload: Workload
+    mode: str
+    samples: int
+    latency_ns: list[int]
+
+
+class Settings(msgspec.Struct):
+    preset: str
+    modes: list[str]
+    backends: list[str]
+    duration_s: float | None
+    requests: int | None
+    reps: int
+    queue_size: int
+    event_idx: bool
+    busy_poll_us: int
+    loadgen_threads: str
+    proxy_args: list[str]
+    file_size: int
+    null_size: int
+    pin: str                   # "split": loadgen on CPU 0, backend and proxy on the others; "split-free-proxy"
+                               # (the proxy on any CPU); "none" (the scheduler decides)
+    workloads: list[Workload]
+
+
+class Results(msgspec.Struct):
+    schema: int
+    created: str
+    command: str
+    settings: Settings
+    machine: Machine
+    memcpy: Memcpy
+    runs: list[Run]
+    skipped: list[Skip]
+    summary: list[Summary]
+    ratios: list[Ratio]
+    cdf_levels: list[float]
+    cdfs: list[Cdf]
+    wall_s: float
+    plots: list[str] = []
+
+
+# ---- helpers ------------------------------------------------------------------------------------
+def size_label(n: int) -> str:
+    for unit, div in (("m", 1 << 20), ("k", 1 << 10)):
+        if n >= div and n % div == 0:
+            return f"{n // div}{unit}"
+    return str(n)
+
+
+def parse_size(text: str) -> int:
+    t = text.strip().lower().rstrip("b").rstrip("i")
+    mult = {"k": 1 << 10, "m": 1 << 20, "g": 1 << 30}.get(t[-1:], 1)
+    return int(t[:-1] if t[-1:] in "kmg" else t) * mult
+
+
+def _median(xs: Iterable[float]) -> float:
+    xs = list(xs)
+    return statistics.median(xs) if xs else math.nan
+
+
+def summarize(runs: list[Run]) -> list[Summary]:
+    groups: dict[tuple, list[Run]] = {}
+    for r in runs:
+        groups.setdefault((r.backend, r.workload, r.mode), []).append(r)
+    out = []
+    for (backend, wl, mode), rs in groups.items():
+        proxy = [r.cpu_s.proxy for r in rs if r.cpu_s.proxy is not None]
+        out.append(Summary(
+            backend=backend, workload=wl, mode=mode, reps=len(rs),
+            iops=round(_median(r.iops for r in rs), 1), mb_per_s=round(_median(r.mb_per_s for r in rs), 2),
+            lat_p50_ns=int(_median(r.lat_p50_ns for r in rs)), lat_p99_ns=int(_median(r.lat_p99_ns for r in rs)),
+            lat_p999_ns=int(_median(r.lat_p999_ns for r in rs)),
+            cpu_loadgen_s=round(_median(r.cpu_s.loadgen for r in rs), 4),
+            cpu_backend_s=round(_median(r.cpu_s.backend for r in rs), 4),
+            cpu_proxy_s=round(_median(proxy), 4) if proxy else None,
+            cpu_us_per_request=round(_median(r.cpu_us_per_request for r in rs), 3),
+            cpu_other_s=round(_median(r.cpu_s.other for r in rs), 3)))
+    return out
+
+
+def ratios(summary: list[Summary], baseline: str = "direct") -> list[Ratio]:
+    base = {(s.backend, s.workload): s for s in summary if s.mode == baseline}
+    out = []
+
+    def div(a: float, b: float) -> float:
+        return round(a / b, 4) if b else math.nan
+
+    for s in summary:
+        b = base.get((s.backend, s.workload))
+        if s.mode == baseline or b is None:
+            continue
+        out.append(Ratio(backend=s.backend, workload=s.workload, mode=s.mode, baseline=baseline,
+                         iops=div(s.iops, b.iops), mb_per_s=div(s.mb_per_s, b.mb_per_s),
+                         lat_p50=div(s.lat_p50_ns, b.lat_p50_ns), lat_p99=div(s.lat_p99_ns, b.lat_p99_ns),
+                         lat_p999=div(s.lat_p999_ns, b.lat_p999_ns),
+                         cpu_per_request=div(s.cpu_us_per_request, b.cpu_us_per_request)))
+    return out
+
+
+def _mode_order(mode: str) -> int:
+    return MODES.index(mode) if mode in MODES else len(MODES)
+
+
+def _workload_order(wl: Workload) -> tuple:
+    return (not wl.is_read, wl.qd != 1, wl.queues, wl.bs, wl.qd, wl.rw)
+
+
+# ---- JSON ---------------------------------------------------------------------------------------
+def write_json(results: Results, path: Path) -> None:
+    data = msgspec.json.format(msgspec.json.encode(results), indent=1)
+    tmp = Path(path).with_suffix(".json.tmp")
+    tmp.write_bytes(data + b"\n")
+    tmp.replace(path)
+
+
+def read_json(path: Path) -> Results:
+    return msgspec.json.decode(Path(path).read_bytes(), type=Results)
+
+
+# ---- table --------------------------------------------------------------------------------------
+def _us(ns: float) -> str:
+    return f"{ns / 1000:.1f}"
+
+
+def _ratio(x: float | None) -> str:
+    return "" if x is None or math.isnan(x) else f"{x:.2f}"
+
+
+def table(results: Results) -> str:
+    """The table people read: medians per backend, workload and mode, with ratios to direct."""
+    lines = []
+    m = results.memcpy
+    mach = results.machine
+    lines.append(f"machine: {mach.cpu_model}, {mach.nproc} CPUs, kernel {mach.kernel}")
+    if m.cold_bytes:
+        lines.append(f"memcpy, one core: {m.cold_gb_per_s:.1f} GB/s cold ({size_label(m.cold_bytes)} buffers), "
+                     f"{m.hot_gb_per_s:.1f} GB/s hot ({size_label(m.hot_bytes)})")
+    s = results.settings
+    what = f"{s.duration_s:g} s" if s.duration_s else f"{s.requests} requests"
+    lines.append(f"{s.preset} preset, {what} per run, {s.reps} rep{'s' if s.reps != 1 else ''}, pinning {s.pin}, "
+                 f"event idx {'on' if s.event_idx else 'off'}"
+                 + (f", proxy args {' '.join(s.proxy_args)}" if s.proxy_args else ""))
+    rat = {(r.backend, r.workload, r.mode): r for r in results.ratios}
+    hdr = (f"{'workload':<22} {'mode':<13} {'kIOPS':>8} {'MB/s':>8} {'p50 us':>8} {'p99 us':>8} "
+           f"{'p99.9 us':>9} {'CPU s lg/px/be':>16} {'CPU us/IO':>9} {'IOPS x':>7} {'p99 x':>6} {'CPU/IO x':>8}")
+    backends = sorted({s.backend for s in results.summary}, key=lambda b: (b != "null", b))
+    for backend in backends:
+        rows = [s for s in results.summary if s.backend == backend]
+        reps = max((s.reps for s in rows), default=0)
+        lines.append("")
+        lines.append(f"backend {backend} (median of {reps} rep{'s' if reps != 1 else ''}; "
+                     f"x = ratio to direct; CPU s: loadgen/proxy/backend)")
+        lines.append(hdr)
+        lines.append("-" * len(hdr))
+        for wl in sorted({s.workload for s in rows}, key=_workload_order):
+            first = True
+            for s in sorted((s for s in rows if s.workload == wl), key=lambda s: _mode_order(s.mode)):
+                r = rat.get((backend, wl, s.mode))
+                px = "-" if s.cpu_proxy_s is None else f"{s.cpu_proxy_s:.2f}"
+                cpu = f"{s.cpu_loadgen_s:.2f}/{px}/{s.cpu_backend_s:.2f}"
+                lines.append(
+                    f"{wl.label if first else '':<22} {s.mode:<13} {s.iops / 1000:>8.1f} {s.mb_per_s:>8.1f} "
+                    f"{_us(s.lat_p50_ns):>8} {_us(s.lat_p99_ns):>8} {_us(s.lat_p999_ns):>9} {cpu:>16} "
+                    f"{s.cpu_us_per_request:>9.2f} {_ratio(r.iops if r else None):>7} "
+                    f"{_ratio(r.lat_p99 if r else None):>6} {_ratio(r.cpu_per_request if r else None):>8}")
+                first = False
+    noisy = [r for r in results.runs if r.cpu_s.other > 0.1 * r.duration_s or r.cpu_s.steal > 0.05 * r.duration_s]
+    if noisy:
+        lines.append("")
+        lines.append(f"warning: {len(noisy)} of {len(results.runs)} runs shared the machine with other work "
+                     f"(other busy CPU > 10 % of a CPU, or steal > 5 %): their numbers are noisier")
+    if results.skipped:
+        lines.append("")
+        for sk in results.skipped:
+            if sk.workload is None:
+                lines.append(f"skipped: {sk.mode} on {sk.backend}: {sk.reason}")
+            else:
+                lines.append(f"failed run: {sk.mode} on {sk.backend}, {sk.workload.label}: {sk.reason}")
+    return "\n".join(lines)
+
+
+def markdown_table(results: Results) -> str:
+    """The same medians as a Markdown table (for RESULTS.md)."""
+    rat = {(r.backend, r.workload, r.mode): r for r in results.ratios}
+    out = []
+    backends = sorted({s.backend for s in results.summary}, key=lambda b: (b != "null", b))
+    for backend in backends:
+        rows = [s for s in results.summary if s.backend == backend]
+        out.append(f"\n#### backend `{backend}`\n")
+        out.append("| workload | mode | kIOPS | MB/s | p50 µs | p99 µs | p99.9 µs | CPU s loadgen/proxy/backend "
+                   "| CPU µs/IO | IOPS × | p99 × | CPU/IO × |")
+        out.append("|---|---|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|")
+        for wl in sorted({s.workload for s in rows}, key=_workload_order):
+            for s in sorted((s for s in rows if s.workload == wl), key=lambda s: _mode_order(s.mode)):
+                r = rat.get((backend, wl, s.mode))
+                px = "–" if s.cpu_proxy_s is None else f"{s.cpu_proxy_s:.2f}"
+                out.append(
+                    f"| {wl.label} | {s.mode} | {s.iops / 1000:.1f} | {s.mb_per_s:.1f} | {_us(s.lat_p50_ns)} | "
+                    f"{_us(s.lat_p99_ns)} | {_us(s.lat_p999_ns)} | {s.cpu_loadgen_s:.2f} / {px} / "
+                    f"{s.cpu_backend_s:.2f} | {s.cpu_us_per_request:.2f} | {_ratio(r.iops if r else None)} | "
+                    f"{_ratio(r.lat_p99 if r else None)} | {_ratio(r.cpu_per_request if r else None)} |")
+    return "\n".join(out)
+
+
+# ---- plots --------------------------------------------------------------------------------------
+MODE_COLORS = {"direct": "#4c72b0", "proxy-direct": "#55a868", "isolated": "#c44e52"}
+
+
+def _panel_key(wl: Workload) -> tuple:
+    return ("read" if wl.is_read else "write", "QD1" if wl.qd == 1 else "QD>1", wl.queues)
+
+
+def plot_throughput(results: Results, backend: str, path: Path) -> Path | None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    runs = [r for r in results.runs if r.backend == backend]
+    if not runs:
+        return None
+    modes = sorted({r.mode for r in runs}, key=_mode_order)
+    panels: dict[tuple, list[Workload]] = {}
+    for wl in sorted({r.workload for r in runs}, key=_workload_order):
+        panels.setdefault(_panel_key(wl), []).append(wl)
+    keys = sorted(panels, key=lambda k: (k[0] != "read", k[1] != "QD1", k[2]))
+    ncols = min(3, len(keys))
+    nrows = math.ceil(len(keys) / ncols)
+    fig, axes = plt.subplots(nrows, ncols, figsize=(5.2 * ncols, 3.8 * nrows), squeeze=False)
+    width = 0.8 / max(1, len(modes))
+    for ax, key in zip(axes.flat, keys):
+        wls = panels[key]
+        for mi, mode in enumerate(modes):
+            med, lo, hi = [], [], []
+            for wl in wls:
+                vals = [r.mb_per_s for r in runs if r.workload == wl and r.mode == mode]
+                m = _median(vals) if vals else 0.0
+                med.append(m)
+                lo.append(m - min(vals) if vals else 0)
+                hi.append(max(vals) - m if vals else 0)
+            xs = [i + (mi - (len(modes) - 1) / 2) * width for i in range(len(wls))]
+            ax.bar(xs, med, width, yerr=[lo, hi], capsize=2, label=mode, color=MODE_COLORS.get(mode))
+        ax.set_xticks(range(len(wls)))
+        ax.set_xticklabels([f"{size_label(w.bs)}\n{'rand' if w.is_random else 'seq'} qd{w.qd}" for w in wls],
+                           fontsize=8)
+        ax.set_yscale("log")
+        ax.set_ylabel("MB/s (median, min-max bars)")
+        rw, qd, nq = key
+        ax.set_title(f"{rw}, {qd}, {nq} queue{'s' if nq > 1 else ''}", fontsize=10)
+        ax.grid(axis="y", alpha=0.3, which="both")
+    for ax in list(axes.flat)[len(keys):]:
+        ax.axis("off")
+    axes.flat[0].legend(fontsize=8)
+    fig.suptitle(f"Throughput per mode and block size, backend {backend}")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def cdf_workload(results: Results, backend: str) -> Workload | None:
+    """The QD1 4 KiB workload of a backend (random read preferred), else the smallest QD1 one."""
+    wls = {c.workload for c in results.cdfs if c.backend == backend}
+    if not wls:
+        return None
+    return sorted(wls, key=lambda w: (w.bs != 4096, not w.is_read, not w.is_random, w.queues, w.bs))[0]
+
+
+def plot_cdf(results: Results, backend: str, path: Path) -> Path | None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    wl = cdf_workload(results, backend)
+    if wl is None:
+        return None
+    cdfs = sorted((c for c in results.cdfs if c.backend == backend and c.workload == wl),
+                  key=lambda c: _mode_order(c.mode))
+    fig, (a1, a2) = plt.subplots(1, 2, figsize=(11, 4))
+    for c in cdfs:
+        us = [x / 1000 for x in c.latency_ns]
+        color = MODE_COLORS.get(c.mode)
+        a1.plot(us, results.cdf_levels, label=f"{c.mode} ({c.samples} req)", color=color)
+        tail = [(x, 1 - lv) for x, lv in zip(us, results.cdf_levels) if lv < 1]
+        a2.plot([t[0] for t in tail], [t[1] for t in tail], label=c.mode, color=color)
+    a1.set_xscale("log")
+    a1.set_xlabel("latency (µs)")
+    a1.set_ylabel("fraction of requests")
+    a1.set_title("CDF")
+    a1.grid(alpha=0.3, which="both")
+    a1.legend(fontsize=8)
+    a2.set_xscale("log")
+    a2.set_yscale("log")
+    a2.set_xlabel("latency (µs)")
+    a2.set_ylabel("fraction slower (1 - CDF)")
+    a2.set_title("tail")
+    a2.grid(alpha=0.3, which="both")
+    fig.suptitle(f"Latency, {wl.label}, backend {backend}")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def write_plots(results: Results, out_dir: Path, log: Callable[[str], None] = print) -> list[str]:
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError:
+        log("no plots: matplotlib is not installed (pip install 'fastshadow[plot]')")
+        return []
+    written = []
+    for backend in sorted({r.backend for r in results.runs}):
+        for fn, name in ((plot_throughput, f"throughput-{backend}.png"), (plot_cdf, f"latency-cdf-{backend}.png")):
+            p = fn(results, backend, Path(out_dir) / name)
+            if p is not None:
+                written.append(name)
+    return written
+
+
+def main(argv: list[str] | None = None) -> int:
+    import argparse
+    ap = argparse.ArgumentParser(prog="python -m bench.report", description="print (and re-plot) a results.json")
+    ap.add_argument("results", type=Path)
+    ap.add_argument("--plots", action="store_true", help="rewrite the PNGs next to results.json")
+    ap.add_argument("--markdown", action="store_true", help="print the Markdown table instead")
+    args = ap.parse_args(argv)
+    res = read_json(args.results)
+    print(markdown_table(res) if args.markdown else table(res))
+    if args.plots:
+        for name in write_plots(res, args.results.parent):
+            print(f"wrote {args.results.parent / name}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
