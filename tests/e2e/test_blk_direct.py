@@ -52,10 +52,12 @@ def test_guest_through_direct_proxy(guest_image, workdir, start_qsd, start_proxy
     assert "session.refused" not in log and "session.failed" not in log
 
 
-def test_backend_killed_under_connected_qemu(guest_image, workdir, start_qsd, start_proxy):
+@pytest.mark.parametrize("mode", ["direct", "isolated"])
+def test_backend_killed_under_connected_qemu(mode, guest_image, workdir, start_qsd, start_proxy):
     qsd_sock = str(workdir / "qsd.sock")
     qsd = start_qsd(qsd_sock, disk=workdir / "disk.img", num_queues=1)
-    proxy = start_proxy(["--listen", str(workdir / "fs.sock"), "--backend", qsd_sock, "--backend-timeout", "1"],
+    proxy = start_proxy(["--listen", str(workdir / "fs.sock"), "--backend", qsd_sock, "--backend-timeout", "1",
+                         "--mode", mode],
                         [str(workdir / "fs.sock")])
     # A guest that stays up (no checker, no power-off) with QEMU reconnecting.
     cmdline = {"fastshadow.cmd": "sleep 600"}
@@ -74,3 +76,6 @@ def test_backend_killed_under_connected_qemu(guest_image, workdir, start_qsd, st
         proxy.wait_log("session.start dev=dev0", count=2, timeout=60)
         assert vm.returncode is None
     assert proxy.alive()
+    if mode == "isolated":
+        # The first session's shadow memory was freed before the second one made its own.
+        assert proxy.log().count("shadow.freed dev=dev0") >= 1
