@@ -13,6 +13,8 @@ from pathlib import Path
 
 import pytest
 
+from fastshadow.guest._children import die_with_parent
+
 
 def need_binary(name: str) -> str:
     path = shutil.which(name)
@@ -38,7 +40,7 @@ class ProxyProcess:
         self.log_path = workdir / f"{name}.log"
         self._log = open(self.log_path, "wb")
         self.proc = subprocess.Popen([sys.executable, "-m", "fastshadow.cli", "proxy", *args],
-                                     stdout=self._log, stderr=subprocess.STDOUT)
+                                     stdout=self._log, stderr=subprocess.STDOUT, preexec_fn=die_with_parent)
         for s in sockets:
             wait_path(s, 15, self.proc)
 

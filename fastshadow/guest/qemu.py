@@ -18,6 +18,8 @@ reboot loop, the reader watches for the panic text and kills QEMU at once.
 
 from __future__ import annotations
 
+from ._children import die_with_parent
+
 import codecs
 import os
 import re
@@ -181,7 +183,7 @@ class GuestVM:
             # Own session: kill() takes down QEMU and anything it spawned, nothing else.
             self._proc = subprocess.Popen(self.command, stdin=subprocess.DEVNULL,
                                           stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                                          start_new_session=True)
+                                          start_new_session=True, preexec_fn=die_with_parent)
         except OSError as e:
             if self._log is not None:
                 self._log.close()

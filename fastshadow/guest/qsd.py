@@ -12,6 +12,8 @@ not exist) with ``cache.direct=on,aio=io_uring``, as the data checks want;
 
 from __future__ import annotations
 
+from ._children import die_with_parent
+
 import os
 import re
 import shutil
@@ -132,7 +134,7 @@ class StorageDaemon:
             self._log = open(self.log_path, "w", encoding="utf-8", errors="replace")
             self._log.write("# " + " ".join(argv) + "\n")
         self._proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
-                                      stderr=subprocess.STDOUT, start_new_session=True)
+                                      stderr=subprocess.STDOUT, start_new_session=True, preexec_fn=die_with_parent)
         self._reader = threading.Thread(target=self._read, daemon=True,
                                         name=f"qsd-output-{self._proc.pid}")
         self._reader.start()
