@@ -19,7 +19,7 @@ from pathlib import Path
 EXAMPLES = """\
 examples:
   fastshadow bench                          # the quick preset (< 60 s): null backend, all modes
-  fastshadow bench --full --out out/full    # the full preset (~15 min): null and file, 3 reps
+  fastshadow bench --full --out out/full    # the full preset (~10 min): null and file, 3 reps
   fastshadow bench --modes direct,proxy-direct --backend file --duration 5
   fastshadow bench --quick --proxy-args="--busy-poll-us 50"   # tune the proxy under test
 
@@ -49,7 +49,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                         help="quick preset (default): null backend, 4 workloads, 2 s each, 1 rep; under 60 s")
     preset.add_argument("--full", dest="preset", action="store_const", const="full",
                         help="full preset: null and file backends, 512 B-1 MiB, QD1/QD32/QD8, read and write, "
-                             "1 and 2 queues, 3 reps; about 15 min")
+                             "1 and 2 queues, 3 reps; about 10 min")
     p.add_argument("--modes", default=",".join(MODES), metavar="LIST",
                    help=f"comma-separated modes to compare (default {','.join(MODES)})")
     p.add_argument("--backend", action="append", choices=BACKENDS, dest="backends",
@@ -135,11 +135,22 @@ def run(args) -> int:
     what = f"{cfg.duration:g} s each" if cfg.duration else f"{cfg.requests} requests each"
     print(f"fastshadow bench: {cfg.preset} preset, {runs} runs ({what}), modes {', '.join(cfg.modes)}, "
           f"backends {', '.join(cfg.backends)}", flush=True)
+    # SIGTERM like Ctrl-C: the run drains, sessions close, qsd and the proxies are stopped.
+    import signal
+    import threading
+    old = None
+    if threading.current_thread() is threading.main_thread():
+        def _term(signum, frame):
+            raise KeyboardInterrupt
+        old = signal.signal(signal.SIGTERM, _term)
     try:
         results = run_bench(cfg, log=lambda s: print(s, flush=True))
     except KeyboardInterrupt:
         print("fastshadow bench: interrupted", file=sys.stderr)
         return 130
+    finally:
+        if old is not None:
+            signal.signal(signal.SIGTERM, old)
     print()
     print(rp.table(results))
     print()

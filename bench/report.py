@@ -74,9 +74,10 @@ class Cpu(msgspec.Struct):
     proxy: float | None = None  # fastshadow proxy, /proc/PID/stat; None in direct mode
     #: Busy CPU seconds of the whole machine (/proc/stat) minus the three above: anything else
     #: that ran meanwhile (other people's work, kernel threads). Large values mean a noisy run.
-    other: float = 0.0
+    #: None: not measured.
+    other: float | None = None
     #: Time the hypervisor ran something else on our vCPUs (/proc/stat steal), all CPUs.
-    steal: float = 0.0
+    steal: float | None = None
 
     @property
     def total(self) -> float:
@@ -129,7 +130,7 @@ class Summary(msgspec.Struct):
     cpu_backend_s: float
     cpu_proxy_s: float | None
     cpu_us_per_request: float
-    cpu_other_s: float = 0.0   # median of the runs' Cpu.other: how busy the rest of the machine was
+    cpu_other_s: float | None = None  # median of the runs' Cpu.other: how busy the rest of the machine was
 
 
 class Ratio(msgspec.Struct):
@@ -227,7 +228,8 @@ def summarize(runs: list[Run]) -> list[Summary]:
             cpu_backend_s=round(_median(r.cpu_s.backend for r in rs), 4),
             cpu_proxy_s=round(_median(proxy), 4) if proxy else None,
             cpu_us_per_request=round(_median(r.cpu_us_per_request for r in rs), 3),
-            cpu_other_s=round(_median(r.cpu_s.other for r in rs), 3)))
+            cpu_other_s=round(_median(r.cpu_s.other for r in rs if r.cpu_s.other is not None), 3)
+            if any(r.cpu_s.other is not None for r in rs) else None))
     return out
 
 
@@ -268,6 +270,36 @@ def write_json(results: Results, path: Path) -> None:
 
 def read_json(path: Path) -> Results:
     return msgspec.json.decode(Path(path).read_bytes(), type=Results)
+
+
+# ---- geometric means of the ratios ----------------------------------------------------------------
+class Overall(msgspec.Struct):
+    backend: str
+    mode: str
+    workloads: int
+    iops: float            # geometric means of the per-workload ratios to direct
+    lat_p50: float
+    lat_p99: float
+    cpu_per_request: float
+    iops_min: float
+    iops_max: float
+
+
+def overall(results: Results) -> list[Overall]:
+    out = []
+
+    def gmean(xs: list[float]) -> float:
+        xs = [x for x in xs if x > 0 and not math.isnan(x)]
+        return round(math.exp(sum(math.log(x) for x in xs) / len(xs)), 3) if xs else math.nan
+
+    keys = sorted({(r.backend, r.mode) for r in results.ratios}, key=lambda k: (k[0] != "null", k[0],
+                                                                                 _mode_order(k[1])))
+    for backend, mode in keys:
+        rs = [r for r in results.ratios if r.backend == backend and r.mode == mode]
+        out.append(Overall(backend, mode, len(rs), gmean([r.iops for r in rs]), gmean([r.lat_p50 for r in rs]),
+                           gmean([r.lat_p99 for r in rs]), gmean([r.cpu_per_request for r in rs]),
+                           min(r.iops for r in rs), max(r.iops for r in rs)))
+    return out
 
 
 # ---- table --------------------------------------------------------------------------------------
@@ -317,7 +349,16 @@ def table(results: Results) -> str:
                     f"{s.cpu_us_per_request:>9.2f} {_ratio(r.iops if r else None):>7} "
                     f"{_ratio(r.lat_p99 if r else None):>6} {_ratio(r.cpu_per_request if r else None):>8}")
                 first = False
-    noisy = [r for r in results.runs if r.cpu_s.other > 0.1 * r.duration_s or r.cpu_s.steal > 0.05 * r.duration_s]
+    ov = overall(results)
+    if ov:
+        lines.append("")
+        lines.append("geometric mean over the workloads of the ratios to direct:")
+        for o in ov:
+            lines.append(f"  {o.backend:<5} {o.mode:<13} IOPS x {o.iops:.2f} (range {o.iops_min:.2f}-{o.iops_max:.2f}), "
+                         f"p50 x {o.lat_p50:.2f}, p99 x {o.lat_p99:.2f}, CPU/IO x {o.cpu_per_request:.2f} "
+                         f"({o.workloads} workloads)")
+    noisy = [r for r in results.runs if (r.cpu_s.other or 0) > 0.1 * r.duration_s
+             or (r.cpu_s.steal or 0) > 0.05 * r.duration_s]
     if noisy:
         lines.append("")
         lines.append(f"warning: {len(noisy)} of {len(results.runs)} runs shared the machine with other work "
@@ -336,6 +377,14 @@ def markdown_table(results: Results) -> str:
     """The same medians as a Markdown table (for RESULTS.md)."""
     rat = {(r.backend, r.workload, r.mode): r for r in results.ratios}
     out = []
+    ov = overall(results)
+    if ov:
+        out.append("\n#### geometric means of the ratios to direct\n")
+        out.append("| backend | mode | workloads | IOPS × | p50 × | p99 × | CPU/IO × | IOPS × range |")
+        out.append("|---|---|--:|--:|--:|--:|--:|--:|")
+        for o in ov:
+            out.append(f"| {o.backend} | {o.mode} | {o.workloads} | {o.iops:.2f} | {o.lat_p50:.2f} | {o.lat_p99:.2f} | "
+                       f"{o.cpu_per_request:.2f} | {o.iops_min:.2f} – {o.iops_max:.2f} |")
     backends = sorted({s.backend for s in results.summary}, key=lambda b: (b != "null", b))
     for backend in backends:
         rows = [s for s in results.summary if s.backend == backend]

@@ -36,9 +36,10 @@ from typing import Callable
 
 import numpy as np
 
+from fastshadow.guest._children import die_with_parent
 from fastshadow.guest.qsd import StorageDaemon, StorageDaemonError
 
-from . import BACKENDS, MODES
+from . import MODES
 from . import report as rp
 from .loadgen import LoadGenError, RunResult, Session, SetupError, memcpy_bandwidth
 from .report import Workload
@@ -215,7 +216,8 @@ class ProxyProcess:
         self._log.write(("# " + " ".join(self.argv) + "\n").encode())
         self._log.flush()
         self.proc = subprocess.Popen(self.argv, stdin=subprocess.DEVNULL, stdout=self._log,
-                                     stderr=subprocess.STDOUT, start_new_session=True)
+                                     stderr=subprocess.STDOUT, start_new_session=True,
+                                     preexec_fn=die_with_parent)  # a killed bench leaves no proxy behind
 
     def wait_ready(self, timeout: float = 20.0) -> None:
         deadline = time.monotonic() + timeout
@@ -542,6 +544,9 @@ def _run_bench(cfg: Config, log, t_start, created, workdir, own_workdir, machine
                                 f"CPU {cpu.total:.2f} s{noisy}")
                 for mode, reason in tb.skipped.items():
                     skipped.append(rp.Skip(backend, mode, reason))
+            except StorageDaemonError as e:  # qsd would not (re)start: nothing more to measure here
+                log(f"backend {backend} abandoned: {e}")
+                skipped += [rp.Skip(backend, m, f"qemu-storage-daemon failed: {e}") for m in cfg.modes]
             finally:
                 tb.stop()
     finally:

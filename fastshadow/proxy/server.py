@@ -14,6 +14,7 @@ import selectors
 import signal
 import socket
 import threading
+import time
 
 from ..logs import kv
 from .config import DeviceConfig, Mode, ProxyConfig
@@ -42,16 +43,38 @@ class Device:
     def accept(self) -> None:
         sock, _ = self.listener.accept()
         sock.setblocking(True)
-        if self.busy:
-            kv(log, logging.WARNING, "qemu.refused", dev=self.cfg.name,
-               reason="a session is already active on this device; vhost-user allows one front-end")
-            sock.close()
+        prev = self.thread if self.busy else None
+        if prev is not None and self.session is None:
+            # A front-end is already waiting to take over (or for its backend).
+            self._refuse(sock)
             return
         kv(log, logging.INFO, "qemu.connected", dev=self.cfg.name, listen=self.cfg.listen)
-        self.thread = threading.Thread(target=self._serve, args=(sock,), name=f"session-{self.cfg.name}", daemon=True)
+        prev_session, self.session = self.session, None
+        self.thread = threading.Thread(target=self._serve, args=(sock, prev, prev_session),
+                                       name=f"session-{self.cfg.name}", daemon=True)
         self.thread.start()
 
-    def _serve(self, qemu_sock: socket.socket) -> None:
+    def _refuse(self, sock: socket.socket) -> None:
+        kv(log, logging.WARNING, "qemu.refused", dev=self.cfg.name,
+           reason="a session is already active on this device; vhost-user allows one front-end")
+        sock.close()
+
+    #: How long a new front-end waits for the previous session to notice its peer left.
+    TAKEOVER_GRACE = 2.0
+
+    def _serve(self, qemu_sock: socket.socket, prev: threading.Thread | None = None,
+               prev_session: Session | None = None) -> None:
+        if prev is not None:
+            # A front-end that reconnects at once may find the previous session still
+            # tearing down: wait for it, but refuse a second front-end of a live session.
+            deadline = time.monotonic() + self.TAKEOVER_GRACE
+            while prev.is_alive() and not (prev_session is not None and prev_session.closing):
+                if time.monotonic() > deadline:
+                    self.thread, self.session = prev, prev_session  # the live session stays the device's
+                    self._refuse(qemu_sock)
+                    return
+                time.sleep(0.01)
+            prev.join(30)
         try:
             backend_sock = self.backend.get()
         except EndpointError as e:

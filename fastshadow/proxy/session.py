@@ -48,6 +48,11 @@ class Session:
         self.end_reason: str | None = None
 
     # -- life cycle --------------------------------------------------------
+    @property
+    def closing(self) -> bool:
+        """The session is ending (its front-end or backend left); a new front-end may take over."""
+        return self._closing.is_set()
+
     def run(self) -> None:
         """Serve until either side goes away or misbehaves. Never raises."""
         kv(log, logging.INFO, "session.start", dev=self.name, mode=self.mode)

@@ -11,7 +11,7 @@ import msgspec
 import numpy as np
 import pytest
 
-from bench.loadgen import RunError, Session, memcpy_bandwidth
+from bench.loadgen import Session, memcpy_bandwidth
 
 QEMU_ORDER = ["GET_FEATURES", "GET_PROTOCOL_FEATURES", "SET_PROTOCOL_FEATURES", "GET_QUEUE_NUM", "SET_OWNER",
               "GET_CONFIG", "SET_FEATURES"]
@@ -142,6 +142,7 @@ def test_bench_quick_writes_valid_json_and_plots(workdir, tmp_path, capsys):
         assert any(s.mode == mode and s.reason for s in res.skipped)
     for r in res.runs:
         assert r.requests > 0 and r.cpu_s.loadgen >= 0 and (r.cpu_s.proxy is None) == (r.mode == "direct")
+        assert r.cpu_s.other is not None and r.cpu_s.steal is not None
     assert {s.mode for s in res.summary} == done
     assert {(r.mode, r.baseline) for r in res.ratios} >= {("proxy-direct", "direct")}
     assert sorted(res.plots) == ["latency-cdf-null.png", "throughput-null.png"]

@@ -252,3 +252,21 @@ def test_backend_request_channel_is_relayed(workdir, start_proxy):
     proxy.wait_log(r"dir=\"qemu->fastshadow \(channel\)\" req=CONFIG_CHANGE_MSG reply=True")
     fe.close()
     listener.close()
+
+
+def test_immediate_reconnect_is_served_and_a_second_frontend_refused(workdir, start_qsd, start_proxy):
+    start_qsd(str(workdir / "qsd.sock"), driver="null")
+    proxy = start_proxy(["--listen", str(workdir / "fs.sock"), "--backend", str(workdir / "qsd.sock")],
+                        [str(workdir / "fs.sock")])
+    for _ in range(20):  # close and reconnect at once, as QEMU's reconnect= or a benchmark does
+        assert handshake(str(workdir / "fs.sock"))["queues"] >= 1
+    fe = Frontend.connect(str(workdir / "fs.sock"))
+    fe.get_features()
+    second = socket.socket(socket.AF_UNIX)
+    second.connect(str(workdir / "fs.sock"))
+    second.settimeout(10)
+    assert second.recv(1) == b""  # refused: the first front-end is still there
+    proxy.wait_log("qemu.refused dev=dev0")
+    fe.get_features()  # and the first is unaffected
+    fe.close()
+
