@@ -84,8 +84,9 @@ def _add_proxy_parser(sub) -> None:
                    help="isolated: largest guest request accepted, in bytes (default 4 MiB)")
     p.add_argument("--bounce-per-queue", type=int, default=16 << 20, metavar="N",
                    help="isolated: bounce space per queue in the shadow region, bytes (default 16 MiB)")
-    p.add_argument("--busy-poll-us", type=int, default=0, metavar="US",
-                   help="isolated: data plane busy-polls this long before sleeping (default 0)")
+    p.add_argument("--busy-poll-us", type=int, default=30, metavar="US",
+                   help="isolated: the data plane keeps polling the rings this long after the last activity before it "
+                        "sleeps on eventfds (default 30; 0 never spins: idle proxies sleep either way)")
     p.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"],
                    help="debug logs one line per vhost-user message (default info)")
     p.add_argument("--log-format", default="text", choices=["text", "json"], help="log line format (default text)")
