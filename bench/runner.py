@@ -37,6 +37,7 @@ from typing import Callable
 import numpy as np
 
 from fastshadow.guest._children import die_with_parent
+from fastshadow.guest.daemon import is_listening
 from fastshadow.guest.qsd import StorageDaemon, StorageDaemonError
 
 from . import MODES
@@ -183,17 +184,6 @@ def _tail(path: Path, n: int = 6) -> str:
     return " | ".join(ln.strip() for ln in lines[-n:])
 
 
-def _is_listening(path: Path) -> bool:
-    want = str(path)
-    try:
-        with open("/proc/net/unix") as f:
-            next(f)
-            return any(len(fl) >= 8 and fl[7] == want and int(fl[3], 16) & 0x10000
-                       for fl in (ln.split() for ln in f))
-    except OSError:
-        return path.exists()
-
-
 class ProxyProcess:
     """``python -m fastshadow.cli proxy --listen S --backend B --mode M`` as a subprocess."""
 
@@ -221,7 +211,7 @@ class ProxyProcess:
 
     def wait_ready(self, timeout: float = 20.0) -> None:
         deadline = time.monotonic() + timeout
-        while not _is_listening(self.listen):
+        while not is_listening(self.listen):
             if self.proc.poll() is not None:
                 raise RuntimeError(f"the fastshadow proxy for {self.mode} exited with {self.proc.returncode}: "
                                    f"{_tail(self.log_path)}")

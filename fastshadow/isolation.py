@@ -53,6 +53,28 @@ def read_fds(pid: int) -> dict[int, tuple[str, int]]:
     return out
 
 
+def process_tree(pid: int) -> list[int]:
+    """`pid` and all its live descendants (from the ppid field of /proc/*/stat)."""
+    children: dict[int, list[int]] = {}
+    for name in os.listdir("/proc"):
+        if not name.isdigit():
+            continue
+        try:
+            with open(f"/proc/{name}/stat") as f:
+                stat = f.read()
+        except OSError:
+            continue
+        # comm (field 2) may hold spaces and parentheses: split after its last ')'.
+        ppid = int(stat.rsplit(")", 1)[1].split()[1])
+        children.setdefault(ppid, []).append(int(name))
+    out, todo = [], [pid]
+    while todo:
+        p = todo.pop()
+        out.append(p)
+        todo.extend(children.get(p, []))
+    return out
+
+
 def guest_ram_inodes(qemu_pid: int, min_size: int = 16 << 20) -> set[int]:
     """Inodes of QEMU's shared memfd mappings large enough to be guest RAM."""
     inodes = set()
@@ -66,6 +88,7 @@ def guest_ram_inodes(qemu_pid: int, min_size: int = 16 << 20) -> set[int]:
 class IsolationReport:
     backend_pid: int
     guest_inodes: set[int]
+    pids: list[int] = field(default_factory=list)                # the backend's process tree
     guest_maps: list[Mapping] = field(default_factory=list)      # backend mappings of guest RAM
     guest_fds: list[tuple[int, str]] = field(default_factory=list)  # backend fds of guest RAM
     shadow_maps: list[Mapping] = field(default_factory=list)     # backend mappings of shadow memfds
@@ -77,7 +100,8 @@ class IsolationReport:
         return bool(self.guest_inodes) and not self.guest_maps and not self.guest_fds and bool(self.shadow_maps)
 
     def lines(self) -> list[str]:
-        out = [f"backend pid {self.backend_pid}: guest RAM memfd inodes {sorted(self.guest_inodes)}"]
+        tree = f" (process tree {self.pids})" if len(self.pids) > 1 else ""
+        out = [f"backend pid {self.backend_pid}{tree}: guest RAM memfd inodes {sorted(self.guest_inodes)}"]
         for m in self.guest_maps:
             out.append(f"  GUEST RAM MAPPED   {m.start:#x}-{m.end:#x} {m.perms} inode {m.inode} {m.path}")
         for fd, t in self.guest_fds:
@@ -93,16 +117,22 @@ class IsolationReport:
 
 
 def check_isolation(backend_pid: int, qemu_pid: int) -> IsolationReport:
+    """What guest RAM the backend (`backend_pid` and its descendants) maps or holds."""
     inodes = guest_ram_inodes(qemu_pid)
-    rep = IsolationReport(backend_pid, inodes)
-    for m in read_maps(backend_pid):
-        if m.inode in inodes and m.path.startswith("/memfd:"):
-            rep.guest_maps.append(m)
-        elif m.path.startswith("/" + SHADOW_PREFIX):
-            rep.shadow_maps.append(m)
-    for fd, (target, ino) in read_fds(backend_pid).items():
-        if ino in inodes and target.startswith("/memfd:"):
-            rep.guest_fds.append((fd, target))
-        elif target.startswith("/" + SHADOW_PREFIX):
-            rep.shadow_fds.append((fd, target))
+    rep = IsolationReport(backend_pid, inodes, process_tree(backend_pid))
+    for pid in rep.pids:
+        try:
+            maps, fds = read_maps(pid), read_fds(pid)
+        except (FileNotFoundError, ProcessLookupError):
+            continue  # a child that exited meanwhile reaches nothing
+        for m in maps:
+            if m.inode in inodes and m.path.startswith("/memfd:"):
+                rep.guest_maps.append(m)
+            elif m.path.startswith("/" + SHADOW_PREFIX):
+                rep.shadow_maps.append(m)
+        for fd, (target, ino) in fds.items():
+            if ino in inodes and target.startswith("/memfd:"):
+                rep.guest_fds.append((fd, target))
+            elif target.startswith("/" + SHADOW_PREFIX):
+                rep.shadow_fds.append((fd, target))
     return rep

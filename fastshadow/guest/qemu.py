@@ -109,13 +109,16 @@ class GuestVM:
     """
 
     def __init__(self, image: GuestImage, *, blk_socket: str | os.PathLike[str] | None = None,
-                 blk_num_queues: int = 1, smp: int = 1, mem_mb: int = 256,
+                 blk_num_queues: int = 1, fs_socket: str | os.PathLike[str] | None = None,
+                 fs_tag: str = "myfs", smp: int = 1, mem_mb: int = 256,
                  cmdline: Mapping[str, str | None] | None = None, extra_args: Iterable[str] = (),
                  log_path: Path | str | None = None, reconnect: int | None = None,
                  machine: str = "q35", qemu: str | None = None) -> None:
         self.image = image
         self.blk_socket = str(blk_socket) if blk_socket is not None else None
         self.blk_num_queues = blk_num_queues
+        self.fs_socket = str(fs_socket) if fs_socket is not None else None
+        self.fs_tag = fs_tag
         self.smp = smp
         self.mem_mb = mem_mb
         self.cmdline: dict[str, str | None] = dict(cmdline or {})
@@ -162,12 +165,18 @@ class GuestVM:
             "-append", self.append,
         ]
         if self.blk_socket is not None:
-            chardev = f"socket,id=blk0,path={self.blk_socket}"
-            if self.reconnect is not None:
-                chardev += f",reconnect={self.reconnect}"
-            argv += ["-chardev", chardev,
+            argv += ["-chardev", self._chardev("blk0", self.blk_socket),
                      "-device", f"vhost-user-blk-pci,chardev=blk0,num-queues={self.blk_num_queues}"]
+        if self.fs_socket is not None:
+            argv += ["-chardev", self._chardev("fs0", self.fs_socket),
+                     "-device", f"vhost-user-fs-pci,chardev=fs0,tag={self.fs_tag}"]
         return argv + self.extra_args
+
+    def _chardev(self, name: str, path: str) -> str:
+        chardev = f"socket,id={name},path={path}"
+        if self.reconnect is not None:
+            chardev += f",reconnect={self.reconnect}"
+        return chardev
 
     # ------------------------------------------------------------ lifecycle
 
