@@ -218,8 +218,11 @@ struct fsdp_cmd *queue_stop_finish(struct fsdp_queue *q)
     q->started = false;
     q->stopping = false;
     q->stop_waiter = NULL;
-    if (w && w->out)
-        *(uint32_t *)w->out = q->last_avail;
+    if (w && w->out) {
+        struct fsdp_stop_result *res = w->out;
+        res->avail_idx = q->last_avail;
+        res->inflight = q->inflight;
+    }
     return w;
 }
 
@@ -678,31 +681,59 @@ int fsdp_queue_start(struct fsdp_dev *dev, uint32_t q, uint32_t flags)
     return dp_exec(dev->dp, &c);
 }
 
+static int cmd_pause(struct fsdp_dp *dp, struct fsdp_cmd *c)
+{
+    struct fsdp_queue *q = get_q(c->dev, c->q);
+
+    if (!q)
+        return -EINVAL;
+    if (!q->started)
+        return 0;
+    q->stopping = true;         /* no more intake; harvest goes on */
+    queue_process(q);
+    after_cmd(c, q);
+    return 0;
+}
+
+int fsdp_queue_pause(struct fsdp_dev *dev, uint32_t q)
+{
+    struct fsdp_cmd c = {.fn = cmd_pause, .dev = dev, .q = q};
+    return dp_exec(dev->dp, &c);
+}
+
 static int cmd_stop(struct fsdp_dp *dp, struct fsdp_cmd *c)
 {
     struct fsdp_queue *q = get_q(c->dev, c->q);
+    struct fsdp_stop_result *res = c->out;
 
     if (!q)
         return -EINVAL;
     if (q->stop_waiter)
         return -EBUSY;
     if (!q->started) {
-        *(uint32_t *)c->out = q->last_avail;
+        res->avail_idx = q->last_avail;
+        res->inflight = q->inflight;
         return q->inflight ? -ETIMEDOUT : 0;
     }
     q->stopping = true;         /* no more intake from now on */
     queue_process(q);           /* harvest what is already completed */
+    if (c->u[0] <= UINT16_MAX) {         /* the backend's next avail index */
+        queue_backend_stopped(q, (uint16_t)c->u[0], res);
+    } else if (c->u[0] != UINT64_MAX) {  /* a split ring index has 16 bits */
+        dev_event(q->dev, q->idx, FSDP_EV_BAD_STOP_INDEX, 0, c->u[0], q->s_avail_idx);
+        q->st.backend_errors++;
+    }
     after_cmd(c, q);
-    if (q->inflight && c->deferrable) {
-        /* Completed by the loop when inflight reaches 0 (dp_after_pass),
-         * or by cmd_stop_cancel when the caller's timeout expires. */
-        q->stop_waiter = c;
+    q->stop_waiter = c;         /* so that queue_stop_finish fills c->out */
+    if (queue_draining(q) && c->deferrable) {
+        /* Completed by the loop when nothing taken is left in flight
+         * (process_all), or by cmd_stop_cancel when the caller's timeout
+         * expires. */
         c->deferred = true;
         return 0;
     }
-    q->stop_waiter = c;        /* so that queue_stop_finish fills c->out */
     queue_stop_finish(q);
-    return q->inflight ? -ETIMEDOUT : 0;
+    return queue_draining(q) ? -ETIMEDOUT : 0;
 }
 
 static int cmd_stop_cancel(struct fsdp_dp *dp, struct fsdp_cmd *c)
@@ -717,14 +748,16 @@ static int cmd_stop_cancel(struct fsdp_dp *dp, struct fsdp_cmd *c)
     return 0;
 }
 
-int fsdp_queue_stop(struct fsdp_dev *dev, uint32_t q, uint32_t timeout_ms, uint32_t *avail_idx)
+int fsdp_queue_stop(struct fsdp_dev *dev, uint32_t q, uint32_t timeout_ms,
+                    int64_t backend_next_avail, struct fsdp_stop_result *out)
 {
-    uint32_t idx = 0;
-    struct fsdp_cmd c = {.fn = cmd_stop, .dev = dev, .q = q, .out = &idx};
+    struct fsdp_stop_result res = {0};
+    struct fsdp_cmd c = {.fn = cmd_stop, .dev = dev, .q = q, .out = &res,
+                         .u = {backend_next_avail < 0 ? UINT64_MAX : (uint64_t)backend_next_avail}};
     int rc = dp_exec_timed(dev->dp, &c, (int64_t)timeout_ms, cmd_stop_cancel);
 
-    if (avail_idx)
-        *avail_idx = idx;
+    if (out)
+        *out = res;
     return rc;
 }
 

@@ -136,6 +136,8 @@ static const struct code_desc codes[] = {
      "backend used len larger than the writable bytes: request failed toward the guest"},
     {FSDP_EV_USED_IDX_JUMP, "USED_IDX_JUMP",
      "backend used idx ahead of the requests in flight: shadow ring abandoned"},
+    {FSDP_EV_BAD_STOP_INDEX, "BAD_STOP_INDEX",
+     "backend's GET_VRING_BASE index contradicts the shadow ring: every request treated as taken"},
     {FSDP_EV_COPYBACK_UNMAPPED, "COPYBACK_UNMAPPED",
      "writable buffer of a request in flight no longer mapped: request failed toward the guest"},
     {FSDP_EV_INFLIGHT_ABORTED, "INFLIGHT_ABORTED", "requests in flight failed toward the guest"},

@@ -86,6 +86,7 @@ enum fsdp_event_code {
     FSDP_EV_USED_DOUBLE_COMPLETION = 33,  /* a = id */
     FSDP_EV_USED_LEN_TOO_LARGE = 34,      /* a = len, b = writable bytes; failed toward guest */
     FSDP_EV_USED_IDX_JUMP = 35,           /* a = used idx, b = last used; backend side stops */
+    FSDP_EV_BAD_STOP_INDEX = 36,          /* a = backend's next avail, b = our shadow avail idx */
     /* Other. */
     FSDP_EV_COPYBACK_UNMAPPED = 48,       /* a = gpa, b = len; request failed toward guest */
     FSDP_EV_INFLIGHT_ABORTED = 49,        /* a = requests failed toward guest */
@@ -192,12 +193,28 @@ int fsdp_queue_backend_fds(struct fsdp_dev *dev, uint32_t q, int *kick_fd, int *
 int fsdp_queue_shadow_addrs(struct fsdp_dev *dev, uint32_t q, uint64_t *desc,
                             uint64_t *avail, uint64_t *used);
 int fsdp_queue_start(struct fsdp_dev *dev, uint32_t q, uint32_t flags);
-/* Stop intake and wait up to timeout_ms for in-flight requests to complete.
- * *avail_idx receives the guest's next avail index in every case; returns
- * -ETIMEDOUT if requests are still in flight (they stay owned by the data
- * plane: fsdp_queue_start re-publishes them, fsdp_queue_abort fails them). */
+/* What a stop did.  avail_idx: the guest's next avail index (the answer to
+ * GET_VRING_BASE), filled in every case. */
+struct fsdp_stop_result {
+    uint32_t avail_idx;
+    uint32_t returned;   /* never taken by the backend: given back to the guest ring */
+    uint32_t kept;       /* never taken, but not the newest guest entries: kept */
+    uint32_t inflight;   /* still in flight when the stop returned */
+};
+
+/* Stop intake (no more guest requests are shadowed; completions still flow). */
+int fsdp_queue_pause(struct fsdp_dev *dev, uint32_t q);
+/* Stop intake and wait up to timeout_ms for in-flight requests to complete;
+ * returns -ETIMEDOUT if requests are still in flight (they stay owned by the
+ * data plane: fsdp_queue_start re-publishes them, fsdp_queue_abort fails
+ * them).  backend_next_avail >= 0 is the backend's answer to GET_VRING_BASE
+ * (its next shadow avail index): requests published at or after it were never
+ * taken by the backend and are not waited for; when they are the newest
+ * entries taken from the guest they are given back (the guest's avail index
+ * is rewound over them), else kept like timed-out ones.  -1: unknown, wait
+ * for everything. */
 int fsdp_queue_stop(struct fsdp_dev *dev, uint32_t q, uint32_t timeout_ms,
-                    uint32_t *avail_idx);
+                    int64_t backend_next_avail, struct fsdp_stop_result *out);
 int fsdp_queue_abort(struct fsdp_dev *dev, uint32_t q);   /* returns requests failed */
 int fsdp_queue_stats(struct fsdp_dev *dev, uint32_t q, struct fsdp_queue_stats *out);
 

@@ -224,6 +224,9 @@ struct fsdp_req {
     uint64_t writable;
     uint64_t readable;
     uint64_t seq;           /* publish order, for re-publishing */
+    uint16_t gidx;          /* guest avail position it was taken from */
+    uint16_t sidx;          /* shadow avail position it was last published at */
+    bool parked;            /* never taken by the stopped backend: not waited for */
 };
 
 struct fsdp_dev;
@@ -276,6 +279,7 @@ struct fsdp_queue {
     uint64_t *offs;             /* layout scratch */
     uint8_t *ind;               /* indirect table private copy */
     uint32_t inflight;
+    uint32_t parked;        /* of which parked (see queue_backend_stopped) */
 
     struct fsdp_bounce bounce;
     struct fsdp_queue_stats st;
@@ -325,6 +329,11 @@ uint32_t queue_abort_inflight(struct fsdp_queue *q);
  * publish both indices, decide notifications (sets need_* flags).  Returns
  * true if anything moved. */
 bool queue_process(struct fsdp_queue *q);
+/* The backend stopped its ring at shadow avail index `next`: settle the
+ * requests it never took (see shadow.c).  Fills res->returned / res->kept. */
+void queue_backend_stopped(struct fsdp_queue *q, uint16_t next, struct fsdp_stop_result *res);
+/* A stop is waiting for requests the backend took. */
+static inline bool queue_draining(const struct fsdp_queue *q) { return q->inflight > q->parked; }
 /* True if the rings hold work (used by busy-poll; read-only). */
 bool queue_has_work(struct fsdp_queue *q);
 

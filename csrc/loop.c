@@ -382,9 +382,15 @@ static bool process_all(struct fsdp_dp *dp, bool *poll_mode, bool *again)
                 if (q->more)
                     *again = true;
             }
-            if (q->stop_waiter && q->inflight == 0) {
-                struct fsdp_cmd *w = queue_stop_finish(q);
-                dp_cmd_complete(dp, w, 0);
+            if (q->stop_waiter) {
+                if (!queue_draining(q)) {
+                    struct fsdp_cmd *w = queue_stop_finish(q);
+                    dp_cmd_complete(dp, w, 0);
+                } else {
+                    /* A stopped backend may have closed its call fd and
+                     * still complete what it took: look, don't wait. */
+                    *poll_mode = true;
+                }
             }
             if (q->need_backend_kick) {
                 q->need_backend_kick = false;

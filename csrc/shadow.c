@@ -183,6 +183,7 @@ static void write_shadow_chain(struct fsdp_queue *q, uint16_t head)
         s = sd->next;
     }
     vr_store16(q->s_avail + AVAIL_RING(q->s_avail_idx % q->num), head);
+    q->req[head].sidx = q->s_avail_idx;
     q->s_avail_idx++;
     q->s_num_added++;
 }
@@ -254,6 +255,10 @@ static void release_request(struct fsdp_queue *q, uint16_t head)
         bounce_free(&q->bounce, r->slab_page, r->slab_npages);
     r->slab_npages = 0;
     r->ndesc = 0;
+    if (r->parked) {
+        r->parked = false;
+        q->parked--;
+    }
     q->inflight--;
     q->st.inflight = q->inflight;
 }
@@ -360,6 +365,8 @@ static enum take_result take_one(struct fsdp_queue *q, uint32_t *steps)
     r->writable = ch.writable;
     r->readable = ch.readable;
     r->seq = q->seq++;
+    r->gidx = q->last_avail;
+    r->parked = false;
 
     uint64_t bytes = copy_in(q, shead);
     write_shadow_chain(q, shead);
@@ -599,7 +606,9 @@ int queue_do_start(struct fsdp_queue *q, uint32_t flags)
             if (q->sstate[s] == SD_HEAD)
                 heads[k++] = (uint16_t)s;
         qsort_r(heads, k, sizeof(*heads), cmp_seq, q);
+        q->parked = 0;
         for (uint32_t i = 0; i < k; i++) {
+            q->req[heads[i]].parked = false;
             q->st.bytes_in += copy_in(q, heads[i]);
             write_shadow_chain(q, heads[i]);
         }
@@ -617,6 +626,7 @@ void queue_do_reset(struct fsdp_queue *q)
     q->backend_broken = false;
     q->throttled = false;
     q->inflight = 0;
+    q->parked = 0;
     q->st.inflight = 0;
     if (q->cap)
         reset_freelist(q);
@@ -651,6 +661,72 @@ uint32_t queue_abort_inflight(struct fsdp_queue *q)
     dev_event(q->dev, q->idx, FSDP_EV_INFLIGHT_ABORTED, 0, k, 0);
     publish_guest_used(q);
     return k;
+}
+
+/*
+ * The backend answered GET_VRING_BASE with `next`, its next shadow avail
+ * index: the requests we published at shadow positions [next, s_avail_idx)
+ * were never taken.  A backend may legitimately hold requests forever (a NIC
+ * holds receive buffers until a packet arrives), so waiting for those would
+ * only stall the stop; they are settled here instead:
+ *
+ *  - when they are exactly the newest entries taken from the guest avail ring
+ *    (positions [last_avail - k, last_avail)), they are given back: released,
+ *    and last_avail rewound over them, so the guest's ring still holds them
+ *    for whoever starts the queue next;
+ *  - otherwise (a refused chain completed after them, or they were kept from
+ *    an earlier run) rewinding would re-expose completed entries, so they are
+ *    parked: kept by us, not waited for, re-published at the next start.
+ *
+ * `next` is the backend's word: it must name a position among the requests
+ * still in flight, or it is refused (one event) and every request is treated
+ * as taken.
+ */
+void queue_backend_stopped(struct fsdp_queue *q, uint16_t next, struct fsdp_stop_result *res)
+{
+    uint16_t untaken = (uint16_t)(q->s_avail_idx - next);
+    uint16_t *heads = (uint16_t *)q->offs;   /* scratch, num entries of 8 B */
+    uint8_t *seen = (uint8_t *)q->scratch;   /* scratch, >= num bytes */
+    uint32_t k = 0;
+    bool suffix = true;
+
+    if (!untaken)
+        return;
+    if (untaken <= q->inflight) {
+        for (uint32_t s = 0; s < q->num; s++)
+            if (q->sstate[s] == SD_HEAD && (uint16_t)(q->req[s].sidx - next) < untaken)
+                heads[k++] = (uint16_t)s;
+    }
+    if (k != untaken) {
+        /* More untaken than in flight, or an "untaken" position already
+         * completed: the index is made up. */
+        dev_event(q->dev, q->idx, FSDP_EV_BAD_STOP_INDEX, 0, next, q->s_avail_idx);
+        q->st.backend_errors++;
+        return;
+    }
+    memset(seen, 0, k);
+    for (uint32_t i = 0; i < k && suffix; i++) {
+        uint16_t d = (uint16_t)(q->last_avail - 1u - q->req[heads[i]].gidx);
+        suffix = d < k && !seen[d];
+        if (suffix)
+            seen[d] = 1;
+    }
+    for (uint32_t i = 0; i < k; i++) {
+        if (suffix) {
+            release_request(q, heads[i]);
+            q->sstate[heads[i]] = SD_FREE;   /* never completed: a later "completion" is unknown */
+        } else if (!q->req[heads[i]].parked) {
+            q->req[heads[i]].parked = true;
+            q->parked++;
+        }
+    }
+    if (suffix) {
+        q->last_avail = (uint16_t)(q->last_avail - k);
+        q->st.requests -= k;
+        res->returned = k;
+    } else {
+        res->kept = k;
+    }
 }
 
 bool queue_process(struct fsdp_queue *q)

@@ -150,6 +150,15 @@ class QueueStats(msgspec.Struct, frozen=True):
     backend_errors: int
 
 
+class StopResult(msgspec.Struct, frozen=True):
+    """What a queue stop did (GET_VRING_BASE)."""
+
+    avail_idx: int      # the guest's next avail index: the answer to QEMU
+    returned: int       # never taken by the backend, given back to the guest ring
+    kept: int           # never taken, kept by the data plane (re-published at start)
+    inflight: int       # still owned by the data plane when the stop returned
+
+
 class Event(msgspec.Struct, frozen=True):
     """One event record; ``message`` is the log line."""
 
@@ -201,6 +210,7 @@ _DETAIL = {
     lib.FSDP_EV_USED_DOUBLE_COMPLETION: lambda a, b: f"backend completed id {a} (len {b}) a second time: ignored",
     lib.FSDP_EV_USED_LEN_TOO_LARGE: lambda a, b: f"backend used len {a} > {b} writable bytes: request failed toward the guest (len 0)",
     lib.FSDP_EV_USED_IDX_JUMP: lambda a, b: f"backend used idx {a} is ahead of the requests in flight (last used {b}): shadow ring abandoned",
+    lib.FSDP_EV_BAD_STOP_INDEX: lambda a, b: f"backend says its ring stopped at avail index {a}, impossible with {b} published and the requests in flight: all treated as taken",
     lib.FSDP_EV_COPYBACK_UNMAPPED: lambda a, b: f"writable buffer gpa {a:#x} len {b} unmapped before completion: request failed toward the guest",
     lib.FSDP_EV_INFLIGHT_ABORTED: lambda a, b: f"{a} requests in flight failed toward the guest (len 0)",
     lib.FSDP_EV_EVENTS_LOST: lambda a, b: f"{a} event records lost (event ring full)",
@@ -455,20 +465,39 @@ class Device:
             lib.FSDP_QF_BACKEND_EVENT_IDX if backend_event_idx else 0)
         _check(lib.fsdp_queue_start(self._live(), q, flags), self._q("start", q))
 
-    def queue_stop(self, q: int, timeout_ms: int = 5000) -> int:
+    def queue_pause(self, q: int) -> None:
+        """Stop intake: no more guest requests are shadowed; completions still flow."""
+        _check(lib.fsdp_queue_pause(self._live(), q), self._q("pause", q))
+
+    def queue_stop(self, q: int, timeout_ms: int = 5000, backend_next_avail: int | None = None) -> int:
         """Stop intake, wait for in-flight requests, return the guest's next avail index.
 
         Raises :class:`DrainTimeout` (with ``avail_idx``) if requests remain in flight.
+        See :meth:`queue_stop_result` for `backend_next_avail`.
         """
-        idx = ffi.new("uint32_t *")
-        rc = lib.fsdp_queue_stop(self._live(), q, timeout_ms, idx)
+        return self.queue_stop_result(q, timeout_ms, backend_next_avail).avail_idx
+
+    def queue_stop_result(self, q: int, timeout_ms: int = 5000,
+                          backend_next_avail: int | None = None) -> StopResult:
+        """:meth:`queue_stop`, telling what happened to the requests in flight.
+
+        `backend_next_avail` is the backend's answer to GET_VRING_BASE (its next
+        shadow avail index, after :meth:`queue_pause`): the requests it never
+        took are not waited for; they are given back to the guest ring when
+        they are its newest entries (``returned``), else kept for re-publishing
+        (``kept``).  A made-up index is refused (a BAD_STOP_INDEX event) and
+        everything is waited for.
+        """
+        res = ffi.new("struct fsdp_stop_result *")
+        nxt = -1 if backend_next_avail is None else backend_next_avail
+        rc = lib.fsdp_queue_stop(self._live(), q, timeout_ms, nxt, res)
         if rc < 0:
             err = _error(rc, self._q(f"stop (drain within {timeout_ms} ms)", q))
             if isinstance(err, DrainTimeout):
-                err.avail_idx = idx[0]
-                err.inflight = self.stats(q).inflight
+                err.avail_idx = res.avail_idx
+                err.inflight = res.inflight
             raise err
-        return idx[0]
+        return StopResult(res.avail_idx, res.returned, res.kept, res.inflight)
 
     def queue_abort(self, q: int) -> int:
         """Fail every request kept in flight by a stopped queue toward the guest (len 0)."""

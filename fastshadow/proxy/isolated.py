@@ -262,19 +262,28 @@ class IsolatedSession(Session):
     def on_get_vring_base(self, msg: Message) -> None:
         q = self.queue_index(msg.payload.index)
         from ..dataplane import DrainTimeout
+        # Order matters: stop shadowing first, so that the backend's answer (its
+        # next shadow avail index) is final; requests it never took (a NIC's
+        # receive buffers, held until a packet comes) are then not waited for.
+        self.dev.queue_pause(q)
+        reply = self.to_backend(msg)  # the backend stops its ring
+        shadow_next = reply.payload.num if reply is not None else None
         try:
-            idx = self.dev.queue_stop(q, timeout_ms=int(self.cfg.reply_timeout * 1000))
+            res = self.dev.queue_stop_result(q, timeout_ms=int(self.cfg.reply_timeout * 1000),
+                                             backend_next_avail=shadow_next)
+            idx = res.avail_idx
+            if res.returned or res.kept:
+                kv(log, logging.INFO, "vring.untaken", dev=self.name, queue=q, returned_to_guest=res.returned,
+                   kept=res.kept, reason="the backend never took them (its ring stopped before them)")
         except DrainTimeout as e:
-            # The backend kept requests past the deadline. They stay owned by the data
-            # plane and are re-published when the ring starts again (safe for blk).
+            # The backend kept requests it took past the deadline. They stay owned by
+            # the data plane and are re-published when the ring starts again (safe for blk).
             idx = e.avail_idx
             kv(log, logging.ERROR, "vring.drain_timeout", dev=self.name, queue=q, inflight=e.inflight,
                reason=f"backend still held {e.inflight} requests after {self.cfg.reply_timeout:g} s")
         self.started.discard(q)
         self.log_stats(q)
-        reply = self.to_backend(msg)  # the backend stops its ring; its index is the shadow's
-        kv(log, logging.DEBUG, "vring.stopped", dev=self.name, queue=q, guest_avail_idx=idx,
-           shadow_idx=reply.payload.num if reply is not None else None)
+        kv(log, logging.DEBUG, "vring.stopped", dev=self.name, queue=q, guest_avail_idx=idx, shadow_idx=shadow_next)
         self.to_qemu(msg.reply(p.VringState(q, idx)))
 
     def log_stats(self, q: int) -> None:
