@@ -66,6 +66,9 @@ BUILD_FORMAT = 1
 
 _HERE = Path(__file__).resolve().parent
 CHECKER_SOURCE = _HERE / "checker.c"
+NETCHECK_SOURCE = _HERE / "netcheck.c"
+#: The guest's own static programs: /<name> in the initramfs, from <source>.
+GUEST_PROGRAMS = {"checker": CHECKER_SOURCE, "netcheck": NETCHECK_SOURCE}
 INIT_SOURCE = _HERE / "init.sh"
 _KERNEL_META = "linux-image-amd64"
 
@@ -350,12 +353,13 @@ class _Cpio:
 
 
 def compile_checker(output: Path, *, static: bool = True, cc: str = "gcc",
-                    extra_flags: Iterable[str] = ()) -> Path:
-    """Compile checker.c to `output` (static by default, as shipped in the guest)."""
+                    extra_flags: Iterable[str] = (), source: Path = CHECKER_SOURCE) -> Path:
+    """Compile a guest program (checker.c by default) to `output` (static by
+    default, as shipped in the guest)."""
     output = Path(output)
     argv = [cc, "-O2", "-Wall", "-Wextra", *(["-static"] if static else []), *extra_flags,
-            "-o", str(output), str(CHECKER_SOURCE)]
-    _run(argv, "compiling the guest checker",
+            "-o", str(output), str(source)]
+    _run(argv, f"compiling the guest program {Path(source).name}",
          hint="Needs gcc and the static C library (Debian: apt-get install gcc libc6-dev).")
     return output
 
@@ -367,7 +371,7 @@ def _find_busybox() -> Path:
     raise GuestImageError("no statically linked busybox found: apt-get install busybox-static")
 
 
-def _build_initramfs(busybox: Path, checker: Path, modules: list[tuple[str, Path]]) -> bytes:
+def _build_initramfs(busybox: Path, programs: dict[str, Path], modules: list[tuple[str, Path]]) -> bytes:
     cpio = _Cpio()
     for d in (".", "bin", "sbin", "usr", "usr/bin", "usr/sbin", "dev", "proc", "sys", "tmp",
               "run", "mnt", "etc", "root", "lib", "lib/modules"):
@@ -382,7 +386,8 @@ def _build_initramfs(busybox: Path, checker: Path, modules: list[tuple[str, Path
         if path and path != "bin/busybox" and path.count("/") in (1, 2):
             cpio.symlink(path, "/bin/busybox")
     cpio.file("init", INIT_SOURCE.read_bytes(), 0o755)
-    cpio.file("checker", checker.read_bytes(), 0o755)
+    for name, path in programs.items():
+        cpio.file(name, path.read_bytes(), 0o755)
     for name, path in modules:
         cpio.file(f"lib/modules/{name}.ko", _read_module(path))
     cpio.file("lib/modules/order", "".join(f"{name}\n" for name, _ in modules).encode())
@@ -398,7 +403,7 @@ def _image_key(name: str, version: str, busybox: Path) -> str:
     for part in (f"format={BUILD_FORMAT}", f"kernel={name}={version}", f"busybox={busybox}",
                  f"busybox-sha={_sha256_file(busybox)}", f"modules={','.join(GUEST_MODULES)}"):
         h.update(part.encode() + b"\n")
-    for src in (CHECKER_SOURCE, INIT_SOURCE):
+    for src in (*GUEST_PROGRAMS.values(), INIT_SOURCE):
         h.update(src.name.encode() + b"\0" + src.read_bytes() + b"\0")
     return h.hexdigest()[:16]
 
@@ -463,8 +468,8 @@ def build_guest_image(cache_dir: Path | str | None = None, log: Log = print) -> 
             modules = _module_order(GUEST_MODULES, table, lazy, moddir, builtin)
             log("fastshadow guest: modules (load order): " + " ".join(n for n, _ in modules))
 
-            checker = compile_checker(tmp / "checker")
-            initrd = _build_initramfs(busybox, checker, modules)
+            programs = {name: compile_checker(tmp / name, source=src) for name, src in GUEST_PROGRAMS.items()}
+            initrd = _build_initramfs(busybox, programs, modules)
 
             out = tmp / "image"
             out.mkdir()

@@ -110,7 +110,8 @@ class GuestVM:
 
     def __init__(self, image: GuestImage, *, blk_socket: str | os.PathLike[str] | None = None,
                  blk_num_queues: int = 1, fs_socket: str | os.PathLike[str] | None = None,
-                 fs_tag: str = "myfs", smp: int = 1, mem_mb: int = 256,
+                 fs_tag: str = "myfs", net_socket: str | os.PathLike[str] | None = None,
+                 smp: int = 1, mem_mb: int = 256,
                  cmdline: Mapping[str, str | None] | None = None, extra_args: Iterable[str] = (),
                  log_path: Path | str | None = None, reconnect: int | None = None,
                  machine: str = "q35", qemu: str | None = None) -> None:
@@ -119,6 +120,7 @@ class GuestVM:
         self.blk_num_queues = blk_num_queues
         self.fs_socket = str(fs_socket) if fs_socket is not None else None
         self.fs_tag = fs_tag
+        self.net_socket = str(net_socket) if net_socket is not None else None
         self.smp = smp
         self.mem_mb = mem_mb
         self.cmdline: dict[str, str | None] = dict(cmdline or {})
@@ -170,6 +172,11 @@ class GuestVM:
         if self.fs_socket is not None:
             argv += ["-chardev", self._chardev("fs0", self.fs_socket),
                      "-device", f"vhost-user-fs-pci,chardev=fs0,tag={self.fs_tag}"]
+        if self.net_socket is not None:
+            # vectors=0: QEMU 7.2 under TCG crashes on vhost-user-net with MSI-X.
+            argv += ["-chardev", self._chardev("net0c", self.net_socket),
+                     "-netdev", "vhost-user,id=net0,chardev=net0c",
+                     "-device", "virtio-net-pci,netdev=net0,vectors=0"]
         return argv + self.extra_args
 
     def _chardev(self, name: str, path: str) -> str:

@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 
 from fastshadow.guest import image as image_mod
-from fastshadow.guest.image import GuestImage, build_guest_image, compile_checker
+from fastshadow.guest.image import GUEST_PROGRAMS, GuestImage, build_guest_image, compile_checker
 from fastshadow.guest.qemu import GuestPanic, GuestVM, run_check
 from fastshadow.guest.qsd import StorageDaemon, StorageDaemonError
 
@@ -62,8 +62,10 @@ def _markers(out: str) -> list[str]:
 # ------------------------------------------------------------- the checker
 
 
-def test_checker_compiles_without_warnings(tmp_path: Path) -> None:
-    compile_checker(tmp_path / "checker", extra_flags=["-Werror", "-Wshadow", "-Wformat=2"])
+@pytest.mark.parametrize("name", sorted(GUEST_PROGRAMS))
+def test_guest_programs_compile_without_warnings(tmp_path: Path, name: str) -> None:
+    compile_checker(tmp_path / name, extra_flags=["-Werror", "-Wshadow", "-Wformat=2"],
+                    source=GUEST_PROGRAMS[name])
 
 
 @pytest.mark.parametrize("region", [
@@ -121,6 +123,49 @@ def test_checker_usage_errors_give_one_fail_marker(checker_bin: Path, tmp_path: 
         assert line.startswith("FASTSHADOW-CHECK FAIL tag=u0 "), line
 
 
+# ------------------------------------------------------------ the net checker
+
+
+@pytest.fixture(scope="session")
+def netcheck_bin(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return compile_checker(tmp_path_factory.mktemp("netcheck") / "netcheck", source=GUEST_PROGRAMS["netcheck"])
+
+
+def _in_fresh_netns(script: str) -> subprocess.CompletedProcess:
+    """Run a shell script in a new network namespace (only lo, nothing answers)."""
+    if os.geteuid() != 0:
+        pytest.skip("needs root (unshare -n)")
+    return subprocess.run(["unshare", "-n", "sh", "-ec", script], capture_output=True, text=True, timeout=60)
+
+
+def test_netcheck_verifies_every_echo(netcheck_bin: Path) -> None:
+    # The kernel's own echo replies on lo: every byte must come back.  (Small
+    # windows: the kernel rate-limits ICMP to a burst of 50.)
+    r = _in_fresh_netns(f"ip link set lo up; {netcheck_bin} --dst 127.0.0.1 --count 400 --window 8 "
+                        f"--timeout-ms 200 --tag lo")
+    assert r.returncode == 0, r.stdout + r.stderr
+    m = re.fullmatch(r"FASTSHADOW-NET PASS tag=lo sent=400 received=400 bytes=(\d+) resent=\d+\n", r.stdout)
+    assert m and int(m.group(1)) > 400 * 600, r.stdout
+
+
+def test_netcheck_fails_when_nothing_answers(netcheck_bin: Path) -> None:
+    # A veth pair whose other end owns no address: ARP goes unanswered.
+    script = (f"ip link add v0 type veth peer name v1; ip addr add 10.9.0.1/24 dev v0; "
+              f"ip link set v1 up; ip link set v0 up; "
+              f"{netcheck_bin} --dst 10.9.0.2 --count 4 --timeout-ms 50 --tag none")
+    r = _in_fresh_netns(script)
+    assert r.returncode == 1, r.stdout + r.stderr
+    assert r.stdout.startswith("FASTSHADOW-NET FAIL tag=none seq 0: no reply after 3 tries"), r.stdout
+
+
+def test_netcheck_usage_errors_give_one_fail_marker(netcheck_bin: Path) -> None:
+    for args in ([], ["--dst", "not-an-ip"], ["--dst", "127.0.0.1", "--min", "100", "--max", "10"],
+                 ["--dst", "127.0.0.1", "--max", "1473"], ["--bogus", "1"], ["--count"]):
+        r = subprocess.run([str(netcheck_bin), *args], capture_output=True, text=True, timeout=10)
+        assert r.returncode == 1, (args, r.stdout)
+        assert r.stdout.startswith("FASTSHADOW-NET FAIL tag=net0 ") and r.stdout.count("\n") == 1, r.stdout
+
+
 def test_checker_bootcount(checker_bin: Path, tmp_path: Path) -> None:
     disk = _disk(tmp_path / "disk.img", 1 * MiB)
     for n in (1, 2, 3):
@@ -166,7 +211,12 @@ def test_image_key_tracks_inputs(tmp_path: Path, monkeypatch: pytest.MonkeyPatch
     init = tmp_path / "init.sh"
     init.write_text(image_mod.INIT_SOURCE.read_text() + "# changed\n")
     monkeypatch.setattr(image_mod, "INIT_SOURCE", init)
-    assert image_mod._image_key("linux-image-x", "1", busybox) != key
+    key2 = image_mod._image_key("linux-image-x", "1", busybox)
+    assert key2 != key
+    net = tmp_path / "netcheck.c"
+    net.write_text(image_mod.NETCHECK_SOURCE.read_text() + "/* changed */\n")
+    monkeypatch.setitem(image_mod.GUEST_PROGRAMS, "netcheck", net)
+    assert image_mod._image_key("linux-image-x", "1", busybox) not in (key, key2)
 
 
 def test_concurrent_builds_share_one_image(tmp_path: Path, guest_image: GuestImage) -> None:
