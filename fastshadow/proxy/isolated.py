@@ -184,7 +184,8 @@ class IsolatedSession(Session):
             self.dev = self.dp.add_device(self.name, num_queues=max(1, min(nq, 64)),
                                           max_request_bytes=self.cfg.max_request_bytes,
                                           bounce_per_queue=self.cfg.bounce_per_queue)
-            kv(log, logging.INFO, "shadow.created", dev=self.name, queues=nq, shadow_bytes=self.dev.shadow_size,
+            kv(log, logging.INFO, "shadow.created", dev=self.name, queues=self.dev.num_queues,
+               backend_queues=nq, shadow_bytes=self.dev.shadow_size,
                shadow_gpa=hex(self.dev.shadow_gpa))
         return self.dev
 
