@@ -761,6 +761,25 @@ int fsdp_queue_stop(struct fsdp_dev *dev, uint32_t q, uint32_t timeout_ms,
     return rc;
 }
 
+static int cmd_clear_shadow(struct fsdp_dp *dp, struct fsdp_cmd *c)
+{
+    struct fsdp_queue *q = get_q(c->dev, c->q);
+
+    if (!q)
+        return -EINVAL;
+    if (q->started)
+        return -EBUSY;      /* stop it first */
+    if (q->rings_ok)
+        queue_clear_shadow(q);
+    return 0;
+}
+
+int fsdp_queue_clear_shadow(struct fsdp_dev *dev, uint32_t q)
+{
+    struct fsdp_cmd c = {.fn = cmd_clear_shadow, .dev = dev, .q = q};
+    return dp_exec(dev->dp, &c);
+}
+
 static int cmd_abort(struct fsdp_dp *dp, struct fsdp_cmd *c)
 {
     struct fsdp_queue *q = get_q(c->dev, c->q);

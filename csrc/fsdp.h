@@ -216,6 +216,10 @@ int fsdp_queue_pause(struct fsdp_dev *dev, uint32_t q);
 int fsdp_queue_stop(struct fsdp_dev *dev, uint32_t q, uint32_t timeout_ms,
                     int64_t backend_next_avail, struct fsdp_stop_result *out);
 int fsdp_queue_abort(struct fsdp_dev *dev, uint32_t q);   /* returns requests failed */
+/* Zero the shadow rings of a stopped queue (requests it keeps stay ours and
+ * are re-published at the next start): a new backend told the ring
+ * addresses reads fresh indices (libvhost-user reads used->idx then). */
+int fsdp_queue_clear_shadow(struct fsdp_dev *dev, uint32_t q);
 int fsdp_queue_stats(struct fsdp_dev *dev, uint32_t q, struct fsdp_queue_stats *out);
 
 #endif

@@ -84,6 +84,11 @@ def _add_proxy_parser(sub) -> None:
                    help="isolated: largest guest request accepted, in bytes (default 4 MiB)")
     p.add_argument("--bounce-per-queue", type=int, default=16 << 20, metavar="N",
                    help="isolated: bounce space per queue in the shadow region, bytes (default 16 MiB)")
+    p.add_argument("--backend-reconnect", choices=["auto", "on", "off"], default="auto",
+                   help="isolated: when the backend dies, keep the session and the guest's requests, reconnect, "
+                        "replay the backend's setup and re-submit what was in flight, so the guest sees a delay; "
+                        "auto (default) does it for blk, scsi and net, whose requests are safe to run twice; "
+                        "off ends the session (QEMU reconnects)")
     p.add_argument("--busy-poll-us", type=int, default=30, metavar="US",
                    help="isolated: the data plane keeps polling the rings this long after the last activity before it "
                         "sleeps on eventfds (default 30; 0 never spins: idle proxies sleep either way)")
@@ -116,6 +121,7 @@ def build_proxy_config(args):
             reply_timeout=args.reply_timeout,
             max_request_bytes=args.max_request_bytes,
             bounce_per_queue=args.bounce_per_queue,
+            backend_reconnect=args.backend_reconnect,
         ))
     cfg = ProxyConfig(device=devices, log_level=args.log_level, log_format=args.log_format,
                       busy_poll_us=args.busy_poll_us)

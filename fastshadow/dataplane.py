@@ -499,6 +499,10 @@ class Device:
             raise err
         return StopResult(res.avail_idx, res.returned, res.kept, res.inflight)
 
+    def queue_clear_shadow(self, q: int) -> None:
+        """Zero the shadow rings of a stopped queue, for a new backend (kept requests stay ours)."""
+        _check(lib.fsdp_queue_clear_shadow(self._live(), q), self._q("clear the shadow ring", q))
+
     def queue_abort(self, q: int) -> int:
         """Fail every request kept in flight by a stopped queue toward the guest (len 0)."""
         return _check(lib.fsdp_queue_abort(self._live(), q), self._q("abort in-flight requests", q))

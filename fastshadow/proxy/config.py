@@ -43,6 +43,13 @@ UNSHADOWABLE = {
 }
 
 
+#: Devices whose requests may be submitted again to a restarted backend: a block
+#: read or write is idempotent, a packet sent twice is what networks tolerate.
+#: Not virtio-fs (FUSE requests are not idempotent and the daemon's session
+#: state dies with it) nor vsock (connection state).
+REPLAY_SAFE = {DeviceType.BLK, DeviceType.SCSI, DeviceType.NET}
+
+
 class ConfigError(ValueError):
     """The configuration is not usable; the message says which setting and why."""
 
@@ -62,6 +69,15 @@ class DeviceConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     max_request_bytes: int = 4 << 20
     #: Isolated mode: bounce space per queue in the shadow region.
     bounce_per_queue: int = 16 << 20
+    #: Isolated mode, when the backend dies: "auto" keeps the session and the guest's
+    #: requests and reconnects for devices whose requests are safe to run twice (blk,
+    #: scsi, net); "on" for every device type; "off" ends the session (QEMU reconnects).
+    backend_reconnect: str = "auto"
+
+    def reconnects_backend(self) -> bool:
+        if self.mode is not Mode.ISOLATED or self.backend_reconnect == "off":
+            return False
+        return self.backend_reconnect == "on" or self.device in REPLAY_SAFE
 
     def validate(self) -> None:
         if (self.backend is None) == (self.backend_listen is None):
@@ -69,6 +85,9 @@ class DeviceConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
         if self.mode is Mode.ISOLATED and self.device in UNSHADOWABLE:
             raise ConfigError(f"device {self.name!r}: isolated mode cannot serve {self.device.value}: "
                               f"{UNSHADOWABLE[self.device]}; use --mode direct or another device type")
+        if self.backend_reconnect not in ("auto", "on", "off"):
+            raise ConfigError(f"device {self.name!r}: backend_reconnect must be auto, on or off, "
+                              f"not {self.backend_reconnect!r}")
         if self.backend_timeout <= 0 or self.reply_timeout <= 0:
             raise ConfigError(f"device {self.name!r}: timeouts must be positive")
         if self.max_request_bytes <= 0 or self.bounce_per_queue < self.max_request_bytes:

@@ -14,18 +14,31 @@ toward the backend, pointing at the device's shadow region:
   guest's index.
 - Feature bits the data plane cannot shadow are masked (features.py), and
   the requests that would need them are refused.
+
+The backend may die (DESIGN §7). Everything the guest has in flight lives in
+the data plane's private bookkeeping, and everything the backend was told is
+re-derivable here, so for devices whose requests are safe to run twice (blk,
+net) the session survives: the queues are parked, a new backend connection
+is obtained, every state-setting message the backend had received is
+replayed (memory table, features, rings, eventfds, request channel), and the
+parked requests are re-published. QEMU and the guest see a delay only.
 """
 
 from __future__ import annotations
 
 import logging
 import os
+import selectors
+import socket
+import time
+from typing import Callable
 
 from ..logs import kv
+from ..protocol import Channel, Connection, PeerClosed
 from ..protocol import payloads as p
 from ..protocol.errors import UnexpectedMessage
 from ..protocol.features import ProtocolFeature, VirtioFeature
-from ..protocol.messages import FLAG_NEED_REPLY, FrontendReq, Message
+from ..protocol.messages import FLAG_NEED_REPLY, VERSION, FrontendReq, Message
 from . import features as feat
 from .config import DeviceConfig, DeviceType
 from .session import Session
@@ -72,10 +85,16 @@ REFUSED_BACKEND = {
 class IsolatedSession(Session):
     mode = "isolated"
 
-    def __init__(self, cfg: DeviceConfig, qemu_sock, backend_sock, dataplane):
+    def __init__(self, cfg: DeviceConfig, qemu_sock, backend_sock, dataplane,
+                 reconnect: Callable[[], socket.socket] | None = None):
         if cfg.device in (DeviceType.GPU, DeviceType.BALLOON):  # config validation refuses these first
             raise ValueError(f"{cfg.device.value} cannot be isolated")
         super().__init__(cfg, qemu_sock, backend_sock)
+        self.reconnect = reconnect
+        self.survives_backend_loss = reconnect is not None and cfg.reconnects_backend()
+        #: What the backend has been told, to tell a restarted one: key -> message factory,
+        #: in the order first sent (dicts keep it).
+        self.backend_state: dict[tuple, Callable[[], Message]] = {}
         self.dp = dataplane
         self.dev = None
         self.queue_num: int | None = None
@@ -106,11 +125,13 @@ class IsolatedSession(Session):
             FrontendReq.RESET_DEVICE: self.on_reset,
             FrontendReq.RESET_OWNER: self.on_reset,
         }
-        for req in (FrontendReq.SET_OWNER, FrontendReq.SET_VRING_ENABLE, FrontendReq.GET_CONFIG,
-                    FrontendReq.SET_CONFIG, FrontendReq.SET_STATUS, FrontendReq.GET_STATUS,
-                    FrontendReq.NET_SET_MTU, FrontendReq.SEND_RARP, FrontendReq.CREATE_CRYPTO_SESSION,
-                    FrontendReq.CLOSE_CRYPTO_SESSION):
+        for req in (FrontendReq.GET_CONFIG, FrontendReq.GET_STATUS, FrontendReq.SEND_RARP,
+                    FrontendReq.CREATE_CRYPTO_SESSION, FrontendReq.CLOSE_CRYPTO_SESSION):
             self.handlers[req] = self.forward
+        # Forwarded as they are, and part of the backend's state.
+        for req in (FrontendReq.SET_OWNER, FrontendReq.SET_VRING_ENABLE, FrontendReq.SET_CONFIG,
+                    FrontendReq.SET_STATUS, FrontendReq.NET_SET_MTU):
+            self.handlers[req] = self.forward_state
 
     # -- dispatch ------------------------------------------------------------------
     def on_frontend(self, msg: Message) -> None:
@@ -129,12 +150,140 @@ class IsolatedSession(Session):
         if self.neg.expects_reply(msg):
             self.to_qemu(msg.ack(ok))
 
-    def to_backend_as(self, msg: Message, payload: p.Payload, fds: list[int] | None = None) -> None:
-        """Send a re-originated request to the backend and relay its answer (if QEMU wanted one)."""
+    def to_backend_as(self, msg: Message, payload: p.Payload, fds: list[int] | None = None, *,
+                      fd_source: Callable[[], int] | None = None) -> None:
+        """Send a re-originated request to the backend and relay its answer (if QEMU wanted one).
+
+        It is remembered as backend state (for a restarted backend); `fd_source`
+        gives the fd to send then (a new dup of ours).
+        """
         out = Message(msg.request, payload, fds or [], msg.flags)
         reply = self.to_backend(out, expect_reply=self.neg.expects_reply(msg))
+        self.remember(msg.request, payload, fd_source)
         if reply is not None:
             self.to_qemu(reply)
+
+    def forward_state(self, msg: Message) -> None:
+        """Forward a request that sets backend state (no fds), and remember it."""
+        self.forward(msg)
+        self.remember(msg.request, msg.payload)
+
+    # -- the backend's state, for a restarted backend --------------------------------------
+    def remember(self, req: FrontendReq, payload: p.Payload, fd_source: Callable[[], int] | None = None,
+                 key: tuple | None = None) -> None:
+        if key is None:
+            index = getattr(payload, "index", None)
+            if req == FrontendReq.SET_CONFIG:
+                key = (req, payload.offset, len(payload.data))
+            elif isinstance(payload, p.VringFd):
+                key = (req, payload.index)
+            else:
+                key = (req,) if index is None else (req, index)
+
+        def build() -> Message:
+            return Message(req, payload, [fd_source()] if fd_source else [], VERSION)
+        self.backend_state[key] = build
+
+    def forget_queue_start(self, q: int) -> None:
+        """The queue stopped: a restarted backend must not get its kick fd (that starts a ring)."""
+        self.backend_state.pop((FrontendReq.SET_VRING_KICK, q), None)
+
+    def _backend_unasked(self) -> None:
+        try:
+            super()._backend_unasked()
+        except PeerClosed as e:
+            if not self.survives_backend_loss:
+                raise
+            self.recover_backend(str(e))
+
+    def recover_backend(self, reason: str) -> None:
+        """The backend went away while the session was idle: park, reconnect, replay, resume.
+
+        Raises PeerClosed (the session ends, as without recovery) when no backend
+        comes back within the backend timeout.
+        """
+        t0 = time.monotonic()
+        parked: dict[int, int] = {}
+        self._park_queues(parked)
+        kv(log, logging.WARNING, "backend.lost", dev=self.name, reason=reason, parked=sum(parked.values()),
+           queues=len(parked), action="keeping the guest's requests, waiting for the backend to come back")
+        event_idx = bool(self.neg.features & VirtioFeature.RING_EVENT_IDX)
+
+        def start_queue(q: int) -> None:
+            # As in on_set_vring_kick: a fresh shadow ring (parked requests re-published)
+            # before the backend gets the kick fd that starts its side.
+            if q in parked:
+                self.dev.queue_start(q, event_idx=event_idx)
+                self.started.add(q)
+        while True:
+            self._sel.unregister(self.backend.sock)
+            self.backend.close()
+            try:
+                sock = self.reconnect()
+            except OSError as e:
+                raise PeerClosed(f"{reason}; no backend came back: {e}") from None
+            self.backend = Connection(sock, Channel.MAIN, receives_replies=True, name="backend")
+            self._sel.register(sock, selectors.EVENT_READ, "backend")
+            try:
+                self.replay_backend_state(before_kick=start_queue)
+                break
+            except PeerClosed as e:
+                # A dying backend's listening socket can outlive its connection and take
+                # one more; or the new one left. Try again while the timeout allows.
+                if time.monotonic() - t0 >= self.cfg.backend_timeout:
+                    raise PeerClosed(f"{reason}; no backend came back: the last one left during the replay ({e})") \
+                        from None
+                kv(log, logging.INFO, "backend.retry", dev=self.name, reason=f"left during the replay: {e}")
+                self._park_queues(parked)
+                time.sleep(0.05)
+        kv(log, logging.INFO, "backend.reconnected", dev=self.name, requeued=sum(parked.values()),
+           queues=len(parked), seconds=f"{time.monotonic() - t0:.3f}")
+
+    def _park_queues(self, parked: dict[int, int]) -> None:
+        """Stop the started queues keeping their requests (-> parked: queue -> requests kept)."""
+        from ..dataplane import DrainTimeout
+        for q in sorted(self.started):
+            try:
+                self.dev.queue_stop(q, timeout_ms=0)  # harvests what the backend completed
+                parked[q] = 0
+            except DrainTimeout as e:
+                parked[q] = e.inflight
+            self.dev.queue_clear_shadow(q)  # a new backend must read fresh ring indices
+        self.started.clear()
+
+    def replay_backend_state(self, before_kick: Callable[[int], None]) -> None:
+        """Tell a new backend everything the old one had been told, in the same order;
+        `before_kick(q)` runs before queue q's kick fd is sent."""
+        features = self.to_backend(Message(FrontendReq.GET_FEATURES, p.Empty(), [], VERSION),
+                                   expect_reply=True).payload.value
+        protocol = self.to_backend(Message(FrontendReq.GET_PROTOCOL_FEATURES, p.Empty(), [], VERSION),
+                                   expect_reply=True).payload.value
+        for req, offered in ((FrontendReq.SET_FEATURES, features), (FrontendReq.SET_PROTOCOL_FEATURES, protocol)):
+            build = self.backend_state.get((req,))
+            missing = build().payload.value & ~offered if build else 0
+            if missing:
+                raise UnexpectedMessage(f"the restarted backend does not offer {req.name[4:].lower()} "
+                                        f"{missing:#x} that the session negotiated")
+        acks = False
+        for key, build in list(self.backend_state.items()):
+            msg = build()
+            if acks and msg.request not in (FrontendReq.SET_OWNER,):
+                msg = Message(msg.request, msg.payload, msg.fds, VERSION | FLAG_NEED_REPLY)
+            if key == ("memory",):
+                self.backend_has_table = False
+                msg.close_fds()
+                self.send_backend_table()
+                continue
+            if msg.request == FrontendReq.SET_VRING_KICK:
+                before_kick(key[1])
+            if key == (FrontendReq.SET_BACKEND_REQ_FD,):
+                msg.close_fds()
+                msg = Message(msg.request, msg.payload, [self._new_relay(self.relay.take_qemu_side())], msg.flags)
+            reply = self.to_backend(msg, expect_reply=msg.need_reply)
+            if reply is not None and reply.payload.value != 0:
+                raise UnexpectedMessage(f"the restarted backend refused {msg.request.name} (ack {reply.payload.value})")
+            if msg.request == FrontendReq.SET_PROTOCOL_FEATURES:
+                acks = bool(msg.payload.value & ProtocolFeature.REPLY_ACK)
 
     # -- features ------------------------------------------------------------------
     def on_get_features(self, msg: Message) -> None:
@@ -201,6 +350,8 @@ class IsolatedSession(Session):
         if reply is not None and reply.payload.value != 0:
             raise UnexpectedMessage(f"backend refused the shadow memory table (ack {reply.payload.value})")
         self.backend_has_table = True
+        # Replayed by send_backend_table itself (a fresh dup of the shadow fd).
+        self.backend_state.setdefault(("memory",), lambda: Message(FrontendReq.SET_MEM_TABLE, p.MemTable([]), [], VERSION))
 
     def on_set_mem_table(self, msg: Message) -> None:
         from ..dataplane import MemRegion
@@ -243,7 +394,7 @@ class IsolatedSession(Session):
     def on_set_vring_num(self, msg: Message) -> None:
         q = self.queue_index(msg.payload.index)
         self.dev.queue_set_num(q, msg.payload.num)
-        self.forward(msg)
+        self.forward_state(msg)
 
     def on_set_vring_addr(self, msg: Message) -> None:
         a = msg.payload
@@ -283,6 +434,7 @@ class IsolatedSession(Session):
             kv(log, logging.ERROR, "vring.drain_timeout", dev=self.name, queue=q, inflight=e.inflight,
                reason=f"backend still held {e.inflight} requests after {self.cfg.reply_timeout:g} s")
         self.started.discard(q)
+        self.forget_queue_start(q)
         self.log_stats(q)
         kv(log, logging.DEBUG, "vring.stopped", dev=self.name, queue=q, guest_avail_idx=idx, shadow_idx=shadow_next)
         self.to_qemu(msg.reply(p.VringState(q, idx)))
@@ -305,7 +457,7 @@ class IsolatedSession(Session):
         self.dev.queue_start(q, event_idx=event_idx)
         self.started.add(q)
         kick, _ = self.dev.queue_backend_fds(q)
-        self.to_backend_as(msg, p.VringFd.make(q), [os.dup(kick)])
+        self.to_backend_as(msg, p.VringFd.make(q), [os.dup(kick)], fd_source=lambda: os.dup(kick))
 
     def on_set_vring_call(self, msg: Message) -> None:
         q = self.queue_index(msg.payload.index)
@@ -314,7 +466,7 @@ class IsolatedSession(Session):
         finally:
             msg.close_fds()
         _, call = self.dev.queue_backend_fds(q)
-        self.to_backend_as(msg, p.VringFd.make(q), [os.dup(call)])
+        self.to_backend_as(msg, p.VringFd.make(q), [os.dup(call)], fd_source=lambda: os.dup(call))
 
     def on_set_vring_err(self, msg: Message) -> None:
         q = self.queue_index(msg.payload.index)
@@ -326,7 +478,7 @@ class IsolatedSession(Session):
         ours = os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK)
         self.err_fds[q] = (ours, qemu_fd)
         self.watch(ours, lambda: self._on_backend_err(q))
-        self.to_backend_as(msg, p.VringFd.make(q), [os.dup(ours)])
+        self.to_backend_as(msg, p.VringFd.make(q), [os.dup(ours)], fd_source=lambda: os.dup(ours))
 
     def _on_backend_err(self, q: int) -> None:
         ours, qemu_fd = self.err_fds[q]
@@ -347,10 +499,13 @@ class IsolatedSession(Session):
 
     def on_set_backend_req_fd(self, msg: Message) -> None:
         self.forward(self.start_relay(msg))
+        self.remember(msg.request, msg.payload)  # replayed with a new relay to QEMU's same channel
 
     def on_reset(self, msg: Message) -> None:
         if self.dev is not None:
             self.dev.reset()
+        for q in self.started:
+            self.forget_queue_start(q)
         self.started.clear()
         self.forward(msg)
 

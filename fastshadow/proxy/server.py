@@ -83,7 +83,7 @@ class Device:
             qemu_sock.close()
             return
         try:
-            self.session = self.proxy.make_session(self.cfg, qemu_sock, backend_sock)
+            self.session = self.proxy.make_session(self.cfg, qemu_sock, backend_sock, reconnect=self.backend.get)
         except Exception as e:
             kv(log, logging.ERROR, "session.setup_failed", dev=self.cfg.name, reason=str(e))
             qemu_sock.close()
@@ -125,11 +125,13 @@ class Proxy:
             self.close()
             raise
 
-    def make_session(self, cfg: DeviceConfig, qemu_sock: socket.socket, backend_sock: socket.socket) -> Session:
+    def make_session(self, cfg: DeviceConfig, qemu_sock: socket.socket, backend_sock: socket.socket,
+                     reconnect=None) -> Session:
+        """`reconnect()` returns a new backend connection (isolated sessions that outlive their backend)."""
         if cfg.mode is Mode.DIRECT:
             return DirectSession(cfg, qemu_sock, backend_sock)
         from .isolated import IsolatedSession  # imports the C data plane only when needed
-        return IsolatedSession(cfg, qemu_sock, backend_sock, self.get_dataplane())
+        return IsolatedSession(cfg, qemu_sock, backend_sock, self.get_dataplane(), reconnect=reconnect)
 
     def get_dataplane(self):
         if self.dataplane is None:

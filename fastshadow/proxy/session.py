@@ -36,6 +36,8 @@ class Session:
     """Base of both modes: connection handling, reply relaying, teardown."""
 
     mode = "direct"
+    #: The session survives the backend's death (isolated mode, see IsolatedSession.recover_backend).
+    survives_backend_loss = False
 
     def __init__(self, cfg: DeviceConfig, qemu_sock: socket.socket, backend_sock: socket.socket):
         self.cfg = cfg
@@ -131,10 +133,7 @@ class Session:
             pass
 
     def _backend_unasked(self) -> None:
-        try:
-            msg = self.backend.recv()
-        except PeerClosed as e:
-            raise PeerClosed(f"backend closed the connection ({e})") from None
+        msg = self.backend.recv()  # PeerClosed: "backend closed the connection"
         msg.close_fds()
         raise UnexpectedMessage(f"backend sent {msg.request.name} on the main socket without being asked")
 
@@ -154,8 +153,6 @@ class Session:
         except ReplyTimeout as e:
             raise ReplyTimeout(f"backend did not answer {msg.request.name} within "
                                f"{self.cfg.reply_timeout:g} s") from e
-        except PeerClosed as e:
-            raise PeerClosed(f"backend closed the connection ({e})") from None
         finally:
             msg.close_fds()
         if reply is not None:
@@ -178,10 +175,15 @@ class Session:
             self.relay.stop()
         qemu_end = socket.socket(fileno=msg.fds.pop())
         msg.close_fds()
+        return Message(msg.request, msg.payload, [self._new_relay(qemu_end)], msg.flags)
+
+    def _new_relay(self, qemu_end: socket.socket) -> int:
+        """Relay QEMU's channel `qemu_end` through a new socketpair; returns the backend's end."""
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
-        self.relay = BackendChannelRelay(self, backend_side=ours, qemu_side=qemu_end)
+        self.relay = BackendChannelRelay(self, backend_side=ours, qemu_side=qemu_end,
+                                         keep_qemu_side=self.survives_backend_loss)
         self.relay.start()
-        return Message(msg.request, msg.payload, [theirs.detach()], msg.flags)
+        return theirs.detach()
 
     # -- handlers (overridden by modes) ------------------------------------------
     def on_frontend(self, msg: Message) -> None:
@@ -206,9 +208,12 @@ class DirectSession(Session):
 class BackendChannelRelay(threading.Thread):
     """Relays back-end requests (and QEMU's replies) between two sockets."""
 
-    def __init__(self, session: Session, *, backend_side: socket.socket, qemu_side: socket.socket):
+    def __init__(self, session: Session, *, backend_side: socket.socket, qemu_side: socket.socket,
+                 keep_qemu_side: bool = False):
         super().__init__(name=f"relay-{session.name}", daemon=True)
         self.session = session
+        #: When the backend's side closes, keep QEMU's open: a reconnected backend gets a new relay to it.
+        self.keep_qemu_side = keep_qemu_side
         self.from_backend = Connection(backend_side, Channel.BACKEND, receives_replies=False,
                                        name="backend (request channel)")
         self.to_qemu = Connection(qemu_side, Channel.BACKEND, receives_replies=True,
@@ -219,7 +224,10 @@ class BackendChannelRelay(threading.Thread):
         s = self.session
         try:
             while True:
-                msg = self.from_backend.recv()
+                try:
+                    msg = self.from_backend.recv()
+                except ConnectionError:  # the backend died: the session decides what follows
+                    raise PeerClosed("backend closed its request channel") from None
                 s.trace("backend->fastshadow (channel)", msg)
                 refusal = s.filter_backend_request(msg)
                 expect = s.neg.expects_reply(msg)
@@ -246,7 +254,8 @@ class BackendChannelRelay(threading.Thread):
                 s.abort(f"backend request channel: {e}")
         finally:
             self.from_backend.close()
-            self.to_qemu.close()
+            if not self.keep_qemu_side or self._stopping.is_set():
+                self.to_qemu.close()
 
     def stop(self) -> None:
         self._stopping.set()
@@ -257,6 +266,17 @@ class BackendChannelRelay(threading.Thread):
                 pass
         if threading.current_thread() is not self:
             self.join(timeout=5)
+        self.to_qemu.close()
+
+    def take_qemu_side(self) -> socket.socket:
+        """End the relay but keep QEMU's side open, for a new relay to a new backend."""
+        assert self.keep_qemu_side
+        try:
+            self.from_backend.sock.shutdown(socket.SHUT_RDWR)
+        except OSError:
+            pass
+        self.join(timeout=5)
+        return self.to_qemu.sock
 
 
 __all__ = ["Session", "DirectSession", "BackendChannelRelay", "BackendReq"]

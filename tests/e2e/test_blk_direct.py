@@ -52,12 +52,18 @@ def test_guest_through_direct_proxy(guest_image, workdir, start_qsd, start_proxy
     assert "session.refused" not in log and "session.failed" not in log
 
 
-@pytest.mark.parametrize("mode", ["direct", "isolated"])
-def test_backend_killed_under_connected_qemu(mode, guest_image, workdir, start_qsd, start_proxy):
+@pytest.mark.parametrize("mode,extra", [("direct", []), ("isolated", ["--backend-reconnect", "off"]),
+                                        ("isolated", [])], ids=["direct", "isolated-off", "isolated-auto"])
+def test_backend_killed_under_connected_qemu(mode, extra, guest_image, workdir, start_qsd, start_proxy):
+    """The backend dies and stays away: the session ends, the proxy keeps serving.
+
+    With --backend-reconnect auto (isolated blk), fastshadow first waits for a
+    new backend (here 1 s, --backend-timeout) before it gives up the session;
+    test_backend_restart.py covers a backend that comes back in time."""
     qsd_sock = str(workdir / "qsd.sock")
     qsd = start_qsd(qsd_sock, disk=workdir / "disk.img", num_queues=1)
     proxy = start_proxy(["--listen", str(workdir / "fs.sock"), "--backend", qsd_sock, "--backend-timeout", "1",
-                         "--mode", mode],
+                         "--mode", mode, *extra],
                         [str(workdir / "fs.sock")])
     # A guest that stays up (no checker, no power-off) with QEMU reconnecting.
     cmdline = {"fastshadow.cmd": "sleep 600"}
@@ -67,7 +73,12 @@ def test_backend_killed_under_connected_qemu(mode, guest_image, workdir, start_q
         vm.wait_for("FASTSHADOW-GUEST READY", timeout=120)
         proxy.wait_log("session.start dev=dev0")
         os.kill(qsd.pid, signal.SIGKILL)
-        proxy.wait_log(r'session.end dev=dev0 reason="backend closed the connection')
+        (end,) = proxy.wait_log(r'session.end dev=dev0 reason="backend closed the connection')
+        if mode == "isolated" and not extra:
+            proxy.wait_log(r"backend\.lost dev=dev0")
+            assert "no backend came back" in end, end
+        else:
+            assert "backend.lost" not in proxy.log()
         # QEMU comes back (reconnect=1); with no backend the proxy says so and keeps serving.
         proxy.wait_log("backend.unavailable dev=dev0", timeout=30)
         assert proxy.alive()
