@@ -43,6 +43,8 @@ class Testpmd(BackendDaemon):
         self.queues = queues
         self.memory_mb = memory_mb
         self.extra_args = list(extra_args)
+        # Own runtime directory: several instances (and test runs) side by side.
+        self.file_prefix = f"fastshadow-{os.getpid()}-{id(self):x}"
 
     @property
     def command(self) -> list[str]:
@@ -50,10 +52,14 @@ class Testpmd(BackendDaemon):
         if path is None:
             raise TestpmdError("dpdk-testpmd not found: apt-get install dpdk-dev")
         return [path, "-l", self.lcores, "--no-huge", "--no-pci", "-m", str(self.memory_mb),
-                # Own runtime directory: several instances (and test runs) side by side.
-                "--file-prefix", f"fastshadow-{os.getpid()}-{id(self):x}",
+                "--file-prefix", self.file_prefix,
                 "--vdev", f"net_vhost0,iface={self.socket_path},queues={self.queues}",
                 "--", f"--forward-mode={self.forward_mode}",
                 "--total-num-mbufs", "16384",  # the default pool needs ~1 GiB without hugepages
                 # Non-interactive: print statistics every hour instead of reading stdin.
                 "--stats-period", "3600", *self.extra_args]
+
+    def kill(self) -> None:
+        super().kill()
+        # A killed testpmd leaves its runtime directory (sockets, config) behind.
+        shutil.rmtree(f"/var/run/dpdk/{self.file_prefix}", ignore_errors=True)

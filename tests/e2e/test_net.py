@@ -15,8 +15,10 @@ While the guest runs, the isolation check looks at testpmd's memory.
 
 from __future__ import annotations
 
+import os
 import re
 import shutil
+import signal
 import time
 
 import pytest
@@ -102,7 +104,9 @@ def test_testpmd_killed_and_restarted_mid_traffic(guest_image, workdir, start_pr
             wait_for_memory(pmd.pid, vm.pid)
             time.sleep(1.0)
             assert "FASTSHADOW-NET" not in vm.console, "netcheck finished before the kill: make it longer"
-            pmd.kill()                      # SIGTERM to its process group; it exits at once
+            # SIGKILL: on SIGTERM testpmd keeps forwarding for seconds while it shuts down.
+            os.kill(pmd.pid, signal.SIGKILL)
+            pmd.kill()                      # reaps it, removes its runtime directory
             proxy.wait_log(r"backend\.lost dev=dev0", timeout=30)
             pmd = Testpmd(sock, log_path=workdir / "testpmd2.log").start()
             back = proxy.wait_log(r"backend\.reconnected dev=dev0", timeout=60)[0]
