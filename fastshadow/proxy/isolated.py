@@ -92,9 +92,9 @@ class IsolatedSession(Session):
         super().__init__(cfg, qemu_sock, backend_sock)
         self.reconnect = reconnect
         self.survives_backend_loss = reconnect is not None and cfg.reconnects_backend()
-        #: What the backend has been told, to tell a restarted one: key -> message factory,
-        #: in the order first sent (dicts keep it).
-        self.backend_state: dict[tuple, Callable[[], Message]] = {}
+        #: What the backend has been told, to tell a restarted one, in the order first
+        #: sent (dicts keep it): key -> (request, payload, source of its fd or None).
+        self.backend_state: dict[tuple, tuple[FrontendReq, p.Payload, Callable[[], int] | None]] = {}
         self.dp = dataplane
         self.dev = None
         self.queue_num: int | None = None
@@ -169,20 +169,15 @@ class IsolatedSession(Session):
         self.remember(msg.request, msg.payload)
 
     # -- the backend's state, for a restarted backend --------------------------------------
-    def remember(self, req: FrontendReq, payload: p.Payload, fd_source: Callable[[], int] | None = None,
-                 key: tuple | None = None) -> None:
-        if key is None:
-            index = getattr(payload, "index", None)
-            if req == FrontendReq.SET_CONFIG:
-                key = (req, payload.offset, len(payload.data))
-            elif isinstance(payload, p.VringFd):
-                key = (req, payload.index)
-            else:
-                key = (req,) if index is None else (req, index)
-
-        def build() -> Message:
-            return Message(req, payload, [fd_source()] if fd_source else [], VERSION)
-        self.backend_state[key] = build
+    def remember(self, req: FrontendReq, payload: p.Payload, fd_source: Callable[[], int] | None = None) -> None:
+        """Record a state-setting request as sent to the backend; the latest per queue (or per
+        config range) wins, in the position of the first."""
+        if req == FrontendReq.SET_CONFIG:
+            key: tuple = (req, payload.offset, len(payload.data))
+        else:
+            index = getattr(payload, "index", None)  # vring requests
+            key = (req,) if index is None else (req, index)
+        self.backend_state[key] = (req, payload, fd_source)
 
     def forget_queue_start(self, q: int) -> None:
         """The queue stopped: a restarted backend must not get its kick fd (that starts a ring)."""
@@ -259,31 +254,29 @@ class IsolatedSession(Session):
         protocol = self.to_backend(Message(FrontendReq.GET_PROTOCOL_FEATURES, p.Empty(), [], VERSION),
                                    expect_reply=True).payload.value
         for req, offered in ((FrontendReq.SET_FEATURES, features), (FrontendReq.SET_PROTOCOL_FEATURES, protocol)):
-            build = self.backend_state.get((req,))
-            missing = build().payload.value & ~offered if build else 0
+            sent = self.backend_state.get((req,))
+            missing = sent[1].value & ~offered if sent else 0
             if missing:
                 raise UnexpectedMessage(f"the restarted backend does not offer {req.name[4:].lower()} "
                                         f"{missing:#x} that the session negotiated")
-        acks = False
-        for key, build in list(self.backend_state.items()):
-            msg = build()
-            if acks and msg.request not in (FrontendReq.SET_OWNER,):
-                msg = Message(msg.request, msg.payload, msg.fds, VERSION | FLAG_NEED_REPLY)
-            if key == ("memory",):
+        acks = False  # REPLY_ACK holds from the replayed SET_PROTOCOL_FEATURES on
+        for req, payload, fd_source in list(self.backend_state.values()):
+            if req == FrontendReq.SET_MEM_TABLE:
                 self.backend_has_table = False
-                msg.close_fds()
-                self.send_backend_table()
+                self.send_backend_table()  # the shadow region, a new dup of its fd
                 continue
-            if msg.request == FrontendReq.SET_VRING_KICK:
-                before_kick(key[1])
-            if key == (FrontendReq.SET_BACKEND_REQ_FD,):
-                msg.close_fds()
-                msg = Message(msg.request, msg.payload, [self._new_relay(self.relay.take_qemu_side())], msg.flags)
-            reply = self.to_backend(msg, expect_reply=msg.need_reply)
+            if req == FrontendReq.SET_VRING_KICK:
+                before_kick(payload.index)
+            if req == FrontendReq.SET_BACKEND_REQ_FD:  # a new relay to QEMU's same channel
+                fds = [self._new_relay(self.relay.take_qemu_side())]
+            else:
+                fds = [fd_source()] if fd_source else []
+            flags = VERSION | (FLAG_NEED_REPLY if acks and req != FrontendReq.SET_OWNER else 0)
+            reply = self.to_backend(Message(req, payload, fds, flags), expect_reply=bool(flags & FLAG_NEED_REPLY))
             if reply is not None and reply.payload.value != 0:
-                raise UnexpectedMessage(f"the restarted backend refused {msg.request.name} (ack {reply.payload.value})")
-            if msg.request == FrontendReq.SET_PROTOCOL_FEATURES:
-                acks = bool(msg.payload.value & ProtocolFeature.REPLY_ACK)
+                raise UnexpectedMessage(f"the restarted backend refused {req.name} (ack {reply.payload.value})")
+            if req == FrontendReq.SET_PROTOCOL_FEATURES:
+                acks = bool(payload.value & ProtocolFeature.REPLY_ACK)
 
     # -- features ------------------------------------------------------------------
     def on_get_features(self, msg: Message) -> None:
@@ -343,15 +336,14 @@ class IsolatedSession(Session):
         if self.backend_has_table:
             return
         dev = self.device()
-        region = p.MemoryRegion(dev.shadow_gpa, dev.shadow_size, dev.shadow_uaddr, 0)
+        region_table = p.MemTable([p.MemoryRegion(dev.shadow_gpa, dev.shadow_size, dev.shadow_uaddr, 0)])
         flags = msg_flags(self.neg.has(ProtocolFeature.REPLY_ACK))
-        out = Message(FrontendReq.SET_MEM_TABLE, p.MemTable([region]), [os.dup(dev.shadow_fd)], flags)
+        out = Message(FrontendReq.SET_MEM_TABLE, region_table, [os.dup(dev.shadow_fd)], flags)
         reply = self.to_backend(out, expect_reply=bool(flags & FLAG_NEED_REPLY))
         if reply is not None and reply.payload.value != 0:
             raise UnexpectedMessage(f"backend refused the shadow memory table (ack {reply.payload.value})")
         self.backend_has_table = True
-        # Replayed by send_backend_table itself (a fresh dup of the shadow fd).
-        self.backend_state.setdefault(("memory",), lambda: Message(FrontendReq.SET_MEM_TABLE, p.MemTable([]), [], VERSION))
+        self.backend_state.setdefault((FrontendReq.SET_MEM_TABLE,), (FrontendReq.SET_MEM_TABLE, region_table, None))
 
     def on_set_mem_table(self, msg: Message) -> None:
         from ..dataplane import MemRegion
