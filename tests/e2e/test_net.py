@@ -91,7 +91,7 @@ def test_testpmd_killed_and_restarted_mid_traffic(guest_image, workdir, start_pr
         pytest.skip("dpdk-testpmd is not installed (the README's test command installs dpdk-dev)")
     count = 8000
     cmd = ("ip link set eth0 up && ip addr add 10.7.0.1/24 dev eth0 && "
-           f"/netcheck --dst 10.7.0.2 --count {count} --window 16 --timeout-ms 2000 --seed 9")
+           f"/netcheck --dst 10.7.0.2 --count {count} --window 16 --timeout-ms 3000 --seed 9")
     sock = workdir / "pmd.sock"
     pmd = Testpmd(sock, log_path=workdir / "testpmd1.log").start()
     try:
