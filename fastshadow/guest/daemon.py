@@ -1,7 +1,7 @@
 """A vhost-user backend as a child process: started, awaited on its socket, stopped.
 
 The backends of the tests, the demo and the benchmarks (qemu-storage-daemon,
-virtiofsd) are all started the same way: remove a stale socket, spawn the
+virtiofsd, dpdk-testpmd) are all started the same way: remove a stale socket, spawn the
 daemon in its own session (so stopping it also stops what it forked), collect
 its output, and wait until it *listens* on its unix socket. A probe connect()
 would be taken as the vhost-user front-end, so readiness is read from

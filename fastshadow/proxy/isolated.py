@@ -271,7 +271,7 @@ class IsolatedSession(Session):
                 fds = [self._new_relay(self.relay.take_qemu_side())]
             else:
                 fds = [fd_source()] if fd_source else []
-            flags = VERSION | (FLAG_NEED_REPLY if acks and req != FrontendReq.SET_OWNER else 0)
+            flags = msg_flags(acks and req != FrontendReq.SET_OWNER)
             reply = self.to_backend(Message(req, payload, fds, flags), expect_reply=bool(flags & FLAG_NEED_REPLY))
             if reply is not None and reply.payload.value != 0:
                 raise UnexpectedMessage(f"the restarted backend refused {req.name} (ack {reply.payload.value})")
@@ -516,5 +516,4 @@ class IsolatedSession(Session):
 
 
 def msg_flags(need_reply: bool) -> int:
-    from ..protocol.messages import VERSION
     return VERSION | (FLAG_NEED_REPLY if need_reply else 0)

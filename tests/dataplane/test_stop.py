@@ -7,6 +7,8 @@ rig checks after each test that nothing outside the named buffers was written.
 """
 
 import os
+import random
+import threading
 import time
 
 import pytest
@@ -98,7 +100,6 @@ def test_taken_requests_completed_after_the_stop_without_a_call(loop_rig):
     reqs = be.pending()
     rig.dev.queue_pause(0)
 
-    import threading
     t = threading.Timer(0.2, lambda: rig.serve(0, reqs))   # no call eventfd write
     t.start()
     try:
@@ -175,7 +176,6 @@ def test_random_stops_complete_every_request_exactly_once(make_rig, seed):
     restart that serves everything.  Every guest request must complete exactly
     once, with the bytes the backend wrote; guest RAM is checked by the canary
     model (nothing else written)."""
-    import random
     rng = random.Random(seed)
     rig = make_rig(num=rng.choice([16, 32]))
     g, be = rig.gq[0], rig.be[0]
