@@ -77,7 +77,7 @@ int chain_walk(struct fsdp_mem *m, const uint8_t *table, uint32_t num, uint16_t 
             if (d.len == 0 || d.len % 16u || d.len > 16u * num)
                 return refuse(out, FSDP_EV_INDIRECT_BAD_LEN, d.len, 16ull * num);
             /* Read the table once, into private memory (split if needed). */
-            rc = mem_copy_from_guest(m, ind, d.addr, d.len);
+            rc = mem_copy_from_guest(m, ind, d.addr, d.len, false);
             if (rc)
                 return refuse(out, (uint32_t)rc, d.addr, d.len);
             out->steps += d.len / 16u;

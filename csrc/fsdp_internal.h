@@ -146,8 +146,12 @@ void mem_sort(struct fsdp_region *r, uint32_t n);
  * else FSDP_EV_ADDR_OVERFLOW or FSDP_EV_ADDR_UNMAPPED. */
 int mem_check_range(struct fsdp_mem *m, uint64_t gpa, uint64_t len);
 /* Copies; return 0 or the event code (range not mapped). */
-int mem_copy_from_guest(struct fsdp_mem *m, void *dst, uint64_t gpa, uint64_t len);
-int mem_copy_to_guest(struct fsdp_mem *m, uint64_t gpa, const void *src, uint64_t len);
+int mem_copy_from_guest(struct fsdp_mem *m, void *dst, uint64_t gpa, uint64_t len, bool stream);
+/* stream: write guest RAM with streaming stores (copy.c). */
+int mem_copy_to_guest(struct fsdp_mem *m, uint64_t gpa, const void *src, uint64_t len,
+                      bool stream);
+/* copy.c: memcpy with non-temporal stores (x86; memcpy elsewhere). */
+void copy_stream(void *dst, const void *src, size_t n);
 /* Host pointer of [uaddr, uaddr+len) if it lies within one region. */
 uint8_t *mem_uaddr_to_host(struct fsdp_mem *m, uint64_t uaddr, uint64_t len);
 
@@ -308,6 +312,8 @@ struct fsdp_dev {
     uint64_t slot_size;     /* ring_reserve + bounce */
     uint32_t num_queues;
     struct fsdp_queue *q;
+    uint64_t stream_min;    /* buffers of this many bytes or more are copied
+                               with streaming stores (copy.c); 0: never */
     bool attached;          /* in the dp's device table */
 };
 

@@ -258,6 +258,7 @@ int dp_attach_dev(struct fsdp_dp *dp, struct fsdp_dev *dev)
         if (!dp->devs[id]) {
             dp->devs[id] = dev;
             dev->id = id;
+            dev->stream_min = dp->cfg.stream_copy_min;
             dev->attached = true;
             if (id + 1 > dp->ndevs)
                 dp->ndevs = id + 1;

@@ -130,21 +130,28 @@ int mem_check_range(struct fsdp_mem *m, uint64_t gpa, uint64_t len)
     return 0;
 }
 
-int mem_copy_from_guest(struct fsdp_mem *m, void *dst, uint64_t gpa, uint64_t len)
+int mem_copy_from_guest(struct fsdp_mem *m, void *dst, uint64_t gpa, uint64_t len, bool stream)
 {
     uint8_t *d = dst;
     FOR_EACH_PIECE(m, gpa, len, host, take, {
-        memcpy(d, host, take);
+        if (stream)
+            copy_stream(d, host, take);
+        else
+            memcpy(d, host, take);
         d += take;
     });
     return 0;
 }
 
-int mem_copy_to_guest(struct fsdp_mem *m, uint64_t gpa, const void *src, uint64_t len)
+int mem_copy_to_guest(struct fsdp_mem *m, uint64_t gpa, const void *src, uint64_t len,
+                      bool stream)
 {
     const uint8_t *s = src;
     FOR_EACH_PIECE(m, gpa, len, host, take, {
-        memcpy(host, s, take);
+        if (stream)
+            copy_stream(host, s, take);
+        else
+            memcpy(host, s, take);
         s += take;
     });
     return 0;

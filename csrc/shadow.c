@@ -198,7 +198,9 @@ static uint64_t copy_in(struct fsdp_queue *q, uint16_t head)
     for (uint16_t i = 0; i < q->req[head].ndesc; i++) {
         struct fsdp_sdesc *sd = &q->sd[s];
         if (!(sd->flags & VRING_DESC_F_WRITE) && sd->len) {
-            if (mem_copy_from_guest(&q->dev->mem, q->s_bounce + sd->off, sd->gpa, sd->len) == 0)
+            bool stream = q->dev->stream_min && sd->len >= q->dev->stream_min;
+            if (mem_copy_from_guest(&q->dev->mem, q->s_bounce + sd->off, sd->gpa, sd->len,
+                                    stream) == 0)
                 bytes += sd->len;
         }
         s = sd->next;
@@ -465,7 +467,9 @@ static uint32_t copy_back(struct fsdp_queue *q, uint16_t head, uint32_t len)
             if (take) {
                 /* Private offset and length: whatever the backend did to
                  * the shadow descriptors, we copy from where WE put it. */
-                int rc = mem_copy_to_guest(&q->dev->mem, sd->gpa, q->s_bounce + sd->off, take);
+                bool stream = q->dev->stream_min && take >= q->dev->stream_min;
+                int rc = mem_copy_to_guest(&q->dev->mem, sd->gpa, q->s_bounce + sd->off, take,
+                                           stream);
                 if (rc) {
                     dev_event(q->dev, q->idx, FSDP_EV_COPYBACK_UNMAPPED,
                               q->req[head].guest_head, sd->gpa, take);

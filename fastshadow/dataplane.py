@@ -245,9 +245,10 @@ class DataPlane:
     """
 
     def __init__(self, *, busy_poll_us: int = 0, poll_interval_us: int = 100,
-                 event_ring_size: int = 1024):
+                 event_ring_size: int = 1024, stream_copy_min: int = 0):
         cfg = ffi.new("struct fsdp_dp_config *")
         cfg.busy_poll_us = busy_poll_us
+        cfg.stream_copy_min = stream_copy_min
         cfg.poll_interval_us = poll_interval_us
         cfg.event_ring_size = event_ring_size
         out = ffi.new("struct fsdp_dp **")

@@ -95,6 +95,9 @@ class DeviceConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
                               f"least one request of max_request_bytes ({self.max_request_bytes})")
 
 
+STREAM_COPY_MIN_DEFAULT = 64 * 1024
+
+
 class ProxyConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     device: list[DeviceConfig]
     log_level: str = "info"
@@ -102,8 +105,13 @@ class ProxyConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     #: Data plane: microseconds to keep polling after the last activity before sleeping (0: never).
     #: 30 µs measured best here (bench/RESULTS.md, tuning): a cross-CPU eventfd wake-up costs ~25 µs.
     busy_poll_us: int = 30
+    #: Data plane: buffers of at least this many bytes are copied (guest <-> bounce) with streaming
+    #: (non-temporal) stores, which skip reading the destination first (0: never; csrc/copy.c).
+    stream_copy_min: int = STREAM_COPY_MIN_DEFAULT
 
     def validate(self) -> None:
+        if self.busy_poll_us < 0 or self.stream_copy_min < 0:
+            raise ConfigError("busy_poll_us and stream_copy_min must not be negative")
         if not self.device:
             raise ConfigError("no device configured: give --listen/--backend or a config file with [[device]]")
         seen: set[str] = set()

@@ -356,8 +356,8 @@ class Rig:
     def __init__(self, *, num: int = 16, nq: int = 1, event_idx: bool = False,
                  backend_event_idx: bool | None = None, bounce: int = 1 << 20,
                  max_request_bytes: int = 256 << 10, kick: bool = True, start: bool = True,
-                 busy_poll_us: int = 0):
-        self.dp = DataPlane(busy_poll_us=busy_poll_us)
+                 busy_poll_us: int = 0, stream_copy_min: int = 0):
+        self.dp = DataPlane(busy_poll_us=busy_poll_us, stream_copy_min=stream_copy_min)
         self.mem = GuestMem()
         self.dev = self.dp.add_device("test0", num_queues=nq, bounce_per_queue=bounce,
                                       max_request_bytes=max_request_bytes, max_queue_size=1024)

@@ -117,10 +117,13 @@ def valid_chain(rnd, g, arena, arena_len, start, n):
     return idx[0]
 
 
+@pytest.mark.parametrize("stream_copy_min", [0, 1], ids=["memcpy", "stream"])
 @pytest.mark.parametrize("seed", [1, 2, 3])
-def test_random_chains(make_rig, seed):
+def test_random_chains(make_rig, seed, stream_copy_min):
+    """stream: every copy (both directions, any length or alignment) goes through
+    copy.c's streaming-store path instead of memcpy."""
     rnd = random.Random(seed)
-    rig = make_rig(num=NUM, max_request_bytes=MAX_BYTES, bounce=2 << 20)
+    rig = make_rig(num=NUM, max_request_bytes=MAX_BYTES, bounce=2 << 20, stream_copy_min=stream_copy_min)
     mem, g, be = rig.mem, rig.gq[0], rig.be[0]
     arena_len = 48 << 10
     arena = mem.alloc_crossing(arena_len, 16 << 10)           # spans the region boundary
