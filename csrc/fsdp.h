@@ -127,7 +127,7 @@ struct fsdp_mem_region {
 };
 
 struct fsdp_dp_config {
-    uint32_t busy_poll_us;      /* spin on the rings this long before sleeping */
+    uint32_t busy_poll_us;      /* spin on the rings up to this long before sleeping (adaptive) */
     uint32_t poll_interval_us;  /* wait timeout while a queue has no kick fd (0: 100) */
     uint32_t event_ring_size;   /* records (0: 1024) */
     uint64_t stream_copy_min;   /* buffers of at least this many bytes are copied

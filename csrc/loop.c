@@ -38,7 +38,8 @@
  *   3. engine pass over every started queue of every device (harvest shadow
  *      used -> guest, guest avail -> shadow);
  *   4. queue one eventfd write per backend to kick / guest to call;
- *   5. optional busy-poll on the rings for busy_poll_us;
+ *   5. optional busy-poll on the rings, for an adaptive window of at most
+ *      busy_poll_us (see busy_poll);
  *   6. submit everything (re-arms + writes) as ONE batch and wait for one
  *      completion (with a timeout if some queue has no kick fd and must be
  *      polled), then drain all completions with one cq_advance.
@@ -52,6 +53,7 @@
 #define _GNU_SOURCE
 #include <errno.h>
 #include <liburing.h>
+#include <sched.h>
 #include <stdatomic.h>
 #include <stdlib.h>
 #include <string.h>
@@ -95,6 +97,7 @@ struct fsdp_dp {
     uint64_t sink;                      /* target of every eventfd read */
     uint64_t one;                       /* source of every eventfd write */
     unsigned ring_flags;
+    uint64_t poll_ns;                   /* current busy-poll window, <= busy_poll_us */
 };
 
 static inline uint64_t ud_make(unsigned kind, uint32_t dev, uint32_t q, uint32_t token)
@@ -498,11 +501,19 @@ static uint64_t now_ns(void)
     return (uint64_t)ts.tv_sec * 1000000000ull + (uint64_t)ts.tv_nsec;
 }
 
-/* Spin on the rings (not on io_uring: with DEFER_TASKRUN completions only
- * appear when we enter the kernel) for up to busy_poll_us. */
-static bool busy_poll(struct fsdp_dp *dp)
+/*
+ * Busy-polling.  Spin on the rings (not on io_uring: with DEFER_TASKRUN
+ * completions only appear when we enter the kernel) until `end`.
+ *
+ * Every 64 rounds the spin yields the CPU.  The backend often runs on the
+ * same CPU as the data plane (2 vCPUs for guest, backend and proxy), and the
+ * completion we spin for can only come once the backend runs: without the
+ * yield the spin just delays it.  If nothing else is runnable sched_yield()
+ * returns at once.
+ */
+static bool busy_poll(struct fsdp_dp *dp, uint64_t end)
 {
-    uint64_t end = now_ns() + (uint64_t)dp->cfg.busy_poll_us * 1000u;
+    unsigned spins = 0;
 
     do {
         if (atomic_load_explicit(&dp->cmd_pending, memory_order_acquire))
@@ -514,8 +525,32 @@ static bool busy_poll(struct fsdp_dp *dp)
                     return true;
         }
         __builtin_ia32_pause();
+        if ((++spins & 63) == 0)
+            sched_yield();
     } while (now_ns() < end);
     return false;
+}
+
+/*
+ * The window adapts, in the manner of KVM's halt-polling: idle_ns is how long
+ * the loop had nothing to do (spin + sleep).  A long idle period means the
+ * spin was wasted CPU: halve the window (down to 0).  A short one that the
+ * spin did not catch means a longer spin would have: double it (from 4 us,
+ * up to busy_poll_us).  A spin that catches work keeps its window.
+ */
+static void adapt_poll(struct fsdp_dp *dp, uint64_t idle_ns)
+{
+    uint64_t max = (uint64_t)dp->cfg.busy_poll_us * 1000u;
+
+    if (idle_ns > max) {
+        dp->poll_ns /= 2;
+        if (dp->poll_ns < 1000)
+            dp->poll_ns = 0;
+    } else if (dp->poll_ns < max) {
+        dp->poll_ns = dp->poll_ns ? dp->poll_ns * 2 : 4000;
+        if (dp->poll_ns > max)
+            dp->poll_ns = max;
+    }
 }
 
 static int setup_ring(struct fsdp_dp *dp)
@@ -577,9 +612,11 @@ static void *loop_main(void *arg)
         arm_all(dp);
         process_all(dp, &poll_mode, &again);
 
+        uint64_t idle_from = 0;
         if (dp->cfg.busy_poll_us) {
             io_uring_submit(&dp->ring);          /* notifications go out now */
-            if (busy_poll(dp)) {
+            idle_from = now_ns();
+            if (dp->poll_ns && busy_poll(dp, idle_from + dp->poll_ns)) {
                 io_uring_get_events(&dp->ring);  /* run deferred task work */
                 drain_cqes(dp);
                 continue;
@@ -598,6 +635,8 @@ static void *loop_main(void *arg)
         rc = io_uring_submit_and_wait_timeout(&dp->ring, &cqe, 1, tsp, NULL);
         if (rc < 0 && rc != -ETIME && rc != -EINTR && rc != -EAGAIN && rc != -EBUSY)
             loop_error(dp, UINT32_MAX, 0, rc);
+        if (idle_from && !again)     /* `again` did not sleep: no measure of idleness */
+            adapt_poll(dp, now_ns() - idle_from);
         drain_cqes(dp);
     }
 
@@ -643,6 +682,7 @@ int fsdp_dp_new(const struct fsdp_dp_config *cfg, struct fsdp_dp **out)
         dp->cfg.event_ring_size = 1024;
     dp->one = 1;
     dp->state = ST_STOPPED;
+    dp->poll_ns = (uint64_t)dp->cfg.busy_poll_us * 1000u;
     rc = evring_init(&dp->ev, dp->cfg.event_ring_size);
     if (rc) {
         free(dp);

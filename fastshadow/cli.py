@@ -91,8 +91,10 @@ def _add_proxy_parser(sub) -> None:
                         "auto (default) does it for blk, scsi and net, whose requests are safe to run twice; "
                         "off ends the session (QEMU reconnects)")
     p.add_argument("--busy-poll-us", type=int, default=30, metavar="US",
-                   help="isolated: the data plane keeps polling the rings this long after the last activity before it "
-                        "sleeps on eventfds (default 30; 0 never spins: idle proxies sleep either way)")
+                   help="isolated: the data plane keeps polling the rings up to this long after the last activity "
+                        "before it sleeps on eventfds; the window adapts to how soon work arrives and the spin "
+                        "yields the CPU to other runnable tasks (default 30; 0 never spins: idle proxies sleep "
+                        "either way)")
     p.add_argument("--stream-copy-min", type=int, default=STREAM_COPY_MIN_DEFAULT, metavar="BYTES",
                    help="isolated: buffers of at least this many bytes are copied between guest RAM and the bounce "
                         "area with streaming (non-temporal) stores, about twice as fast into memory that is not in "

@@ -102,7 +102,8 @@ class ProxyConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     device: list[DeviceConfig]
     log_level: str = "info"
     log_format: str = "text"
-    #: Data plane: microseconds to keep polling after the last activity before sleeping (0: never).
+    #: Data plane: at most this many microseconds of polling after the last activity before sleeping
+    #: (0: never); the window adapts (csrc/loop.c, busy_poll).
     #: 30 µs measured best here (bench/RESULTS.md, tuning): a cross-CPU eventfd wake-up costs ~25 µs.
     busy_poll_us: int = 30
     #: Data plane: buffers of at least this many bytes are copied (guest <-> bounce) with streaming
