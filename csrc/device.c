@@ -67,6 +67,7 @@ void dev_destroy(struct fsdp_dev *dev)
     free(dev->q);
     for (uint32_t i = 0; i < dev->mem.n; i++)
         mem_unmap_region(&dev->mem.r[i]);
+    log_unmap(&dev->log);
     if (dev->shadow)
         munmap(dev->shadow, dev->shadow_size);
     if (dev->shadow_fd >= 0)
@@ -413,6 +414,7 @@ static int cmd_reset(struct fsdp_dp *dp, struct fsdp_cmd *c)
 {
     struct fsdp_dev *dev = c->dev;
 
+    dev->logging = false;   /* features are renegotiated after a reset */
     for (uint32_t i = 0; i < dev->num_queues; i++) {
         struct fsdp_queue *q = &dev->q[i];
         struct fsdp_cmd *w = q->stop_waiter ? queue_stop_finish(q) : NULL;
@@ -436,6 +438,60 @@ static int cmd_reset(struct fsdp_dp *dp, struct fsdp_cmd *c)
 int fsdp_dev_reset(struct fsdp_dev *dev)
 {
     struct fsdp_cmd c = {.fn = cmd_reset, .dev = dev};
+    return dp_exec(dev->dp, &c);
+}
+
+/* ------------------------------------------------------------------------ */
+/* Dirty log (log.c).                                                         */
+
+static int cmd_set_log_base(struct fsdp_dp *dp, struct fsdp_cmd *c)
+{
+    struct fsdp_log *nl = c->out, old = c->dev->log;
+
+    c->dev->log = *nl;
+    *nl = old;          /* the old log goes back to the caller to unmap */
+    return 0;
+}
+
+int fsdp_dev_set_log_base(struct fsdp_dev *dev, int fd, uint64_t size, uint64_t offset)
+{
+    struct fsdp_log nl = {0};
+    struct fsdp_cmd c = {.fn = cmd_set_log_base, .dev = dev, .out = &nl};
+    int rc = fd < 0 ? 0 : log_map(fd, size, offset, &nl);
+
+    if (rc)
+        return rc;
+    rc = dp_exec(dev->dp, &c);
+    log_unmap(&nl);     /* the replaced log, after the loop stopped using it */
+    return rc;
+}
+
+static int cmd_set_logging(struct fsdp_dp *dp, struct fsdp_cmd *c)
+{
+    c->dev->logging = c->u[0] != 0;
+    return 0;
+}
+
+int fsdp_dev_set_logging(struct fsdp_dev *dev, int on)
+{
+    struct fsdp_cmd c = {.fn = cmd_set_logging, .dev = dev, .u = {on != 0}};
+    return dp_exec(dev->dp, &c);
+}
+
+static int cmd_set_log_used(struct fsdp_dp *dp, struct fsdp_cmd *c)
+{
+    struct fsdp_queue *q = get_q(c->dev, c->q);
+
+    if (!q)
+        return -EINVAL;
+    q->log_used = c->u[0] != 0;
+    q->log_used_gpa = c->u[1];
+    return 0;
+}
+
+int fsdp_queue_set_log_used(struct fsdp_dev *dev, uint32_t q, int on, uint64_t used_gpa)
+{
+    struct fsdp_cmd c = {.fn = cmd_set_log_used, .dev = dev, .q = q, .u = {on != 0, used_gpa}};
     return dp_exec(dev->dp, &c);
 }
 

@@ -92,6 +92,7 @@ enum fsdp_event_code {
     FSDP_EV_INFLIGHT_ABORTED = 49,        /* a = requests failed toward guest */
     FSDP_EV_EVENTS_LOST = 50,             /* a = count (synthesised by the reader) */
     FSDP_EV_LOOP_ERROR = 51,              /* a = -errno from io_uring */
+    FSDP_EV_LOG_OUT_OF_RANGE = 52,        /* a = gpa, b = log bytes; once per log */
 };
 
 struct fsdp_event {
@@ -116,6 +117,7 @@ struct fsdp_queue_stats {
     uint64_t inflight;       /* requests currently owned by the backend */
     uint64_t completed;      /* requests completed toward the guest (any len) */
     uint64_t backend_errors; /* shadow used entries refused */
+    uint64_t log_pages;      /* dirty-log page marks made (migration logging) */
 };
 
 struct fsdp_mem_region {
@@ -164,6 +166,8 @@ int fsdp_dp_start(struct fsdp_dp *dp);
 int fsdp_dp_stop(struct fsdp_dp *dp);           /* joins the thread */
 int fsdp_dp_running(struct fsdp_dp *dp);
 int fsdp_dp_event_fd(struct fsdp_dp *dp);
+/* The loop's current busy-poll window (adapts between 0 and busy_poll_us). */
+uint64_t fsdp_dp_poll_window_ns(struct fsdp_dp *dp);
 /* Copies up to max events out; returns the count; *lost = records dropped
  * because the ring was full since the last call. */
 int fsdp_dp_drain_events(struct fsdp_dp *dp, struct fsdp_event *out, uint32_t max,
@@ -181,6 +185,10 @@ int fsdp_dev_set_mem_table(struct fsdp_dev *dev, const struct fsdp_mem_region *r
 int fsdp_dev_add_mem_region(struct fsdp_dev *dev, const struct fsdp_mem_region *region);
 int fsdp_dev_remove_mem_region(struct fsdp_dev *dev, uint64_t gpa, uint64_t size);
 int fsdp_dev_reset(struct fsdp_dev *dev);
+/* Dirty log for migration: QEMU's log (SET_LOG_BASE: fd mapped, never kept;
+ * fd < 0 unmaps), and whether writes are logged (VHOST_F_LOG_ALL). */
+int fsdp_dev_set_log_base(struct fsdp_dev *dev, int fd, uint64_t size, uint64_t offset);
+int fsdp_dev_set_logging(struct fsdp_dev *dev, int on);
 /* Synchronous engine pass over every started queue (loop not running). */
 int fsdp_dev_poll(struct fsdp_dev *dev, uint32_t *out_flags);
 
@@ -195,6 +203,8 @@ int fsdp_queue_backend_fds(struct fsdp_dev *dev, uint32_t q, int *kick_fd, int *
 int fsdp_queue_shadow_addrs(struct fsdp_dev *dev, uint32_t q, uint64_t *desc,
                             uint64_t *avail, uint64_t *used);
 int fsdp_queue_start(struct fsdp_dev *dev, uint32_t q, uint32_t flags);
+/* VHOST_VRING_F_LOG: log used ring writes at used_gpa (its guest-physical address). */
+int fsdp_queue_set_log_used(struct fsdp_dev *dev, uint32_t q, int on, uint64_t used_gpa);
 /* What a stop did.  avail_idx: the guest's next avail index (the answer to
  * GET_VRING_BASE), filled in every case. */
 struct fsdp_stop_result {

@@ -156,6 +156,23 @@ void copy_stream(void *dst, const void *src, size_t n);
 uint8_t *mem_uaddr_to_host(struct fsdp_mem *m, uint64_t uaddr, uint64_t len);
 
 /* ------------------------------------------------------------------------ */
+/* Dirty log for migration (log.c).                                           */
+
+struct fsdp_log {
+    uint8_t *bits;          /* bit p % 8 of byte p / 8: guest page p written */
+    uint64_t size;          /* bytes of bitmap */
+    void *map_base;
+    size_t map_len;
+    bool overflow_reported; /* FSDP_EV_LOG_OUT_OF_RANGE said once per log */
+};
+
+struct fsdp_dev;
+int log_map(int fd, uint64_t size, uint64_t offset, struct fsdp_log *out);
+void log_unmap(struct fsdp_log *l);
+/* Mark the guest pages of [gpa, gpa + len) if logging is on; returns pages marked. */
+uint64_t log_write(struct fsdp_dev *dev, uint32_t q, uint64_t gpa, uint64_t len);
+
+/* ------------------------------------------------------------------------ */
 /* Chain walker (chain.c).                                                    */
 
 struct fsdp_seg {
@@ -293,6 +310,10 @@ struct fsdp_queue {
     bool kick_armed, call_armed;
     bool kick_failed;       /* read on the kick fd failed: poll this queue */
 
+    /* dirty log: used ring writes are logged at log_used_gpa + offset */
+    bool log_used;
+    uint64_t log_used_gpa;
+
     /* deferred queue_stop command waiting for in-flight to drain */
     struct fsdp_cmd *stop_waiter;
 };
@@ -314,6 +335,8 @@ struct fsdp_dev {
     struct fsdp_queue *q;
     uint64_t stream_min;    /* buffers of this many bytes or more are copied
                                with streaming stores (copy.c); 0: never */
+    struct fsdp_log log;    /* QEMU's dirty log (SET_LOG_BASE), or unmapped */
+    bool logging;           /* VHOST_F_LOG_ALL negotiated */
     bool attached;          /* in the dp's device table */
 };
 

@@ -540,17 +540,19 @@ static bool busy_poll(struct fsdp_dp *dp, uint64_t end)
  */
 static void adapt_poll(struct fsdp_dp *dp, uint64_t idle_ns)
 {
-    uint64_t max = (uint64_t)dp->cfg.busy_poll_us * 1000u;
+    uint64_t max = (uint64_t)dp->cfg.busy_poll_us * 1000u, w = dp->poll_ns;
 
     if (idle_ns > max) {
-        dp->poll_ns /= 2;
-        if (dp->poll_ns < 1000)
-            dp->poll_ns = 0;
-    } else if (dp->poll_ns < max) {
-        dp->poll_ns = dp->poll_ns ? dp->poll_ns * 2 : 4000;
-        if (dp->poll_ns > max)
-            dp->poll_ns = max;
+        w /= 2;
+        if (w < 1000)
+            w = 0;
+    } else if (w < max) {
+        w = w ? w * 2 : 4000;
+        if (w > max)
+            w = max;
     }
+    /* Read by fsdp_dp_poll_window_ns from other threads. */
+    __atomic_store_n(&dp->poll_ns, w, __ATOMIC_RELAXED);
 }
 
 static int setup_ring(struct fsdp_dp *dp)
@@ -601,8 +603,11 @@ static void *loop_main(void *arg)
     if (rc)
         return NULL;
 
+    /* When the rings last ran dry (0: they are busy, or busy-poll is off). */
+    uint64_t idle_from = 0;
+
     for (;;) {
-        bool poll_mode = false, again = false;
+        bool poll_mode = false, again = false, any;
         struct __kernel_timespec ts, *tsp = NULL;
         struct io_uring_cqe *cqe;
 
@@ -610,13 +615,21 @@ static void *loop_main(void *arg)
         if (__atomic_load_n(&dp->state, __ATOMIC_ACQUIRE) == ST_STOPPING)
             break;
         arm_all(dp);
-        process_all(dp, &poll_mode, &again);
+        any = process_all(dp, &poll_mode, &again);
 
-        uint64_t idle_from = 0;
-        if (dp->cfg.busy_poll_us) {
+        if (any && idle_from) {
+            /* Work after an idle period the spin did not catch. */
+            adapt_poll(dp, now_ns() - idle_from);
+            idle_from = 0;
+        }
+        /* Spin only right after work: a wakeup that brought none (the
+         * completion of one of our own eventfd writes, a command) goes back
+         * to sleep, still counting the idle period from where it began. */
+        if (dp->cfg.busy_poll_us && any) {
             io_uring_submit(&dp->ring);          /* notifications go out now */
             idle_from = now_ns();
             if (dp->poll_ns && busy_poll(dp, idle_from + dp->poll_ns)) {
+                idle_from = 0;                   /* caught: the window stays */
                 io_uring_get_events(&dp->ring);  /* run deferred task work */
                 drain_cqes(dp);
                 continue;
@@ -635,8 +648,6 @@ static void *loop_main(void *arg)
         rc = io_uring_submit_and_wait_timeout(&dp->ring, &cqe, 1, tsp, NULL);
         if (rc < 0 && rc != -ETIME && rc != -EINTR && rc != -EAGAIN && rc != -EBUSY)
             loop_error(dp, UINT32_MAX, 0, rc);
-        if (idle_from && !again)     /* `again` did not sleep: no measure of idleness */
-            adapt_poll(dp, now_ns() - idle_from);
         drain_cqes(dp);
     }
 
@@ -755,6 +766,11 @@ int fsdp_dp_stop(struct fsdp_dp *dp)
 int fsdp_dp_running(struct fsdp_dp *dp)
 {
     return dp_loop_running(dp);
+}
+
+uint64_t fsdp_dp_poll_window_ns(struct fsdp_dp *dp)
+{
+    return __atomic_load_n(&dp->poll_ns, __ATOMIC_RELAXED);
 }
 
 int fsdp_dp_event_fd(struct fsdp_dp *dp)

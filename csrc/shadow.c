@@ -120,12 +120,21 @@ int queue_translate_rings(struct fsdp_queue *q, bool emit)
     return 0;
 }
 
+/* A write of len bytes at offset off of the guest used ring was made. */
+static void log_used(struct fsdp_queue *q, uint64_t off, uint64_t len)
+{
+    if (q->log_used)
+        q->st.log_pages += log_write(q->dev, q->idx, q->log_used_gpa + off, len);
+}
+
 static void push_guest_used(struct fsdp_queue *q, uint16_t head, uint32_t len)
 {
-    uint8_t *e = q->g_used + USED_RING(q->used_idx % q->num);
+    size_t off = USED_RING(q->used_idx % q->num);
+    uint8_t *e = q->g_used + off;
 
     vr_store32(e, head);
     vr_store32(e + 4, len);
+    log_used(q, off, 8);
     q->used_idx++;
     q->guest_used_dirty = true;
     q->st.completed++;
@@ -144,6 +153,7 @@ static void publish_guest_used(struct fsdp_queue *q)
     /* Release: the used elements and every byte copied into the guest's
      * buffers are visible before the idx that hands them to the driver. */
     vr_store16_release(q->g_used + USED_IDX, q->used_idx);
+    log_used(q, USED_IDX, 2);
     /* Full fence: our idx store must be visible before we read the driver's
      * used_event/flags.  Otherwise the driver may arm used_event after
      * reading our old idx while we read its old used_event: both sleep. */
@@ -419,6 +429,7 @@ static bool intake(struct fsdp_queue *q)
              * avail_event.  Full fence: the avail_event store must be
              * visible before the idx re-load (store->load ordering). */
             vr_store16(q->g_used + USED_AVAIL_EVENT(q->num), q->last_avail);
+            log_used(q, USED_AVAIL_EVENT(q->num), 2);
             vr_mb();
             armed = true;
             continue;
@@ -470,6 +481,9 @@ static uint32_t copy_back(struct fsdp_queue *q, uint16_t head, uint32_t len)
                 bool stream = q->dev->stream_min && take >= q->dev->stream_min;
                 int rc = mem_copy_to_guest(&q->dev->mem, sd->gpa, q->s_bounce + sd->off, take,
                                            stream);
+                /* Logged whatever rc says: a copy that failed midway may
+                 * have written its first pieces. */
+                q->st.log_pages += log_write(q->dev, q->idx, sd->gpa, take);
                 if (rc) {
                     dev_event(q->dev, q->idx, FSDP_EV_COPYBACK_UNMAPPED,
                               q->req[head].guest_head, sd->gpa, take);
@@ -645,6 +659,7 @@ void queue_do_reset(struct fsdp_queue *q)
     q->need_backend_kick = q->need_guest_call = false;
     q->guest_used_dirty = false;
     q->s_avail_idx = q->s_last_used = q->s_num_added = 0;
+    q->log_used = false;
 }
 
 /* Fail every request in flight toward the guest (len 0).  Needs the guest

@@ -148,6 +148,7 @@ class QueueStats(msgspec.Struct, frozen=True):
     inflight: int
     completed: int
     backend_errors: int
+    log_pages: int
 
 
 class StopResult(msgspec.Struct, frozen=True):
@@ -215,6 +216,8 @@ _DETAIL = {
     lib.FSDP_EV_INFLIGHT_ABORTED: lambda a, b: f"{a} requests in flight failed toward the guest (len 0)",
     lib.FSDP_EV_EVENTS_LOST: lambda a, b: f"{a} event records lost (event ring full)",
     lib.FSDP_EV_LOOP_ERROR: lambda a, b: f"io_uring operation failed: {os.strerror(-_s64(a))}",
+    lib.FSDP_EV_LOG_OUT_OF_RANGE: lambda a, b: f"write to guest page at gpa {a:#x} is beyond the {b}-byte dirty log "
+                                               f"(QEMU's log is smaller than guest memory): not logged",
 }
 
 
@@ -320,6 +323,11 @@ class DataPlane:
         dev._dev = None
         self._devices.pop(dev.id, None)
 
+    @property
+    def poll_window_us(self) -> float:
+        """The loop's current busy-poll window: adapts between 0 and ``busy_poll_us``."""
+        return lib.fsdp_dp_poll_window_ns(self._live()) / 1000
+
     # events ----------------------------------------------------------------
     @property
     def event_fd(self) -> int:
@@ -410,6 +418,21 @@ class Device:
     def reset(self) -> None:
         """Device reset: every queue forgets its state; requests in flight are dropped."""
         _check(lib.fsdp_dev_reset(self._live()), f"{self.name}: reset")
+
+    # dirty log (migration) ---------------------------------------------------
+    def set_log_base(self, fd: int | None, size: int = 0, offset: int = 0) -> None:
+        """Use QEMU's dirty log (SET_LOG_BASE): `fd` is mapped, not kept; None unmaps."""
+        _check(lib.fsdp_dev_set_log_base(self._live(), -1 if fd is None else fd, size, offset),
+               f"{self.name}: map dirty log of {size} bytes at offset {offset}")
+
+    def set_logging(self, on: bool) -> None:
+        """VHOST_F_LOG_ALL: mark every guest page the data plane writes in the dirty log."""
+        _check(lib.fsdp_dev_set_logging(self._live(), int(on)), f"{self.name}: set logging")
+
+    def queue_set_log_used(self, q: int, used_gpa: int | None) -> None:
+        """VHOST_VRING_F_LOG: log used ring writes at `used_gpa` (None: don't)."""
+        _check(lib.fsdp_queue_set_log_used(self._live(), q, int(used_gpa is not None), used_gpa or 0),
+               self._q("set used ring logging", q))
 
     def poll(self) -> int:
         """One synchronous engine pass over every started queue (loop not running).

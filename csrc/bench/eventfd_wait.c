@@ -10,7 +10,8 @@
  * The loop answers with an io_uring write submitted together with the re-arm
  * (read) or alone (multishot), then waits again: one io_uring_enter per
  * round trip either way; or (third mode) with a plain write(2) on the
- * eventfd.  Prints ns per round trip.  Not part of the
+ * eventfd.  The read mode runs with three io_uring setups (SINGLE_ISSUER |
+ * DEFER_TASKRUN as csrc/loop.c, COOP_TASKRUN, none).  Prints ns per round trip.  Not part of the
  * extension (build_ffi.py only compiles the .c files directly in csrc/):
  *
  *   gcc -O2 -o /tmp/eventfd_wait csrc/bench/eventfd_wait.c -luring -lpthread
@@ -29,6 +30,7 @@
 #include <unistd.h>
 
 static int efd_in, efd_out, iters, mode, cpu_peer = -1, cpu_loop = -1;
+static unsigned ring_flags;
 
 static void pin(int cpu)
 {
@@ -43,16 +45,13 @@ static void pin(int cpu)
 static void *loop(void *arg __attribute__((unused)))
 {
     struct io_uring ring;
-    struct io_uring_params p = {.flags = IORING_SETUP_SINGLE_ISSUER | IORING_SETUP_DEFER_TASKRUN};
+    struct io_uring_params p = {.flags = ring_flags};
     static uint64_t sink, one = 1;
     int done = 0;
 
     pin(cpu_loop);
-    if (io_uring_queue_init_params(64, &ring, &p) < 0) {
-        p.flags = 0;
-        if (io_uring_queue_init_params(64, &ring, &p) < 0)
-            abort();
-    }
+    if (io_uring_queue_init_params(64, &ring, &p) < 0)
+        abort();
     struct io_uring_sqe *sqe = io_uring_get_sqe(&ring);
     if (mode != 1)
         io_uring_prep_read(sqe, efd_in, &sink, 8, 0);
@@ -113,8 +112,24 @@ int main(int argc, char **argv)
         cpu_peer = atoi(argv[2]);
         cpu_loop = atoi(argv[3]);
     }
-    for (mode = 0; mode < 3; mode++) {
+    static const struct {
+        int mode;
+        unsigned flags;
+        const char *name;
+    } runs[] = {
+        {0, IORING_SETUP_SINGLE_ISSUER | IORING_SETUP_DEFER_TASKRUN,
+         "read + uring write, SINGLE_ISSUER|DEFER_TASKRUN"},
+        {0, IORING_SETUP_COOP_TASKRUN, "read + uring write, COOP_TASKRUN"},
+        {0, 0, "read + uring write, no flags"},
+        {1, IORING_SETUP_SINGLE_ISSUER | IORING_SETUP_DEFER_TASKRUN,
+         "multishot + uring write, SINGLE_ISSUER|DEFER_TASKRUN"},
+        {2, IORING_SETUP_SINGLE_ISSUER | IORING_SETUP_DEFER_TASKRUN,
+         "read + write(2), SINGLE_ISSUER|DEFER_TASKRUN"},
+    };
+    for (size_t r = 0; r < sizeof(runs) / sizeof(runs[0]); r++) {
         pthread_t t;
+        mode = runs[r].mode;
+        ring_flags = runs[r].flags;
         struct timespec a, b;
         uint64_t one = 1, v;
 
@@ -137,9 +152,7 @@ int main(int argc, char **argv)
         pthread_join(t, NULL);
         close(efd_in);
         close(efd_out);
-        static const char *names[] = {"read + uring write", "multishot + uring write",
-                                      "read + write(2)"};
-        printf("%-24s %8.0f ns per round trip\n", names[mode],
+        printf("%-52s %8.0f ns per round trip\n", runs[r].name,
                ((b.tv_sec - a.tv_sec) * 1e9 + (b.tv_nsec - a.tv_nsec)) / iters);
     }
     return 0;

@@ -294,3 +294,37 @@ def test_many_devices_close_while_running():
             dp.remove_device(d)
         assert len({d.id for d in devs}) == 8
     # close() with the loop running and devices left: no hang, no crash
+
+
+def test_busy_poll_window_adapts(loop_rig):
+    """When work always comes later than the window (a slow backend, a guest that
+    thinks between requests) spinning is pointless: the window shrinks to 0.
+    When it comes soon, the window grows back (never above the maximum)."""
+    max_us = 5000
+    rig = loop_rig(num=32, busy_poll_us=max_us)
+    assert rig.dp.poll_window_us == max_us
+
+    def one_at_a_time(n, think=0.0):
+        for _ in range(n):
+            head, bufs = rig.blk_read(0, 4096)
+            kick(rig)
+            assert wait_fd(rig.call[0]) >= 1
+            assert rig.gq[0].take_used() == [(head, 4097)]
+            rig.accept_writable(bufs)
+            time.sleep(think)
+
+    slow = BackendThread(rig, delay=0.012)      # every idle period > the 5 ms window
+    slow.start()
+    try:
+        one_at_a_time(20, think=0.012)
+    finally:
+        slow.stop()
+    assert rig.dp.poll_window_us == 0
+
+    quick = BackendThread(rig)
+    quick.start()
+    try:
+        one_at_a_time(30)
+    finally:
+        quick.stop()
+    assert 0 < rig.dp.poll_window_us <= max_us
