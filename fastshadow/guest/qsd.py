@@ -53,7 +53,7 @@ class StorageDaemon(BackendDaemon):
 
     def __init__(self, socket_path: str | os.PathLike[str], *, driver: str = "file",
                  disk: str | os.PathLike[str] | None = None, size: str | int = "64M",
-                 num_queues: int = 1, writable: bool = True, aio: str = "io_uring",
+                 num_queues: int = 1, writable: bool = True, aio: str = "io_uring", locking: bool = True,
                  extra_args: Iterable[str] = (), log_path: str | os.PathLike[str] | None = None,
                  binary: str = "qemu-storage-daemon", start_timeout: float = 20.0) -> None:
         if driver not in ("file", "null"):
@@ -67,6 +67,7 @@ class StorageDaemon(BackendDaemon):
         self.num_queues = num_queues
         self.writable = writable
         self.aio = aio
+        self.locking = locking  # off: two daemons may open one image (migration source and target)
         self.extra_args = list(extra_args)
         self.binary = binary
 
@@ -79,7 +80,7 @@ class StorageDaemon(BackendDaemon):
                 "(Debian ships qemu-storage-daemon there) or qemu-utils")
         if self.driver == "file":
             blockdev = (f"driver=file,node-name=disk0,filename={self.disk},"
-                        f"cache.direct=on,aio={self.aio}")
+                        f"cache.direct=on,aio={self.aio}{'' if self.locking else ',locking=off'}")
         else:
             blockdev = f"driver=null-co,node-name=disk0,size={self.size},read-zeroes=on"
         export = (f"type=vhost-user-blk,id=export0,node-name=disk0,addr.type=unix,"

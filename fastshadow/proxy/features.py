@@ -20,7 +20,6 @@ MASKED_DEVICE_FEATURES: dict[VF, str] = {
     VF.RING_RESET: "per-queue reset is not shadowed yet",
     VF.ACCESS_PLATFORM: "vIOMMU (IOTLB) translation is not implemented",
     VF.ADMIN_VQ: "admin virtqueue commands are not shadowed",
-    VF.LOG_ALL: "dirty logging for migration is not implemented (DESIGN §8)",
 }
 
 #: Protocol feature bits removed from what QEMU is offered, with the reason.
@@ -31,15 +30,21 @@ MASKED_PROTOCOL_FEATURES: dict[PF, str] = {
     PF.SHARED_OBJECT: "shared objects would pass memory between backends and the guest",
     PF.XEN_MMAP: "Xen grant mappings are guest memory",
     PF.INBAND_NOTIFICATIONS: "the data plane intercepts notifications as eventfds",
-    PF.LOG_SHMFD: "dirty logging for migration is not implemented (DESIGN §8)",
     PF.DEVICE_STATE: "device state migration is not implemented in isolated mode",
     PF.SHMEM: "VIRTIO shared memory regions map backend memory into the guest",
     PF.BACKEND_SEND_FD: "the back-end channel may not pass fds toward the guest",
     PF.CROSS_ENDIAN: "the data plane reads little-endian (VIRTIO 1.x) rings only",
 }
 
+#: Device features fastshadow provides itself toward QEMU, whatever the backend offers, and
+#: never passes on: dirty logging for migration is done by the data plane, the only writer of
+#: guest memory on the data path (the backend writes the shadow region only).
+PROVIDED_DEVICE_FEATURES = VF.LOG_ALL
+
 #: Protocol features fastshadow provides itself toward QEMU, whatever the backend offers.
-PROVIDED_PROTOCOL_FEATURES = PF.CONFIGURE_MEM_SLOTS
+PROVIDED_PROTOCOL_FEATURES = PF.CONFIGURE_MEM_SLOTS | PF.LOG_SHMFD
+#: ... of which these are terminated here (the backend never gets SET_LOG_BASE).
+TERMINATED_PROTOCOL_FEATURES = PF.LOG_SHMFD
 
 DEVICE_MASK = sum(MASKED_DEVICE_FEATURES)
 PROTOCOL_MASK = sum(MASKED_PROTOCOL_FEATURES)
@@ -50,14 +55,14 @@ class FeatureRefused(ValueError):
 
 
 def device_features_for_qemu(backend_offered: int) -> int:
-    return backend_offered & ~DEVICE_MASK
+    return (backend_offered & ~DEVICE_MASK) | PROVIDED_DEVICE_FEATURES
 
 
 def device_features_for_backend(qemu_set: int, offered_to_qemu: int | None) -> int:
     extra = qemu_set & ~(offered_to_qemu if offered_to_qemu is not None else ~DEVICE_MASK)
     if extra:
         raise FeatureRefused(f"QEMU set device features {_names(extra, VF)} that fastshadow did not offer")
-    return qemu_set
+    return qemu_set & ~PROVIDED_DEVICE_FEATURES
 
 
 def protocol_features_for_qemu(backend_offered: int) -> int:
@@ -69,8 +74,8 @@ def protocol_features_for_backend(qemu_set: int, backend_offered: int) -> int:
     extra = qemu_set & ~offered
     if extra:
         raise FeatureRefused(f"QEMU set protocol features {_names(extra, PF)} that fastshadow did not offer")
-    # The backend gets what it offered; what fastshadow provides itself stays here.
-    return qemu_set & backend_offered
+    # The backend gets what it offered, except what fastshadow terminates itself.
+    return qemu_set & backend_offered & ~TERMINATED_PROTOCOL_FEATURES
 
 
 def masked_reasons(backend_offered: int, table: dict) -> list[tuple[str, str]]:

@@ -14,6 +14,9 @@ toward the backend, pointing at the device's shadow region:
   guest's index.
 - Feature bits the data plane cannot shadow are masked (features.py), and
   the requests that would need them are refused.
+- Live migration: dirty logging (VHOST_F_LOG_ALL, SET_LOG_BASE, used-ring
+  logging) is terminated here and done by the data plane, the only writer
+  of guest memory on the data path; the backend never hears of it.
 
 The backend may die (DESIGN §7). Everything the guest has in flight lives in
 the data plane's private bookkeeping, and everything the backend was told is
@@ -51,8 +54,8 @@ DEFAULT_QUEUES = {DeviceType.BLK: 1, DeviceType.NET: 3, DeviceType.FS: 2, Device
 
 #: Requests refused in isolated mode, with the reason (their features are never offered).
 REFUSED = {
-    FrontendReq.SET_LOG_BASE: "dirty logging for migration is not implemented in isolated mode",
-    FrontendReq.SET_LOG_FD: "dirty logging for migration is not implemented in isolated mode",
+    FrontendReq.SET_LOG_FD: "log-change notifications are not offered in isolated mode (QEMU reads the log "
+                            "when it syncs)",
     FrontendReq.IOTLB_MSG: "vIOMMU translation is not implemented in isolated mode",
     FrontendReq.POSTCOPY_ADVISE: "postcopy migration would give the backend guest RAM",
     FrontendReq.POSTCOPY_LISTEN: "postcopy migration would give the backend guest RAM",
@@ -104,6 +107,9 @@ class IsolatedSession(Session):
         self.backend_has_table = False
         self.started: set[int] = set()
         self.err_fds: dict[int, tuple[int, int | None]] = {}  # queue -> (ours, QEMU's)
+        self.log_all = False  # VHOST_F_LOG_ALL: QEMU is migrating, the data plane logs its writes
+        self.qemu_features: int | None = None  # QEMU's last SET_FEATURES
+        self.vring_addrs: dict[int, tuple[int, int, int]] = {}  # queue -> QEMU's (desc, avail, used)
         self.handlers = {
             FrontendReq.GET_FEATURES: self.on_get_features,
             FrontendReq.SET_FEATURES: self.on_set_features,
@@ -122,6 +128,7 @@ class IsolatedSession(Session):
             FrontendReq.SET_VRING_CALL: self.on_set_vring_call,
             FrontendReq.SET_VRING_ERR: self.on_set_vring_err,
             FrontendReq.SET_BACKEND_REQ_FD: self.on_set_backend_req_fd,
+            FrontendReq.SET_LOG_BASE: self.on_set_log_base,
             FrontendReq.RESET_DEVICE: self.on_reset,
             FrontendReq.RESET_OWNER: self.on_reset,
         }
@@ -293,7 +300,38 @@ class IsolatedSession(Session):
             value = feat.device_features_for_backend(msg.payload.value, self.offered_device_features)
         except feat.FeatureRefused as e:
             raise UnexpectedMessage(str(e)) from None
+        previous, self.qemu_features = self.qemu_features, msg.payload.value
+        self.set_log_all(bool(msg.payload.value & VirtioFeature.LOG_ALL))
+        if previous is not None and previous ^ msg.payload.value == VirtioFeature.LOG_ALL:
+            # Only LOG_ALL changed (migration starts or ends on a running device):
+            # nothing for the backend, whose features stay as they are.
+            self.ack(msg)
+            return
         self.to_backend_as(msg, p.U64(value))
+
+    # -- migration: dirty logging --------------------------------------------------------
+    def set_log_all(self, on: bool) -> None:
+        if on != self.log_all:
+            kv(log, logging.INFO, "migration.logging", dev=self.name, on=on,
+               what="the data plane marks every guest page it writes in QEMU's dirty log")
+        self.log_all = on
+        if self.dev is not None:
+            self.dev.set_logging(on)
+
+    def on_set_log_base(self, msg: Message) -> None:
+        if not msg.fds or not isinstance(msg.payload, p.Log):
+            msg.close_fds()
+            raise UnexpectedMessage("SET_LOG_BASE without a shared log (an fd and its size): isolated mode "
+                                    "logs only into a log shared with LOG_SHMFD")
+        size, offset = msg.payload.mmap_size, msg.payload.mmap_offset
+        try:
+            self.device().set_log_base(msg.fds[0], size, offset)
+        finally:
+            msg.close_fds()
+        kv(log, logging.INFO, "migration.log_base", dev=self.name, bytes=size, offset=offset,
+           covers_bytes_of_guest_memory=size * 8 * 4096)
+        if self.neg.expects_reply(msg):
+            self.to_qemu(msg.reply(p.U64(0)))
 
     def on_get_protocol_features(self, msg: Message) -> None:
         reply = self.to_backend(msg)
@@ -329,6 +367,8 @@ class IsolatedSession(Session):
             kv(log, logging.INFO, "shadow.created", dev=self.name, queues=self.dev.num_queues,
                backend_queues=nq, shadow_bytes=self.dev.shadow_size,
                shadow_gpa=hex(self.dev.shadow_gpa))
+            if self.log_all:
+                self.dev.set_logging(True)
         return self.dev
 
     def send_backend_table(self) -> None:
@@ -391,9 +431,15 @@ class IsolatedSession(Session):
     def on_set_vring_addr(self, msg: Message) -> None:
         a = msg.payload
         q = self.queue_index(a.index)
-        if a.flags & p.VRING_F_LOG:
-            raise UnexpectedMessage("QEMU asked for used-ring logging, which isolated mode never offers")
+        # VHOST_VRING_F_LOG: used ring writes are logged at a.log, its guest-physical address.
+        self.dev.queue_set_log_used(q, a.log if a.flags & p.VRING_F_LOG else None)
+        if q in self.started and self.vring_addrs.get(q) == (a.desc, a.avail, a.used):
+            # Only the log flag changed on a running ring (migration starts or ends): the
+            # backend's shadow ring is untouched (telling it again could rewind its indices).
+            self.ack(msg)
+            return
         self.dev.queue_set_addr(q, a.desc, a.avail, a.used)
+        self.vring_addrs[q] = (a.desc, a.avail, a.used)
         desc, avail, used = self.dev.queue_shadow_addrs(q)
         self.to_backend_as(msg, p.VringAddr(q, 0, desc, used, avail, 0))
 
@@ -436,7 +482,7 @@ class IsolatedSession(Session):
         kv(log, logging.INFO, "vring.stats", dev=self.name, queue=q, requests=st.requests, completed=st.completed,
            bytes_in=st.bytes_in, bytes_out=st.bytes_out, refused=st.refused, throttled=st.throttled,
            guest_kicks=st.guest_kicks, backend_kicks=st.backend_kicks, backend_calls=st.backend_calls,
-           guest_calls=st.guest_calls, backend_errors=st.backend_errors)
+           guest_calls=st.guest_calls, backend_errors=st.backend_errors, log_pages=st.log_pages)
 
     def on_set_vring_kick(self, msg: Message) -> None:
         q = self.queue_index(msg.payload.index)
@@ -494,6 +540,8 @@ class IsolatedSession(Session):
         self.remember(msg.request, msg.payload)  # replayed with a new relay to QEMU's same channel
 
     def on_reset(self, msg: Message) -> None:
+        self.log_all = False  # features are negotiated again
+        self.qemu_features = None
         if self.dev is not None:
             self.dev.reset()
         for q in self.started:
