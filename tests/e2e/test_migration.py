@@ -1,18 +1,27 @@
-"""Live migration of a guest whose disk goes through isolated fastshadow proxies.
+"""Live migration of a guest whose disk goes through an isolated fastshadow proxy.
 
-Two QEMU TCG guests (source, and target started with -incoming), each with
-vhost-user-blk through its own isolated fastshadow device, each to its own
-qemu-storage-daemon on one shared image. The migration is held in its
-iterative phase (low bandwidth, 1 ms downtime) until its first pass over RAM
-is done; only then does the host tell the guest (a flag in the image) to
-fill its page cache from the disk. Every one of those pages is written by
-fastshadow's data plane, not by a vCPU, after the first pass sent it, so it
-reaches the target only if fastshadow marked it in QEMU's dirty log. After
-the switch-over the guest re-reads the disk from its page cache on the
-target: every checksum must equal the host's checksum of the image. Without
-the logging the target holds stale pages (checked by hand: with logging
-disabled the target guest's kernel locks up in filemap_read and this test
-fails)."""
+Two QEMU TCG guests (source, and target started with -incoming and -S), each
+with vhost-user-blk through its own isolated fastshadow device, each to its
+own qemu-storage-daemon on one shared image of random data. The migration is
+held in its iterative phase (low bandwidth, 1 ms downtime) until its first
+pass over RAM is done; only then does the host tell the guest (a flag in the
+image) to read the whole disk into its page cache. Every one of those pages
+is written by fastshadow's data plane (a vCPU never touches them), after the
+first pass sent it, so it reaches the target only if fastshadow marked it in
+QEMU's dirty log. Once the migration completed, both guests' RAM is dumped
+(the source is paused, the target never ran): every page of the source that
+holds a block of the disk must be identical on the target, and so must the
+used ring. Without the logging they do not (checked by hand by disabling
+it: 8175 of 8191 page-cache pages stale on the target). The guest kernel
+runs with init_on_alloc=0, so that no vCPU zeroes those pages first.
+
+Why the target guest is not resumed and checked from inside: on these
+machines QEMU 7.2 runs guests under TCG (no KVM), and its migration now and
+then loses the last vCPU writes to a few kernel pages (2-3 pages of counters
+and timekeeping holding older values on the target, seen in RAM dumps of
+failed runs, with or without fastshadow in the path); a resumed guest then
+sometimes crashes. What fastshadow is responsible for, the pages it writes,
+is what this test compares."""
 
 from __future__ import annotations
 
@@ -29,43 +38,56 @@ from fastshadow.isolation import check_isolation
 
 pytestmark = pytest.mark.vm
 
+PAGE = 4096
 DISK_BYTES = 32 << 20
+RAM_BYTES = 256 << 20
 MD5_LINE = re.compile(r"^([0-9a-f]{32})  /dev/vda\s*$", re.M)
 FLAG = b"FASTSHADOW-MIGRATE-GO"
-FLAG_BLOCK = DISK_BYTES // 4096 - 1
+FLAG_BLOCK = DISK_BYTES // PAGE - 1
 DROP = "echo 3 > /proc/sys/vm/drop_caches"
-# Wait for the host's flag (read from the disk, caches dropped each time); then
-# fill the page cache from the disk during the migration; the later reads
-# (after a pause) hit the page cache, on the target by then.
+# Wait for the host's flag (read from the disk, caches dropped each time), then
+# read the whole disk into the page cache while the migration runs.
 GUEST_CMD = (f"until {DROP} && dd if=/dev/vda bs=4096 skip={FLAG_BLOCK} count=1 2>/dev/null | "
-             f"grep -q {FLAG.decode()}; do sleep 1; done; {DROP}; md5sum /dev/vda; "
-             "for i in 1 2 3 4 5 6 7 8 9 10; do sleep 2; md5sum /dev/vda; done")
+             f"grep -q {FLAG.decode()}; do sleep 1; done; {DROP}; md5sum /dev/vda; sleep 600")
 
 
-def migration_status(qmp: QMP) -> str:
-    return qmp.command("query-migrate").get("status", "none")
+def wait_migration(qmp: QMP, until, timeout: float) -> dict:
+    deadline = time.monotonic() + timeout
+    while True:
+        info = qmp.command("query-migrate")
+        if until(info):
+            return info
+        assert info.get("status") not in ("failed", "cancelled"), info
+        assert time.monotonic() < deadline, f"migration still {info.get('status')}: {info}"
+        time.sleep(0.2)
 
 
-def test_live_migration_through_isolated_proxies(guest_image, workdir, start_qsd, start_proxy):
+def pages(mem: bytes) -> list[bytes]:
+    return [mem[i:i + PAGE] for i in range(0, len(mem), PAGE)]
+
+
+def test_live_migration_through_isolated_proxy(guest_image, workdir, start_qsd, start_proxy):
     disk = workdir / "disk.img"
     data = bytearray(os.urandom(DISK_BYTES))
-    data[FLAG_BLOCK * 4096:] = bytes(4096)
+    data[FLAG_BLOCK * PAGE:] = bytes(PAGE)
     disk.write_bytes(data)
     qsd_src = start_qsd(str(workdir / "qsd-src.sock"), disk=disk, locking=False)
-    qsd_dst = start_qsd(str(workdir / "qsd-dst.sock"), disk=disk, locking=False)
+    start_qsd(str(workdir / "qsd-dst.sock"), disk=disk, locking=False)
     cfg = workdir / "proxy.toml"
-    cfg.write_text("".join(
+    cfg.write_text('log_level = "debug"\n' + "".join(
         f'[[device]]\nname = "{n}"\nlisten = "{workdir / (n + ".sock")}"\n'
         f'backend = "{workdir / ("qsd-" + n + ".sock")}"\nmode = "isolated"\n' for n in ("src", "dst")))
     proxy = start_proxy(["--config", str(cfg)], [str(workdir / "src.sock"), str(workdir / "dst.sock")])
 
-    cmdline = {"fastshadow.cmd": GUEST_CMD}
+    # init_on_alloc=0: Debian's kernel zeroes every page it allocates, which would make
+    # the vCPU (tracked by QEMU itself) write each page-cache page just before fastshadow does.
+    cmdline = {"fastshadow.cmd": GUEST_CMD, "init_on_alloc": "0"}
     mig = workdir / "migrate.sock"
     with GuestVM(guest_image, blk_socket=workdir / "src.sock", cmdline=cmdline, log_path=workdir / "src.log",
                  extra_args=["-qmp", f"unix:{workdir / 'qmp-src.sock'},server=on,wait=off"]) as src, \
          GuestVM(guest_image, blk_socket=workdir / "dst.sock", cmdline=cmdline, log_path=workdir / "dst.log",
                  extra_args=["-qmp", f"unix:{workdir / 'qmp-dst.sock'},server=on,wait=off",
-                             "-incoming", f"unix:{mig}"]) as dst:
+                             "-incoming", f"unix:{mig}", "-S"]) as dst:
         src.start()
         dst.start()
         src.wait_for("FASTSHADOW-GUEST READY", timeout=120)
@@ -73,38 +95,42 @@ def test_live_migration_through_isolated_proxies(guest_image, workdir, start_qsd
             # The migration cannot converge: an idle guest dirties more than 8 KB per 1 ms.
             qmp.command("migrate-set-parameters", **{"max-bandwidth": 8 << 20, "downtime-limit": 1})
             qmp.command("migrate", uri=f"unix:{mig}")
-            deadline = time.monotonic() + 120
-            while qmp.command("query-migrate").get("ram", {}).get("dirty-sync-count", 0) < 2:
-                assert time.monotonic() < deadline, qmp.command("query-migrate")
-                time.sleep(0.2)
-            # The first pass is over: now the guest may fill its page cache.
-            data[FLAG_BLOCK * 4096:FLAG_BLOCK * 4096 + len(FLAG)] = FLAG
+            wait_migration(qmp, lambda i: i.get("ram", {}).get("dirty-sync-count", 0) >= 2, 120)
+            # The first pass over RAM is over: now the guest may fill its page cache.
+            data[FLAG_BLOCK * PAGE:FLAG_BLOCK * PAGE + len(FLAG)] = FLAG
             with open(disk, "r+b") as f:
-                f.seek(FLAG_BLOCK * 4096)
+                f.seek(FLAG_BLOCK * PAGE)
                 f.write(FLAG)
                 os.fsync(f.fileno())
-            want = hashlib.md5(data).hexdigest()
-            src.wait_for(MD5_LINE, timeout=180)
-            assert migration_status(qmp) == "active", "the disk was read before the migration, not during it"
+            m = src.wait_for(MD5_LINE, timeout=180)
+            assert m.group(1) == hashlib.md5(data).hexdigest(), "the guest read wrong data on the source"
+            assert qmp.command("query-migrate")["status"] == "active", "the disk was read after the migration"
             proxy.wait_log(r"migration\.logging dev=src on=True", timeout=5)
+            report = check_isolation(qsd_src.pid, src.pid)
             qmp.command("migrate-set-parameters", **{"max-bandwidth": 4 << 30, "downtime-limit": 5000})
-            deadline = time.monotonic() + 180
-            while (status := migration_status(qmp)) not in ("completed", "failed", "cancelled"):
-                assert time.monotonic() < deadline, f"migration still {status}"
-                time.sleep(0.2)
-            assert status == "completed", qmp.command("query-migrate")
-        dst.wait_for(r"FASTSHADOW-GUEST DONE boot=1 result=(\w+)", timeout=180)
-        report = check_isolation(qsd_dst.pid, dst.pid)
-        sums_src = MD5_LINE.findall(src.console)
-        sums_dst = MD5_LINE.findall(dst.console)
-        done = re.search(r"FASTSHADOW-GUEST DONE boot=1 result=(\w+)", dst.console)
+            wait_migration(qmp, lambda i: i.get("status") == "completed", 180)
+            qmp.command("pmemsave", val=0, size=RAM_BYTES, filename=str(workdir / "src.mem"))
+        with QMP(workdir / "qmp-dst.sock") as qmp:
+            assert qmp.command("query-status")["status"] != "running"
+            qmp.command("pmemsave", val=0, size=RAM_BYTES, filename=str(workdir / "dst.mem"))
+            qmp.command("query-status")  # pmemsave is synchronous; this makes sure the file is closed
 
-    print(f"checksums: source {len(sums_src)}, target {len(sums_dst)}; host {want}")
-    assert sums_src and sums_dst, "the guest must have read the disk on both sides of the switch-over"
-    assert set(sums_src + sums_dst) == {want}, f"guest read {set(sums_src + sums_dst)}, the image is {want}"
-    assert len(sums_src) + len(sums_dst) == 11 and done.group(1) == "PASS"
-    # The source device logged the pages it wrote; the target never needed to.
+    src_pages = pages((workdir / "src.mem").read_bytes())
+    dst_pages = pages((workdir / "dst.mem").read_bytes())
+    disk_blocks = {hashlib.md5(b).digest() for b in pages(bytes(data))} - {hashlib.md5(bytes(PAGE)).digest()}
+    cached = [i for i, pg in enumerate(src_pages) if hashlib.md5(pg).digest() in disk_blocks]
+    stale = [i for i in cached if dst_pages[i] != src_pages[i]]
+    print(f"page-cache pages holding disk blocks on the source: {len(cached)}; different on the target: {len(stale)}")
+    assert len(cached) >= DISK_BYTES // PAGE // 2, "the guest's page cache does not hold the disk"
+    assert not stale, f"{len(stale)} pages written by fastshadow did not reach the target: " \
+                      f"{[hex(i * PAGE) for i in stale[:10]]}"
+    # The used ring (written by fastshadow only; logged with VHOST_VRING_F_LOG).
+    used = [int(x) for x in re.findall(r"dev=src dir=qemu->fastshadow req=SET_VRING_ADDR .*?flags=1, .*?log=(\d+)",
+                                       proxy.log())]
+    assert used, "QEMU never asked for used-ring logging"
+    assert dst_pages[used[-1] // PAGE] == src_pages[used[-1] // PAGE], "the used ring did not reach the target"
+    # The source device logged the pages it wrote.
     stats = [line for line in proxy.log().splitlines() if "vring.stats dev=src" in line]
-    assert stats and int(re.search(r"log_pages=(\d+)", stats[-1]).group(1)) > 0, stats
-    # The target backend, like the source one, never saw guest RAM.
+    assert stats and int(re.search(r"log_pages=(\d+)", stats[-1]).group(1)) >= len(cached), stats
+    # The backend never saw guest RAM.
     assert report.guest_inodes and report.isolated, "\n".join(report.lines())
