@@ -22,6 +22,8 @@ examples:
   fastshadow bench --full --out out/full    # the full preset (~10 min): null and file, 3 reps
   fastshadow bench --modes direct,proxy-direct --backend file --duration 5
   fastshadow bench --quick --proxy-args="--busy-poll-us 50"   # tune the proxy under test
+  fastshadow bench --modes direct,isolated --variant memcpy="--stream-copy-min 0" \
+      --workload write:1m:8                 # an isolated-mode option A/B, interleaved in one run
 
 results.json (msgspec schema in bench/report.py), throughput-<backend>.png and
 latency-cdf-<backend>.png are written to --out; `python -m bench.report
@@ -66,6 +68,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                         "(rw: randread, read, randwrite, write); repeatable")
     p.add_argument("--proxy-args", default="", metavar="ARGS",
                    help="extra arguments for every `fastshadow proxy` started, e.g. \"--busy-poll-us 50\"")
+    p.add_argument("--variant", action="append", default=[], metavar="NAME=ARGS",
+                   help="one more mode, NAME: an isolated proxy started with ARGS (after --proxy-args), "
+                        "interleaved with the other modes, e.g. nopoll=\"--busy-poll-us 0\"; repeatable")
     p.add_argument("--loadgen-busy-poll-us", type=int, default=0, metavar="US",
                    help="the load generator spins this long before sleeping on a call eventfd (default 0)")
     p.add_argument("--loadgen-threads", choices=["one", "per-queue"], default="one",
@@ -96,15 +101,35 @@ def parse_workload(text: str):
     return Workload(parts[0], parse_size(parts[1]), int(parts[2]), int(parts[3]) if len(parts) == 4 else 1)
 
 
+def parse_variants(texts: list[str]) -> dict[str, list[str]]:
+    """NAME=ARGS options -> {NAME: [args]}: extra isolated-mode proxies to compare."""
+    import re
+
+    from . import MODES
+    out: dict[str, list[str]] = {}
+    for text in texts:
+        name, sep, args = text.partition("=")
+        if not sep or not re.fullmatch(r"[a-z][a-z0-9_-]{0,11}", name):
+            raise ValueError(f"bad variant {text!r}: want NAME=ARGS, NAME of up to 12 lower-case letters, "
+                             f"digits, - or _, e.g. memcpy=\"--stream-copy-min 0\"")
+        if name in MODES or name in out:
+            raise ValueError(f"variant name {name!r} is already a mode")
+        out[name] = shlex.split(args)
+    return out
+
+
 def config_from_args(args):
     from . import MODES
     from .report import parse_size
     from .runner import PRESETS, Config
     preset = PRESETS[args.preset or "quick"]
+    variants = parse_variants(args.variant)
     modes = [m.strip() for m in args.modes.split(",") if m.strip()]
-    bad = [m for m in modes if m not in MODES]
+    bad = [m for m in modes if m not in MODES and m not in variants]
     if bad or not modes:
-        raise ValueError(f"unknown mode(s) {', '.join(bad) or '(none)'}: choose from {', '.join(MODES)}")
+        raise ValueError(f"unknown mode(s) {', '.join(bad) or '(none)'}: choose from {', '.join(MODES)} "
+                         f"or a --variant")
+    modes += [v for v in variants if v not in modes]
     workloads = [parse_workload(w) for w in args.workload] if args.workload else list(preset.workloads)
     for w in workloads:
         if w.bs < 512 or w.bs % 512 or w.bs > 1 << 20 or not 1 <= w.queues <= 4 or w.qd < 1:
@@ -116,7 +141,7 @@ def config_from_args(args):
         duration=duration, requests=args.requests, reps=args.reps or preset.reps, out=args.out,
         workdir=args.workdir, keep=args.keep, queue_size=args.queue_size, event_idx=not args.no_event_idx,
         busy_poll_us=args.loadgen_busy_poll_us, loadgen_threads=args.loadgen_threads,
-        proxy_args=shlex.split(args.proxy_args), file_size=parse_size(args.file_size),
+        proxy_args=shlex.split(args.proxy_args), variants=variants, file_size=parse_size(args.file_size),
         pin=args.pin, setup_timeout=args.timeout, stall_timeout=args.timeout, memcpy=not args.no_memcpy,
         plots=not args.no_plots,
         command=getattr(args, "command_line", None) or "fastshadow bench " + " ".join(

@@ -174,6 +174,7 @@ class Settings(msgspec.Struct):
     pin: str                   # "split": loadgen on CPU 0, backend and proxy on the others; "split-free-proxy"
                                # (the proxy on any CPU); "none" (the scheduler decides)
     workloads: list[Workload]
+    variants: dict[str, list[str]] = {}   # extra isolated modes: name -> proxy arguments
 
 
 class Results(msgspec.Struct):
@@ -324,7 +325,8 @@ def table(results: Results) -> str:
     what = f"{s.duration_s:g} s" if s.duration_s else f"{s.requests} requests"
     lines.append(f"{s.preset} preset, {what} per run, {s.reps} rep{'s' if s.reps != 1 else ''}, pinning {s.pin}, "
                  f"event idx {'on' if s.event_idx else 'off'}"
-                 + (f", proxy args {' '.join(s.proxy_args)}" if s.proxy_args else ""))
+                 + (f", proxy args {' '.join(s.proxy_args)}" if s.proxy_args else "")
+                 + "".join(f", variant {k}: isolated {' '.join(v)}" for k, v in s.variants.items()))
     rat = {(r.backend, r.workload, r.mode): r for r in results.ratios}
     hdr = (f"{'workload':<22} {'mode':<13} {'kIOPS':>8} {'MB/s':>8} {'p50 us':>8} {'p99 us':>8} "
            f"{'p99.9 us':>9} {'CPU s lg/px/be':>16} {'CPU us/IO':>9} {'IOPS x':>7} {'p99 x':>6} {'CPU/IO x':>8}")

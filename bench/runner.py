@@ -98,6 +98,7 @@ class Config:
     busy_poll_us: int = 0            # the driver's busy-poll window before sleeping
     loadgen_threads: str = "one"     # "one" or "per-queue"
     proxy_args: list[str] = field(default_factory=list)
+    variants: dict[str, list[str]] = field(default_factory=dict)  # extra isolated modes: name -> args
     file_size: int = 512 << 20
     null_size: int = 8 << 30
     setup_timeout: float = 5.0       # seconds the peer may take to answer a vhost-user request
@@ -187,12 +188,13 @@ def _tail(path: Path, n: int = 6) -> str:
 class ProxyProcess:
     """``python -m fastshadow.cli proxy --listen S --backend B --mode M`` as a subprocess."""
 
-    def __init__(self, mode: str, listen: Path, backend: Path, log_path: Path, extra: list[str]):
+    def __init__(self, mode: str, listen: Path, backend: Path, log_path: Path, extra: list[str],
+                 proxy_mode: str = "direct"):
         self.mode = mode
         self.listen = listen
         self.log_path = log_path
         self.argv = [sys.executable, "-m", "fastshadow.cli", "proxy", "--listen", str(listen),
-                     "--backend", str(backend), "--mode", "isolated" if mode == "isolated" else "direct",
+                     "--backend", str(backend), "--mode", proxy_mode,
                      "--name", f"bench-{mode}", *extra]
         self.proc: subprocess.Popen | None = None
         self._log = None
@@ -275,7 +277,9 @@ class Testbed:
             if mode == "direct":
                 continue
             px = ProxyProcess(mode, self.dir / f"fs-{self.backend}-{mode}.sock", self.qsd_sock,
-                              self.dir / f"proxy-{self.backend}-{mode}.log", self.cfg.proxy_args)
+                              self.dir / f"proxy-{self.backend}-{mode}.log",
+                              self.cfg.proxy_args + self.cfg.variants.get(mode, []),
+                              "isolated" if mode == "isolated" or mode in self.cfg.variants else "direct")
             px.start()
             pin_process(px.pid, self.place.proxy)
             self.proxies[mode] = px
@@ -557,6 +561,7 @@ def _run_bench(cfg: Config, log, t_start, created, workdir, own_workdir, machine
                            duration_s=cfg.duration, requests=cfg.requests, reps=cfg.reps, queue_size=cfg.queue_size,
                            event_idx=cfg.event_idx, busy_poll_us=cfg.busy_poll_us,
                            loadgen_threads=cfg.loadgen_threads, proxy_args=list(cfg.proxy_args),
+                           variants={k: list(v) for k, v in cfg.variants.items()},
                            file_size=cfg.file_size, null_size=cfg.null_size, pin=cfg.pin,
                            workloads=list(cfg.workloads))
     results = rp.Results(schema=rp.SCHEMA_VERSION, created=created, command=cfg.command, settings=settings,

@@ -172,3 +172,34 @@ def test_bench_skips_a_mode_that_cannot_start(workdir, tmp_path, capsys):
     [skip] = res.skipped
     assert skip.mode == "proxy-direct" and skip.workload is None and "no-such-option" in skip.reason
     assert res.plots == []
+
+
+def test_bench_variant_is_an_isolated_proxy_with_its_own_options(workdir, tmp_path, capsys):
+    from bench import cli
+    from bench.report import read_json
+    from tests.conftest import need_binary
+    need_binary("qemu-storage-daemon")
+    parser = argparse.ArgumentParser()
+    cli.add_parser(parser.add_subparsers())
+    out = tmp_path / "out"
+    args = parser.parse_args(["bench", "--modes", "isolated", "--variant", "memcpy=--stream-copy-min 0",
+                              "--workload", "read:256k:4", "--requests", "300", "--reps", "2", "--out", str(out),
+                              "--workdir", str(workdir / "b"), "--keep", "--no-memcpy", "--no-plots"])
+    args.command_line = "test"
+    assert args.func(args) == 0
+    printed = capsys.readouterr().out
+    assert "variant memcpy: isolated --stream-copy-min 0" in printed
+    res = read_json(out / "results.json")
+    assert res.settings.modes == ["isolated", "memcpy"] and res.settings.variants == {"memcpy": ["--stream-copy-min", "0"]}
+    assert sorted((r.mode, r.rep) for r in res.runs) == [("isolated", 0), ("isolated", 1), ("memcpy", 0), ("memcpy", 1)]
+    assert all(r.requests == 300 and r.cpu_s.proxy is not None for r in res.runs)
+    # The variant's proxy really ran isolated, with its option.
+    log = (workdir / "b" / "proxy-null-memcpy.log").read_text()
+    assert "session.start dev=bench-memcpy mode=isolated" in log
+
+
+@pytest.mark.parametrize("bad", ["direct=--x", "Big=--x", "noequals", "a=--x,a=--y"])
+def test_bench_bad_variants_are_refused(bad):
+    from bench import cli
+    with pytest.raises(ValueError, match="variant"):
+        cli.parse_variants(bad.split(","))
