@@ -159,10 +159,9 @@ uint8_t *mem_uaddr_to_host(struct fsdp_mem *m, uint64_t uaddr, uint64_t len);
 /* Dirty log for migration (log.c).                                           */
 
 struct fsdp_log {
-    uint8_t *bits;          /* bit p % 8 of byte p / 8: guest page p written */
-    uint64_t size;          /* bytes of bitmap */
-    void *map_base;
-    size_t map_len;
+    /* Mapped like a guest region (mem.c): map.host is the bitmap (bit p % 8
+     * of byte p / 8: guest page p written), map.size its bytes. */
+    struct fsdp_region map;
     bool overflow_reported; /* FSDP_EV_LOG_OUT_OF_RANGE said once per log */
 };
 

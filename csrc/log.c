@@ -21,58 +21,34 @@
  * GET_VRING_BASE, which returns only once every request the backend took was
  * completed (and so logged) here.
  */
-#define _GNU_SOURCE
-#include <errno.h>
-#include <string.h>
-#include <sys/mman.h>
-#include <sys/stat.h>
-
 #include "fsdp_internal.h"
 
 #define LOG_PAGE 4096u
 
+/* The log is file memory at an offset, like a guest RAM region: mapped (and
+ * its bounds checked) the same way. */
 int log_map(int fd, uint64_t size, uint64_t offset, struct fsdp_log *out)
 {
-    struct stat st;
-    uint64_t len;
-    void *p;
+    struct fsdp_mem_region in = {.size = size, .mmap_offset = offset, .fd = fd};
 
-    if (fd < 0 || size == 0 || offset > UINT64_MAX - size)
-        return -EINVAL;
-    len = offset + size;
-    if (len > SIZE_MAX)
-        return -EINVAL;
-    if (fstat(fd, &st) < 0)
-        return -errno;
-    /* A mapping past the end of a file would SIGBUS on first touch. */
-    if (S_ISREG(st.st_mode) && (uint64_t)st.st_size < len)
-        return -EINVAL;
-    /* Map from 0: offset need not be page aligned. */
-    p = mmap(NULL, (size_t)len, PROT_READ | PROT_WRITE, MAP_SHARED, fd, 0);
-    if (p == MAP_FAILED)
-        return -errno;
-    out->map_base = p;
-    out->map_len = (size_t)len;
-    out->bits = (uint8_t *)p + offset;
-    out->size = size;
     out->overflow_reported = false;
-    return 0;
+    return mem_map_region(&in, &out->map);
 }
 
 void log_unmap(struct fsdp_log *l)
 {
-    if (l->map_base)
-        munmap(l->map_base, l->map_len);
-    memset(l, 0, sizeof(*l));
+    mem_unmap_region(&l->map);
+    l->overflow_reported = false;
 }
 
 /* Mark the pages of [gpa, gpa + len).  Returns the pages marked. */
 uint64_t log_write(struct fsdp_dev *dev, uint32_t q, uint64_t gpa, uint64_t len)
 {
     struct fsdp_log *l = &dev->log;
+    uint8_t *bits = l->map.host;
     uint64_t first, last, n = 0;
 
-    if (!dev->logging || !l->bits || !len)
+    if (!dev->logging || !bits || !len)
         return 0;
     if (len - 1 > UINT64_MAX - gpa)
         last = UINT64_MAX / LOG_PAGE;
@@ -80,16 +56,16 @@ uint64_t log_write(struct fsdp_dev *dev, uint32_t q, uint64_t gpa, uint64_t len)
         last = (gpa + len - 1) / LOG_PAGE;
     first = gpa / LOG_PAGE;
     for (uint64_t page = first; page <= last; page++) {
-        if (page / 8 >= l->size) {
+        if (page / 8 >= l->map.size) {
             /* QEMU sizes the log to cover guest memory: a page past it is a
              * log too small for the memory table.  Said once per log. */
             if (!l->overflow_reported) {
                 l->overflow_reported = true;
-                dev_event(dev, q, FSDP_EV_LOG_OUT_OF_RANGE, 0, page * LOG_PAGE, l->size);
+                dev_event(dev, q, FSDP_EV_LOG_OUT_OF_RANGE, 0, page * LOG_PAGE, l->map.size);
             }
             break;
         }
-        __atomic_fetch_or(&l->bits[page / 8], (uint8_t)(1u << (page % 8)), __ATOMIC_RELEASE);
+        __atomic_fetch_or(&bits[page / 8], (uint8_t)(1u << (page % 8)), __ATOMIC_RELEASE);
         n++;
     }
     return n;
