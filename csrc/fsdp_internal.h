@@ -18,6 +18,7 @@
 #include <stdbool.h>
 #include <stdint.h>
 #include <stddef.h>
+#include <string.h>
 #include <endian.h>
 
 #include "fsdp.h"
@@ -152,6 +153,13 @@ int mem_copy_to_guest(struct fsdp_mem *m, uint64_t gpa, const void *src, uint64_
                       bool stream);
 /* copy.c: memcpy with non-temporal stores (x86; memcpy elsewhere). */
 void copy_stream(void *dst, const void *src, size_t n);
+static inline void copy_bytes(void *dst, const void *src, size_t n, bool stream)
+{
+    if (stream)
+        copy_stream(dst, src, n);
+    else
+        memcpy(dst, src, n);
+}
 /* Host pointer of [uaddr, uaddr+len) if it lies within one region. */
 uint8_t *mem_uaddr_to_host(struct fsdp_mem *m, uint64_t uaddr, uint64_t len);
 

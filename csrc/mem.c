@@ -134,10 +134,7 @@ int mem_copy_from_guest(struct fsdp_mem *m, void *dst, uint64_t gpa, uint64_t le
 {
     uint8_t *d = dst;
     FOR_EACH_PIECE(m, gpa, len, host, take, {
-        if (stream)
-            copy_stream(d, host, take);
-        else
-            memcpy(d, host, take);
+        copy_bytes(d, host, take, stream);
         d += take;
     });
     return 0;
@@ -148,10 +145,7 @@ int mem_copy_to_guest(struct fsdp_mem *m, uint64_t gpa, const void *src, uint64_
 {
     const uint8_t *s = src;
     FOR_EACH_PIECE(m, gpa, len, host, take, {
-        if (stream)
-            copy_stream(host, s, take);
-        else
-            memcpy(host, s, take);
+        copy_bytes(host, s, take, stream);
         s += take;
     });
     return 0;

@@ -120,6 +120,12 @@ int queue_translate_rings(struct fsdp_queue *q, bool emit)
     return 0;
 }
 
+/* Buffers of stream_min bytes or more are copied with streaming stores (copy.c). */
+static bool use_stream(const struct fsdp_queue *q, uint64_t len)
+{
+    return q->dev->stream_min && len >= q->dev->stream_min;
+}
+
 /* A write of len bytes at offset off of the guest used ring was made. */
 static void log_used(struct fsdp_queue *q, uint64_t off, uint64_t len)
 {
@@ -208,9 +214,8 @@ static uint64_t copy_in(struct fsdp_queue *q, uint16_t head)
     for (uint16_t i = 0; i < q->req[head].ndesc; i++) {
         struct fsdp_sdesc *sd = &q->sd[s];
         if (!(sd->flags & VRING_DESC_F_WRITE) && sd->len) {
-            bool stream = q->dev->stream_min && sd->len >= q->dev->stream_min;
             if (mem_copy_from_guest(&q->dev->mem, q->s_bounce + sd->off, sd->gpa, sd->len,
-                                    stream) == 0)
+                                    use_stream(q, sd->len)) == 0)
                 bytes += sd->len;
         }
         s = sd->next;
@@ -478,9 +483,8 @@ static uint32_t copy_back(struct fsdp_queue *q, uint16_t head, uint32_t len)
             if (take) {
                 /* Private offset and length: whatever the backend did to
                  * the shadow descriptors, we copy from where WE put it. */
-                bool stream = q->dev->stream_min && take >= q->dev->stream_min;
                 int rc = mem_copy_to_guest(&q->dev->mem, sd->gpa, q->s_bounce + sd->off, take,
-                                           stream);
+                                           use_stream(q, take));
                 /* Logged whatever rc says: a copy that failed midway may
                  * have written its first pieces. */
                 q->st.log_pages += log_write(q->dev, q->idx, sd->gpa, take);
