@@ -117,20 +117,24 @@ def test_memcpy_bandwidth_measures():
     assert len(ns) == 5 and all(x > 0 for x in ns)
 
 
-def test_bench_quick_writes_valid_json_and_plots(workdir, tmp_path, capsys):
-    pytest.importorskip("matplotlib")
+def run_bench_cli(*argv: str) -> int:
+    """`fastshadow bench ARGV...` through the real argument parser, in this process."""
     from bench import cli
-    from bench.report import Results, read_json
     from tests.conftest import need_binary
     need_binary("qemu-storage-daemon")
     parser = argparse.ArgumentParser()
-    sub = parser.add_subparsers()
-    cli.add_parser(sub)
-    out = tmp_path / "out"
-    args = parser.parse_args(["bench", "--quick", "--duration", "0.15", "--out", str(out),
-                              "--workdir", str(workdir / "b"), "--timeout", "5"])
+    cli.add_parser(parser.add_subparsers())
+    args = parser.parse_args(["bench", *argv])
     args.command_line = "test"
-    assert args.func(args) == 0
+    return args.func(args)
+
+
+def test_bench_quick_writes_valid_json_and_plots(workdir, tmp_path, capsys):
+    pytest.importorskip("matplotlib")
+    from bench.report import Results, read_json
+    out = tmp_path / "out"
+    assert run_bench_cli("--quick", "--duration", "0.15", "--out", str(out),
+                         "--workdir", str(workdir / "b"), "--timeout", "5") == 0
     printed = capsys.readouterr().out
     assert "[1/12]" in printed and "[12/12]" in printed
     res = msgspec.json.decode((out / "results.json").read_bytes(), type=Results)
@@ -151,19 +155,12 @@ def test_bench_quick_writes_valid_json_and_plots(workdir, tmp_path, capsys):
 
 
 def test_bench_skips_a_mode_that_cannot_start(workdir, tmp_path, capsys):
-    from bench import cli
     from bench.report import read_json
-    from tests.conftest import need_binary
-    need_binary("qemu-storage-daemon")
-    parser = argparse.ArgumentParser()
-    cli.add_parser(parser.add_subparsers())
     out = tmp_path / "out"
     # A proxy option that does not exist: `fastshadow proxy` exits at once, so proxy-direct is skipped.
-    args = parser.parse_args(["bench", "--modes", "direct,proxy-direct", "--workload", "randread:4k:1",
-                              "--requests", "200", "--out", str(out), "--workdir", str(workdir / "b"),
-                              "--proxy-args", "--no-such-option 1", "--no-memcpy", "--no-plots"])
-    args.command_line = "test"
-    assert args.func(args) == 0
+    assert run_bench_cli("--modes", "direct,proxy-direct", "--workload", "randread:4k:1",
+                         "--requests", "200", "--out", str(out), "--workdir", str(workdir / "b"),
+                         "--proxy-args", "--no-such-option 1", "--no-memcpy", "--no-plots") == 0
     printed = capsys.readouterr().out
     assert "skip proxy-direct on null: the fastshadow proxy for proxy-direct exited with 2" in printed
     assert "[2/2] proxy-direct null 4k randread qd1: skipped" in printed
@@ -175,18 +172,11 @@ def test_bench_skips_a_mode_that_cannot_start(workdir, tmp_path, capsys):
 
 
 def test_bench_variant_is_an_isolated_proxy_with_its_own_options(workdir, tmp_path, capsys):
-    from bench import cli
     from bench.report import read_json
-    from tests.conftest import need_binary
-    need_binary("qemu-storage-daemon")
-    parser = argparse.ArgumentParser()
-    cli.add_parser(parser.add_subparsers())
     out = tmp_path / "out"
-    args = parser.parse_args(["bench", "--modes", "isolated", "--variant", "memcpy=--stream-copy-min 0",
-                              "--workload", "read:256k:4", "--requests", "300", "--reps", "2", "--out", str(out),
-                              "--workdir", str(workdir / "b"), "--keep", "--no-memcpy", "--no-plots"])
-    args.command_line = "test"
-    assert args.func(args) == 0
+    assert run_bench_cli("--modes", "isolated", "--variant", "memcpy=--stream-copy-min 0",
+                         "--workload", "read:256k:4", "--requests", "300", "--reps", "2", "--out", str(out),
+                         "--workdir", str(workdir / "b"), "--keep", "--no-memcpy", "--no-plots") == 0
     printed = capsys.readouterr().out
     assert "variant memcpy: isolated --stream-copy-min 0" in printed
     res = read_json(out / "results.json")
