@@ -46,6 +46,8 @@
 #include <sys/types.h>
 #include <unistd.h>
 
+#include "marker.h"
+
 #define SECTOR 512u
 #define PAGE 4096u
 #define BOOT_AREA 4096u
@@ -58,30 +60,16 @@ static const char *g_tag = "q0";
 
 /* ------------------------------------------------------------------ output */
 
-/*
- * Every failure path ends here so that the guest's /init (and the Python
- * side parsing the console) always sees exactly one marker line.  The line
- * is built in one buffer and written with a single write(2) so that two
- * checker instances running in parallel cannot interleave inside it.
- */
+/* Every failure path ends here: exactly one marker line (marker.h). */
 static void __attribute__((noreturn, format(printf, 1, 2)))
 fail(const char *fmt, ...)
 {
-    char line[1024];
-    int n = snprintf(line, sizeof(line), "FASTSHADOW-CHECK FAIL tag=%s ", g_tag);
+    char head[96];
     va_list ap;
 
+    snprintf(head, sizeof(head), "FASTSHADOW-CHECK FAIL tag=%s ", g_tag);
     va_start(ap, fmt);
-    if (n > 0 && (size_t)n < sizeof(line))
-        n += vsnprintf(line + n, sizeof(line) - (size_t)n, fmt, ap);
-    va_end(ap);
-    if (n < 0 || (size_t)n >= sizeof(line) - 1)
-        n = (int)sizeof(line) - 2;
-    line[n++] = '\n';
-    fflush(stdout);
-    if (write(STDOUT_FILENO, line, (size_t)n) < 0)
-        exit(2);
-    exit(1);
+    marker_fail(head, fmt, ap);
 }
 
 static void __attribute__((format(printf, 1, 2)))

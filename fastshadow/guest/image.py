@@ -70,6 +70,8 @@ NETCHECK_SOURCE = _HERE / "netcheck.c"
 #: The guest's own static programs: /<name> in the initramfs, from <source>.
 GUEST_PROGRAMS = {"checker": CHECKER_SOURCE, "netcheck": NETCHECK_SOURCE}
 INIT_SOURCE = _HERE / "init.sh"
+#: Included by the guest programs (their shared failure marker).
+GUEST_HEADERS = (_HERE / "marker.h",)
 _KERNEL_META = "linux-image-amd64"
 
 Log = Callable[[str], None]
@@ -403,7 +405,7 @@ def _image_key(name: str, version: str, busybox: Path) -> str:
     for part in (f"format={BUILD_FORMAT}", f"kernel={name}={version}", f"busybox={busybox}",
                  f"busybox-sha={_sha256_file(busybox)}", f"modules={','.join(GUEST_MODULES)}"):
         h.update(part.encode() + b"\n")
-    for src in (*GUEST_PROGRAMS.values(), INIT_SOURCE):
+    for src in (*GUEST_PROGRAMS.values(), *GUEST_HEADERS, INIT_SOURCE):
         h.update(src.name.encode() + b"\0" + src.read_bytes() + b"\0")
     return h.hexdigest()[:16]
 

@@ -37,6 +37,8 @@
 #include <time.h>
 #include <unistd.h>
 
+#include "marker.h"
+
 #define MAX_PAYLOAD 1472u   /* 1500 MTU - 20 IP - 8 ICMP */
 #define MAX_WINDOW 256u
 #define MAX_TRIES 3
@@ -46,20 +48,12 @@ static const char *g_tag = "net0";
 static void __attribute__((noreturn, format(printf, 1, 2)))
 fail(const char *fmt, ...)
 {
-    char line[512];
-    int n = snprintf(line, sizeof(line), "FASTSHADOW-NET FAIL tag=%s ", g_tag);
+    char head[96];
     va_list ap;
 
+    snprintf(head, sizeof(head), "FASTSHADOW-NET FAIL tag=%s ", g_tag);
     va_start(ap, fmt);
-    if (n > 0 && (size_t)n < sizeof(line))
-        n += vsnprintf(line + n, sizeof(line) - (size_t)n, fmt, ap);
-    va_end(ap);
-    if (n < 0 || (size_t)n >= sizeof(line) - 1)
-        n = (int)sizeof(line) - 2;
-    line[n++] = '\n';
-    if (write(STDOUT_FILENO, line, (size_t)n) < 0)
-        exit(2);
-    exit(1);
+    marker_fail(head, fmt, ap);
 }
 
 static uint64_t mix64(uint64_t z)
