@@ -104,7 +104,7 @@ class ProxyConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     log_format: str = "text"
     #: Data plane: at most this many microseconds of polling after the last activity before sleeping
     #: (0: never); the window adapts (csrc/loop.c, busy_poll).
-    #: 30 µs measured best here (bench/RESULTS.md, tuning): a cross-CPU eventfd wake-up costs ~25 µs.
+    #: 30 µs measured best here (bench/RESULTS.md, tuning): a cross-CPU eventfd wake-up costs 6-25 µs.
     busy_poll_us: int = 30
     #: Data plane: buffers of at least this many bytes are copied (guest <-> bounce) with streaming
     #: (non-temporal) stores, which skip reading the destination first (0: never; csrc/copy.c).

@@ -107,7 +107,6 @@ class IsolatedSession(Session):
         self.backend_has_table = False
         self.started: set[int] = set()
         self.err_fds: dict[int, tuple[int, int | None]] = {}  # queue -> (ours, QEMU's)
-        self.log_all = False  # VHOST_F_LOG_ALL: QEMU is migrating, the data plane logs its writes
         self.qemu_features: int | None = None  # QEMU's last SET_FEATURES
         self.vring_addrs: dict[int, tuple[int, int, int]] = {}  # queue -> QEMU's (desc, avail, used)
         self.handlers = {
@@ -300,8 +299,12 @@ class IsolatedSession(Session):
             value = feat.device_features_for_backend(msg.payload.value, self.offered_device_features)
         except feat.FeatureRefused as e:
             raise UnexpectedMessage(str(e)) from None
-        previous, self.qemu_features = self.qemu_features, msg.payload.value
-        self.set_log_all(bool(msg.payload.value & VirtioFeature.LOG_ALL))
+        was_logging, previous, self.qemu_features = self.log_all, self.qemu_features, msg.payload.value
+        if self.log_all != was_logging:
+            kv(log, logging.INFO, "migration.logging", dev=self.name, on=self.log_all,
+               what="the data plane marks every guest page it writes in QEMU's dirty log")
+        if self.dev is not None:
+            self.dev.set_logging(self.log_all)
         if previous is not None and previous ^ msg.payload.value == VirtioFeature.LOG_ALL:
             # Only LOG_ALL changed (migration starts or ends on a running device):
             # nothing for the backend, whose features stay as they are.
@@ -310,13 +313,10 @@ class IsolatedSession(Session):
         self.to_backend_as(msg, p.U64(value))
 
     # -- migration: dirty logging --------------------------------------------------------
-    def set_log_all(self, on: bool) -> None:
-        if on != self.log_all:
-            kv(log, logging.INFO, "migration.logging", dev=self.name, on=on,
-               what="the data plane marks every guest page it writes in QEMU's dirty log")
-        self.log_all = on
-        if self.dev is not None:
-            self.dev.set_logging(on)
+    @property
+    def log_all(self) -> bool:
+        """VHOST_F_LOG_ALL: QEMU is migrating, the data plane logs its writes."""
+        return bool((self.qemu_features or 0) & VirtioFeature.LOG_ALL)
 
     def on_set_log_base(self, msg: Message) -> None:
         if not msg.fds or not isinstance(msg.payload, p.Log):
@@ -540,8 +540,7 @@ class IsolatedSession(Session):
         self.remember(msg.request, msg.payload)  # replayed with a new relay to QEMU's same channel
 
     def on_reset(self, msg: Message) -> None:
-        self.log_all = False  # features are negotiated again
-        self.qemu_features = None
+        self.qemu_features = None  # features are negotiated again
         if self.dev is not None:
             self.dev.reset()
         for q in self.started:
