@@ -14,7 +14,11 @@
  *    function of (seed, sequence number, position), so a reply carrying the
  *    payload of another request is caught too;
  *  - a request without a reply within `--timeout-ms` is sent again (at most
- *    3 times): a lost packet is counted, a corrupt one fails the run.
+ *    3 times): a lost packet is counted, a corrupt one fails the run;
+ *  - `--min-ms D` keeps sending windows past `--count` until D ms have passed,
+ *    so a test that disturbs the path mid-traffic does not race a fast guest;
+ *    with it, the line `FASTSHADOW-NET FLOWING` is printed once the first
+ *    window is answered, so such a test knows when traffic runs.
  *
  * Output: exactly one final marker line
  *     FASTSHADOW-NET PASS tag=<tag> sent=<n> received=<n> bytes=<b> resent=<r>
@@ -96,7 +100,7 @@ static uint64_t now_ms(void)
 
 struct opts {
     struct in_addr dst;
-    uint32_t count, window, min, max, timeout_ms;
+    uint32_t count, window, min, max, timeout_ms, min_ms;
     uint64_t seed;
 };
 
@@ -184,7 +188,7 @@ int main(int argc, char **argv)
         const char *a = argv[i], *v = i + 1 < argc ? argv[i + 1] : NULL;
         if (!v)
             fail("option %s needs a value (usage: netcheck --dst IP [--count N] [--window W] "
-                 "[--min B] [--max B] [--timeout-ms T] [--seed S] [--tag T])", a);
+                 "[--min B] [--max B] [--timeout-ms T] [--min-ms D] [--seed S] [--tag T])", a);
         i++;
         if (!strcmp(a, "--dst"))
             have_dst = inet_pton(AF_INET, v, &o.dst) == 1;
@@ -198,6 +202,8 @@ int main(int argc, char **argv)
             o.max = parse_u32(a, v, 0, MAX_PAYLOAD);
         else if (!strcmp(a, "--timeout-ms"))
             o.timeout_ms = parse_u32(a, v, 1, 600000);
+        else if (!strcmp(a, "--min-ms"))
+            o.min_ms = parse_u32(a, v, 0, 3600000);
         else if (!strcmp(a, "--seed"))
             o.seed = parse_u32(a, v, 0, UINT32_MAX);
         else if (!strcmp(a, "--tag"))
@@ -217,9 +223,13 @@ int main(int argc, char **argv)
     uint64_t bytes = 0;
     uint32_t received = 0, resent = 0;
     struct slot win[MAX_WINDOW];
+    uint64_t end_ms = now_ms() + o.min_ms;
+    uint32_t base;
 
-    for (uint32_t base = 0; base < o.count; base += o.window) {
-        uint32_t nwin = o.count - base < o.window ? o.count - base : o.window, left = nwin;
+    for (base = 0; base < o.count || now_ms() < end_ms; base += o.window) {
+        /* Past --count (only when --min-ms holds the run open) windows are full. */
+        uint32_t nwin = base < o.count && o.count - base < o.window ? o.count - base : o.window;
+        uint32_t left = nwin;
         for (uint32_t k = 0; k < nwin; k++) {
             win[k] = (struct slot){.seq = base + k, .tries = 1};
             send_echo(fd, &o, id, base + k);
@@ -248,8 +258,12 @@ int main(int argc, char **argv)
             }
             deadline = now_ms() + o.timeout_ms;
         }
+        if (base == 0 && o.min_ms) {
+            printf("FASTSHADOW-NET FLOWING tag=%s received=%u\n", g_tag, received);
+            fflush(stdout);
+        }
     }
-    printf("FASTSHADOW-NET PASS tag=%s sent=%u received=%u bytes=%llu resent=%u\n", g_tag, o.count,
+    printf("FASTSHADOW-NET PASS tag=%s sent=%u received=%u bytes=%llu resent=%u\n", g_tag, received,
            received, (unsigned long long)bytes, resent);
     return 0;
 }

@@ -89,9 +89,12 @@ def test_testpmd_killed_and_restarted_mid_traffic(guest_image, workdir, start_pr
     is still checked byte for byte, and QEMU never reconnects."""
     if shutil.which("dpdk-testpmd") is None:
         pytest.skip("dpdk-testpmd is not installed (the README's test command installs dpdk-dev)")
-    count = 8000
+    # The run is held open for 10 s (--min-ms) whatever the guest's speed, and the kill
+    # comes right after the first answered window: a fast CI machine once finished a
+    # fixed count of echoes before the kill.
+    count = 2000
     cmd = ("ip link set eth0 up && ip addr add 10.7.0.1/24 dev eth0 && "
-           f"/netcheck --dst 10.7.0.2 --count {count} --window 16 --timeout-ms 3000 --seed 9")
+           f"/netcheck --dst 10.7.0.2 --count {count} --min-ms 10000 --window 16 --timeout-ms 3000 --seed 9")
     sock = workdir / "pmd.sock"
     pmd = Testpmd(sock, log_path=workdir / "testpmd1.log").start()
     try:
@@ -100,10 +103,9 @@ def test_testpmd_killed_and_restarted_mid_traffic(guest_image, workdir, start_pr
         with GuestVM(guest_image, net_socket=workdir / "fs.sock", cmdline={"fastshadow.cmd": cmd},
                      log_path=workdir / "console.log") as vm:
             vm.start()
-            vm.wait_for("FASTSHADOW-GUEST READY", timeout=120)
+            vm.wait_for("FASTSHADOW-NET FLOWING", timeout=120)
             wait_for_memory(pmd.pid, vm.pid)
-            time.sleep(1.0)
-            assert "FASTSHADOW-NET" not in vm.console, "netcheck finished before the kill: make it longer"
+            assert not re.search(r"FASTSHADOW-NET (PASS|FAIL)", vm.console), "netcheck ended before the kill"
             # SIGKILL: on SIGTERM testpmd keeps forwarding for seconds while it shuts down.
             os.kill(pmd.pid, signal.SIGKILL)
             pmd.kill()                      # reaps it, removes its runtime directory
@@ -116,7 +118,7 @@ def test_testpmd_killed_and_restarted_mid_traffic(guest_image, workdir, start_pr
         pmd.kill()
     assert result.passed, result.summary() + "\n" + vm.console[-3000:]
     m = re.search(r"FASTSHADOW-NET PASS tag=\S+ sent=(\d+) received=(\d+) bytes=(\d+) resent=(\d+)", vm.console)
-    assert m and int(m.group(1)) == int(m.group(2)) == count, vm.console[-2000:]
+    assert m and int(m.group(1)) == int(m.group(2)) >= count, vm.console[-2000:]
     print("\n" + back + f"\nresent after the restart: {m.group(4)}")
     log = proxy.log()
     assert log.count("qemu.connected dev=dev0") == 1 and log.count("session.start dev=dev0") == 1, log[-3000:]

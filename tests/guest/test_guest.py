@@ -148,6 +148,21 @@ def test_netcheck_verifies_every_echo(netcheck_bin: Path) -> None:
     assert m and int(m.group(1)) > 400 * 600, r.stdout
 
 
+def test_netcheck_min_ms_holds_the_run_open(netcheck_bin: Path) -> None:
+    # --min-ms keeps sending past --count until the time is up (a test that kills the
+    # backend mid-traffic needs traffic to still run), and says when traffic flows.
+    r = _in_fresh_netns(f"ip link set lo up; start=$(date +%s%N); {netcheck_bin} --dst 127.0.0.1 "
+                        f"--count 4 --window 4 --min-ms 400 --timeout-ms 200 --tag lo; "
+                        f"echo elapsed_ns=$(( $(date +%s%N) - start ))")
+    assert r.returncode == 0, r.stdout + r.stderr
+    lines = r.stdout.splitlines()
+    assert lines[0] == "FASTSHADOW-NET FLOWING tag=lo received=4", r.stdout
+    m = re.fullmatch(r"FASTSHADOW-NET PASS tag=lo sent=(\d+) received=(\d+) bytes=\d+ resent=\d+", lines[1])
+    assert m and m.group(1) == m.group(2) and int(m.group(1)) > 4, r.stdout
+    assert int(m.group(1)) % 4 == 0, r.stdout          # full windows past --count
+    assert int(lines[2].removeprefix("elapsed_ns=")) >= 400e6, r.stdout
+
+
 def test_netcheck_fails_when_nothing_answers(netcheck_bin: Path) -> None:
     # A veth pair whose other end owns no address: ARP goes unanswered.
     script = (f"ip link add v0 type veth peer name v1; ip addr add 10.9.0.1/24 dev v0; "
