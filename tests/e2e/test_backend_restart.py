@@ -22,7 +22,16 @@ from fastshadow.isolation import check_isolation
 
 pytestmark = pytest.mark.vm
 
-CHECK = {"fastshadow.check": "--total 64M --min 512 --max 256K", "fastshadow.queues": "2"}
+CHECK = {"fastshadow.check": "--total 96M --min 512 --max 256K", "fastshadow.queues": "2"}
+
+
+def wait_for_allocated(path, nbytes, timeout=60.0):
+    """Wait until `nbytes` of the sparse image `path` are allocated (written by the backend)."""
+    deadline = time.monotonic() + timeout
+    while os.stat(path).st_blocks * 512 < nbytes:
+        if time.monotonic() > deadline:
+            raise AssertionError(f"{path}: under {nbytes} bytes written by the backend after {timeout} s")
+        time.sleep(0.01)
 
 
 def test_backend_killed_and_restarted_mid_io(guest_image, workdir, start_qsd, start_proxy):
@@ -34,9 +43,11 @@ def test_backend_killed_and_restarted_mid_io(guest_image, workdir, start_qsd, st
     with GuestVM(guest_image, blk_socket=str(workdir / "fs.sock"), blk_num_queues=2, smp=2, cmdline=CHECK,
                  log_path=workdir / "console.log") as vm:
         vm.start()
-        # Kill once the checkers' I/O is flowing through the data plane.
+        # Kill once the checkers' writes reach the image (2 MiB of it allocated): that is
+        # I/O in flight through the data plane, with seconds of it still to come.  A fixed
+        # sleep here would race a fast machine (as the net restart test once did).
         vm.wait_for(r"checker\[q1\]: device=", timeout=120)
-        time.sleep(0.5)
+        wait_for_allocated(disk, 2 << 20)
         assert "FASTSHADOW-CHECK" not in vm.console, "the checker finished before the kill: make it longer"
         os.kill(qsd.pid, signal.SIGKILL)
         lost = proxy.wait_log(r"backend\.lost dev=dev0", timeout=30)[0]
