@@ -25,6 +25,10 @@ net) the session survives: the queues are parked, a new backend connection
 is obtained, every state-setting message the backend had received is
 replayed (memory table, features, rings, eventfds, request channel), and the
 parked requests are re-published. QEMU and the guest see a delay only.
+This holds whether the backend dies between requests or in the middle of one
+(its reply lost, or the request never delivered): the request QEMU is waiting
+on is handled again, from the start, against the new backend; handlers are
+written so that running one twice leaves the state of running it once.
 """
 
 from __future__ import annotations
@@ -47,6 +51,17 @@ from .config import DeviceConfig, DeviceType
 from .session import Session
 
 log = logging.getLogger("fastshadow.proxy")
+
+#: How often one QEMU request is handled again after the backend died under it.
+MAX_ATTEMPTS = 3
+
+
+class BackendGone(PeerClosed):
+    """The backend's connection failed while fastshadow was telling it something.
+
+    Raised by IsolatedSession.to_backend when the session survives backend
+    loss, so that on_frontend can tell the backend's death (recoverable) from
+    QEMU's (the end of the session)."""
 
 #: Queue count when QEMU never asked GET_QUEUE_NUM (no MQ): the device type's fixed count.
 DEFAULT_QUEUES = {DeviceType.BLK: 1, DeviceType.NET: 3, DeviceType.FS: 2, DeviceType.VSOCK: 3,
@@ -146,7 +161,36 @@ class IsolatedSession(Session):
             msg.close_fds()
             raise UnexpectedMessage(f"QEMU sent {msg.request.name}, refused in isolated mode: "
                                     f"{REFUSED.get(msg.request, 'not supported in isolated mode')}")
-        handler(msg)
+        if not self.survives_backend_loss:
+            handler(msg)
+            return
+        for attempt in range(1, MAX_ATTEMPTS + 1):
+            # Handlers consume the fds they are given: keep copies for another attempt.
+            spare = [os.dup(fd) for fd in msg.fds]
+            try:
+                handler(msg)
+                return
+            except BackendGone as e:
+                if attempt == MAX_ATTEMPTS:
+                    raise PeerClosed(f"{e}; QEMU's {msg.request.name} failed {attempt} times, "
+                                     f"each time the backend died under it") from None
+                self.recover_backend(f"{e} (while handling QEMU's {msg.request.name})")
+                kv(log, logging.INFO, "request.retried", dev=self.name, req=msg.request.name, attempt=attempt + 1,
+                   reason="the backend died under it; handled again against the new backend")
+                msg, spare = Message(msg.request, msg.payload, spare, msg.flags), []
+            finally:
+                for fd in spare:
+                    os.close(fd)
+
+    def to_backend(self, msg: Message, *, expect_reply: bool | None = None) -> Message | None:
+        try:
+            return super().to_backend(msg, expect_reply=expect_reply)
+        except BackendGone:
+            raise
+        except PeerClosed as e:
+            if not self.survives_backend_loss:
+                raise
+            raise BackendGone(str(e)) from None
 
     def filter_backend_request(self, msg: Message) -> str | None:
         return REFUSED_BACKEND.get(msg.request.name)

@@ -118,7 +118,10 @@ class Session:
                         self.neg.observe(msg)
                         self.on_frontend(msg)
                     elif key.data == "backend":
-                        self._backend_unasked()
+                        # A handler in this same round may have replaced a dead backend
+                        # (isolated mode): its stale event must not read the new socket.
+                        if key.fileobj is self.backend.sock:
+                            self._backend_unasked()
                     else:
                         key.data()
 
