@@ -19,6 +19,9 @@ import pytest
 
 from fastshadow.guest import GuestVM, run_check
 from fastshadow.isolation import check_isolation
+from fastshadow.protocol.messages import FrontendReq
+
+from ..proxy.cutter import Cutter
 
 pytestmark = pytest.mark.vm
 
@@ -67,3 +70,42 @@ def test_backend_killed_and_restarted_mid_io(guest_image, workdir, start_qsd, st
     assert "session.refused" not in log and "dataplane.refused" not in log, log[-3000:]
     # The new daemon is as isolated as the first one was.
     assert report.isolated, "\n".join(report.lines())
+
+
+@pytest.mark.parametrize("cut_at,when", [(FrontendReq.SET_VRING_KICK, "before"),
+                                         (FrontendReq.GET_VRING_BASE, "after")],
+                         ids=["ring-start", "ring-stop-at-reboot"])
+def test_backend_dies_in_the_middle_of_a_request(cut_at, when, guest_image, workdir, start_qsd, start_proxy):
+    """The backend's connection drops while QEMU waits on a request: when the first ring
+    starts (the kick fd never reached the backend), or when the guest reboots and QEMU
+    stops the rings (the backend stopped its ring, its answer is lost).  The guest checks
+    its data in both boots; QEMU never notices (tests/proxy/cutter.py drops the connection
+    in front of a real qemu-storage-daemon, which the proxy then reaches again)."""
+    qsd_sock = str(workdir / "qsd.sock")
+    start_qsd(qsd_sock, disk=workdir / "disk.img", num_queues=2)
+    cutter = Cutter(str(workdir / "cut.sock"), qsd_sock, cut_at, when)
+    proxy = start_proxy(["--listen", str(workdir / "fs.sock"), "--backend", str(workdir / "cut.sock"),
+                         "--mode", "isolated", "--backend-timeout", "20"], [str(workdir / "fs.sock")])
+    check = {"fastshadow.check": "--total 8M --min 512 --max 256K", "fastshadow.queues": "2",
+             "fastshadow.boots": "2"}
+    try:
+        with GuestVM(guest_image, blk_socket=str(workdir / "fs.sock"), blk_num_queues=2, smp=2, cmdline=check,
+                     log_path=workdir / "console.log") as vm:
+            vm.start()
+            result = run_check(vm, timeout=600)
+    finally:
+        cutter.close()
+    assert cutter.cut.is_set(), f"QEMU never sent {cut_at.name}"
+    assert result.passed, result.summary() + "\n" + vm.console[-3000:]
+    assert [b.result for b in result.boots] == ["PASS", "PASS"]
+    log = proxy.log()
+    print("\n" + "\n".join(ln for ln in log.splitlines() if "backend." in ln or "request.retried" in ln))
+    assert log.count("qemu.connected dev=dev0") == 1 and log.count("session.start dev=dev0") == 1, log[-3000:]
+    assert log.count("backend.lost dev=dev0") == 1 and log.count("backend.reconnected dev=dev0") == 1, log[-3000:]
+    # GET_VRING_BASE waits on the backend's answer, so the loss is seen there and the
+    # request handled again.  QEMU asks no ack for SET_VRING_KICK: that loss is seen when
+    # the socket reports EOF, between requests or at the next one, whichever comes first,
+    # and the kick fd reaches the new backend in the replay.
+    if cut_at == FrontendReq.GET_VRING_BASE:
+        assert "request.retried dev=dev0 req=GET_VRING_BASE " in log, log[-3000:]
+    assert "session.refused" not in log and "dataplane.refused" not in log, log[-3000:]
