@@ -100,6 +100,13 @@ def _add_proxy_parser(sub) -> None:
                         "area with streaming (non-temporal) stores, about twice as fast into memory that is not in "
                         "cache "
                         f"(default {STREAM_COPY_MIN_DEFAULT}; 0: always plain memcpy)")
+    p.add_argument("--stats-interval", type=float, default=0.0, metavar="S",
+                   help="every S seconds, log one `stats` line per device: connected or not, sessions served, "
+                        "and in isolated mode the data plane's totals (requests, in flight, refused, throttled) "
+                        "and rates (requests/s, MB/s each way) (default 0: no stats lines)")
+    p.add_argument("--stats-file", metavar="PATH",
+                   help="keep the latest stats snapshot in PATH as JSON, per device and per queue, replaced "
+                        "atomically every interval (--stats-interval, 5 s if not given)")
     p.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"],
                    help="debug logs one line per vhost-user message (default info)")
     p.add_argument("--log-format", default="text", choices=["text", "json"], help="log line format (default text)")
@@ -132,7 +139,8 @@ def build_proxy_config(args):
             backend_reconnect=args.backend_reconnect,
         ))
     cfg = ProxyConfig(device=devices, log_level=args.log_level, log_format=args.log_format,
-                      busy_poll_us=args.busy_poll_us, stream_copy_min=args.stream_copy_min)
+                      busy_poll_us=args.busy_poll_us, stream_copy_min=args.stream_copy_min,
+                      stats_interval=args.stats_interval, stats_file=args.stats_file)
     cfg.validate()
     return cfg
 

@@ -13,6 +13,7 @@ A config file serves several devices from one process:
 from __future__ import annotations
 
 import enum
+import os
 import tomllib
 from pathlib import Path
 
@@ -109,10 +110,22 @@ class ProxyConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     #: Data plane: buffers of at least this many bytes are copied (guest <-> bounce) with streaming
     #: (non-temporal) stores, which skip reading the destination first (0: never; csrc/copy.c).
     stream_copy_min: int = STREAM_COPY_MIN_DEFAULT
+    #: Seconds between two `stats` log lines per device (0: none; stats_file alone means 5).
+    stats_interval: float = 0.0
+    #: Where the latest stats snapshot is kept, as JSON (replaced atomically each interval).
+    stats_file: str | None = None
+
+    @property
+    def stats_period(self) -> float:
+        return self.stats_interval or (5.0 if self.stats_file else 0.0)
 
     def validate(self) -> None:
         if self.busy_poll_us < 0 or self.stream_copy_min < 0:
             raise ConfigError("busy_poll_us and stream_copy_min must not be negative")
+        if self.stats_interval < 0:
+            raise ConfigError(f"stats_interval {self.stats_interval:g}: want seconds >= 0 (0: no stats)")
+        if self.stats_file is not None and not os.path.isdir(os.path.dirname(os.path.abspath(self.stats_file))):
+            raise ConfigError(f"stats_file {self.stats_file}: its directory does not exist")
         if not self.device:
             raise ConfigError("no device configured: give --listen/--backend or a config file with [[device]]")
         seen: set[str] = set()

@@ -521,6 +521,12 @@ class IsolatedSession(Session):
         kv(log, logging.DEBUG, "vring.stopped", dev=self.name, queue=q, guest_avail_idx=idx, shadow_idx=shadow_next)
         self.to_qemu(msg.reply(p.VringState(q, idx)))
 
+    def queue_stats(self) -> list:
+        dev = self.dev
+        if dev is None:
+            return []
+        return [(q, dev.stats(q)) for q in sorted(list(self.vring_addrs))]  # the queues QEMU set up
+
     def log_stats(self, q: int) -> None:
         st = self.dev.stats(q)
         kv(log, logging.INFO, "vring.stats", dev=self.name, queue=q, requests=st.requests, completed=st.completed,

@@ -114,6 +114,7 @@ class Proxy:
         self._wake_r, self._wake_w = os.pipe2(os.O_CLOEXEC | os.O_NONBLOCK)
         self._stop = threading.Event()
         self.dataplane = None
+        self.stats = None
         try:
             for dcfg in cfg.device:
                 self.devices.append(Device(dcfg, self))
@@ -164,6 +165,10 @@ class Proxy:
         for d in self.devices:
             kv(log, logging.INFO, "device.listening", dev=d.cfg.name, listen=d.cfg.listen,
                backend=d.backend.description, mode=d.cfg.mode.value, device=d.cfg.device.value)
+        if self.cfg.stats_period > 0:
+            from .stats import StatsReporter
+            self.stats = StatsReporter(self, self.cfg.stats_period, self.cfg.stats_file)
+            self.stats.start()
         with selectors.DefaultSelector() as sel:
             sel.register(self._wake_r, selectors.EVENT_READ, None)
             for d in self.devices:
@@ -191,6 +196,9 @@ class Proxy:
             signal.signal(sig, lambda *_: self.stop())
 
     def close(self) -> None:
+        if self.stats is not None:
+            self.stats.stop()
+            self.stats = None
         for d in self.devices:
             d.close()
         self.devices = []

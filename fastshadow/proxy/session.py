@@ -188,6 +188,11 @@ class Session:
         self.relay.start()
         return theirs.detach()
 
+    def queue_stats(self) -> list:
+        """[(queue, dataplane.QueueStats)] of the queues this session runs (none in direct mode).
+        Called from the stats thread."""
+        return []
+
     # -- handlers (overridden by modes) ------------------------------------------
     def on_frontend(self, msg: Message) -> None:
         raise NotImplementedError

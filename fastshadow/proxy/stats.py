@@ -1,0 +1,122 @@
+"""Live counters of a running proxy (`--stats-interval`, `--stats-file`).
+
+Every interval, for each device: whether a front-end is connected, how many
+sessions it served, and for isolated devices the data plane's counters of
+every queue QEMU configured (requests, bytes each way, refusals, throttling,
+notifications, requests in flight). One `stats` log line per device carries
+the totals and the rates since the previous line; the file, when asked for,
+holds the whole snapshot as JSON (msgspec), replaced atomically, so a
+monitoring agent can read it at any time.
+
+The counters are read by the data-plane thread itself (a command on its
+queue), never from shared memory mid-update.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+import time
+
+import msgspec
+
+from ..logs import kv
+
+log = logging.getLogger("fastshadow.proxy")
+
+
+class QueueSnapshot(msgspec.Struct, frozen=True):
+    index: int
+    stats: dict[str, int]     # dataplane.QueueStats, by field name (cumulative over the session)
+
+
+class DeviceSnapshot(msgspec.Struct, frozen=True):
+    name: str
+    mode: str
+    device: str
+    connected: bool
+    sessions: int
+    queues: list[QueueSnapshot]
+
+    def total(self, field: str) -> int:
+        return sum(q.stats[field] for q in self.queues)
+
+
+class ProxySnapshot(msgspec.Struct, frozen=True):
+    time: float               # Unix time of the snapshot
+    uptime_s: float
+    interval_s: float
+    devices: list[DeviceSnapshot]
+
+
+def snapshot_device(dev) -> DeviceSnapshot:
+    """`dev`: a server.Device. Queues are those of its current session, if any."""
+    session = dev.session
+    connected = session is not None and not session.closing
+    queues = []
+    if session is not None:
+        try:
+            queues = [QueueSnapshot(q, msgspec.structs.asdict(st)) for q, st in session.queue_stats()]
+        except Exception as e:  # the session ended under us: its counters are gone with it
+            kv(log, logging.DEBUG, "stats.skipped", dev=dev.cfg.name, reason=str(e))
+    return DeviceSnapshot(dev.cfg.name, dev.cfg.mode.value, dev.cfg.device.value, connected,
+                          dev.sessions_served, queues)
+
+
+class StatsReporter(threading.Thread):
+    """Logs (and writes to `path`) a snapshot of `proxy` every `interval` seconds."""
+
+    def __init__(self, proxy, interval: float, path: str | None = None):
+        super().__init__(name="stats", daemon=True)
+        self.proxy, self.interval, self.path = proxy, interval, path
+        self.started_at = time.monotonic()
+        self._stop = threading.Event()
+        self._prev: dict[str, tuple[float, DeviceSnapshot]] = {}
+
+    def stop(self) -> None:
+        self._stop.set()
+        self.join(timeout=5)
+
+    def run(self) -> None:
+        while not self._stop.wait(self.interval):
+            try:
+                self.report(self.snapshot())
+            except Exception as e:  # never let monitoring take the proxy down
+                kv(log, logging.WARNING, "stats.failed", reason=f"{type(e).__name__}: {e}")
+
+    def snapshot(self) -> ProxySnapshot:
+        return ProxySnapshot(time=time.time(), uptime_s=round(time.monotonic() - self.started_at, 3),
+                             interval_s=self.interval,
+                             devices=[snapshot_device(d) for d in list(self.proxy.devices)])
+
+    def report(self, snap: ProxySnapshot) -> None:
+        now = time.monotonic()
+        for d in snap.devices:
+            fields = dict(dev=d.name, mode=d.mode, connected=d.connected, sessions=d.sessions)
+            if d.queues:
+                prev_t, prev = self._prev.get(d.name, (None, None))
+                dt = now - prev_t if prev_t is not None else 0.0
+
+                def rate(field: str, scale: float = 1.0) -> str:
+                    before = prev.total(field) if prev is not None else 0
+                    delta = d.total(field) - before
+                    if dt <= 0 or delta < 0:        # first report, or a new session reset the counters
+                        return "-"
+                    return f"{delta / dt / scale:.1f}"
+                fields.update(queues=len(d.queues), requests=d.total("requests"),
+                              inflight=d.total("inflight"), refused=d.total("refused"),
+                              throttled=d.total("throttled"), req_per_s=rate("requests"),
+                              mb_in_per_s=rate("bytes_in", 1e6), mb_out_per_s=rate("bytes_out", 1e6))
+                self._prev[d.name] = (now, d)
+            kv(log, logging.INFO, "stats", **fields)
+        if self.path:
+            write_atomically(self.path, msgspec.json.encode(snap))
+
+
+def write_atomically(path: str, data: bytes) -> None:
+    """Readers see the previous file or the new one, never a partial write."""
+    tmp = f"{path}.tmp.{os.getpid()}"
+    with open(tmp, "wb") as f:
+        f.write(data + b"\n")
+    os.replace(tmp, path)

@@ -1,0 +1,98 @@
+"""A virtio-blk front-end in Python for protocol-level proxy tests: fastshadow's own
+vhost-user front-end (fastshadow.protocol.frontend) plays QEMU, and the data-plane
+test harness's guest RAM and split ring (tests/dataplane/harness.py) play the guest
+driver. It brings up queue 0 the way QEMU does, submits block reads and writes,
+waits for their completions and stops the ring.
+"""
+
+from __future__ import annotations
+
+import os
+import select
+import struct
+
+from fastshadow.protocol import payloads as p
+from fastshadow.protocol.features import VirtioFeature as VF
+from fastshadow.protocol.frontend import Frontend
+
+from ..dataplane.harness import Buf, GuestMem, GuestQueue, make_eventfd
+
+T_IN, T_OUT = 0, 1       # VIRTIO_BLK_T_IN (read), VIRTIO_BLK_T_OUT (write)
+
+
+class BlkFront:
+    def __init__(self, sock: str, *, num: int = 64, timeout: float = 30):
+        self.fe = Frontend.connect(sock, timeout=timeout)
+        self.mem = GuestMem()
+        self.num = num
+        self.kick, self.call = make_eventfd(), make_eventfd()
+        self.q: GuestQueue | None = None
+
+    def close(self) -> None:
+        self.fe.close()
+        os.close(self.kick)
+        os.close(self.call)
+        self.mem.close()
+
+    def __enter__(self) -> "BlkFront":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def bring_up(self) -> int:
+        """QEMU's sequence up to a running queue 0; returns the disk's capacity in sectors."""
+        fe, mem = self.fe, self.mem
+        features = fe.get_features()
+        fe.set_owner()
+        fe.set_protocol_features(fe.get_protocol_features())
+        assert fe.get_queue_num() >= 1
+        capacity = struct.unpack("<Q", fe.get_config(0, 8))[0]
+        fe.set_mem_table([p.MemoryRegion(r.gpa, r.size, r.uaddr, r.mmap_offset) for r in mem.regions],
+                         [r.fd for r in mem.regions])
+        fe.set_features(features & ~(VF.LOG_ALL | VF.RING_EVENT_IDX))
+        self.q = q = GuestQueue(mem, self.num)
+        fe.set_vring_num(0, self.num)
+        fe.set_vring_base(0, 0)
+        fe.set_vring_addr(0, mem.uaddr(q.desc), mem.uaddr(q.used), mem.uaddr(q.avail))
+        fe.set_vring_call(0, self.call)
+        fe.set_vring_kick(0, self.kick)
+        return capacity
+
+    def request(self, kind: int, sector: int, data: bytes | int) -> tuple[int, int, int]:
+        """Post one request (T_OUT writes `data`, T_IN reads `data` bytes) and kick;
+        returns (head, data gpa, status gpa)."""
+        mem = self.mem
+        hdr = mem.alloc(16)
+        mem.write(hdr, struct.pack("<IIQ", kind, 0, sector))
+        n = len(data) if isinstance(data, bytes) else data
+        buf = mem.alloc(n, align=512)
+        if isinstance(data, bytes):
+            mem.write(buf, data)
+        st = mem.alloc(1)
+        head = self.q.add([Buf(hdr, 16), Buf(buf, n, writable=kind == T_IN), Buf(st, 1, writable=True)])
+        os.eventfd_write(self.kick, 1)
+        return head, buf, st
+
+    def wait_used(self, want: int, timeout: float = 20) -> list[tuple[int, int]]:
+        got: list[tuple[int, int]] = []
+        while len(got) < want:
+            assert select.select([self.call], [], [], timeout)[0], f"no completion within {timeout} s ({got})"
+            os.eventfd_read(self.call)
+            got += self.q.take_used()
+        return got
+
+    def write(self, sector: int, data: bytes) -> None:
+        head, _, st = self.request(T_OUT, sector, data)
+        assert self.wait_used(1) == [(head, 1)]
+        assert self.mem.read(st, 1) == b"\0", "VIRTIO_BLK_S_OK expected"
+
+    def read(self, sector: int, n: int) -> bytes:
+        head, buf, st = self.request(T_IN, sector, n)
+        assert self.wait_used(1) == [(head, n + 1)]
+        assert self.mem.read(st, 1) == b"\0", "VIRTIO_BLK_S_OK expected"
+        return self.mem.read(buf, n)
+
+    def stop(self) -> int:
+        """GET_VRING_BASE: the ring stops; returns the guest's next avail index."""
+        return self.fe.get_vring_base(0)
