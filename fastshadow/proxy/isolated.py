@@ -37,6 +37,7 @@ import logging
 import os
 import selectors
 import socket
+import stat
 import time
 from typing import Callable
 
@@ -124,6 +125,8 @@ class IsolatedSession(Session):
         self.err_fds: dict[int, tuple[int, int | None]] = {}  # queue -> (ours, QEMU's)
         self.qemu_features: int | None = None  # QEMU's last SET_FEATURES
         self.vring_addrs: dict[int, tuple[int, int, int]] = {}  # queue -> QEMU's (desc, avail, used)
+        self.vring_nums: dict[int, int] = {}  # queue -> ring size (SET_VRING_NUM)
+        self.mem_regions: dict[int, int] = {}  # guest memory QEMU described: gpa -> size
         self.handlers = {
             FrontendReq.GET_FEATURES: self.on_get_features,
             FrontendReq.SET_FEATURES: self.on_set_features,
@@ -162,13 +165,13 @@ class IsolatedSession(Session):
             raise UnexpectedMessage(f"QEMU sent {msg.request.name}, refused in isolated mode: "
                                     f"{REFUSED.get(msg.request, 'not supported in isolated mode')}")
         if not self.survives_backend_loss:
-            handler(msg)
+            self._handle(handler, msg)
             return
         for attempt in range(1, MAX_ATTEMPTS + 1):
             # Handlers consume the fds they are given: keep copies for another attempt.
             spare = [os.dup(fd) for fd in msg.fds]
             try:
-                handler(msg)
+                self._handle(handler, msg)
                 return
             except BackendGone as e:
                 if attempt == MAX_ATTEMPTS:
@@ -181,6 +184,15 @@ class IsolatedSession(Session):
             finally:
                 for fd in spare:
                     os.close(fd)
+
+    def _handle(self, handler, msg: Message) -> None:
+        from ..dataplane import DataPlaneError
+        try:
+            handler(msg)
+        except DataPlaneError as e:
+            # The data plane refused what QEMU asked (its own checks, after ours): the
+            # session ends with one line that names the request and the reason.
+            raise UnexpectedMessage(f"QEMU's {msg.request.name} refused by the data plane: {e.strerror}") from None
 
     def to_backend(self, msg: Message, *, expect_reply: bool | None = None) -> Message | None:
         try:
@@ -434,9 +446,11 @@ class IsolatedSession(Session):
         regions = [MemRegion(r.guest_phys_addr, r.memory_size, r.userspace_addr, fd, r.mmap_offset)
                    for r, fd in zip(msg.payload.regions, msg.fds)]
         try:
+            check_regions(msg.request.name, regions)
             self.device().set_mem_table(regions)
         finally:
             msg.close_fds()
+        self.mem_regions = {r.gpa: r.size for r in regions}
         kv(log, logging.INFO, "guest_memory.mapped", dev=self.name, regions=len(regions),
            bytes=sum(r.size for r in regions))
         self.send_backend_table()
@@ -445,19 +459,33 @@ class IsolatedSession(Session):
     def on_add_mem_reg(self, msg: Message) -> None:
         from ..dataplane import MemRegion
         r = msg.payload.region
+        region = MemRegion(r.guest_phys_addr, r.memory_size, r.userspace_addr, msg.fds[0], r.mmap_offset)
         try:
-            self.device().add_mem_region(MemRegion(r.guest_phys_addr, r.memory_size, r.userspace_addr,
-                                                   msg.fds[0], r.mmap_offset))
+            # The same region again is taken as done: a request handled a second time
+            # (the backend died under it, see on_frontend) has mapped it already.
+            if self.mem_regions.get(region.gpa) != region.size:
+                check_regions(msg.request.name, [region], self.mem_regions)
+                self.device().add_mem_region(region)
         finally:
             msg.close_fds()
+        self.mem_regions[region.gpa] = region.size
         self.send_backend_table()
         self.ack(msg)
 
     def on_rem_mem_reg(self, msg: Message) -> None:
         msg.close_fds()  # the spec allows a stray fd here; it is never used
         r = msg.payload.region
+        if self.mem_regions.get(r.guest_phys_addr) != r.memory_size:
+            raise UnexpectedMessage(f"REM_MEM_REG gpa {r.guest_phys_addr:#x} size {r.memory_size:#x}: no such region "
+                                    f"in the guest memory table ({self._describe_regions()})")
         self.device().remove_mem_region(r.guest_phys_addr, r.memory_size)
+        del self.mem_regions[r.guest_phys_addr]
         self.ack(msg)
+
+    def _describe_regions(self) -> str:
+        if not self.mem_regions:
+            return "it is empty"
+        return "it holds " + ", ".join(f"{g:#x}+{n:#x}" for g, n in sorted(self.mem_regions.items()))
 
     # -- rings -------------------------------------------------------------------------
     def queue_index(self, index: int) -> int:
@@ -468,8 +496,16 @@ class IsolatedSession(Session):
         return index
 
     def on_set_vring_num(self, msg: Message) -> None:
-        q = self.queue_index(msg.payload.index)
-        self.dev.queue_set_num(q, msg.payload.num)
+        from ..dataplane import MAX_QUEUE_SIZE
+        q, num = self.queue_index(msg.payload.index), msg.payload.num
+        if num == 0 or num & (num - 1) or num > MAX_QUEUE_SIZE:
+            raise UnexpectedMessage(f"SET_VRING_NUM {num} for queue {q}: a split virtqueue's size is a power of 2 "
+                                    f"from 1 to {MAX_QUEUE_SIZE}")
+        if q in self.started:
+            raise UnexpectedMessage(f"SET_VRING_NUM {num} for queue {q} while its ring runs "
+                                    f"(GET_VRING_BASE stops a ring first)")
+        self.dev.queue_set_num(q, num)
+        self.vring_nums[q] = num
         self.forward_state(msg)
 
     def on_set_vring_addr(self, msg: Message) -> None:
@@ -482,7 +518,16 @@ class IsolatedSession(Session):
             # backend's shadow ring is untouched (telling it again could rewind its indices).
             self.ack(msg)
             return
-        self.dev.queue_set_addr(q, a.desc, a.avail, a.used)
+        if not self.mem_regions:
+            raise UnexpectedMessage(f"SET_VRING_ADDR for queue {q} before any guest memory (SET_MEM_TABLE or "
+                                    f"ADD_MEM_REG comes first): its rings cannot be found")
+        from ..dataplane import AddressUntranslatable
+        try:
+            self.dev.queue_set_addr(q, a.desc, a.avail, a.used)
+        except AddressUntranslatable:
+            raise UnexpectedMessage(
+                f"SET_VRING_ADDR for queue {q}: desc {a.desc:#x}, avail {a.avail:#x} or used {a.used:#x} (QEMU "
+                f"addresses) is not inside the guest memory QEMU described, or the ring crosses its end") from None
         self.vring_addrs[q] = (a.desc, a.avail, a.used)
         desc, avail, used = self.dev.queue_shadow_addrs(q)
         self.to_backend_as(msg, p.VringAddr(q, 0, desc, used, avail, 0))
@@ -536,6 +581,12 @@ class IsolatedSession(Session):
 
     def on_set_vring_kick(self, msg: Message) -> None:
         q = self.queue_index(msg.payload.index)
+        missing = [name for name, known in (("SET_VRING_NUM", self.vring_nums), ("SET_VRING_ADDR", self.vring_addrs))
+                   if q not in known]
+        if missing:
+            msg.close_fds()
+            raise UnexpectedMessage(f"SET_VRING_KICK for queue {q} before its {' and '.join(missing)}: "
+                                    f"the kick starts a ring, which needs its size and addresses")
         try:
             self.dev.queue_set_guest_kick(q, None if msg.payload.nofd else msg.fds[0])
         finally:
@@ -596,6 +647,7 @@ class IsolatedSession(Session):
         for q in self.started:
             self.forget_queue_start(q)
         self.started.clear()
+        self.vring_addrs.clear()  # the data plane forgets ring addresses on reset (sizes stay)
         self.forward(msg)
 
     # -- teardown ---------------------------------------------------------------------
@@ -610,6 +662,26 @@ class IsolatedSession(Session):
             self.dp.remove_device(self.dev)
             kv(log, logging.INFO, "shadow.freed", dev=self.name)
             self.dev = None
+
+
+def check_regions(request: str, regions, existing: dict[int, int] | None = None) -> None:
+    """Refuse, naming the region and the reason, a guest memory description the data
+    plane could not map safely: empty or wrapping ranges, overlaps, and an fd shorter
+    than the range QEMU says it holds (touching the missing part would SIGBUS)."""
+    spans = sorted(list((existing or {}).items()) + [(r.gpa, r.size) for r in regions])
+    for r in regions:
+        where = f"{request} region gpa {r.gpa:#x} size {r.size:#x}"
+        if r.size == 0:
+            raise UnexpectedMessage(f"{where}: empty")
+        if r.gpa + r.size > 1 << 64 or r.uaddr + r.size > 1 << 64 or r.mmap_offset + r.size > 1 << 64:
+            raise UnexpectedMessage(f"{where}: the range wraps past the end of the address space")
+        st = os.fstat(r.fd)
+        if stat.S_ISREG(st.st_mode) and st.st_size < r.mmap_offset + r.size:
+            raise UnexpectedMessage(f"{where}: its fd holds {st.st_size:#x} bytes, the region needs "
+                                    f"{r.mmap_offset + r.size:#x} (mmap offset {r.mmap_offset:#x} + size)")
+    for (g0, n0), (g1, n1) in zip(spans, spans[1:]):
+        if g0 + n0 > g1:
+            raise UnexpectedMessage(f"{request}: guest memory regions {g0:#x}+{n0:#x} and {g1:#x}+{n1:#x} overlap")
 
 
 def msg_flags(need_reply: bool) -> int:
