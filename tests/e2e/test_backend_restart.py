@@ -21,7 +21,7 @@ from fastshadow.guest import GuestVM, run_check
 from fastshadow.isolation import check_isolation
 from fastshadow.protocol.messages import FrontendReq
 
-from ..proxy.cutter import Cutter
+from ..proxy.interposer import Cutter
 
 pytestmark = pytest.mark.vm
 
@@ -79,7 +79,7 @@ def test_backend_dies_in_the_middle_of_a_request(cut_at, when, guest_image, work
     """The backend's connection drops while QEMU waits on a request: when the first ring
     starts (the kick fd never reached the backend), or when the guest reboots and QEMU
     stops the rings (the backend stopped its ring, its answer is lost).  The guest checks
-    its data in both boots; QEMU never notices (tests/proxy/cutter.py drops the connection
+    its data in both boots; QEMU never notices (tests/proxy/interposer.py drops the connection
     in front of a real qemu-storage-daemon, which the proxy then reaches again)."""
     qsd_sock = str(workdir / "qsd.sock")
     start_qsd(qsd_sock, disk=workdir / "disk.img", num_queues=2)

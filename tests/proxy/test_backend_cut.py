@@ -2,7 +2,7 @@
 
 fastshadow's own vhost-user front-end plays QEMU bringing up a virtio-blk
 queue, doing I/O and stopping the ring; between fastshadow and a real
-qemu-storage-daemon (file export) sits tests/proxy/cutter.py, which drops the
+qemu-storage-daemon (file export) sits tests/proxy/interposer.py (Cutter), which drops the
 backend connection once, at one request: before the backend saw it, or after
 (its reply lost). For every request of the bring-up and both moments, the
 front-end must see every request answered as if nothing happened, the data
@@ -20,7 +20,7 @@ import pytest
 from fastshadow.protocol.messages import FrontendReq as R
 
 from .blkfront import BlkFront
-from .cutter import Cutter
+from .interposer import Cutter
 
 SECTOR = 9
 CUT_AT = [R.GET_FEATURES, R.SET_OWNER, R.GET_PROTOCOL_FEATURES, R.SET_PROTOCOL_FEATURES, R.GET_QUEUE_NUM,
