@@ -40,12 +40,15 @@ class BlkFront:
     def __exit__(self, *exc) -> None:
         self.close()
 
-    def bring_up(self) -> int:
-        """QEMU's sequence up to a running queue 0; returns the disk's capacity in sectors."""
+    def bring_up(self, backend_channel: int | None = None) -> int:
+        """QEMU's sequence up to a running queue 0; returns the disk's capacity in sectors.
+        `backend_channel`: QEMU's back-end request channel (an fd, sent as SET_BACKEND_REQ_FD)."""
         fe, mem = self.fe, self.mem
         features = fe.get_features()
         fe.set_owner()
         fe.set_protocol_features(fe.get_protocol_features())
+        if backend_channel is not None:
+            fe.set_backend_req_fd(backend_channel)
         assert fe.get_queue_num() >= 1
         capacity = struct.unpack("<Q", fe.get_config(0, 8))[0]
         fe.set_mem_table([p.MemoryRegion(r.gpa, r.size, r.uaddr, r.mmap_offset) for r in mem.regions],
