@@ -17,6 +17,7 @@ import time
 from pathlib import Path
 
 from .guest import GuestVM, StorageDaemon, build_guest_image, run_check
+from .guest.daemon import is_listening
 from .isolation import check_isolation
 
 
@@ -25,10 +26,11 @@ def step(msg: str) -> None:
 
 
 def wait_socket(path: Path, proc: subprocess.Popen, timeout: float = 15) -> None:
+    """Until fastshadow listens on `path` (the path alone appears at bind(), before listen())."""
     deadline = time.monotonic() + timeout
-    while not path.exists():
+    while not is_listening(path):
         if proc.poll() is not None or time.monotonic() > deadline:
-            raise RuntimeError(f"fastshadow did not create {path}")
+            raise RuntimeError(f"fastshadow did not listen on {path}")
         time.sleep(0.05)
 
 

@@ -23,13 +23,16 @@ def need_binary(name: str) -> str:
     return path
 
 
-def wait_path(path: str | Path, timeout: float = 10.0, proc: subprocess.Popen | None = None) -> None:
+def wait_listening(path: str | Path, timeout: float = 10.0, proc: subprocess.Popen | None = None) -> None:
+    """Wait until a unix socket at `path` is in listen() state: the path alone appears at
+    bind(), and a connect() before listen() is refused."""
+    from fastshadow.guest.daemon import is_listening
     deadline = time.monotonic() + timeout
-    while not os.path.exists(path):
+    while not is_listening(path):
         if proc is not None and proc.poll() is not None:
-            raise RuntimeError(f"process exited with {proc.returncode} before {path} appeared")
+            raise RuntimeError(f"process exited with {proc.returncode} before it listened on {path}")
         if time.monotonic() > deadline:
-            raise TimeoutError(f"{path} did not appear within {timeout} s")
+            raise TimeoutError(f"nothing listened on {path} within {timeout} s")
         time.sleep(0.02)
 
 
@@ -42,7 +45,7 @@ class ProxyProcess:
         self.proc = subprocess.Popen([sys.executable, "-m", "fastshadow.cli", "proxy", *args],
                                      stdout=self._log, stderr=subprocess.STDOUT, preexec_fn=die_with_parent)
         for s in sockets:
-            wait_path(s, 15, self.proc)
+            wait_listening(s, 15, self.proc)
 
     @property
     def pid(self) -> int:

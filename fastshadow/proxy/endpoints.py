@@ -29,23 +29,11 @@ def listen_unix(path: str, backlog: int = 4) -> socket.socket:
             raise EndpointError(errno.EEXIST, f"{path} exists and is not a socket; refusing to replace it")
         os.unlink(path)
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
-    # Bound under a temporary name and renamed once listening: a client that sees the
-    # path (QEMU, a test waiting for it) never finds a socket that refuses connections.
-    tmp = f"{path}.{os.getpid()}.tmp"
-    if len(os.fsencode(tmp)) >= 108:        # sun_path: bind the final name directly
-        tmp = path
     try:
-        sock.bind(tmp)
+        sock.bind(path)
         sock.listen(backlog)
-        if tmp != path:
-            os.rename(tmp, path)
     except OSError as e:
         sock.close()
-        if tmp != path:
-            try:
-                os.unlink(tmp)
-            except OSError:
-                pass
         raise EndpointError(e.errno, f"cannot listen on {path}: {e.strerror}") from e
     return sock
 

@@ -18,8 +18,6 @@ from fastshadow.protocol.features import ProtocolFeature
 from fastshadow.protocol.frontend import Frontend
 from fastshadow.protocol.messages import HEADER, FrontendReq
 
-from ..conftest import wait_path
-
 
 def handshake(path: str) -> dict:
     fe = Frontend.connect(path, timeout=10)
