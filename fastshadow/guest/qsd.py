@@ -54,7 +54,7 @@ class StorageDaemon(BackendDaemon):
     def __init__(self, socket_path: str | os.PathLike[str], *, driver: str = "file",
                  disk: str | os.PathLike[str] | None = None, size: str | int = "64M",
                  num_queues: int = 1, writable: bool = True, aio: str = "io_uring", locking: bool = True,
-                 extra_args: Iterable[str] = (), log_path: str | os.PathLike[str] | None = None,
+                 throttle_iops: int | None = None, extra_args: Iterable[str] = (), log_path: str | os.PathLike[str] | None = None,
                  binary: str = "qemu-storage-daemon", start_timeout: float = 20.0) -> None:
         if driver not in ("file", "null"):
             raise ValueError(f"driver must be 'file' or 'null', not {driver!r}")
@@ -68,6 +68,8 @@ class StorageDaemon(BackendDaemon):
         self.writable = writable
         self.aio = aio
         self.locking = locking  # off: two daemons may open one image (migration source and target)
+        #: A throttle filter on top of the disk: requests stay in flight (tests of dying peers).
+        self.throttle_iops = throttle_iops
         self.extra_args = list(extra_args)
         self.binary = binary
 
@@ -83,10 +85,16 @@ class StorageDaemon(BackendDaemon):
                         f"cache.direct=on,aio={self.aio}{'' if self.locking else ',locking=off'}")
         else:
             blockdev = f"driver=null-co,node-name=disk0,size={self.size},read-zeroes=on"
-        export = (f"type=vhost-user-blk,id=export0,node-name=disk0,addr.type=unix,"
+        args = [path, "--blockdev", blockdev]
+        node = "disk0"
+        if self.throttle_iops is not None:
+            args += ["--object", f"throttle-group,id=tg0,x-iops-total={self.throttle_iops}",
+                     "--blockdev", "driver=throttle,node-name=throttled0,throttle-group=tg0,file=disk0"]
+            node = "throttled0"
+        export = (f"type=vhost-user-blk,id=export0,node-name={node},addr.type=unix,"
                   f"addr.path={self.socket_path},writable={'on' if self.writable else 'off'},"
                   f"num-queues={self.num_queues}")
-        return [path, "--blockdev", blockdev, "--export", export, *self.extra_args]
+        return [*args, "--export", export, *self.extra_args]
 
     def prepare(self) -> None:
         if self.driver == "file" and not self.disk.exists():  # type: ignore[union-attr]

@@ -572,8 +572,8 @@ class IsolatedSession(Session):
             return []
         return [(q, dev.stats(q)) for q in sorted(list(self.vring_addrs))]  # the queues QEMU set up
 
-    def log_stats(self, q: int) -> None:
-        st = self.dev.stats(q)
+    def log_stats(self, q: int, st=None) -> None:
+        st = st if st is not None else self.dev.stats(q)
         kv(log, logging.INFO, "vring.stats", dev=self.name, queue=q, requests=st.requests, completed=st.completed,
            bytes_in=st.bytes_in, bytes_out=st.bytes_out, refused=st.refused, throttled=st.throttled,
            guest_kicks=st.guest_kicks, backend_kicks=st.backend_kicks, backend_calls=st.backend_calls,
@@ -659,6 +659,16 @@ class IsolatedSession(Session):
                 pass
         self.err_fds.clear()
         if self.dev is not None:
+            for q in sorted(self.started):
+                try:
+                    st = self.dev.stats(q)
+                except Exception:
+                    continue
+                self.log_stats(q, st)
+                if st.inflight:
+                    kv(log, logging.WARNING, "vring.abandoned", dev=self.name, queue=q, inflight=st.inflight,
+                       reason="the session ended with requests at the backend; their guest memory is "
+                              "unmapped, their completions land in the shadow only")
             self.dp.remove_device(self.dev)
             kv(log, logging.INFO, "shadow.freed", dev=self.name)
             self.dev = None
