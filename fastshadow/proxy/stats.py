@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import logging
 import os
+import tempfile
 import threading
 import time
 
@@ -115,8 +116,20 @@ class StatsReporter(threading.Thread):
 
 
 def write_atomically(path: str, data: bytes) -> None:
-    """Readers see the previous file or the new one, never a partial write."""
-    tmp = f"{path}.tmp.{os.getpid()}"
-    with open(tmp, "wb") as f:
-        f.write(data + b"\n")
-    os.replace(tmp, path)
+    """Readers see the previous file or the new one, never a partial write.
+
+    The temporary file is created exclusively under a random name (mkstemp): in a
+    directory others can write to (/tmp), a predictable name could be a planted
+    symlink that root would follow."""
+    fd, tmp = tempfile.mkstemp(prefix=os.path.basename(path) + ".", dir=os.path.dirname(os.path.abspath(path)))
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data + b"\n")
+        os.chmod(tmp, 0o644)       # monitoring agents read it (mkstemp makes it 0600)
+        os.replace(tmp, path)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except OSError:
+            pass
+        raise

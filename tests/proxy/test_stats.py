@@ -79,3 +79,17 @@ def test_stats_config_is_checked(tmp_path):
         ProxyConfig(device=[dev], stats_file=str(tmp_path / "no" / "stats.json")).validate()
     assert ProxyConfig(device=[dev], stats_file=str(tmp_path / "s.json")).stats_period == 5.0
     assert ProxyConfig(device=[dev]).stats_period == 0.0
+
+
+def test_stats_file_is_replaced_without_following_planted_links(tmp_path):
+    from fastshadow.proxy.stats import write_atomically
+    victim = tmp_path / "victim"
+    victim.write_text("keep me")
+    path = tmp_path / "stats.json"
+    for pid in range(os.getpid() - 2, os.getpid() + 3):    # the names a predictable scheme would use
+        (tmp_path / f"stats.json.tmp.{pid}").symlink_to(victim)
+    write_atomically(str(path), b'{"devices": []}')
+    write_atomically(str(path), b'{"devices": [1]}')
+    assert victim.read_text() == "keep me"
+    assert json.loads(path.read_text()) == {"devices": [1]} and oct(path.stat().st_mode & 0o777) == "0o644"
+    assert sorted(p.name for p in tmp_path.iterdir() if not p.is_symlink()) == ["stats.json", "victim"]
