@@ -64,6 +64,21 @@ class BackendGone(PeerClosed):
     loss, so that on_frontend can tell the backend's death (recoverable) from
     QEMU's (the end of the session)."""
 
+#: Queues of one data-plane device (csrc/fsdp.h FSDP_MAX_QUEUES).
+MAX_QUEUES = 64
+
+
+def queue_num_limit(device: DeviceType) -> int:
+    """The largest GET_QUEUE_NUM answer fastshadow can honour. vhost-user-net counts
+    queue pairs there (QEMU then adds a control queue after them); others count queues."""
+    return (MAX_QUEUES - 1) // 2 if device is DeviceType.NET else MAX_QUEUES
+
+
+def queues_for(device: DeviceType, queue_num: int) -> int:
+    """Data-plane queues for a GET_QUEUE_NUM answer (see queue_num_limit)."""
+    return 2 * queue_num + 1 if device is DeviceType.NET else queue_num
+
+
 #: Queue count when QEMU never asked GET_QUEUE_NUM (no MQ): the device type's fixed count.
 DEFAULT_QUEUES = {DeviceType.BLK: 1, DeviceType.NET: 3, DeviceType.FS: 2, DeviceType.VSOCK: 3,
                   DeviceType.SCSI: 3, DeviceType.GENERIC: 8}
@@ -405,8 +420,16 @@ class IsolatedSession(Session):
 
     def on_get_queue_num(self, msg: Message) -> None:
         reply = self.to_backend(msg)
-        self.queue_num = reply.payload.value
-        self.to_qemu(reply)
+        value = reply.payload.value
+        # Offer QEMU no more than the data plane serves, so that a QEMU configured for
+        # more queues refuses at start-up (its own error) instead of at a later ring.
+        offered = min(value, queue_num_limit(self.cfg.device))
+        if offered < value:
+            kv(log, logging.INFO, "queues.capped", dev=self.name, backend=value, offered=offered,
+               reason=f"the data plane serves at most {MAX_QUEUES} queues per device"
+                      + (" (net: queue pairs, plus the control queue)" if self.cfg.device is DeviceType.NET else ""))
+        self.queue_num = offered
+        self.to_qemu(msg.reply(p.U64(offered)))
 
     def on_get_max_mem_slots(self, msg: Message) -> None:
         from ..dataplane import lib
@@ -416,8 +439,9 @@ class IsolatedSession(Session):
     def device(self):
         """The data-plane device, created once the queue count is known."""
         if self.dev is None:
-            nq = self.queue_num or DEFAULT_QUEUES.get(self.cfg.device, 8)
-            self.dev = self.dp.add_device(self.name, num_queues=max(1, min(nq, 64)),
+            nq = DEFAULT_QUEUES.get(self.cfg.device, 8) if self.queue_num is None else \
+                queues_for(self.cfg.device, self.queue_num)
+            self.dev = self.dp.add_device(self.name, num_queues=max(1, min(nq, MAX_QUEUES)),
                                           max_request_bytes=self.cfg.max_request_bytes,
                                           bounce_per_queue=self.cfg.bounce_per_queue)
             kv(log, logging.INFO, "shadow.created", dev=self.name, queues=self.dev.num_queues,
