@@ -70,7 +70,8 @@ class Session:
             if self._closing.is_set():
                 self._end(logging.INFO, "session.end", self.end_reason or "closed")
             else:
-                self._end(logging.WARNING, "session.failed", f"socket error: {e}")
+                # a socket or data-plane (errno) failure
+                self._end(logging.WARNING, "session.failed", f"{type(e).__name__}: {e}")
         except Exception as e:  # a bug of ours: log it fully, keep the process serving
             log.exception("session.crashed dev=%s", self.name)
             self.end_reason = f"internal error: {e!r}"
