@@ -141,7 +141,7 @@ class IsolatedSession(Session):
         self.qemu_features: int | None = None  # QEMU's last SET_FEATURES
         self.vring_addrs: dict[int, tuple[int, int, int]] = {}  # queue -> QEMU's (desc, avail, used)
         self.vring_nums: dict[int, int] = {}  # queue -> ring size (SET_VRING_NUM)
-        self.mem_regions: dict[int, int] = {}  # guest memory QEMU described: gpa -> size
+        self.mem_regions: dict[int, p.MemoryRegion] = {}  # guest memory QEMU described, by gpa
         self.handlers = {
             FrontendReq.GET_FEATURES: self.on_get_features,
             FrontendReq.SET_FEATURES: self.on_set_features,
@@ -470,11 +470,12 @@ class IsolatedSession(Session):
         regions = [MemRegion(r.guest_phys_addr, r.memory_size, r.userspace_addr, fd, r.mmap_offset)
                    for r, fd in zip(msg.payload.regions, msg.fds)]
         try:
-            check_regions(msg.request.name, regions)
+            for region in regions:
+                check_fd_backs(msg.request.name, region)
             self.device().set_mem_table(regions)
         finally:
             msg.close_fds()
-        self.mem_regions = {r.gpa: r.size for r in regions}
+        self.mem_regions = {r.guest_phys_addr: r for r in msg.payload.regions}
         kv(log, logging.INFO, "guest_memory.mapped", dev=self.name, regions=len(regions),
            bytes=sum(r.size for r in regions))
         self.send_backend_table()
@@ -487,29 +488,40 @@ class IsolatedSession(Session):
         try:
             # The same region again is taken as done: a request handled a second time
             # (the backend died under it, see on_frontend) has mapped it already.
-            if self.mem_regions.get(region.gpa) != region.size:
-                check_regions(msg.request.name, [region], self.mem_regions)
+            if not self._has_region(r):
+                # The codec checked the region itself; here: against the table it joins.
+                for other in self.mem_regions.values():
+                    if r.overlaps(other):
+                        raise UnexpectedMessage(
+                            f"ADD_MEM_REG region gpa {r.guest_phys_addr:#x} size {r.memory_size:#x} overlaps "
+                            f"the guest memory region {other.guest_phys_addr:#x}+{other.memory_size:#x}")
+                check_fd_backs(msg.request.name, region)
                 self.device().add_mem_region(region)
         finally:
             msg.close_fds()
-        self.mem_regions[region.gpa] = region.size
+        self.mem_regions[r.guest_phys_addr] = r
         self.send_backend_table()
         self.ack(msg)
 
     def on_rem_mem_reg(self, msg: Message) -> None:
         msg.close_fds()  # the spec allows a stray fd here; it is never used
         r = msg.payload.region
-        if self.mem_regions.get(r.guest_phys_addr) != r.memory_size:
+        if not self._has_region(r):
             raise UnexpectedMessage(f"REM_MEM_REG gpa {r.guest_phys_addr:#x} size {r.memory_size:#x}: no such region "
                                     f"in the guest memory table ({self._describe_regions()})")
         self.device().remove_mem_region(r.guest_phys_addr, r.memory_size)
         del self.mem_regions[r.guest_phys_addr]
         self.ack(msg)
 
+    def _has_region(self, r: p.MemoryRegion) -> bool:
+        """The table holds a region at r's guest address with r's size."""
+        known = self.mem_regions.get(r.guest_phys_addr)
+        return known is not None and known.memory_size == r.memory_size
+
     def _describe_regions(self) -> str:
         if not self.mem_regions:
             return "it is empty"
-        return "it holds " + ", ".join(f"{g:#x}+{n:#x}" for g, n in sorted(self.mem_regions.items()))
+        return "it holds " + ", ".join(f"{g:#x}+{r.memory_size:#x}" for g, r in sorted(self.mem_regions.items()))
 
     # -- rings -------------------------------------------------------------------------
     def queue_index(self, index: int) -> int:
@@ -698,24 +710,17 @@ class IsolatedSession(Session):
             self.dev = None
 
 
-def check_regions(request: str, regions, existing: dict[int, int] | None = None) -> None:
-    """Refuse, naming the region and the reason, a guest memory description the data
-    plane could not map safely: empty or wrapping ranges, overlaps, and an fd shorter
-    than the range QEMU says it holds (touching the missing part would SIGBUS)."""
-    spans = sorted(list((existing or {}).items()) + [(r.gpa, r.size) for r in regions])
-    for r in regions:
-        where = f"{request} region gpa {r.gpa:#x} size {r.size:#x}"
-        if r.size == 0:
-            raise UnexpectedMessage(f"{where}: empty")
-        if r.gpa + r.size > 1 << 64 or r.uaddr + r.size > 1 << 64 or r.mmap_offset + r.size > 1 << 64:
-            raise UnexpectedMessage(f"{where}: the range wraps past the end of the address space")
-        st = os.fstat(r.fd)
-        if stat.S_ISREG(st.st_mode) and st.st_size < r.mmap_offset + r.size:
-            raise UnexpectedMessage(f"{where}: its fd holds {st.st_size:#x} bytes, the region needs "
-                                    f"{r.mmap_offset + r.size:#x} (mmap offset {r.mmap_offset:#x} + size)")
-    for (g0, n0), (g1, n1) in zip(spans, spans[1:]):
-        if g0 + n0 > g1:
-            raise UnexpectedMessage(f"{request}: guest memory regions {g0:#x}+{n0:#x} and {g1:#x}+{n1:#x} overlap")
+def check_fd_backs(request: str, region) -> None:
+    """Refuse, naming the region, a region whose fd is shorter than the range QEMU says it
+    holds (touching the missing part would SIGBUS). Empty, wrapping and overlapping ranges
+    within one message are refused by the codec (payloads.MemoryRegion.check, MemTable.check);
+    mem_map_region in C checks the same bound again, without saying which request."""
+    st = os.fstat(region.fd)
+    need = region.mmap_offset + region.size
+    if stat.S_ISREG(st.st_mode) and st.st_size < need:
+        raise UnexpectedMessage(f"{request} region gpa {region.gpa:#x} size {region.size:#x}: its fd holds "
+                                f"{st.st_size:#x} bytes, the region needs {need:#x} (mmap offset "
+                                f"{region.mmap_offset:#x} + size)")
 
 
 def msg_flags(need_reply: bool) -> int:

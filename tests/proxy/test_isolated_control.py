@@ -19,53 +19,41 @@ from fastshadow.protocol.messages import FrontendReq as R
 from .blkfront import BlkFront
 
 
-def negotiate(blk: BlkFront, *, memory: bool = True) -> None:
-    fe = blk.fe
-    features = fe.get_features()
-    fe.set_owner()
-    fe.set_protocol_features(fe.get_protocol_features())
-    fe.get_queue_num()
-    if memory:
-        fe.set_mem_table([p.MemoryRegion(r.gpa, r.size, r.uaddr, r.mmap_offset) for r in blk.mem.regions],
-                         [r.fd for r in blk.mem.regions])
-    fe.set_features(features & ~(1 << 29 | 1 << 26))   # no RING_EVENT_IDX, no LOG_ALL
-
-
 def addr_outside(blk):
-    negotiate(blk)
+    blk.negotiate()
     blk.fe.set_vring_num(0, 64)
     blk.fe.set_vring_addr(0, 0x1234_0000_0000, 0x1234_0000_1000, 0x1234_0000_2000)
 
 
 def ring_crosses_region_end(blk):
-    negotiate(blk)
+    blk.negotiate()
     blk.fe.set_vring_num(0, 64)
     end = blk.mem.regions[1].uaddr + blk.mem.regions[1].size   # the last region's last bytes
     blk.fe.set_vring_addr(0, end - 16 * 8, end - 0x3000, end - 0x2000)
 
 
 def addr_before_memory(blk):
-    negotiate(blk, memory=False)
+    blk.negotiate(memory=False)
     blk.fe.set_vring_num(0, 64)
     blk.fe.set_vring_addr(0, blk.mem.regions[0].uaddr, blk.mem.regions[0].uaddr + 0x1000,
                           blk.mem.regions[0].uaddr + 0x2000)
 
 
 def kick_before_addr(blk):
-    negotiate(blk)
+    blk.negotiate()
     blk.fe.set_vring_num(0, 64)
     blk.fe.set_vring_call(0, blk.call)
     blk.fe.set_vring_kick(0, blk.kick)
 
 
 def kick_before_num_and_addr(blk):
-    negotiate(blk)
+    blk.negotiate()
     blk.fe.set_vring_kick(0, blk.kick)
 
 
 def ring_size(num):
     def run(blk):
-        negotiate(blk)
+        blk.negotiate()
         blk.fe.set_vring_num(0, num)
     return run
 
@@ -76,17 +64,27 @@ def num_while_running(blk):
 
 
 def queue_out_of_range(blk):
-    negotiate(blk)
+    blk.negotiate()
     blk.fe.set_vring_num(5, 64)
 
 
 def remove_unknown_region(blk):
-    negotiate(blk)
+    blk.negotiate()
     blk.fe.call(R.REM_MEM_REG, p.MemRegionMsg(p.MemoryRegion(0x5000_0000, 0x1000, 0x7A00_0000_0000, 0)))
 
 
+def add_overlapping_region(blk):
+    blk.negotiate()
+    fd = os.memfd_create("more-guest-ram", os.MFD_CLOEXEC)
+    os.ftruncate(fd, 0x100000)
+    try:
+        blk.fe.call(R.ADD_MEM_REG, p.MemRegionMsg(p.MemoryRegion(0x80000, 0x100000, 0x7A00_0000_0000, 0)), [fd])
+    finally:
+        os.close(fd)
+
+
 def fd_shorter_than_region(blk):
-    negotiate(blk, memory=False)
+    blk.negotiate(memory=False)
     fd = os.memfd_create("short-guest-ram", os.MFD_CLOEXEC)
     os.ftruncate(fd, 0x1000)
     try:
@@ -113,6 +111,8 @@ CASES = {
     "remove-unknown-region": (remove_unknown_region, r"REM_MEM_REG gpa 0x50000000 size 0x1000: no such region in "
                                                      r"the guest memory table \(it holds 0x0\+0x100000, "
                                                      r"0x100000\+0x100000\)"),
+    "add-overlapping-region": (add_overlapping_region, r"ADD_MEM_REG region gpa 0x80000 size 0x100000 overlaps the "
+                                                       r"guest memory region 0x0\+0x100000"),
     "fd-too-short": (fd_shorter_than_region, r"SET_MEM_TABLE region gpa 0x0 size 0x100000: its fd holds 0x1000 "
                                              r"bytes, the region needs 0x100000"),
 }
