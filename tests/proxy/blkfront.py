@@ -40,9 +40,11 @@ class BlkFront:
     def __exit__(self, *exc) -> None:
         self.close()
 
-    def bring_up(self, backend_channel: int | None = None) -> int:
-        """QEMU's sequence up to a running queue 0; returns the disk's capacity in sectors.
-        `backend_channel`: QEMU's back-end request channel (an fd, sent as SET_BACKEND_REQ_FD)."""
+    def negotiate(self, *, memory: bool = True, backend_channel: int | None = None) -> int:
+        """QEMU's sequence before any ring: features, protocol features, queue count,
+        config, the guest memory table (unless `memory` is false); returns the disk's
+        capacity in sectors. `backend_channel`: QEMU's back-end request channel (an fd,
+        sent as SET_BACKEND_REQ_FD)."""
         fe, mem = self.fe, self.mem
         features = fe.get_features()
         fe.set_owner()
@@ -51,9 +53,16 @@ class BlkFront:
             fe.set_backend_req_fd(backend_channel)
         assert fe.get_queue_num() >= 1
         capacity = struct.unpack("<Q", fe.get_config(0, 8))[0]
-        fe.set_mem_table([p.MemoryRegion(r.gpa, r.size, r.uaddr, r.mmap_offset) for r in mem.regions],
-                         [r.fd for r in mem.regions])
+        if memory:
+            fe.set_mem_table([p.MemoryRegion(r.gpa, r.size, r.uaddr, r.mmap_offset) for r in mem.regions],
+                             [r.fd for r in mem.regions])
         fe.set_features(features & ~(VF.LOG_ALL | VF.RING_EVENT_IDX))
+        return capacity
+
+    def bring_up(self, backend_channel: int | None = None) -> int:
+        """negotiate(), then queue 0 set up and started; returns the disk's capacity in sectors."""
+        fe, mem = self.fe, self.mem
+        capacity = self.negotiate(backend_channel=backend_channel)
         self.q = q = GuestQueue(mem, self.num)
         fe.set_vring_num(0, self.num)
         fe.set_vring_base(0, 0)
