@@ -37,7 +37,7 @@ from typing import Callable
 import numpy as np
 
 from fastshadow.guest._children import die_with_parent
-from fastshadow.guest.daemon import is_listening
+from fastshadow.guest.daemon import NotListening, wait_listening
 from fastshadow.guest.qsd import StorageDaemon, StorageDaemonError
 
 from . import MODES
@@ -212,15 +212,10 @@ class ProxyProcess:
                                      preexec_fn=die_with_parent)  # a killed bench leaves no proxy behind
 
     def wait_ready(self, timeout: float = 20.0) -> None:
-        deadline = time.monotonic() + timeout
-        while not is_listening(self.listen):
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"the fastshadow proxy for {self.mode} exited with {self.proc.returncode}: "
-                                   f"{_tail(self.log_path)}")
-            if time.monotonic() > deadline:
-                raise RuntimeError(f"the fastshadow proxy for {self.mode} did not listen on {self.listen} "
-                                   f"within {timeout:g} s: {_tail(self.log_path)}")
-            time.sleep(0.02)
+        try:
+            wait_listening(self.listen, self.proc, timeout, what=f"the fastshadow proxy for {self.mode}")
+        except NotListening as e:
+            raise RuntimeError(f"{e}: {_tail(self.log_path)}") from None
 
     @property
     def pid(self) -> int:

@@ -17,21 +17,12 @@ import time
 from pathlib import Path
 
 from .guest import GuestVM, StorageDaemon, build_guest_image, run_check
-from .guest.daemon import is_listening
+from .guest.daemon import wait_listening
 from .isolation import check_isolation
 
 
 def step(msg: str) -> None:
     print(f"\033[1m==>\033[0m {msg}", flush=True)
-
-
-def wait_socket(path: Path, proc: subprocess.Popen, timeout: float = 15) -> None:
-    """Until fastshadow listens on `path` (the path alone appears at bind(), before listen())."""
-    deadline = time.monotonic() + timeout
-    while not is_listening(path):
-        if proc.poll() is not None or time.monotonic() > deadline:
-            raise RuntimeError(f"fastshadow did not listen on {path}")
-        time.sleep(0.05)
 
 
 def run_demo(mode: str = "isolated", keep: bool = False) -> int:
@@ -49,7 +40,7 @@ def run_demo(mode: str = "isolated", keep: bool = False) -> int:
                                   "--listen", str(work / "fs.sock"), "--backend", str(work / "qsd.sock"),
                                   "--mode", mode], stdout=proxy_log, stderr=subprocess.STDOUT)
         try:
-            wait_socket(work / "fs.sock", proxy)
+            wait_listening(work / "fs.sock", proxy, 15, what="fastshadow")
             step("booting the guest: QEMU TCG, 2 vCPUs, vhost-user-blk with 2 queues, memfd guest RAM")
             cmdline = {"fastshadow.check": "--total 8M --min 512 --max 1M", "fastshadow.queues": "2",
                        "fastshadow.boots": "2"}

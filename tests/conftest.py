@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 import re
 import shutil
 import signal
@@ -14,6 +13,7 @@ from pathlib import Path
 import pytest
 
 from fastshadow.guest._children import die_with_parent
+from fastshadow.guest.daemon import wait_listening
 
 
 def need_binary(name: str) -> str:
@@ -21,19 +21,6 @@ def need_binary(name: str) -> str:
     if path is None:
         pytest.skip(f"{name} is not installed (the README's test command installs it)")
     return path
-
-
-def wait_listening(path: str | Path, timeout: float = 10.0, proc: subprocess.Popen | None = None) -> None:
-    """Wait until a unix socket at `path` is in listen() state: the path alone appears at
-    bind(), and a connect() before listen() is refused."""
-    from fastshadow.guest.daemon import is_listening
-    deadline = time.monotonic() + timeout
-    while not is_listening(path):
-        if proc is not None and proc.poll() is not None:
-            raise RuntimeError(f"process exited with {proc.returncode} before it listened on {path}")
-        if time.monotonic() > deadline:
-            raise TimeoutError(f"nothing listened on {path} within {timeout} s")
-        time.sleep(0.02)
 
 
 class ProxyProcess:
@@ -45,7 +32,7 @@ class ProxyProcess:
         self.proc = subprocess.Popen([sys.executable, "-m", "fastshadow.cli", "proxy", *args],
                                      stdout=self._log, stderr=subprocess.STDOUT, preexec_fn=die_with_parent)
         for s in sockets:
-            wait_listening(s, 15, self.proc)
+            wait_listening(s, self.proc, 15, what="fastshadow proxy")
 
     @property
     def pid(self) -> int:

@@ -20,11 +20,28 @@ from typing import IO
 
 from ._children import die_with_parent
 
-__all__ = ["BackendDaemon", "BackendDaemonError", "is_listening"]
+__all__ = ["BackendDaemon", "BackendDaemonError", "NotListening", "is_listening", "wait_listening"]
 
 
 class BackendDaemonError(RuntimeError):
     pass
+
+
+class NotListening(RuntimeError):
+    """A process did not come to listen on its unix socket (it exited, or timed out)."""
+
+
+def wait_listening(path: str | os.PathLike[str], proc: subprocess.Popen, timeout: float,
+                   what: str = "the process") -> None:
+    """Wait until `proc` listens on `path` (the path alone appears at bind(), and a
+    connect() before listen() is refused). Raises NotListening."""
+    deadline = time.monotonic() + timeout
+    while not is_listening(path):
+        if proc.poll() is not None:
+            raise NotListening(f"{what} exited with {proc.returncode} before it listened on {path}")
+        if time.monotonic() > deadline:
+            raise NotListening(f"{what} did not listen on {path} within {timeout:g} s")
+        time.sleep(0.02)
 
 
 def is_listening(path: str | os.PathLike[str]) -> bool:
