@@ -3,14 +3,11 @@ vhost-user front-end (the QEMU guest end-to-end tests live in tests/e2e)."""
 
 from __future__ import annotations
 
-import json
 import os
 import signal
 import socket
 import threading
 import time
-
-import pytest
 
 from fastshadow.protocol import payloads as p
 from fastshadow.protocol.connection import Channel, Connection

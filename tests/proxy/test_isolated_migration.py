@@ -6,7 +6,6 @@ it); a malformed SET_LOG_BASE closes only that session. The guest-level proof
 
 from __future__ import annotations
 
-import mmap
 import os
 import re
 
