@@ -54,7 +54,8 @@ class StorageDaemon(BackendDaemon):
     def __init__(self, socket_path: str | os.PathLike[str], *, driver: str = "file",
                  disk: str | os.PathLike[str] | None = None, size: str | int = "64M",
                  num_queues: int = 1, writable: bool = True, aio: str = "io_uring", locking: bool = True,
-                 throttle_iops: int | None = None, extra_args: Iterable[str] = (), log_path: str | os.PathLike[str] | None = None,
+                 throttle_iops: int | None = None, extra_args: Iterable[str] = (),
+                 log_path: str | os.PathLike[str] | None = None,
                  binary: str = "qemu-storage-daemon", start_timeout: float = 20.0) -> None:
         if driver not in ("file", "null"):
             raise ValueError(f"driver must be 'file' or 'null', not {driver!r}")

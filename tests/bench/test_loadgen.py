@@ -180,7 +180,8 @@ def test_bench_variant_is_an_isolated_proxy_with_its_own_options(workdir, tmp_pa
     printed = capsys.readouterr().out
     assert "variant memcpy: isolated --stream-copy-min 0" in printed
     res = read_json(out / "results.json")
-    assert res.settings.modes == ["isolated", "memcpy"] and res.settings.variants == {"memcpy": ["--stream-copy-min", "0"]}
+    assert res.settings.modes == ["isolated", "memcpy"]
+    assert res.settings.variants == {"memcpy": ["--stream-copy-min", "0"]}
     assert sorted((r.mode, r.rep) for r in res.runs) == [("isolated", 0), ("isolated", 1), ("memcpy", 0), ("memcpy", 1)]
     assert all(r.requests == 300 and r.cpu_s.proxy is not None for r in res.runs)
     # The variant's proxy really ran isolated, with its option.
