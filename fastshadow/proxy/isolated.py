@@ -140,7 +140,7 @@ class IsolatedSession(Session):
         self.err_fds: dict[int, tuple[int, int | None]] = {}  # queue -> (ours, QEMU's)
         self.qemu_features: int | None = None  # QEMU's last SET_FEATURES
         self.vring_addrs: dict[int, tuple[int, int, int]] = {}  # queue -> QEMU's (desc, avail, used)
-        self.vring_nums: dict[int, int] = {}  # queue -> ring size (SET_VRING_NUM)
+        self.vring_sized: set[int] = set()  # queues that got SET_VRING_NUM (the data plane keeps the size)
         self.mem_regions: dict[int, p.MemoryRegion] = {}  # guest memory QEMU described, by gpa
         self.handlers = {
             FrontendReq.GET_FEATURES: self.on_get_features,
@@ -541,7 +541,7 @@ class IsolatedSession(Session):
             raise UnexpectedMessage(f"SET_VRING_NUM {num} for queue {q} while its ring runs "
                                     f"(GET_VRING_BASE stops a ring first)")
         self.dev.queue_set_num(q, num)
-        self.vring_nums[q] = num
+        self.vring_sized.add(q)
         self.forward_state(msg)
 
     def on_set_vring_addr(self, msg: Message) -> None:
@@ -617,7 +617,7 @@ class IsolatedSession(Session):
 
     def on_set_vring_kick(self, msg: Message) -> None:
         q = self.queue_index(msg.payload.index)
-        missing = [name for name, known in (("SET_VRING_NUM", self.vring_nums), ("SET_VRING_ADDR", self.vring_addrs))
+        missing = [name for name, known in (("SET_VRING_NUM", self.vring_sized), ("SET_VRING_ADDR", self.vring_addrs))
                    if q not in known]
         if missing:
             msg.close_fds()

@@ -45,7 +45,6 @@ class Interposer:
         self.backend = backend
         self.request_hook = request_hook or (lambda msg: msg)
         self.reply_hook = reply_hook or (lambda req, reply: reply)
-        self.connections = 0
         self._srv = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
         if os.path.exists(listen):
             os.unlink(listen)
@@ -70,7 +69,6 @@ class Interposer:
                 front, _ = self._srv.accept()
             except OSError:
                 return
-            self.connections += 1
             back = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
             back.connect(self.backend)
             threading.Thread(target=self._pump, args=(front, back), daemon=True).start()
