@@ -70,10 +70,11 @@ def _add_proxy_parser(sub) -> None:
                    help="unix socket fastshadow listens on for a backend that connects out")
     p.add_argument("--mode", choices=["direct", "isolated"], action=_DeviceOption,
                    help="direct: forward everything (default); isolated: the backend sees only a shadow region")
-    p.add_argument("--device", choices=["blk", "net", "fs", "vsock", "scsi", "generic", "gpu", "balloon"],
-                   action=_DeviceOption,
-                   help="virtio device type behind the socket (default blk); gpu and balloon are refused in "
-                        "isolated mode because their payloads carry guest addresses")
+    from . import devices
+    refused = [d.name for d in devices.DEVICES if d.refused]
+    p.add_argument("--device", choices=devices.names(), action=_DeviceOption,
+                   help=f"virtio device type behind the socket (default blk); {' and '.join(refused)} are refused "
+                        f"in isolated mode because their payloads carry guest addresses")
     p.add_argument("--name", action=_DeviceOption,
                    help="device name used in logs and in the shadow memfd name (default: dev0, dev1, ...)")
     p.add_argument("--config", metavar="FILE", help="TOML config file with [[device]] tables instead of options")

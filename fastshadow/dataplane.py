@@ -33,7 +33,10 @@ from typing import Iterable
 
 import msgspec
 
-from ._dataplane import ffi, lib  # noqa: F401  (re-exported for callers)
+# The only importer of the cffi extension (ARCHITECTURE.md): everything above this
+# module sees typed methods, named constants and DataPlaneError subclasses.
+from . import _dataplane
+from ._dataplane import ffi, lib
 
 #: Must match FSDP_ABI_VERSION in csrc/fsdp.h; a stale build fails loudly here.
 ABI_VERSION = 2
@@ -47,8 +50,13 @@ if lib.fsdp_abi_version() != ABI_VERSION:  # pragma: no cover - build mismatch
 #: Where the backend is told the shadow region lives (fake, stable).
 SHADOW_GPA_BASE = 0x100000000
 SHADOW_UADDR_BASE = 0x7E0000000000
+#: Limits of the data plane (csrc/fsdp.h): ring size, memory regions per device
+#: (the answer to GET_MAX_MEM_SLOTS), queues per device.
 MAX_QUEUE_SIZE = lib.FSDP_MAX_QUEUE_SIZE
 MAX_MEM_REGIONS = lib.FSDP_MAX_MEM_REGIONS
+MAX_QUEUES = lib.FSDP_MAX_QUEUES
+#: The built extension (its USDT notes are what `fastshadow trace` attaches to).
+EXTENSION_PATH = _dataplane.__file__
 
 POLL_BACKEND_KICKED = lib.FSDP_POLL_BACKEND_KICKED
 POLL_GUEST_CALLED = lib.FSDP_POLL_GUEST_CALLED

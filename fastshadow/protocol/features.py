@@ -12,7 +12,7 @@ import enum
 class VirtioFeature(enum.IntFlag):
     """Device feature bits that the vhost-user GET/SET_FEATURES messages carry."""
 
-    # Device-type specific bits 0-23 are named by the device modules that need them.
+    # Device-type specific bits 0-23 are not named here: fastshadow.devices names those a device needs.
     NOTIFY_ON_EMPTY = 1 << 24
     ANY_LAYOUT = 1 << 27
     RING_INDIRECT_DESC = 1 << 28

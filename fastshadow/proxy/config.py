@@ -19,36 +19,12 @@ from pathlib import Path
 
 import msgspec
 
+from ..devices import DeviceType, kind
+
 
 class Mode(str, enum.Enum):
     DIRECT = "direct"
     ISOLATED = "isolated"
-
-
-class DeviceType(str, enum.Enum):
-    BLK = "blk"
-    NET = "net"
-    FS = "fs"
-    VSOCK = "vsock"
-    SCSI = "scsi"
-    GENERIC = "generic"
-    GPU = "gpu"
-    BALLOON = "balloon"
-
-
-#: Devices whose requests carry guest addresses inside their payloads (the
-#: backend would have to read guest RAM directly): isolation cannot shadow them.
-UNSHADOWABLE = {
-    DeviceType.GPU: "virtio-gpu resource commands carry guest physical addresses of framebuffers",
-    DeviceType.BALLOON: "virtio-balloon page lists are guest physical addresses the backend acts on",
-}
-
-
-#: Devices whose requests may be submitted again to a restarted backend: a block
-#: read or write is idempotent, a packet sent twice is what networks tolerate.
-#: Not virtio-fs (FUSE requests are not idempotent and the daemon's session
-#: state dies with it) nor vsock (connection state).
-REPLAY_SAFE = {DeviceType.BLK, DeviceType.SCSI, DeviceType.NET}
 
 
 class ConfigError(ValueError):
@@ -71,21 +47,23 @@ class DeviceConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     #: Isolated mode: bounce space per queue in the shadow region.
     bounce_per_queue: int = 16 << 20
     #: Isolated mode, when the backend dies: "auto" keeps the session and the guest's
-    #: requests and reconnects for devices whose requests are safe to run twice (blk,
-    #: scsi, net); "on" for every device type; "off" ends the session (QEMU reconnects).
+    #: requests and reconnects for devices whose requests are safe to run twice
+    #: (devices.py replay_safe: blk, scsi, net); "on" for every device type; "off" ends
+    #: the session (QEMU reconnects).
     backend_reconnect: str = "auto"
 
     def reconnects_backend(self) -> bool:
         if self.mode is not Mode.ISOLATED or self.backend_reconnect == "off":
             return False
-        return self.backend_reconnect == "on" or self.device in REPLAY_SAFE
+        return self.backend_reconnect == "on" or kind(self.device).replay_safe
 
     def validate(self) -> None:
         if (self.backend is None) == (self.backend_listen is None):
             raise ConfigError(f"device {self.name!r}: give exactly one of backend (connect) or backend_listen")
-        if self.mode is Mode.ISOLATED and self.device in UNSHADOWABLE:
+        refused = kind(self.device).refused
+        if self.mode is Mode.ISOLATED and refused:
             raise ConfigError(f"device {self.name!r}: isolated mode cannot serve {self.device.value}: "
-                              f"{UNSHADOWABLE[self.device]}; use --mode direct or another device type")
+                              f"{refused}; use --mode direct or another device type")
         if self.backend_reconnect not in ("auto", "on", "off"):
             raise ConfigError(f"device {self.name!r}: backend_reconnect must be auto, on or off, "
                               f"not {self.backend_reconnect!r}")

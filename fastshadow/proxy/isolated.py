@@ -41,6 +41,9 @@ import stat
 import time
 from typing import Callable
 
+from .. import devices
+from ..dataplane import (MAX_MEM_REGIONS, MAX_QUEUE_SIZE, MAX_QUEUES, AddressUntranslatable, DataPlane,
+                         DataPlaneError, DrainTimeout, MemRegion)
 from ..logs import kv
 from ..protocol import Channel, Connection, PeerClosed
 from ..protocol import payloads as p
@@ -48,7 +51,8 @@ from ..protocol.errors import UnexpectedMessage
 from ..protocol.features import ProtocolFeature, VirtioFeature
 from ..protocol.messages import FLAG_NEED_REPLY, VERSION, FrontendReq, Message
 from . import features as feat
-from .config import DeviceConfig, DeviceType
+from .config import DeviceConfig
+from .replay import STATE_REQUESTS, BackendRecord, replay
 from .session import Session
 
 log = logging.getLogger("fastshadow.proxy")
@@ -64,24 +68,6 @@ class BackendGone(PeerClosed):
     loss, so that on_frontend can tell the backend's death (recoverable) from
     QEMU's (the end of the session)."""
 
-#: Queues of one data-plane device (csrc/fsdp.h FSDP_MAX_QUEUES).
-MAX_QUEUES = 64
-
-
-def queue_num_limit(device: DeviceType) -> int:
-    """The largest GET_QUEUE_NUM answer fastshadow can honour. vhost-user-net counts
-    queue pairs there (QEMU then adds a control queue after them); others count queues."""
-    return (MAX_QUEUES - 1) // 2 if device is DeviceType.NET else MAX_QUEUES
-
-
-def queues_for(device: DeviceType, queue_num: int) -> int:
-    """Data-plane queues for a GET_QUEUE_NUM answer (see queue_num_limit)."""
-    return 2 * queue_num + 1 if device is DeviceType.NET else queue_num
-
-
-#: Queue count when QEMU never asked GET_QUEUE_NUM (no MQ): the device type's fixed count.
-DEFAULT_QUEUES = {DeviceType.BLK: 1, DeviceType.NET: 3, DeviceType.FS: 2, DeviceType.VSOCK: 3,
-                  DeviceType.SCSI: 3, DeviceType.GENERIC: 8}
 
 #: Requests refused in isolated mode, with the reason (their features are never offered).
 REFUSED = {
@@ -119,16 +105,16 @@ REFUSED_BACKEND = {
 class IsolatedSession(Session):
     mode = "isolated"
 
-    def __init__(self, cfg: DeviceConfig, qemu_sock, backend_sock, dataplane,
+    def __init__(self, cfg: DeviceConfig, qemu_sock, backend_sock, dataplane: DataPlane,
                  reconnect: Callable[[], socket.socket] | None = None):
-        if cfg.device in (DeviceType.GPU, DeviceType.BALLOON):  # config validation refuses these first
-            raise ValueError(f"{cfg.device.value} cannot be isolated")
+        self.kind = devices.kind(cfg.device)
+        if self.kind.refused:  # config validation refuses these first
+            raise ValueError(f"{cfg.device.value} cannot be isolated: {self.kind.refused}")
         super().__init__(cfg, qemu_sock, backend_sock)
         self.reconnect = reconnect
         self.survives_backend_loss = reconnect is not None and cfg.reconnects_backend()
-        #: What the backend has been told, to tell a restarted one, in the order first
-        #: sent (dicts keep it): key -> (request, payload, source of its fd or None).
-        self.backend_state: dict[tuple, tuple[FrontendReq, p.Payload, Callable[[], int] | None]] = {}
+        #: What the backend has been told (filled by to_backend), to tell a restarted one.
+        self.record = BackendRecord()
         self.dp = dataplane
         self.dev = None
         self.queue_num: int | None = None
@@ -167,10 +153,10 @@ class IsolatedSession(Session):
         for req in (FrontendReq.GET_CONFIG, FrontendReq.GET_STATUS, FrontendReq.SEND_RARP,
                     FrontendReq.CREATE_CRYPTO_SESSION, FrontendReq.CLOSE_CRYPTO_SESSION):
             self.handlers[req] = self.forward
-        # Forwarded as they are, and part of the backend's state.
+        # Forwarded as they are (the record keeps those that set state).
         for req in (FrontendReq.SET_OWNER, FrontendReq.SET_VRING_ENABLE, FrontendReq.SET_CONFIG,
                     FrontendReq.SET_STATUS, FrontendReq.NET_SET_MTU):
-            self.handlers[req] = self.forward_state
+            self.handlers[req] = self.forward
 
     # -- dispatch ------------------------------------------------------------------
     def on_frontend(self, msg: Message) -> None:
@@ -201,7 +187,6 @@ class IsolatedSession(Session):
                     os.close(fd)
 
     def _handle(self, handler, msg: Message) -> None:
-        from ..dataplane import DataPlaneError
         try:
             handler(msg)
         except DataPlaneError as e:
@@ -210,14 +195,25 @@ class IsolatedSession(Session):
             raise UnexpectedMessage(f"QEMU's {msg.request.name} refused by the data plane: {e.strerror}") from None
 
     def to_backend(self, msg: Message, *, expect_reply: bool | None = None) -> Message | None:
+        """The one way a message reaches the backend: what it accepts is recorded for replay."""
+        if expect_reply is None:
+            expect_reply = self.neg.expects_reply(msg)
+        # super() closes msg's fds once sent; the record may need them after the answer.
+        kept = Message(msg.request, msg.payload, [os.dup(fd) for fd in msg.fds] if msg.request in STATE_REQUESTS
+                       else [], msg.flags)
         try:
-            return super().to_backend(msg, expect_reply=expect_reply)
+            reply = super().to_backend(msg, expect_reply=expect_reply)
+            # State-setting requests are answered by an ack (u64, 0: success) when asked to.
+            self.record.sent(kept, accepted=reply is None or getattr(reply.payload, "value", 0) == 0)
+            return reply
         except BackendGone:
             raise
         except PeerClosed as e:
             if not self.survives_backend_loss:
                 raise
             raise BackendGone(str(e)) from None
+        finally:
+            kept.close_fds()
 
     def filter_backend_request(self, msg: Message) -> str | None:
         return REFUSED_BACKEND.get(msg.request.name)
@@ -227,39 +223,15 @@ class IsolatedSession(Session):
         if self.neg.expects_reply(msg):
             self.to_qemu(msg.ack(ok))
 
-    def to_backend_as(self, msg: Message, payload: p.Payload, fds: list[int] | None = None, *,
-                      fd_source: Callable[[], int] | None = None) -> None:
-        """Send a re-originated request to the backend and relay its answer (if QEMU wanted one).
-
-        It is remembered as backend state (for a restarted backend); `fd_source`
-        gives the fd to send then (a new dup of ours).
-        """
+    def to_backend_as(self, msg: Message, payload: p.Payload, fds: list[int] | None = None) -> None:
+        """Send a re-originated request (QEMU's, with `payload` and `fds` of fastshadow's own)
+        to the backend and relay its answer (if QEMU wanted one)."""
         out = Message(msg.request, payload, fds or [], msg.flags)
         reply = self.to_backend(out, expect_reply=self.neg.expects_reply(msg))
-        self.remember(msg.request, payload, fd_source)
         if reply is not None:
             self.to_qemu(reply)
 
-    def forward_state(self, msg: Message) -> None:
-        """Forward a request that sets backend state (no fds), and remember it."""
-        self.forward(msg)
-        self.remember(msg.request, msg.payload)
-
-    # -- the backend's state, for a restarted backend --------------------------------------
-    def remember(self, req: FrontendReq, payload: p.Payload, fd_source: Callable[[], int] | None = None) -> None:
-        """Record a state-setting request as sent to the backend; the latest per queue (or per
-        config range) wins, in the position of the first."""
-        if req == FrontendReq.SET_CONFIG:
-            key: tuple = (req, payload.offset, len(payload.data))
-        else:
-            index = getattr(payload, "index", None)  # vring requests
-            key = (req,) if index is None else (req, index)
-        self.backend_state[key] = (req, payload, fd_source)
-
-    def forget_queue_start(self, q: int) -> None:
-        """The queue stopped: a restarted backend must not get its kick fd (that starts a ring)."""
-        self.backend_state.pop((FrontendReq.SET_VRING_KICK, q), None)
-
+    # -- the backend's death -------------------------------------------------------------
     def _backend_unasked(self) -> None:
         try:
             super()._backend_unasked()
@@ -297,7 +269,8 @@ class IsolatedSession(Session):
             self.backend = Connection(sock, Channel.MAIN, receives_replies=True, name="backend")
             self._sel.register(sock, selectors.EVENT_READ, "backend")
             try:
-                self.replay_backend_state(before_kick=start_queue)
+                replay(self.record, lambda m, expect: self.to_backend(m, expect_reply=expect),
+                       before_kick=start_queue, new_channel=lambda: self._new_relay(self.relay.take_qemu_side()))
                 break
             except PeerClosed as e:
                 # A dying backend's listening socket can outlive its connection and take
@@ -313,7 +286,6 @@ class IsolatedSession(Session):
 
     def _park_queues(self, parked: dict[int, int]) -> None:
         """Stop the started queues keeping their requests (-> parked: queue -> requests kept)."""
-        from ..dataplane import DrainTimeout
         for q in sorted(self.started):
             try:
                 self.dev.queue_stop(q, timeout_ms=0)  # harvests what the backend completed
@@ -322,38 +294,6 @@ class IsolatedSession(Session):
                 parked[q] = e.inflight
             self.dev.queue_clear_shadow(q)  # a new backend must read fresh ring indices
         self.started.clear()
-
-    def replay_backend_state(self, before_kick: Callable[[int], None]) -> None:
-        """Tell a new backend everything the old one had been told, in the same order;
-        `before_kick(q)` runs before queue q's kick fd is sent."""
-        features = self.to_backend(Message(FrontendReq.GET_FEATURES, p.Empty(), [], VERSION),
-                                   expect_reply=True).payload.value
-        protocol = self.to_backend(Message(FrontendReq.GET_PROTOCOL_FEATURES, p.Empty(), [], VERSION),
-                                   expect_reply=True).payload.value
-        for req, offered in ((FrontendReq.SET_FEATURES, features), (FrontendReq.SET_PROTOCOL_FEATURES, protocol)):
-            sent = self.backend_state.get((req,))
-            missing = sent[1].value & ~offered if sent else 0
-            if missing:
-                raise UnexpectedMessage(f"the restarted backend does not offer {req.name[4:].lower()} "
-                                        f"{missing:#x} that the session negotiated")
-        acks = False  # REPLY_ACK holds from the replayed SET_PROTOCOL_FEATURES on
-        for req, payload, fd_source in list(self.backend_state.values()):
-            if req == FrontendReq.SET_MEM_TABLE:
-                self.backend_has_table = False
-                self.send_backend_table()  # the shadow region, a new dup of its fd
-                continue
-            if req == FrontendReq.SET_VRING_KICK:
-                before_kick(payload.index)
-            if req == FrontendReq.SET_BACKEND_REQ_FD:  # a new relay to QEMU's same channel
-                fds = [self._new_relay(self.relay.take_qemu_side())]
-            else:
-                fds = [fd_source()] if fd_source else []
-            flags = msg_flags(acks and req != FrontendReq.SET_OWNER)
-            reply = self.to_backend(Message(req, payload, fds, flags), expect_reply=bool(flags & FLAG_NEED_REPLY))
-            if reply is not None and reply.payload.value != 0:
-                raise UnexpectedMessage(f"the restarted backend refused {req.name} (ack {reply.payload.value})")
-            if req == FrontendReq.SET_PROTOCOL_FEATURES:
-                acks = bool(payload.value & ProtocolFeature.REPLY_ACK)
 
     # -- features ------------------------------------------------------------------
     def on_get_features(self, msg: Message) -> None:
@@ -423,29 +363,27 @@ class IsolatedSession(Session):
         value = reply.payload.value
         # Offer QEMU no more than the data plane serves, so that a QEMU configured for
         # more queues refuses at start-up (its own error) instead of at a later ring.
-        offered = min(value, queue_num_limit(self.cfg.device))
+        offered = min(value, self.kind.queue_num_limit(MAX_QUEUES))
         if offered < value:
             kv(log, logging.INFO, "queues.capped", dev=self.name, backend=value, offered=offered,
                reason=f"the data plane serves at most {MAX_QUEUES} queues per device"
-                      + (" (net: queue pairs, plus the control queue)" if self.cfg.device is DeviceType.NET else ""))
+                      + (" (queue pairs, plus the control queue)" if self.kind.counts_pairs else ""))
         self.queue_num = offered
         self.to_qemu(msg.reply(p.U64(offered)))
 
     def on_get_max_mem_slots(self, msg: Message) -> None:
-        from ..dataplane import lib
-        self.to_qemu(msg.reply(p.U64(lib.FSDP_MAX_MEM_REGIONS)))
+        self.to_qemu(msg.reply(p.U64(MAX_MEM_REGIONS)))
 
     # -- memory ----------------------------------------------------------------------
     def device(self):
         """The data-plane device, created once the queue count is known."""
         if self.dev is None:
-            nq = DEFAULT_QUEUES.get(self.cfg.device, 8) if self.queue_num is None else \
-                queues_for(self.cfg.device, self.queue_num)
-            self.dev = self.dp.add_device(self.name, num_queues=max(1, min(nq, MAX_QUEUES)),
+            nq = self.kind.initial_queues(self.queue_num, MAX_QUEUES)
+            self.dev = self.dp.add_device(self.name, num_queues=nq,
                                           max_request_bytes=self.cfg.max_request_bytes,
                                           bounce_per_queue=self.cfg.bounce_per_queue)
             kv(log, logging.INFO, "shadow.created", dev=self.name, queues=self.dev.num_queues,
-               backend_queues=nq, shadow_bytes=self.dev.shadow_size,
+               shadow_bytes=self.dev.shadow_size,
                shadow_gpa=hex(self.dev.shadow_gpa))
             if self.log_all:
                 self.dev.set_logging(True)
@@ -463,10 +401,8 @@ class IsolatedSession(Session):
         if reply is not None and reply.payload.value != 0:
             raise UnexpectedMessage(f"backend refused the shadow memory table (ack {reply.payload.value})")
         self.backend_has_table = True
-        self.backend_state.setdefault((FrontendReq.SET_MEM_TABLE,), (FrontendReq.SET_MEM_TABLE, region_table, None))
 
     def on_set_mem_table(self, msg: Message) -> None:
-        from ..dataplane import MemRegion
         regions = [MemRegion(r.guest_phys_addr, r.memory_size, r.userspace_addr, fd, r.mmap_offset)
                    for r, fd in zip(msg.payload.regions, msg.fds)]
         try:
@@ -482,7 +418,6 @@ class IsolatedSession(Session):
         self.ack(msg)
 
     def on_add_mem_reg(self, msg: Message) -> None:
-        from ..dataplane import MemRegion
         r = msg.payload.region
         region = MemRegion(r.guest_phys_addr, r.memory_size, r.userspace_addr, msg.fds[0], r.mmap_offset)
         try:
@@ -532,7 +467,6 @@ class IsolatedSession(Session):
         return index
 
     def on_set_vring_num(self, msg: Message) -> None:
-        from ..dataplane import MAX_QUEUE_SIZE
         q, num = self.queue_index(msg.payload.index), msg.payload.num
         if num == 0 or num & (num - 1) or num > MAX_QUEUE_SIZE:
             raise UnexpectedMessage(f"SET_VRING_NUM {num} for queue {q}: a split virtqueue's size is a power of 2 "
@@ -542,7 +476,7 @@ class IsolatedSession(Session):
                                     f"(GET_VRING_BASE stops a ring first)")
         self.dev.queue_set_num(q, num)
         self.vring_sized.add(q)
-        self.forward_state(msg)
+        self.forward(msg)
 
     def on_set_vring_addr(self, msg: Message) -> None:
         a = msg.payload
@@ -557,7 +491,6 @@ class IsolatedSession(Session):
         if not self.mem_regions:
             raise UnexpectedMessage(f"SET_VRING_ADDR for queue {q} before any guest memory (SET_MEM_TABLE or "
                                     f"ADD_MEM_REG comes first): its rings cannot be found")
-        from ..dataplane import AddressUntranslatable
         try:
             self.dev.queue_set_addr(q, a.desc, a.avail, a.used)
         except AddressUntranslatable:
@@ -576,7 +509,6 @@ class IsolatedSession(Session):
 
     def on_get_vring_base(self, msg: Message) -> None:
         q = self.queue_index(msg.payload.index)
-        from ..dataplane import DrainTimeout
         # Order matters: stop shadowing first, so that the backend's answer (its
         # next shadow avail index) is final; requests it never took (a NIC's
         # receive buffers, held until a packet comes) are then not waited for.
@@ -597,7 +529,6 @@ class IsolatedSession(Session):
             kv(log, logging.ERROR, "vring.drain_timeout", dev=self.name, queue=q, inflight=e.inflight,
                reason=f"backend still held {e.inflight} requests after {self.cfg.reply_timeout:g} s")
         self.started.discard(q)
-        self.forget_queue_start(q)
         self.log_stats(q)
         kv(log, logging.DEBUG, "vring.stopped", dev=self.name, queue=q, guest_avail_idx=idx, shadow_idx=shadow_next)
         self.to_qemu(msg.reply(p.VringState(q, idx)))
@@ -632,7 +563,7 @@ class IsolatedSession(Session):
         self.dev.queue_start(q, event_idx=event_idx)
         self.started.add(q)
         kick, _ = self.dev.queue_backend_fds(q)
-        self.to_backend_as(msg, p.VringFd.make(q), [os.dup(kick)], fd_source=lambda: os.dup(kick))
+        self.to_backend_as(msg, p.VringFd.make(q), [os.dup(kick)])
 
     def on_set_vring_call(self, msg: Message) -> None:
         q = self.queue_index(msg.payload.index)
@@ -641,7 +572,7 @@ class IsolatedSession(Session):
         finally:
             msg.close_fds()
         _, call = self.dev.queue_backend_fds(q)
-        self.to_backend_as(msg, p.VringFd.make(q), [os.dup(call)], fd_source=lambda: os.dup(call))
+        self.to_backend_as(msg, p.VringFd.make(q), [os.dup(call)])
 
     def on_set_vring_err(self, msg: Message) -> None:
         q = self.queue_index(msg.payload.index)
@@ -653,7 +584,7 @@ class IsolatedSession(Session):
         ours = os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK)
         self.err_fds[q] = (ours, qemu_fd)
         self.watch(ours, lambda: self._on_backend_err(q))
-        self.to_backend_as(msg, p.VringFd.make(q), [os.dup(ours)], fd_source=lambda: os.dup(ours))
+        self.to_backend_as(msg, p.VringFd.make(q), [os.dup(ours)])
 
     def _on_backend_err(self, q: int) -> None:
         ours, qemu_fd = self.err_fds[q]
@@ -673,21 +604,19 @@ class IsolatedSession(Session):
             os.close(qemu_fd)
 
     def on_set_backend_req_fd(self, msg: Message) -> None:
-        self.forward(self.start_relay(msg))
-        self.remember(msg.request, msg.payload)  # replayed with a new relay to QEMU's same channel
+        self.forward(self.start_relay(msg))  # replayed with a new relay to QEMU's same channel
 
     def on_reset(self, msg: Message) -> None:
         self.qemu_features = None  # features are negotiated again
         if self.dev is not None:
             self.dev.reset()
-        for q in self.started:
-            self.forget_queue_start(q)
         self.started.clear()
         self.vring_addrs.clear()  # the data plane forgets ring addresses on reset (sizes stay)
         self.forward(msg)
 
     # -- teardown ---------------------------------------------------------------------
     def teardown(self) -> None:
+        self.record.close()
         for pair in self.err_fds.values():
             try:
                 self._close_err(pair)

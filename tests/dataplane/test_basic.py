@@ -282,11 +282,11 @@ def test_usdt_probes_are_compiled_in():
     import shutil
     import subprocess
 
-    from fastshadow import _dataplane
+    from fastshadow.dataplane import EXTENSION_PATH
     readelf = shutil.which("readelf")
     if readelf is None:
         pytest.skip("readelf not installed")
-    out = subprocess.run([readelf, "-n", _dataplane.__file__], capture_output=True, text=True).stdout
+    out = subprocess.run([readelf, "-n", EXTENSION_PATH], capture_output=True, text=True).stdout
     names = {ln.split(":", 1)[1].strip() for ln in out.splitlines() if ln.strip().startswith("Name:")}
     assert {"guest_kick", "request_shadowed", "backend_kick", "backend_call", "request_completed",
             "guest_call", "request_refused"} <= names

@@ -50,6 +50,9 @@ class Interposer:
             os.unlink(listen)
         self._srv.bind(listen)
         self._srv.listen(4)
+        #: Per backend connection, every request the proxy sent on it: (request, encoded payload, fd count).
+        self.seen: list[list[tuple[FrontendReq, bytes, int]]] = []
+        self._live: list[socket.socket] = []
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._accept, name="interposer", daemon=True)
         self._thread.start()
@@ -73,7 +76,18 @@ class Interposer:
             back.connect(self.backend)
             threading.Thread(target=self._pump, args=(front, back), daemon=True).start()
 
+    def drop(self) -> None:
+        """Drop the current connection, as a backend that dies between two requests."""
+        for sock in self._live:
+            try:
+                sock.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+
     def _pump(self, front_sock: socket.socket, back_sock: socket.socket) -> None:
+        seen: list[tuple[FrontendReq, bytes, int]] = []
+        self.seen.append(seen)
+        self._live = [front_sock, back_sock]
         front = Connection(front_sock, Channel.MAIN, receives_replies=False, name="proxy")
         back = Connection(back_sock, Channel.MAIN, receives_replies=True, name="backend")
         pending: list[Message] = []     # requests forwarded, by order (replies come in order)
@@ -91,6 +105,7 @@ class Interposer:
                             front.send(self.reply_hook(request, reply), close_fds=True)
                             continue
                         msg = front.recv()
+                        seen.append((msg.request, msg.payload.encode(), len(msg.fds)))
                         action = self.request_hook(msg)
                         if action == CUT_BEFORE:
                             msg.close_fds()

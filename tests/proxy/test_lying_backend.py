@@ -10,8 +10,7 @@ import pytest
 
 from fastshadow.protocol import payloads as p
 from fastshadow.protocol.messages import FrontendReq as R
-from fastshadow.proxy.config import DeviceType
-from fastshadow.proxy.isolated import MAX_QUEUES, queue_num_limit, queues_for
+from fastshadow.dataplane import MAX_QUEUES
 
 from .blkfront import BlkFront
 from .interposer import Interposer
@@ -68,9 +67,3 @@ def test_shadow_memory_table_refused(lying):
     [line] = proxy.wait_log(r"session\.refused dev=dev0")
     assert 'reason="UnexpectedMessage: backend refused the shadow memory table (ack 1)"' in line, line
     proxy.wait_log(r"shadow\.freed dev=dev0")
-
-
-def test_net_queue_numbers_count_pairs():
-    # vhost-user-net answers GET_QUEUE_NUM in queue pairs; QEMU adds a control queue.
-    assert queues_for(DeviceType.NET, 1) == 3 and queues_for(DeviceType.NET, queue_num_limit(DeviceType.NET)) == 63
-    assert queues_for(DeviceType.BLK, 4) == 4 and queue_num_limit(DeviceType.BLK) == MAX_QUEUES

@@ -1,0 +1,124 @@
+"""Every virtio device type fastshadow knows: one row each (DESIGN §4, §7).
+
+A row holds everything device-specific that the proxy and the data plane
+need, so that adding a device type is one row here plus its tests:
+
+- how many queues the device has when QEMU never asks GET_QUEUE_NUM, and how
+  a GET_QUEUE_NUM answer counts them (virtio-net counts queue pairs and adds
+  a control queue);
+- whether isolated mode can serve it at all, and if not, why (its payloads
+  carry guest addresses that the backend would have to dereference);
+- whether a request may be submitted again to a restarted backend;
+- how a request fastshadow refuses or fails is completed toward the guest
+  (`Failure`): with the device's own error where the device defines one,
+  never with a completion that looks like a success.
+
+Sources: VIRTIO 1.2 §5 (device types, IDs, request layouts), QEMU's
+hw/virtio/vhost-user-*.c (queue counts), docs/interop/vhost-user.rst
+(GET_QUEUE_NUM).
+
+This module imports nothing of fastshadow: the proxy and the CLI read it.
+"""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass
+
+
+class Failure(enum.IntEnum):
+    """How a refused or failed request is completed toward the guest.
+
+    The values are the data plane's (csrc/fsdp.h FSDP_FAIL_*)."""
+
+    #: used.len = 0 and nothing written: the only choice where the device defines no error
+    #: (net: the driver drops a 0-byte receive buffer; a transmit completion carries no status).
+    LEN0 = 0
+    #: virtio-blk (VIRTIO 1.2 §5.2.6): the last byte of the last device-writable descriptor is
+    #: the status; VIRTIO_BLK_S_IOERR (1) is written there, used.len = 1.
+    BLK_STATUS = 1
+    #: virtio-scsi (VIRTIO 1.2 §5.6.6.1): the device-writable part starts with
+    #: virtio_scsi_cmd_resp; its `response` byte (offset 11) gets VIRTIO_SCSI_S_FAILURE (9).
+    SCSI_RESPONSE = 2
+    #: virtio-fs (VIRTIO 1.2 §5.11.6): the device-writable part starts with fuse_out_header
+    #: {len, error, unique}: len 16, error -EIO, the request's unique (from fuse_in_header).
+    FUSE_ERROR = 3
+
+
+@dataclass(frozen=True)
+class DeviceKind:
+    """One virtio device type as fastshadow serves it."""
+
+    #: The name on the command line (--device) and in config files.
+    name: str
+    #: The virtio spec's name (VIRTIO 1.2 §5) and device ID (0: not a single device type).
+    title: str
+    virtio_id: int
+    #: Queues when QEMU never sends GET_QUEUE_NUM (no VHOST_USER_PROTOCOL_F_MQ).
+    default_queues: int
+    #: GET_QUEUE_NUM counts queue pairs (vhost-user-net), plus `extra_queues` after them.
+    counts_pairs: bool = False
+    extra_queues: int = 0
+    #: Why isolated mode cannot serve this device (None: it can).
+    refused: str | None = None
+    #: A request may be handed again to a restarted backend (idempotent, or tolerated twice).
+    replay_safe: bool = False
+    #: Why (or why not) replay is safe, for the README and logs.
+    replay_note: str = ""
+    failure: Failure = Failure.LEN0
+
+    def queues_for(self, queue_num: int) -> int:
+        """Data-plane queues for a GET_QUEUE_NUM answer of `queue_num`."""
+        return 2 * queue_num + self.extra_queues if self.counts_pairs else queue_num
+
+    def queue_num_limit(self, max_queues: int) -> int:
+        """The largest GET_QUEUE_NUM answer a data plane of `max_queues` queues can honour."""
+        return (max_queues - self.extra_queues) // 2 if self.counts_pairs else max_queues
+
+    def initial_queues(self, queue_num: int | None, max_queues: int) -> int:
+        """Queues of the data-plane device: from GET_QUEUE_NUM when QEMU asked, else the default."""
+        n = self.default_queues if queue_num is None else self.queues_for(queue_num)
+        return max(1, min(n, max_queues))
+
+
+#: The table. Queue counts: virtio-blk 1 (MQ: num-queues), virtio-net rx/tx pairs + control,
+#: virtio-fs hiprio + request queues, vsock rx/tx/event, virtio-scsi control/event + request.
+DEVICES: tuple[DeviceKind, ...] = (
+    DeviceKind("blk", "virtio-blk", 2, default_queues=1, replay_safe=True,
+               replay_note="a block read or write is idempotent", failure=Failure.BLK_STATUS),
+    DeviceKind("net", "virtio-net", 1, default_queues=3, counts_pairs=True, extra_queues=1, replay_safe=True,
+               replay_note="a packet sent twice is what networks tolerate", failure=Failure.LEN0),
+    DeviceKind("fs", "virtio-fs", 26, default_queues=2, replay_safe=False,
+               replay_note="FUSE requests are not idempotent and the daemon's session state dies with it",
+               failure=Failure.FUSE_ERROR),
+    DeviceKind("vsock", "virtio-vsock", 19, default_queues=3, replay_safe=False,
+               replay_note="connection state dies with the backend", failure=Failure.LEN0),
+    DeviceKind("scsi", "virtio-scsi", 8, default_queues=3, replay_safe=True,
+               replay_note="SCSI reads and writes are idempotent", failure=Failure.SCSI_RESPONSE),
+    DeviceKind("generic", "any vhost-user device", 0, default_queues=8, replay_safe=False,
+               replay_note="nothing is known of its requests", failure=Failure.LEN0),
+    DeviceKind("gpu", "virtio-gpu", 16, default_queues=2,
+               refused="virtio-gpu resource commands carry guest physical addresses of framebuffers"),
+    DeviceKind("balloon", "virtio-balloon", 5, default_queues=3,
+               refused="virtio-balloon page lists are guest physical addresses the backend acts on"),
+)
+
+BY_NAME: dict[str, DeviceKind] = {d.name: d for d in DEVICES}
+
+#: The device type as a config value (msgspec converts config strings to it).
+DeviceType = enum.Enum("DeviceType", {d.name.upper(): d.name for d in DEVICES}, type=str)
+DeviceType.__doc__ = "A device type name of the DEVICES table (config and --device values)."
+
+
+def kind(device: str | enum.Enum) -> DeviceKind:
+    """The row of a device type; KeyError names the known ones."""
+    name = device.value if isinstance(device, enum.Enum) else device
+    try:
+        return BY_NAME[name]
+    except KeyError:
+        raise KeyError(f"unknown device type {name!r}; known: {', '.join(BY_NAME)}") from None
+
+
+def names() -> list[str]:
+    """Every device type name, in table order (the --device choices)."""
+    return [d.name for d in DEVICES]
