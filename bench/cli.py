@@ -2,11 +2,11 @@
 
 Wired into fastshadow's CLI with::
 
-    from bench.cli import add_parser as add_bench_parser
+    from fastshadow.bench.cli import add_parser as add_bench_parser
     add_bench_parser(sub)
 
 (`add_parser` sets ``func=run`` on its subparser, like ``fastshadow trace``.)
-It also runs on its own: ``python -m bench.cli --quick``.
+It also runs on its own: ``python -m fastshadow.bench.cli --quick``.
 """
 
 from __future__ import annotations
@@ -26,8 +26,8 @@ examples:
       --workload write:1m:8                 # an isolated-mode option A/B, interleaved in one run
 
 results.json (msgspec schema in bench/report.py), throughput-<backend>.png and
-latency-cdf-<backend>.png are written to --out; `python -m bench.report
-results.json` prints the table again.
+latency-cdf-<backend>.png are written to --out; `python -m
+fastshadow.bench.report results.json` prints the table again.
 """
 
 
@@ -185,11 +185,11 @@ def run(args) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m bench.cli", description=__doc__,
+    ap = argparse.ArgumentParser(prog="python -m fastshadow.bench.cli", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     add_arguments(ap)
     args = ap.parse_args(argv)
-    args.command_line = "python -m bench.cli " + " ".join(shlex.quote(a) for a in (argv or sys.argv[1:]))
+    args.command_line = "python -m fastshadow.bench.cli " + " ".join(shlex.quote(a) for a in (argv or sys.argv[1:]))
     return run(args)
 
 

@@ -191,7 +191,7 @@ def main(argv: list[str] | None = None) -> int:
     _add_demo_parser(sub)
     from .trace.tool import add_parser as add_trace_parser
     add_trace_parser(sub)
-    from bench.cli import add_parser as add_bench_parser
+    from .bench.cli import add_parser as add_bench_parser
     add_bench_parser(sub)
     args = parser.parse_args(argv)
     return args.func(args)
