@@ -1,8 +1,8 @@
 """fastshadow trace: notification latency inside a running fastshadow, per hop and queue.
 
-Attaches bcc programs (bpf/hops.bpf.c) to the data plane's USDT probes of
-one proxy process and prints log2 histograms every interval, in the manner
-of bcc's biolatency. Ctrl-C (or --duration) ends it cleanly, printing the
+Attaches bcc programs (bpf/hops.bpf.c, installed as fastshadow.trace.bpf) to
+the data plane's USDT probes of one proxy process and prints log2 histograms
+every interval, in the manner of bcc's biolatency. Ctrl-C (or --duration) ends it cleanly, printing the
 last interval and writing --json / --plot.
 """
 
@@ -20,7 +20,6 @@ import msgspec
 from . import environment
 from .report import COUNTERS, HOPS, Histogram, Interval, TraceRun, format_interval, plot
 
-BPF_SOURCE = Path(__file__).resolve().parents[2] / "bpf" / "hops.bpf.c"
 PROBES = ["guest_kick", "request_shadowed", "backend_kick", "backend_call", "request_completed", "guest_call",
           "request_refused"]
 ALL_HOPS = HOPS + ["driver_end_to_end"]
@@ -65,7 +64,7 @@ READ_DQ = """{ u32 dev_ = 0, q_ = 0;
 def bpf_text(queue: int | None) -> str:
     """The BPF program with its placeholders filled (no option branches in kernel code)."""
     import re
-    text = BPF_SOURCE.read_text()
+    text = environment.probe_program().read_text()
     text = re.sub(r"READ_DQ\((\w+)\);", lambda m: READ_DQ.replace("K.", m.group(1) + "."), text)
     filt = f"if (q_ != {int(queue)}) return 0;" if queue is not None else ""
     return text.replace("QUEUE_FILTER", filt)
