@@ -2,8 +2,8 @@
 
 Attaches bcc programs (bpf/hops.bpf.c, installed as fastshadow.trace.bpf) to
 the data plane's USDT probes of one proxy process and prints log2 histograms
-every interval, in the manner of bcc's biolatency. Ctrl-C (or --duration) ends it cleanly, printing the
-last interval and writing --json / --plot.
+every interval, in the manner of bcc's biolatency. Ctrl-C (or --duration)
+ends it cleanly, printing the last interval and writing --json / --plot.
 """
 
 from __future__ import annotations
@@ -38,9 +38,11 @@ class TraceError(RuntimeError):
     pass
 
 
-def add_parser(sub) -> None:
-    p = sub.add_parser("trace", help="trace notification latency inside a running fastshadow (bcc, root)",
-                       description=__doc__, epilog=EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
+def configure(p: argparse.ArgumentParser) -> None:
+    """`fastshadow trace`'s options, on the subparser fastshadow/cli.py made."""
+    p.description = __doc__
+    p.epilog = EXAMPLES
+    p.formatter_class = argparse.RawDescriptionHelpFormatter
     p.add_argument("--pid", type=int, help="the fastshadow proxy process to trace")
     p.add_argument("--driver-pid", type=int, help="also trace a bench load generator process (its own latency)")
     p.add_argument("--duration", type=float, help="stop after this many seconds (default: until Ctrl-C)")

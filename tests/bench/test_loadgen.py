@@ -123,7 +123,7 @@ def run_bench_cli(*argv: str) -> int:
     from tests.conftest import need_binary
     need_binary("qemu-storage-daemon")
     parser = argparse.ArgumentParser()
-    cli.add_parser(parser.add_subparsers())
+    cli.configure(parser.add_subparsers().add_parser("bench"))
     args = parser.parse_args(["bench", *argv])
     args.command_line = "test"
     return args.func(args)
