@@ -1,4 +1,4 @@
-"""cffi build script for the benchmark's driver emulation (bench._loadgen).
+"""cffi build script for the benchmark's driver emulation (fastshadow.bench._loadgen).
 
 Same convention as csrc/build_ffi.py: the public header ``bench/loadgen.h``
 is the cdef once its preprocessor lines are stripped.  No liburing: the
@@ -21,7 +21,7 @@ def cdef_text() -> str:
 ffibuilder = FFI()
 ffibuilder.cdef(cdef_text())
 ffibuilder.set_source(
-    "bench._loadgen",
+    "fastshadow.bench._loadgen",
     '#include "loadgen.h"\n',
     sources=[str((HERE / "loadgen.c").relative_to(HERE.parent))],
     include_dirs=[str(HERE.relative_to(HERE.parent))],

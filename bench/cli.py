@@ -1,12 +1,9 @@
 """`fastshadow bench`: direct against proxied against isolated, in one run.
 
-Wired into fastshadow's CLI with::
-
-    from bench.cli import add_parser as add_bench_parser
-    add_bench_parser(sub)
-
-(`add_parser` sets ``func=run`` on its subparser, like ``fastshadow trace``.)
-It also runs on its own: ``python -m bench.cli --quick``.
+fastshadow/cli.py makes the `bench` subparser and, only when that is the
+command given, imports this module and calls ``configure(p)``, which adds the
+options and sets ``func=run`` (like ``fastshadow trace``). It also runs on its
+own: ``python -m fastshadow.bench.cli --quick``.
 """
 
 from __future__ import annotations
@@ -26,26 +23,25 @@ examples:
       --workload write:1m:8                 # an isolated-mode option A/B, interleaved in one run
 
 results.json (msgspec schema in bench/report.py), throughput-<backend>.png and
-latency-cdf-<backend>.png are written to --out; `python -m bench.report
-results.json` prints the table again.
+latency-cdf-<backend>.png are written to --out; `python -m
+fastshadow.bench.report results.json` prints the table again.
 """
 
 
-def add_parser(sub) -> argparse.ArgumentParser:
-    p = sub.add_parser(
-        "bench", help="measure direct vs proxied vs isolated I/O with a vhost-user load generator",
-        description="Drive qemu-storage-daemon with bench/'s vhost-user load generator (a virtio-blk driver "
-                    "emulation in C) directly, through `fastshadow proxy --mode direct` and through "
-                    "`--mode isolated`, interleaving the modes, and report IOPS, MB/s, latency percentiles, "
-                    "CPU seconds per process and the ratios to direct.",
-        epilog=EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
+def configure(p: argparse.ArgumentParser) -> None:
+    """`fastshadow bench`'s options, on the subparser fastshadow/cli.py made."""
+    p.description = ("Drive qemu-storage-daemon with bench/'s vhost-user load generator (a virtio-blk driver "
+                     "emulation in C) directly, through `fastshadow proxy --mode direct` and through "
+                     "`--mode isolated`, interleaving the modes, and report IOPS, MB/s, latency percentiles, "
+                     "CPU seconds per process and the ratios to direct.")
+    p.epilog = EXAMPLES
+    p.formatter_class = argparse.RawDescriptionHelpFormatter
     add_arguments(p)
     p.set_defaults(func=run)
-    return p
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    from . import BACKENDS, MODES  # nothing heavy at parse time: `fastshadow proxy` parses this too
+    from . import BACKENDS, MODES  # nothing heavy at parse time
     preset = p.add_mutually_exclusive_group()
     preset.add_argument("--quick", dest="preset", action="store_const", const="quick",
                         help="quick preset (default): null backend, 4 workloads, 2 s each, 1 rep; under 60 s")
@@ -185,11 +181,11 @@ def run(args) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m bench.cli", description=__doc__,
+    ap = argparse.ArgumentParser(prog="python -m fastshadow.bench.cli", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     add_arguments(ap)
     args = ap.parse_args(argv)
-    args.command_line = "python -m bench.cli " + " ".join(shlex.quote(a) for a in (argv or sys.argv[1:]))
+    args.command_line = "python -m fastshadow.bench.cli " + " ".join(shlex.quote(a) for a in (argv or sys.argv[1:]))
     return run(args)
 
 

@@ -1,8 +1,9 @@
 /*
  * loadgen.h: the virtio-blk driver emulation of fastshadow's benchmark.
  *
- * This header is also the cffi cdef of bench._loadgen (bench/build_loadgen.py
- * strips the preprocessor lines), so it holds only plain declarations.
+ * This header is also the cffi cdef of fastshadow.bench._loadgen
+ * (bench/build_loadgen.py strips the preprocessor lines), so it holds only
+ * plain declarations.
  *
  * The "guest" is this process: lg_new() creates a memfd ("guest RAM", guest
  * physical address 0 = offset 0 of the memfd), maps it, and lays out per

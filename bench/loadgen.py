@@ -1,5 +1,5 @@
 """The load generator: a vhost-user front-end (fastshadow.protocol's Frontend)
-driving the C virtio-blk driver emulation (bench/loadgen.c, built as bench._loadgen).
+driving the C virtio-blk driver emulation (bench/loadgen.c, built as fastshadow.bench._loadgen).
 
 One :class:`Session` is one vhost-user session with a guest RAM of its own::
 
@@ -40,7 +40,7 @@ from ._loadgen import ffi, lib
 
 ABI_VERSION = 1
 if lib.lg_abi_version() != ABI_VERSION:  # a stale build of bench/loadgen.c
-    raise ImportError(f"bench._loadgen ABI {lib.lg_abi_version()} != {ABI_VERSION}: rebuild (scripts/setup)")
+    raise ImportError(f"fastshadow.bench._loadgen ABI {lib.lg_abi_version()} != {ABI_VERSION}: rebuild (scripts/setup)")
 
 # virtio-blk feature bits (VIRTIO 1.2 §5.2.3) the driver understands.
 VIRTIO_BLK_F_SEG_MAX = 1 << 2

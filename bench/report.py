@@ -4,8 +4,8 @@ computations, the printed table, and the PNG plots (matplotlib, Agg backend).
 Everything the plots and the table show is in results.json, so they can be
 made again from it alone::
 
-    python -m bench.report out/bench/results.json            # print the table
-    python -m bench.report out/bench/results.json --plots    # and rewrite the PNGs next to it
+    python -m fastshadow.bench.report out/bench/results.json           # print the table
+    python -m fastshadow.bench.report out/bench/results.json --plots   # and rewrite the PNGs next to it
 """
 
 from __future__ import annotations
@@ -522,7 +522,7 @@ def write_plots(results: Results, out_dir: Path, log: Callable[[str], None] = pr
 
 def main(argv: list[str] | None = None) -> int:
     import argparse
-    ap = argparse.ArgumentParser(prog="python -m bench.report", description="print (and re-plot) a results.json")
+    ap = argparse.ArgumentParser(prog="python -m fastshadow.bench.report", description="print (and re-plot) a results.json")
     ap.add_argument("results", type=Path)
     ap.add_argument("--plots", action="store_true", help="rewrite the PNGs next to results.json")
     ap.add_argument("--markdown", action="store_true", help="print the Markdown table instead")

@@ -33,6 +33,16 @@ examples:
 
 _PER_DEVICE = ("backend", "backend_listen", "mode", "device", "name")
 
+#: The subcommands and their one-line help (`fastshadow --help`). Only the chosen
+#: one's parser is built, and its module imported then: `fastshadow proxy` loads
+#: neither the tracer, the benchmark, the demo nor the test guest (ARCHITECTURE.md).
+COMMANDS = {
+    "proxy": "run the vhost-user proxy",
+    "demo": "boot a tiny VM whose disk goes through fastshadow and verify its I/O",
+    "trace": "trace notification latency inside a running fastshadow (bcc, root)",
+    "bench": "measure direct vs proxied vs isolated I/O with a vhost-user load generator",
+}
+
 
 class _DeviceOption(argparse.Action):
     """Collects --listen and the per-device options in command-line order."""
@@ -57,11 +67,14 @@ class _DeviceOption(argparse.Action):
 
 
 def _add_proxy_parser(sub) -> None:
-    p = sub.add_parser(
-        "proxy", help="run the vhost-user proxy",
-        description="Sit between QEMU (vhost-user front-end) and a vhost-user backend. In direct mode every "
-                    "message is forwarded; in isolated mode the backend never receives guest RAM.",
-        epilog=PROXY_EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
+    _configure_proxy(sub.add_parser("proxy", help=COMMANDS["proxy"]))
+
+
+def _configure_proxy(p: argparse.ArgumentParser) -> None:
+    p.description = ("Sit between QEMU (vhost-user front-end) and a vhost-user backend. In direct mode every "
+                     "message is forwarded; in isolated mode the backend never receives guest RAM.")
+    p.epilog = PROXY_EPILOG
+    p.formatter_class = argparse.RawDescriptionHelpFormatter
     p.add_argument("--listen", metavar="SOCK", action=_DeviceOption,
                    help="unix socket QEMU connects to (its -chardev socket,path=SOCK); starts a new device")
     p.add_argument("--backend", metavar="SOCK", action=_DeviceOption,
@@ -173,27 +186,41 @@ def cmd_demo(args) -> int:
     return run_demo(mode=args.mode, keep=args.keep)
 
 
-def _add_demo_parser(sub) -> None:
-    p = sub.add_parser("demo", help="boot a tiny VM whose disk goes through fastshadow and verify its I/O",
-                       description="Build (once, cached) a small guest, start qemu-storage-daemon, fastshadow and "
-                                   "QEMU; the guest writes and verifies data on its disk; print the verification "
-                                   "and, in isolated mode, the proof that the backend never mapped guest RAM.")
+def _configure_demo(p: argparse.ArgumentParser) -> None:
+    p.description = ("Build (once, cached) a small guest, start qemu-storage-daemon, fastshadow and QEMU; the "
+                     "guest writes and verifies data on its disk; print the verification and, in isolated mode, "
+                     "the proof that the backend never mapped guest RAM.")
     p.add_argument("--mode", choices=["direct", "isolated"], default="isolated",
                    help="proxy mode (default isolated)")
     p.add_argument("--keep", action="store_true", help="keep the work directory (logs, sockets) for inspection")
     p.set_defaults(func=cmd_demo)
 
 
+def _configure(name: str, p: argparse.ArgumentParser) -> None:
+    """Give subcommand `name`'s parser its options and ``func``; its module is imported only now."""
+    if name == "proxy":
+        _configure_proxy(p)
+    elif name == "demo":
+        _configure_demo(p)
+    elif name == "trace":
+        from .trace.tool import configure
+        configure(p)
+    elif name == "bench":
+        from .bench.cli import configure
+        configure(p)
+
+
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
     parser = argparse.ArgumentParser(prog="fastshadow", description=__doc__)
     parser.add_argument("--version", action="version", version=f"fastshadow {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
-    _add_proxy_parser(sub)
-    _add_demo_parser(sub)
-    from .trace.tool import add_parser as add_trace_parser
-    add_trace_parser(sub)
-    from bench.cli import add_parser as add_bench_parser
-    add_bench_parser(sub)
+    # The command is the first word that is not an option (the top-level options take no value).
+    chosen = next((a for a in argv if not a.startswith("-")), None)
+    for name, one_line in COMMANDS.items():
+        p = sub.add_parser(name, help=one_line)
+        if name == chosen:
+            _configure(name, p)
     args = parser.parse_args(argv)
     return args.func(args)
 

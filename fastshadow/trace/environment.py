@@ -7,6 +7,7 @@ through tracefs (DESIGN §6). `fastshadow trace --check` prints this list;
 
 from __future__ import annotations
 
+import importlib.resources
 import os
 import platform
 import sys
@@ -43,6 +44,12 @@ def import_bcc():
     return sys.modules["bcc"]
 
 
+def probe_program():
+    """hops.bpf.c: the repository's bpf/ folder, installed as the package data of
+    fastshadow.trace.bpf (a Traversable: a file in a source tree and in a wheel alike)."""
+    return importlib.resources.files("fastshadow.trace.bpf") / "hops.bpf.c"
+
+
 def _is_mountpoint(path: Path) -> bool:
     """True when `path` is a mount point (readable by anyone, unlike tracefs itself)."""
     try:
@@ -53,6 +60,13 @@ def _is_mountpoint(path: Path) -> bool:
 
 def checks() -> list[Check]:
     out = []
+    try:
+        src = probe_program()
+        found = src.is_file()
+    except ImportError as e:
+        src, found = f"fastshadow.trace.bpf: {e}", False
+    out.append(Check("probe program", found, f"{src}" + ("" if found else " not found"),
+                     "" if found else "reinstall fastshadow: its wheel ships fastshadow/trace/bpf/hops.bpf.c"))
     root = os.geteuid() == 0
     out.append(Check("root", root, f"running as uid {os.geteuid()}",
                      "" if root else "run as root (loading BPF programs needs CAP_BPF and CAP_PERFMON)"))

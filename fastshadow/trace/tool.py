@@ -1,9 +1,9 @@
 """fastshadow trace: notification latency inside a running fastshadow, per hop and queue.
 
-Attaches bcc programs (bpf/hops.bpf.c) to the data plane's USDT probes of
-one proxy process and prints log2 histograms every interval, in the manner
-of bcc's biolatency. Ctrl-C (or --duration) ends it cleanly, printing the
-last interval and writing --json / --plot.
+Attaches bcc programs (bpf/hops.bpf.c, installed as fastshadow.trace.bpf) to
+the data plane's USDT probes of one proxy process and prints log2 histograms
+every interval, in the manner of bcc's biolatency. Ctrl-C (or --duration)
+ends it cleanly, printing the last interval and writing --json / --plot.
 """
 
 from __future__ import annotations
@@ -20,7 +20,6 @@ import msgspec
 from . import environment
 from .report import COUNTERS, HOPS, Histogram, Interval, TraceRun, format_interval, plot
 
-BPF_SOURCE = Path(__file__).resolve().parents[2] / "bpf" / "hops.bpf.c"
 PROBES = ["guest_kick", "request_shadowed", "backend_kick", "backend_call", "request_completed", "guest_call",
           "request_refused"]
 ALL_HOPS = HOPS + ["driver_end_to_end"]
@@ -39,9 +38,11 @@ class TraceError(RuntimeError):
     pass
 
 
-def add_parser(sub) -> None:
-    p = sub.add_parser("trace", help="trace notification latency inside a running fastshadow (bcc, root)",
-                       description=__doc__, epilog=EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
+def configure(p: argparse.ArgumentParser) -> None:
+    """`fastshadow trace`'s options, on the subparser fastshadow/cli.py made."""
+    p.description = __doc__
+    p.epilog = EXAMPLES
+    p.formatter_class = argparse.RawDescriptionHelpFormatter
     p.add_argument("--pid", type=int, help="the fastshadow proxy process to trace")
     p.add_argument("--driver-pid", type=int, help="also trace a bench load generator process (its own latency)")
     p.add_argument("--duration", type=float, help="stop after this many seconds (default: until Ctrl-C)")
@@ -65,7 +66,7 @@ READ_DQ = """{ u32 dev_ = 0, q_ = 0;
 def bpf_text(queue: int | None) -> str:
     """The BPF program with its placeholders filled (no option branches in kernel code)."""
     import re
-    text = BPF_SOURCE.read_text()
+    text = environment.probe_program().read_text()
     text = re.sub(r"READ_DQ\((\w+)\);", lambda m: READ_DQ.replace("K.", m.group(1) + "."), text)
     filt = f"if (q_ != {int(queue)}) return 0;" if queue is not None else ""
     return text.replace("QUEUE_FILTER", filt)

@@ -11,7 +11,7 @@ import msgspec
 import numpy as np
 import pytest
 
-from bench.loadgen import Session, memcpy_bandwidth
+from fastshadow.bench.loadgen import Session, memcpy_bandwidth
 
 QEMU_ORDER = ["GET_FEATURES", "GET_PROTOCOL_FEATURES", "SET_PROTOCOL_FEATURES", "GET_QUEUE_NUM", "SET_OWNER",
               "GET_CONFIG", "SET_FEATURES"]
@@ -105,7 +105,7 @@ def test_file_backend_write_then_read_verifies_data(workdir, start_qsd):
 
 
 def test_refused_session_is_a_setup_error(workdir, start_qsd):
-    from bench.loadgen import SetupError
+    from fastshadow.bench.loadgen import SetupError
     sock = str(workdir / "qsd.sock")
     start_qsd(sock, driver="null", num_queues=1)
     with pytest.raises(SetupError, match="2 queues wanted"):
@@ -119,11 +119,11 @@ def test_memcpy_bandwidth_measures():
 
 def run_bench_cli(*argv: str) -> int:
     """`fastshadow bench ARGV...` through the real argument parser, in this process."""
-    from bench import cli
+    from fastshadow.bench import cli
     from tests.conftest import need_binary
     need_binary("qemu-storage-daemon")
     parser = argparse.ArgumentParser()
-    cli.add_parser(parser.add_subparsers())
+    cli.configure(parser.add_subparsers().add_parser("bench"))
     args = parser.parse_args(["bench", *argv])
     args.command_line = "test"
     return args.func(args)
@@ -131,7 +131,7 @@ def run_bench_cli(*argv: str) -> int:
 
 def test_bench_quick_writes_valid_json_and_plots(workdir, tmp_path, capsys):
     pytest.importorskip("matplotlib")
-    from bench.report import Results, read_json
+    from fastshadow.bench.report import Results, read_json
     out = tmp_path / "out"
     assert run_bench_cli("--quick", "--duration", "0.15", "--out", str(out),
                          "--workdir", str(workdir / "b"), "--timeout", "5") == 0
@@ -155,7 +155,7 @@ def test_bench_quick_writes_valid_json_and_plots(workdir, tmp_path, capsys):
 
 
 def test_bench_skips_a_mode_that_cannot_start(workdir, tmp_path, capsys):
-    from bench.report import read_json
+    from fastshadow.bench.report import read_json
     out = tmp_path / "out"
     # A proxy option that does not exist: `fastshadow proxy` exits at once, so proxy-direct is skipped.
     assert run_bench_cli("--modes", "direct,proxy-direct", "--workload", "randread:4k:1",
@@ -172,7 +172,7 @@ def test_bench_skips_a_mode_that_cannot_start(workdir, tmp_path, capsys):
 
 
 def test_bench_variant_is_an_isolated_proxy_with_its_own_options(workdir, tmp_path, capsys):
-    from bench.report import read_json
+    from fastshadow.bench.report import read_json
     out = tmp_path / "out"
     assert run_bench_cli("--modes", "isolated", "--variant", "memcpy=--stream-copy-min 0",
                          "--workload", "read:256k:4", "--requests", "300", "--reps", "2", "--out", str(out),
@@ -191,6 +191,6 @@ def test_bench_variant_is_an_isolated_proxy_with_its_own_options(workdir, tmp_pa
 
 @pytest.mark.parametrize("bad", ["direct=--x", "Big=--x", "noequals", "a=--x,a=--y"])
 def test_bench_bad_variants_are_refused(bad):
-    from bench import cli
+    from fastshadow.bench import cli
     with pytest.raises(ValueError, match="variant"):
         cli.parse_variants(bad.split(","))

@@ -23,7 +23,7 @@ def test_check_all_present():
     r = trace("--check")
     assert r.returncode == 0, r.stdout + r.stderr
     assert "tracing is possible" in r.stdout
-    for name in ("root", "kernel headers", "tracefs", "bcc"):
+    for name in ("probe program", "root", "kernel headers", "tracefs", "bcc"):
         assert name in r.stdout
 
 

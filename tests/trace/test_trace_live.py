@@ -48,7 +48,7 @@ def stop_trace(workdir, proc, out):
 
 
 def test_isolated_exact_counts(workdir, start_qsd, start_proxy):
-    from bench.loadgen import Session
+    from fastshadow.bench.loadgen import Session
     start_qsd(str(workdir / "qsd.sock"), driver="null", size="256M", num_queues=2)
     proxy = start_proxy(["--listen", str(workdir / "fs.sock"), "--backend", str(workdir / "qsd.sock"),
                          "--mode", "isolated"], [str(workdir / "fs.sock")])
@@ -76,7 +76,7 @@ def test_isolated_exact_counts(workdir, start_qsd, start_proxy):
 
 def test_direct_mode_driver_view(workdir, start_qsd, start_proxy):
     """Direct mode has no data plane in fastshadow: the hops that exist are the driver's own."""
-    from bench.loadgen import Session
+    from fastshadow.bench.loadgen import Session
     start_qsd(str(workdir / "qsd.sock"), driver="null", size="256M")
     proxy = start_proxy(["--listen", str(workdir / "fs.sock"), "--backend", str(workdir / "qsd.sock"),
                          "--mode", "direct"], [str(workdir / "fs.sock")])
