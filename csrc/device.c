@@ -227,38 +227,10 @@ struct fsdp_cmd *queue_stop_finish(struct fsdp_queue *q)
     return w;
 }
 
-/* Inline (synchronous) mode: send the notifications a command produced. */
-uint32_t queue_notify_sync(struct fsdp_queue *q)
-{
-    const uint64_t one = 1;
-    uint32_t flags = 0;
-    ssize_t w;
-
-    if (q->need_backend_kick) {
-        q->need_backend_kick = false;
-        w = write(q->backend_kick_fd, &one, sizeof(one));
-        (void)w;   /* EAGAIN: counter saturated, the backend is already woken */
-        q->st.backend_kicks++;
-        PROBE_BACKEND_KICK(q->dev->id, q->idx);
-        flags |= FSDP_POLL_BACKEND_KICKED;
-    }
-    if (q->need_guest_call) {
-        q->need_guest_call = false;
-        if (q->guest_call_fd >= 0) {
-            w = write(q->guest_call_fd, &one, sizeof(one));
-            (void)w;
-            q->st.guest_calls++;
-            PROBE_GUEST_CALL(q->dev->id, q->idx);
-            flags |= FSDP_POLL_GUEST_CALLED;
-        }
-    }
-    return flags;
-}
-
 static void after_cmd(struct fsdp_cmd *c, struct fsdp_queue *q)
 {
     if (!c->deferrable)
-        queue_notify_sync(q);
+        queue_notify(q, NULL);
     /* on the loop: the loop sends them after the command batch */
 }
 
@@ -506,7 +478,7 @@ static int cmd_poll(struct fsdp_dp *dp, struct fsdp_cmd *c)
             flags |= FSDP_POLL_PROGRESS;
         if (q->more)
             flags |= FSDP_POLL_MORE;
-        flags |= queue_notify_sync(q);
+        flags |= queue_notify(q, NULL);
     }
     *(uint32_t *)c->out = flags;
     return 0;

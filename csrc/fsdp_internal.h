@@ -350,7 +350,6 @@ struct fsdp_dev {
 /* device.c */
 void dev_destroy(struct fsdp_dev *dev);
 struct fsdp_cmd *queue_stop_finish(struct fsdp_queue *q);
-uint32_t queue_notify_sync(struct fsdp_queue *q);
 
 /* shadow.c: the engine. */
 int queue_alloc(struct fsdp_queue *q, uint32_t num);
@@ -372,6 +371,16 @@ void queue_backend_stopped(struct fsdp_queue *q, uint16_t next, struct fsdp_stop
 static inline bool queue_draining(const struct fsdp_queue *q) { return q->inflight > q->parked; }
 /* True if the rings hold work (used by busy-poll; read-only). */
 bool queue_has_work(struct fsdp_queue *q);
+/* The loop's batch of outgoing eventfd writes: add(arg, q, fd) queues one,
+ * sent with the loop's next submit. */
+struct fsdp_batch {
+    void (*add)(void *arg, struct fsdp_queue *q, int fd);
+    void *arg;
+};
+/* Send the kick and call the last pass decided (need_* flags): through the
+ * loop's batch, or with write(2) now when batch is NULL (inline mode).
+ * Returns FSDP_POLL_BACKEND_KICKED / FSDP_POLL_GUEST_CALLED for what went. */
+uint32_t queue_notify(struct fsdp_queue *q, const struct fsdp_batch *batch);
 
 /* events.c */
 struct fsdp_evring {

@@ -96,6 +96,7 @@ struct fsdp_dp {
     bool cmd_armed;
     uint64_t sink;                      /* target of every eventfd read */
     uint64_t one;                       /* source of every eventfd write */
+    struct fsdp_batch batch;            /* queue_notify's way to our ring */
     unsigned ring_flags;
     uint64_t poll_ns;                   /* current busy-poll window, <= busy_poll_us */
 };
@@ -356,8 +357,10 @@ static void arm_all(struct fsdp_dp *dp)
     }
 }
 
-static void queue_write(struct fsdp_dp *dp, struct fsdp_queue *q, int fd)
+/* fsdp_batch.add: one eventfd write, submitted with the next wait. */
+static void batch_write(void *arg, struct fsdp_queue *q, int fd)
 {
+    struct fsdp_dp *dp = arg;
     struct io_uring_sqe *sqe = get_sqe(dp);
 
     if (!sqe)
@@ -396,27 +399,7 @@ static bool process_all(struct fsdp_dp *dp, bool *poll_mode, bool *again)
                     *poll_mode = true;
                 }
             }
-            if (q->need_backend_kick) {
-                q->need_backend_kick = false;
-                queue_write(dp, q, q->backend_kick_fd);
-                q->st.backend_kicks++;
-                PROBE_BACKEND_KICK(dev->id, q->idx);
-            }
-            if (q->need_guest_call) {
-                q->need_guest_call = false;
-                if (q->guest_call_fd >= 0) {
-                    if (q->guest_call_blocking) {
-                        /* io_uring would punt this write to an io-wq worker
-                         * (see the top comment): a direct write is cheaper. */
-                        ssize_t w = write(q->guest_call_fd, &dp->one, sizeof(dp->one));
-                        (void)w;
-                    } else {
-                        queue_write(dp, q, q->guest_call_fd);
-                    }
-                    q->st.guest_calls++;
-                    PROBE_GUEST_CALL(dev->id, q->idx);
-                }
-            }
+            queue_notify(q, &dp->batch);
         }
     }
     return any;
@@ -692,6 +675,8 @@ int fsdp_dp_new(const struct fsdp_dp_config *cfg, struct fsdp_dp **out)
     if (!dp->cfg.event_ring_size)
         dp->cfg.event_ring_size = 1024;
     dp->one = 1;
+    dp->batch.add = batch_write;
+    dp->batch.arg = dp;
     dp->state = ST_STOPPED;
     dp->poll_ns = (uint64_t)dp->cfg.busy_poll_us * 1000u;
     rc = evring_init(&dp->ev, dp->cfg.event_ring_size);

@@ -21,6 +21,7 @@
 #include <errno.h>
 #include <stdlib.h>
 #include <string.h>
+#include <unistd.h>
 
 #include "fsdp_internal.h"
 #include "probes.h"
@@ -176,6 +177,49 @@ static void publish_guest_used(struct fsdp_queue *q)
     }
     if (call)
         q->need_guest_call = true;
+}
+
+/* ------------------------------------------------------------------------ */
+/* Notifications: sending what publish_guest_used / publish_shadow_avail      */
+/* decided.  The one path for the loop and for the inline mode.               */
+
+/* One eventfd write: added to the loop's batch, or written now. */
+static void signal_fd(struct fsdp_queue *q, int fd, bool blocking, const struct fsdp_batch *batch)
+{
+    static const uint64_t one = 1;
+    ssize_t w;
+
+    if (batch && !blocking) {
+        batch->add(batch->arg, q, fd);
+        return;
+    }
+    /* Inline mode, or a blocking fd: io_uring would punt the write to an
+     * io-wq worker (see loop.c's top comment), a direct write is cheaper. */
+    w = write(fd, &one, sizeof(one));
+    (void)w;   /* EAGAIN: counter saturated, the peer is already woken */
+}
+
+uint32_t queue_notify(struct fsdp_queue *q, const struct fsdp_batch *batch)
+{
+    uint32_t flags = 0;
+
+    if (q->need_backend_kick) {
+        q->need_backend_kick = false;
+        signal_fd(q, q->backend_kick_fd, false, batch);   /* ours: non-blocking */
+        q->st.backend_kicks++;
+        PROBE_BACKEND_KICK(q->dev->id, q->idx);
+        flags |= FSDP_POLL_BACKEND_KICKED;
+    }
+    if (q->need_guest_call) {
+        q->need_guest_call = false;
+        if (q->guest_call_fd >= 0) {
+            signal_fd(q, q->guest_call_fd, q->guest_call_blocking, batch);
+            q->st.guest_calls++;
+            PROBE_GUEST_CALL(q->dev->id, q->idx);
+            flags |= FSDP_POLL_GUEST_CALLED;
+        }
+    }
+    return flags;
 }
 
 /* ------------------------------------------------------------------------ */
