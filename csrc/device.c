@@ -51,19 +51,8 @@ void dev_destroy(struct fsdp_dev *dev)
 {
     if (!dev)
         return;
-    for (uint32_t i = 0; dev->q && i < dev->num_queues; i++) {
-        struct fsdp_queue *q = &dev->q[i];
-        if (q->guest_kick_fd >= 0)
-            close(q->guest_kick_fd);
-        if (q->guest_call_fd >= 0)
-            close(q->guest_call_fd);
-        if (q->backend_kick_fd >= 0)
-            close(q->backend_kick_fd);
-        if (q->backend_call_fd >= 0)
-            close(q->backend_call_fd);
-        queue_free_arrays(q);
-        bounce_destroy(&q->bounce);
-    }
+    for (uint32_t i = 0; dev->q && i < dev->num_queues; i++)
+        queue_destroy(&dev->q[i]);
     free(dev->q);
     for (uint32_t i = 0; i < dev->mem.n; i++)
         mem_unmap_region(&dev->mem.r[i]);
@@ -155,26 +144,10 @@ int fsdp_dev_add(struct fsdp_dp *dp, const char *name, const struct fsdp_dev_con
         rc = -ENOMEM;
         goto fail;
     }
+    for (uint32_t i = 0; i < k.num_queues; i++)
+        queue_init(&dev->q[i], dev, i);
     for (uint32_t i = 0; i < k.num_queues; i++) {
-        struct fsdp_queue *q = &dev->q[i];
-        q->dev = dev;
-        q->idx = i;
-        q->guest_kick_fd = q->guest_call_fd = -1;
-        q->backend_kick_fd = q->backend_call_fd = -1;
-    }
-    for (uint32_t i = 0; i < k.num_queues; i++) {
-        struct fsdp_queue *q = &dev->q[i];
-        /* Non-blocking like QEMU's own event notifiers: the file status
-         * flags are shared with the backend once it receives the fd. */
-        q->backend_kick_fd = eventfd(0, EFD_CLOEXEC | EFD_NONBLOCK);
-        q->backend_call_fd = eventfd(0, EFD_CLOEXEC | EFD_NONBLOCK);
-        if (q->backend_kick_fd < 0 || q->backend_call_fd < 0) {
-            rc = -errno;
-            goto fail;
-        }
-        q->s_bounce_off = (uint64_t)i * dev->slot_size + dev->ring_reserve;
-        q->s_bounce = dev->shadow + q->s_bounce_off;
-        rc = bounce_init(&q->bounce, (uint32_t)(k.bounce_per_queue / FSDP_PAGE));
+        rc = queue_open(&dev->q[i]);
         if (rc)
             goto fail;
     }
@@ -209,23 +182,6 @@ int fsdp_dev_info(struct fsdp_dev *dev, struct fsdp_dev_info *out)
 
 /* ------------------------------------------------------------------------ */
 /* Helpers run on the loop (or inline).                                       */
-
-/* Finish a queue_stop: the queue leaves the started state; requests still in
- * flight stay ours.  Returns the deferred stop command, if any. */
-struct fsdp_cmd *queue_stop_finish(struct fsdp_queue *q)
-{
-    struct fsdp_cmd *w = q->stop_waiter;
-
-    q->started = false;
-    q->stopping = false;
-    q->stop_waiter = NULL;
-    if (w && w->out) {
-        struct fsdp_stop_result *res = w->out;
-        res->avail_idx = q->last_avail;
-        res->inflight = q->inflight;
-    }
-    return w;
-}
 
 static void after_cmd(struct fsdp_cmd *c, struct fsdp_queue *q)
 {
@@ -392,7 +348,7 @@ static int cmd_reset(struct fsdp_dp *dp, struct fsdp_cmd *c)
         struct fsdp_cmd *w = q->stop_waiter ? queue_stop_finish(q) : NULL;
         if (w)
             dp_cmd_complete(dp, w, 0);
-        queue_do_reset(q);
+        queue_reset(q);
         if (q->guest_kick_fd >= 0) {
             int fd = q->guest_kick_fd;
             q->guest_kick_fd = -1;
@@ -500,30 +456,12 @@ int fsdp_dev_poll(struct fsdp_dev *dev, uint32_t *out_flags)
 
 static int cmd_set_num(struct fsdp_dp *dp, struct fsdp_cmd *c)
 {
-    struct fsdp_dev *dev = c->dev;
-    struct fsdp_queue *q = get_q(dev, c->q);
+    struct fsdp_queue *q = get_q(c->dev, c->q);
     uint32_t num = (uint32_t)c->u[0];
-    uint64_t base;
-    int rc;
 
-    if (!q || num == 0 || num > dev->cfg.max_queue_size)
+    if (!q || num == 0 || num > c->dev->cfg.max_queue_size)
         return -EINVAL;
-    if (q->started || q->inflight)
-        return -EBUSY;
-    rc = queue_alloc(q, num);
-    if (rc)
-        return rc;
-    q->num = num;
-    base = (uint64_t)q->idx * dev->slot_size;
-    q->s_desc_off = base;
-    q->s_avail_off = base + FSDP_ALIGN_UP(vring_desc_size(num), FSDP_PAGE);
-    q->s_used_off = q->s_avail_off + FSDP_ALIGN_UP(vring_avail_size(num), FSDP_PAGE);
-    q->s_desc = dev->shadow + q->s_desc_off;
-    q->s_avail = dev->shadow + q->s_avail_off;
-    q->s_used = dev->shadow + q->s_used_off;
-    if (q->addr_set)
-        queue_translate_rings(q, false);
-    return 0;
+    return queue_set_num(q, num);
 }
 
 int fsdp_queue_set_num(struct fsdp_dev *dev, uint32_t q, uint32_t num)
@@ -538,10 +476,7 @@ static int cmd_set_base(struct fsdp_dp *dp, struct fsdp_cmd *c)
 
     if (!q || c->u[0] > 0xffff)
         return -EINVAL;
-    if (q->started)
-        return -EBUSY;
-    q->last_avail = (uint16_t)c->u[0];
-    return 0;
+    return queue_set_base(q, (uint32_t)c->u[0]);
 }
 
 int fsdp_queue_set_base(struct fsdp_dev *dev, uint32_t q, uint32_t avail_idx)
@@ -553,39 +488,10 @@ int fsdp_queue_set_base(struct fsdp_dev *dev, uint32_t q, uint32_t avail_idx)
 static int cmd_set_addr(struct fsdp_dp *dp, struct fsdp_cmd *c)
 {
     struct fsdp_queue *q = get_q(c->dev, c->q);
-    uint64_t od, oa, ou;
-    bool oset;
-    int rc;
 
-    if (!q || !q->num)
+    if (!q)
         return -EINVAL;
-    if (q->started)
-        return -EBUSY;
-    od = q->desc_uaddr;
-    oa = q->avail_uaddr;
-    ou = q->used_uaddr;
-    oset = q->addr_set;
-    q->desc_uaddr = c->u[0];
-    q->avail_uaddr = c->u[1];
-    q->used_uaddr = c->u[2];
-    q->addr_set = true;
-    rc = queue_translate_rings(q, false);
-    if (rc) {
-        /* keep the previous (valid) configuration */
-        q->desc_uaddr = od;
-        q->avail_uaddr = oa;
-        q->used_uaddr = ou;
-        q->addr_set = oset;
-        if (oset)
-            queue_translate_rings(q, false);
-    } else if (!q->inflight) {
-        /* The backend reads used->idx when it is told the ring addresses
-         * (libvhost-user does, at SET_VRING_ADDR), before any kick starts
-         * our side: the shadow ring must already read as fresh then, not
-         * hold the indices of the previous run (guest reset, reboot). */
-        queue_clear_shadow(q);
-    }
-    return rc;
+    return queue_set_addr(q, c->u[0], c->u[1], c->u[2]);
 }
 
 int fsdp_queue_set_addr(struct fsdp_dev *dev, uint32_t q, uint64_t desc_uaddr,
@@ -691,14 +597,9 @@ static int cmd_start(struct fsdp_dp *dp, struct fsdp_cmd *c)
 
     if (!q)
         return -EINVAL;
-    rc = queue_do_start(q, (uint32_t)c->u[0]);
+    rc = queue_start(q, (uint32_t)c->u[0]);
     if (rc)
         return rc;
-    /* Kicks may have been consumed before the start, and re-published
-     * requests need a kick: one pass now. */
-    queue_process(q);
-    if (q->s_avail_idx)
-        q->need_backend_kick = true;
     after_cmd(c, q);
     return 0;
 }
@@ -715,11 +616,8 @@ static int cmd_pause(struct fsdp_dp *dp, struct fsdp_cmd *c)
 
     if (!q)
         return -EINVAL;
-    if (!q->started)
-        return 0;
-    q->stopping = true;         /* no more intake; harvest goes on */
-    queue_process(q);
-    after_cmd(c, q);
+    if (queue_pause(q))
+        after_cmd(c, q);
     return 0;
 }
 
@@ -739,18 +637,10 @@ static int cmd_stop(struct fsdp_dp *dp, struct fsdp_cmd *c)
     if (q->stop_waiter)
         return -EBUSY;
     if (!q->started) {
-        res->avail_idx = q->last_avail;
-        res->inflight = q->inflight;
+        queue_stop_result(q, res);
         return q->inflight ? -ETIMEDOUT : 0;
     }
-    q->stopping = true;         /* no more intake from now on */
-    queue_process(q);           /* harvest what is already completed */
-    if (c->u[0] <= UINT16_MAX) {         /* the backend's next avail index */
-        queue_backend_stopped(q, (uint16_t)c->u[0], res);
-    } else if (c->u[0] != UINT64_MAX) {  /* a split ring index has 16 bits */
-        dev_event(q->dev, q->idx, FSDP_EV_BAD_STOP_INDEX, 0, c->u[0], q->s_avail_idx);
-        q->st.backend_errors++;
-    }
+    queue_stop(q, c->u[0] == UINT64_MAX ? -1 : (int64_t)c->u[0], res);
     after_cmd(c, q);
     q->stop_waiter = c;         /* so that queue_stop_finish fills c->out */
     if (queue_draining(q) && c->deferrable) {
@@ -795,11 +685,7 @@ static int cmd_clear_shadow(struct fsdp_dp *dp, struct fsdp_cmd *c)
 
     if (!q)
         return -EINVAL;
-    if (q->started)
-        return -EBUSY;      /* stop it first */
-    if (q->rings_ok)
-        queue_clear_shadow(q);
-    return 0;
+    return queue_clear_shadow(q);
 }
 
 int fsdp_queue_clear_shadow(struct fsdp_dev *dev, uint32_t q)
@@ -811,19 +697,14 @@ int fsdp_queue_clear_shadow(struct fsdp_dev *dev, uint32_t q)
 static int cmd_abort(struct fsdp_dp *dp, struct fsdp_cmd *c)
 {
     struct fsdp_queue *q = get_q(c->dev, c->q);
-    uint32_t n;
+    int n;
 
     if (!q)
         return -EINVAL;
-    if (q->started)
-        return -EBUSY;      /* stop it first */
-    if (!q->inflight)
-        return 0;
-    if (!q->rings_ok)
-        return -EFAULT;
-    n = queue_abort_inflight(q);
-    after_cmd(c, q);
-    return (int)n;
+    n = queue_abort(q);
+    if (n > 0)
+        after_cmd(c, q);
+    return n;
 }
 
 int fsdp_queue_abort(struct fsdp_dev *dev, uint32_t q)

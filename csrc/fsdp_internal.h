@@ -349,24 +349,34 @@ struct fsdp_dev {
 
 /* device.c */
 void dev_destroy(struct fsdp_dev *dev);
-struct fsdp_cmd *queue_stop_finish(struct fsdp_queue *q);
 
-/* shadow.c: the engine. */
-int queue_alloc(struct fsdp_queue *q, uint32_t num);
-void queue_free_arrays(struct fsdp_queue *q);
-int queue_translate_rings(struct fsdp_queue *q, bool emit);
-int queue_do_start(struct fsdp_queue *q, uint32_t flags);
-/* Zero the shadow desc/avail/used rings of a stopped queue. */
-void queue_clear_shadow(struct fsdp_queue *q);
-void queue_do_reset(struct fsdp_queue *q);
-uint32_t queue_abort_inflight(struct fsdp_queue *q);
+/* shadow.c: the engine (hot path). */
+void push_guest_used(struct fsdp_queue *q, uint16_t head, uint32_t len);
+void publish_guest_used(struct fsdp_queue *q);
+void write_shadow_chain(struct fsdp_queue *q, uint16_t head);
+uint64_t copy_in(struct fsdp_queue *q, uint16_t head);
+void release_request(struct fsdp_queue *q, uint16_t head);
 /* One pass: harvest the shadow used ring, take from the guest avail ring,
  * publish both indices, decide notifications (sets need_* flags).  Returns
  * true if anything moved. */
 bool queue_process(struct fsdp_queue *q);
-/* The backend stopped its ring at shadow avail index `next`: settle the
- * requests it never took (see shadow.c).  Fills res->returned / res->kept. */
-void queue_backend_stopped(struct fsdp_queue *q, uint16_t next, struct fsdp_stop_result *res);
+
+/* queue.c: the lifecycle. */
+void queue_init(struct fsdp_queue *q, struct fsdp_dev *dev, uint32_t idx);
+int queue_open(struct fsdp_queue *q);
+void queue_destroy(struct fsdp_queue *q);
+int queue_set_num(struct fsdp_queue *q, uint32_t num);
+int queue_set_base(struct fsdp_queue *q, uint32_t avail_idx);
+int queue_set_addr(struct fsdp_queue *q, uint64_t desc, uint64_t avail, uint64_t used);
+int queue_translate_rings(struct fsdp_queue *q, bool emit);
+int queue_start(struct fsdp_queue *q, uint32_t flags);
+bool queue_pause(struct fsdp_queue *q);
+void queue_stop(struct fsdp_queue *q, int64_t backend_next_avail, struct fsdp_stop_result *res);
+void queue_stop_result(const struct fsdp_queue *q, struct fsdp_stop_result *res);
+struct fsdp_cmd *queue_stop_finish(struct fsdp_queue *q);
+void queue_reset(struct fsdp_queue *q);
+int queue_abort(struct fsdp_queue *q);
+int queue_clear_shadow(struct fsdp_queue *q);
 /* A stop is waiting for requests the backend took. */
 static inline bool queue_draining(const struct fsdp_queue *q) { return q->inflight > q->parked; }
 /* True if the rings hold work (used by busy-poll; read-only). */
