@@ -37,6 +37,20 @@
 #define DEFAULT_BOUNCE (16ull << 20)
 #define MAX_BOUNCE (64ull << 30)
 
+struct fsdp_dev {
+    struct fsdp_devctx ctx;     /* what the engine and the loop see (first member) */
+    struct fsdp_dp *dp;
+    char name[FSDP_NAME_MAX];
+    struct fsdp_dev_config cfg;
+    int shadow_fd;
+    uint64_t shadow_size;
+};
+
+static struct fsdp_dev *dev_of(struct fsdp_devctx *d)
+{
+    return (struct fsdp_dev *)((char *)d - offsetof(struct fsdp_dev, ctx));
+}
+
 /* ------------------------------------------------------------------------ */
 /* Creation and destruction (caller's thread).                                */
 
@@ -47,18 +61,18 @@ static uint64_t ring_reserve(uint32_t maxq)
            FSDP_ALIGN_UP(vring_used_size(maxq), FSDP_PAGE);
 }
 
-void dev_destroy(struct fsdp_dev *dev)
+static void dev_destroy(struct fsdp_dev *dev)
 {
     if (!dev)
         return;
-    for (uint32_t i = 0; dev->q && i < dev->num_queues; i++)
-        queue_destroy(&dev->q[i]);
-    free(dev->q);
-    for (uint32_t i = 0; i < dev->mem.n; i++)
-        mem_unmap_region(&dev->mem.r[i]);
-    log_unmap(&dev->log);
-    if (dev->shadow)
-        munmap(dev->shadow, dev->shadow_size);
+    for (uint32_t i = 0; dev->ctx.q && i < dev->ctx.num_queues; i++)
+        queue_destroy(&dev->ctx.q[i]);
+    free(dev->ctx.q);
+    for (uint32_t i = 0; i < dev->ctx.mem.n; i++)
+        mem_unmap_region(&dev->ctx.mem.r[i]);
+    log_unmap(&dev->ctx.log);
+    if (dev->ctx.shadow)
+        munmap(dev->ctx.shadow, dev->shadow_size);
     if (dev->shadow_fd >= 0)
         close(dev->shadow_fd);
     free(dev);
@@ -82,13 +96,13 @@ static int make_shadow(struct fsdp_dev *dev)
     p = mmap(NULL, dev->shadow_size, PROT_READ | PROT_WRITE, MAP_SHARED, dev->shadow_fd, 0);
     if (p == MAP_FAILED)
         return -errno;
-    dev->shadow = p;
+    dev->ctx.shadow = p;
     return 0;
 }
 
 static int cmd_attach(struct fsdp_dp *dp, struct fsdp_cmd *c)
 {
-    return dp_attach_dev(dp, c->dev);
+    return dp_attach(dp, &c->dev->ctx);
 }
 
 int fsdp_dev_add(struct fsdp_dp *dp, const char *name, const struct fsdp_dev_config *cfg,
@@ -122,13 +136,16 @@ int fsdp_dev_add(struct fsdp_dp *dp, const char *name, const struct fsdp_dev_con
     if (!dev)
         return -ENOMEM;
     dev->dp = dp;
+    dev->ctx.events = dp_events(dp);
+    dev->ctx.max_request_bytes = k.max_request_bytes;
+    dev->ctx.stream_min = dp_config(dp)->stream_copy_min;
     dev->shadow_fd = -1;
     strcpy(dev->name, name);
     dev->cfg = k;
-    dev->num_queues = k.num_queues;
-    dev->ring_reserve = ring_reserve(k.max_queue_size);
-    dev->slot_size = dev->ring_reserve + k.bounce_per_queue;
-    min_size = dev->slot_size * k.num_queues;
+    dev->ctx.num_queues = k.num_queues;
+    dev->ctx.ring_reserve = ring_reserve(k.max_queue_size);
+    dev->ctx.slot_size = dev->ctx.ring_reserve + k.bounce_per_queue;
+    min_size = dev->ctx.slot_size * k.num_queues;
     if (k.shadow_size && FSDP_ALIGN_UP(k.shadow_size, FSDP_PAGE) < min_size) {
         rc = -ENOSPC;
         goto fail;
@@ -139,15 +156,15 @@ int fsdp_dev_add(struct fsdp_dp *dp, const char *name, const struct fsdp_dev_con
     if (rc)
         goto fail;
 
-    dev->q = calloc(k.num_queues, sizeof(*dev->q));
-    if (!dev->q) {
+    dev->ctx.q = calloc(k.num_queues, sizeof(*dev->ctx.q));
+    if (!dev->ctx.q) {
         rc = -ENOMEM;
         goto fail;
     }
     for (uint32_t i = 0; i < k.num_queues; i++)
-        queue_init(&dev->q[i], dev, i);
+        queue_init(&dev->ctx.q[i], &dev->ctx, i);
     for (uint32_t i = 0; i < k.num_queues; i++) {
-        rc = queue_open(&dev->q[i]);
+        rc = queue_open(&dev->ctx.q[i]);
         if (rc)
             goto fail;
     }
@@ -168,14 +185,14 @@ int fsdp_dev_info(struct fsdp_dev *dev, struct fsdp_dev_info *out)
 {
     /* Immutable after creation: no command needed. */
     memset(out, 0, sizeof(*out));
-    out->id = dev->id;
-    out->num_queues = dev->num_queues;
+    out->id = dev->ctx.id;
+    out->num_queues = dev->ctx.num_queues;
     out->max_queue_size = dev->cfg.max_queue_size;
     out->shadow_fd = dev->shadow_fd;
     out->shadow_size = dev->shadow_size;
     out->shadow_gpa = FSDP_SHADOW_GPA_BASE;
     out->shadow_uaddr = FSDP_SHADOW_UADDR_BASE;
-    out->queue_slot_size = dev->slot_size;
+    out->queue_slot_size = dev->ctx.slot_size;
     out->bounce_per_queue = dev->cfg.bounce_per_queue;
     return 0;
 }
@@ -192,14 +209,14 @@ static void after_cmd(struct fsdp_cmd *c, struct fsdp_queue *q)
 
 static struct fsdp_queue *get_q(struct fsdp_dev *dev, uint32_t q)
 {
-    return q < dev->num_queues ? &dev->q[q] : NULL;
+    return q < dev->ctx.num_queues ? &dev->ctx.q[q] : NULL;
 }
 
 static void retranslate_all(struct fsdp_dev *dev)
 {
-    for (uint32_t i = 0; i < dev->num_queues; i++)
-        if (dev->q[i].addr_set)
-            queue_translate_rings(&dev->q[i], true);
+    for (uint32_t i = 0; i < dev->ctx.num_queues; i++)
+        if (dev->ctx.q[i].addr_set)
+            queue_translate_rings(&dev->ctx.q[i], true);
 }
 
 /* ------------------------------------------------------------------------ */
@@ -209,12 +226,7 @@ static int cmd_detach(struct fsdp_dp *dp, struct fsdp_cmd *c)
 {
     struct fsdp_dev *dev = c->dev;
 
-    for (uint32_t i = 0; i < dev->num_queues; i++) {
-        struct fsdp_cmd *w = dev->q[i].stop_waiter ? queue_stop_finish(&dev->q[i]) : NULL;
-        if (w)
-            dp_cmd_complete(dp, w, -ENODEV);
-    }
-    dp_detach_dev(dp, dev);
+    dp_detach(dp, &dev->ctx);     /* a stop still waiting fails with -ENODEV */
     return 0;
 }
 
@@ -231,11 +243,11 @@ int fsdp_dev_remove(struct fsdp_dev *dev)
 static int cmd_set_mem(struct fsdp_dp *dp, struct fsdp_cmd *c)
 {
     struct fsdp_mem *nm = c->out;
-    struct fsdp_mem tmp = c->dev->mem;
+    struct fsdp_mem tmp = c->dev->ctx.mem;
 
-    c->dev->mem = *nm;
+    c->dev->ctx.mem = *nm;
     *nm = tmp;          /* the old table goes back to the caller to unmap */
-    c->dev->mem.last = 0;
+    c->dev->ctx.mem.last = 0;
     retranslate_all(c->dev);
     return 0;
 }
@@ -274,7 +286,7 @@ int fsdp_dev_set_mem_table(struct fsdp_dev *dev, const struct fsdp_mem_region *r
 
 static int cmd_add_region(struct fsdp_dp *dp, struct fsdp_cmd *c)
 {
-    struct fsdp_mem *m = &c->dev->mem;
+    struct fsdp_mem *m = &c->dev->ctx.mem;
     struct fsdp_region *nr = c->out;
     struct fsdp_region save[FSDP_MAX_MEM_REGIONS];
     uint32_t n = m->n;
@@ -311,7 +323,7 @@ int fsdp_dev_add_mem_region(struct fsdp_dev *dev, const struct fsdp_mem_region *
 
 static int cmd_remove_region(struct fsdp_dp *dp, struct fsdp_cmd *c)
 {
-    struct fsdp_mem *m = &c->dev->mem;
+    struct fsdp_mem *m = &c->dev->ctx.mem;
     struct fsdp_region *out = c->out;
 
     for (uint32_t i = 0; i < m->n; i++) {
@@ -342,17 +354,15 @@ static int cmd_reset(struct fsdp_dp *dp, struct fsdp_cmd *c)
 {
     struct fsdp_dev *dev = c->dev;
 
-    dev->logging = false;   /* features are renegotiated after a reset */
-    for (uint32_t i = 0; i < dev->num_queues; i++) {
-        struct fsdp_queue *q = &dev->q[i];
-        struct fsdp_cmd *w = q->stop_waiter ? queue_stop_finish(q) : NULL;
-        if (w)
-            dp_cmd_complete(dp, w, 0);
+    dev->ctx.log.on = false;   /* features are renegotiated after a reset */
+    for (uint32_t i = 0; i < dev->ctx.num_queues; i++) {
+        struct fsdp_queue *q = &dev->ctx.q[i];
+        dp_stop_end(dp, q, NULL, 0);
         queue_reset(q);
         if (q->guest_kick_fd >= 0) {
             int fd = q->guest_kick_fd;
             q->guest_kick_fd = -1;
-            dp_fd_changed(dp, q);
+            dp_kick_fd_changed(dp, q);
             close(fd);
         }
         if (q->guest_call_fd >= 0) {
@@ -374,9 +384,10 @@ int fsdp_dev_reset(struct fsdp_dev *dev)
 
 static int cmd_set_log_base(struct fsdp_dp *dp, struct fsdp_cmd *c)
 {
-    struct fsdp_log *nl = c->out, old = c->dev->log;
+    struct fsdp_log *nl = c->out, old = c->dev->ctx.log;
 
-    c->dev->log = *nl;
+    c->dev->ctx.log = *nl;
+    c->dev->ctx.log.on = old.on;   /* VHOST_F_LOG_ALL goes with the device, not the map */
     *nl = old;          /* the old log goes back to the caller to unmap */
     return 0;
 }
@@ -396,7 +407,7 @@ int fsdp_dev_set_log_base(struct fsdp_dev *dev, int fd, uint64_t size, uint64_t 
 
 static int cmd_set_logging(struct fsdp_dp *dp, struct fsdp_cmd *c)
 {
-    c->dev->logging = c->u[0] != 0;
+    c->dev->ctx.log.on = c->u[0] != 0;
     return 0;
 }
 
@@ -428,8 +439,8 @@ static int cmd_poll(struct fsdp_dp *dp, struct fsdp_cmd *c)
     struct fsdp_dev *dev = c->dev;
     uint32_t flags = 0;
 
-    for (uint32_t i = 0; i < dev->num_queues; i++) {
-        struct fsdp_queue *q = &dev->q[i];
+    for (uint32_t i = 0; i < dev->ctx.num_queues; i++) {
+        struct fsdp_queue *q = &dev->ctx.q[i];
         if (queue_process(q))
             flags |= FSDP_POLL_PROGRESS;
         if (q->more)
@@ -516,7 +527,7 @@ static int cmd_set_fd(struct fsdp_dp *dp, struct fsdp_cmd *c)
         q->guest_call_blocking = c->u[2];
     c->u[0] = (uint64_t)(int64_t)-1;   /* consumed */
     if (!c->u[1])
-        dp_fd_changed(dp, q);           /* cancel the read armed on the old kick fd */
+        dp_kick_fd_changed(dp, q);      /* cancel the read armed on the old kick fd */
     if (old >= 0)
         close(old);
     return 0;
@@ -557,10 +568,10 @@ int fsdp_queue_set_guest_call(struct fsdp_dev *dev, uint32_t q, int fd)
 int fsdp_queue_backend_fds(struct fsdp_dev *dev, uint32_t q, int *kick_fd, int *call_fd)
 {
     /* Created with the device, never replaced: no command needed. */
-    if (q >= dev->num_queues)
+    if (q >= dev->ctx.num_queues)
         return -EINVAL;
-    *kick_fd = dev->q[q].backend_kick_fd;
-    *call_fd = dev->q[q].backend_call_fd;
+    *kick_fd = dev->ctx.q[q].backend_kick_fd;
+    *call_fd = dev->ctx.q[q].backend_call_fd;
     return 0;
 }
 
@@ -634,7 +645,7 @@ static int cmd_stop(struct fsdp_dp *dp, struct fsdp_cmd *c)
 
     if (!q)
         return -EINVAL;
-    if (q->stop_waiter)
+    if (dp_stop_waiting(dp, q))
         return -EBUSY;
     if (!q->started) {
         queue_stop_result(q, res);
@@ -642,15 +653,9 @@ static int cmd_stop(struct fsdp_dp *dp, struct fsdp_cmd *c)
     }
     queue_stop(q, c->u[0] == UINT64_MAX ? -1 : (int64_t)c->u[0], res);
     after_cmd(c, q);
-    q->stop_waiter = c;         /* so that queue_stop_finish fills c->out */
-    if (queue_draining(q) && c->deferrable) {
-        /* Completed by the loop when nothing taken is left in flight
-         * (process_all), or by cmd_stop_cancel when the caller's timeout
-         * expires. */
-        c->deferred = true;
-        return 0;
-    }
-    queue_stop_finish(q);
+    if (queue_draining(q) && c->deferrable && dp_stop_wait(dp, q, c, res) == 0)
+        return 0;               /* the loop completes it (or cmd_stop_cancel) */
+    queue_stop_finish(q, res);
     return queue_draining(q) ? -ETIMEDOUT : 0;
 }
 
@@ -659,10 +664,8 @@ static int cmd_stop_cancel(struct fsdp_dp *dp, struct fsdp_cmd *c)
     struct fsdp_queue *q = get_q(c->dev, c->q);
     struct fsdp_cmd *target = (struct fsdp_cmd *)c->p;
 
-    if (q && q->stop_waiter == target) {
-        queue_stop_finish(q);
-        dp_cmd_complete(dp, target, -ETIMEDOUT);
-    }
+    if (q)
+        dp_stop_end(dp, q, target, -ETIMEDOUT);
     return 0;
 }
 
@@ -727,4 +730,16 @@ int fsdp_queue_stats(struct fsdp_dev *dev, uint32_t q, struct fsdp_queue_stats *
 {
     struct fsdp_cmd c = {.fn = cmd_stats, .dev = dev, .q = q, .out = out};
     return dp_exec(dev->dp, &c);
+}
+
+void fsdp_dp_free(struct fsdp_dp *dp)
+{
+    struct fsdp_devctx *d;
+
+    if (!dp)
+        return;
+    fsdp_dp_stop(dp);
+    while ((d = dp_take_dev(dp)))   /* devices never removed */
+        dev_destroy(dev_of(d));
+    dp_destroy(dp);
 }

@@ -62,20 +62,18 @@ void evring_push(struct fsdp_evring *r, const struct fsdp_event *e)
     }
 }
 
-void dev_event(struct fsdp_dev *dev, uint32_t q, uint32_t code, uint32_t head,
-               uint64_t a, uint64_t b)
+void ev_emit(struct fsdp_evring *r, uint32_t dev, uint32_t q, uint32_t code, uint32_t head,
+             uint64_t a, uint64_t b)
 {
     struct fsdp_event e = {
-        .dev = dev->id, .queue = q, .code = code,
+        .dev = dev, .queue = q, .code = code,
         .head = head, .a = a, .b = b,
     };
-    evring_push(dp_events(dev->dp), &e);
+    evring_push(r, &e);
 }
 
-int fsdp_dp_drain_events(struct fsdp_dp *dp, struct fsdp_event *out, uint32_t max,
-                         uint64_t *lost)
+int evring_drain(struct fsdp_evring *r, struct fsdp_event *out, uint32_t max, uint64_t *lost)
 {
-    struct fsdp_evring *r = dp_events(dp);
     uint64_t cnt;
     uint32_t n = 0;
     ssize_t rd;

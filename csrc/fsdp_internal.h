@@ -164,6 +164,25 @@ static inline void copy_bytes(void *dst, const void *src, size_t n, bool stream)
 uint8_t *mem_uaddr_to_host(struct fsdp_mem *m, uint64_t uaddr, uint64_t len);
 
 /* ------------------------------------------------------------------------ */
+/* Event ring (events.c).                                                     */
+
+struct fsdp_evring {
+    pthread_mutex_t lock;
+    struct fsdp_event *ev;
+    uint32_t size, head, count;
+    uint64_t lost;
+    int efd;
+};
+int evring_init(struct fsdp_evring *r, uint32_t size);
+void evring_destroy(struct fsdp_evring *r);
+void evring_push(struct fsdp_evring *r, const struct fsdp_event *e);
+/* Copies up to max records out; *lost = records dropped since the last call. */
+int evring_drain(struct fsdp_evring *r, struct fsdp_event *out, uint32_t max, uint64_t *lost);
+/* One record about queue q of device dev. */
+void ev_emit(struct fsdp_evring *r, uint32_t dev, uint32_t q, uint32_t code, uint32_t head,
+             uint64_t a, uint64_t b);
+
+/* ------------------------------------------------------------------------ */
 /* Dirty log for migration (log.c).                                           */
 
 struct fsdp_log {
@@ -171,13 +190,17 @@ struct fsdp_log {
      * of byte p / 8: guest page p written), map.size its bytes. */
     struct fsdp_region map;
     bool overflow_reported; /* FSDP_EV_LOG_OUT_OF_RANGE said once per log */
+    bool on;                /* VHOST_F_LOG_ALL negotiated: writes are logged */
 };
 
-struct fsdp_dev;
+struct fsdp_evring;
 int log_map(int fd, uint64_t size, uint64_t offset, struct fsdp_log *out);
 void log_unmap(struct fsdp_log *l);
-/* Mark the guest pages of [gpa, gpa + len) if logging is on; returns pages marked. */
-uint64_t log_write(struct fsdp_dev *dev, uint32_t q, uint64_t gpa, uint64_t len);
+/* Mark the guest pages of [gpa, gpa + len) if logging is on; returns pages
+ * marked.  A page past the log is reported once per log on ev as device
+ * dev, queue q. */
+uint64_t log_write(struct fsdp_log *l, struct fsdp_evring *ev, uint32_t dev, uint32_t q,
+                   uint64_t gpa, uint64_t len);
 
 /* ------------------------------------------------------------------------ */
 /* Chain walker (chain.c).                                                    */
@@ -257,10 +280,10 @@ struct fsdp_req {
     bool parked;            /* never taken by the stopped backend: not waited for */
 };
 
-struct fsdp_dev;
+struct fsdp_devctx;
 
 struct fsdp_queue {
-    struct fsdp_dev *dev;
+    struct fsdp_devctx *dev;
     uint32_t idx;
     uint32_t num;           /* 0: not configured */
 
@@ -312,43 +335,36 @@ struct fsdp_queue {
     struct fsdp_bounce bounce;
     struct fsdp_queue_stats st;
 
-    /* io_uring watch tokens (loop.c) */
-    uint32_t kick_token, call_token;
-    bool kick_armed, call_armed;
-    bool kick_failed;       /* read on the kick fd failed: poll this queue */
-
     /* dirty log: used ring writes are logged at log_used_gpa + offset */
     bool log_used;
     uint64_t log_used_gpa;
-
-    /* deferred queue_stop command waiting for in-flight to drain */
-    struct fsdp_cmd *stop_waiter;
 };
 
-struct fsdp_dp;
-
-struct fsdp_dev {
-    struct fsdp_dp *dp;
-    uint32_t id;
-    char name[FSDP_NAME_MAX];
-    struct fsdp_dev_config cfg;
-    struct fsdp_mem mem;
-    int shadow_fd;
-    uint8_t *shadow;
-    uint64_t shadow_size;
-    uint64_t ring_reserve;  /* ring bytes reserved per queue slot */
-    uint64_t slot_size;     /* ring_reserve + bounce */
+/*
+ * What the queues of one device share, as the engine and the loop see it.
+ * device.c's struct fsdp_dev starts with it and owns it; it changes only in
+ * commands, between two passes.
+ */
+struct fsdp_devctx {
+    uint32_t id;                /* in the dp's device table: events, probes, user_data */
+    struct fsdp_evring *events; /* the dp's event ring */
+    struct fsdp_mem mem;        /* guest memory table */
+    struct fsdp_log log;        /* QEMU's dirty log (SET_LOG_BASE), or unmapped */
+    uint64_t max_request_bytes; /* cap of one request's total length */
+    uint64_t stream_min;        /* buffers of this many bytes or more are copied
+                                   with streaming stores (copy.c); 0: never */
+    uint8_t *shadow;            /* the shadow region, mapped */
+    uint64_t ring_reserve;      /* ring bytes reserved per queue slot */
+    uint64_t slot_size;         /* ring_reserve + bounce: queue q's slot at q * slot_size */
     uint32_t num_queues;
     struct fsdp_queue *q;
-    uint64_t stream_min;    /* buffers of this many bytes or more are copied
-                               with streaming stores (copy.c); 0: never */
-    struct fsdp_log log;    /* QEMU's dirty log (SET_LOG_BASE), or unmapped */
-    bool logging;           /* VHOST_F_LOG_ALL negotiated */
-    bool attached;          /* in the dp's device table */
 };
 
-/* device.c */
-void dev_destroy(struct fsdp_dev *dev);
+static inline void dev_event(const struct fsdp_devctx *d, uint32_t q, uint32_t code,
+                             uint32_t head, uint64_t a, uint64_t b)
+{
+    ev_emit(d->events, d->id, q, code, head, a, b);
+}
 
 /* shadow.c: the engine (hot path). */
 void push_guest_used(struct fsdp_queue *q, uint16_t head, uint32_t len);
@@ -362,7 +378,7 @@ void release_request(struct fsdp_queue *q, uint16_t head);
 bool queue_process(struct fsdp_queue *q);
 
 /* queue.c: the lifecycle. */
-void queue_init(struct fsdp_queue *q, struct fsdp_dev *dev, uint32_t idx);
+void queue_init(struct fsdp_queue *q, struct fsdp_devctx *dev, uint32_t idx);
 int queue_open(struct fsdp_queue *q);
 void queue_destroy(struct fsdp_queue *q);
 int queue_set_num(struct fsdp_queue *q, uint32_t num);
@@ -373,7 +389,9 @@ int queue_start(struct fsdp_queue *q, uint32_t flags);
 bool queue_pause(struct fsdp_queue *q);
 void queue_stop(struct fsdp_queue *q, int64_t backend_next_avail, struct fsdp_stop_result *res);
 void queue_stop_result(const struct fsdp_queue *q, struct fsdp_stop_result *res);
-struct fsdp_cmd *queue_stop_finish(struct fsdp_queue *q);
+/* Finish a stop: the queue leaves the started state; requests still in
+ * flight stay ours.  Fills res (if given) with queue_stop_result. */
+void queue_stop_finish(struct fsdp_queue *q, struct fsdp_stop_result *res);
 void queue_reset(struct fsdp_queue *q);
 int queue_abort(struct fsdp_queue *q);
 int queue_clear_shadow(struct fsdp_queue *q);
@@ -392,21 +410,8 @@ struct fsdp_batch {
  * Returns FSDP_POLL_BACKEND_KICKED / FSDP_POLL_GUEST_CALLED for what went. */
 uint32_t queue_notify(struct fsdp_queue *q, const struct fsdp_batch *batch);
 
-/* events.c */
-struct fsdp_evring {
-    pthread_mutex_t lock;
-    struct fsdp_event *ev;
-    uint32_t size, head, count;
-    uint64_t lost;
-    int efd;
-};
-int evring_init(struct fsdp_evring *r, uint32_t size);
-void evring_destroy(struct fsdp_evring *r);
-void evring_push(struct fsdp_evring *r, const struct fsdp_event *e);
-void dev_event(struct fsdp_dev *dev, uint32_t q, uint32_t code, uint32_t head,
-               uint64_t a, uint64_t b);
-
 /* loop.c: command channel. */
+struct fsdp_dp;
 struct fsdp_cmd;
 typedef int (*fsdp_cmd_fn)(struct fsdp_dp *dp, struct fsdp_cmd *c);
 struct fsdp_cmd {
@@ -430,10 +435,25 @@ int dp_exec_timed(struct fsdp_dp *dp, struct fsdp_cmd *c, int64_t timeout_ms,
 /* Only inline: -EBUSY while the loop runs (synchronous engine entry). */
 int dp_exec_inline(struct fsdp_dp *dp, struct fsdp_cmd *c);
 void dp_cmd_complete(struct fsdp_dp *dp, struct fsdp_cmd *c, int rc);
-int dp_attach_dev(struct fsdp_dp *dp, struct fsdp_dev *dev);   /* on loop */
-void dp_detach_dev(struct fsdp_dp *dp, struct fsdp_dev *dev);  /* on loop */
-void dp_fd_changed(struct fsdp_dp *dp, struct fsdp_queue *q);  /* on loop */
+const struct fsdp_dp_config *dp_config(struct fsdp_dp *dp);
 struct fsdp_evring *dp_events(struct fsdp_dp *dp);
-bool dp_loop_running(struct fsdp_dp *dp);
+/* The loop's device table (on the loop).  dp_detach fails a stop still
+ * waiting on one of the device's queues with -ENODEV. */
+int dp_attach(struct fsdp_dp *dp, struct fsdp_devctx *d);
+void dp_detach(struct fsdp_dp *dp, struct fsdp_devctx *d);
+/* Loop stopped: detach a device still in the table and return it (NULL:
+ * none left), then free the dp itself (fsdp_dp_free, device.c). */
+struct fsdp_devctx *dp_take_dev(struct fsdp_dp *dp);
+void dp_destroy(struct fsdp_dp *dp);
+/* The guest kick fd of q was replaced (on loop): cancel the read armed on the old one. */
+void dp_kick_fd_changed(struct fsdp_dp *dp, struct fsdp_queue *q);
+/* Stops that wait for a queue to drain (on loop).  dp_stop_wait parks c
+ * (deferred) until nothing the backend took is left in flight; the loop then
+ * finishes the stop (queue_stop_finish fills res) and completes c with 0.
+ * dp_stop_end finishes it early with rc (only: that command, or any). */
+bool dp_stop_waiting(struct fsdp_dp *dp, const struct fsdp_queue *q);
+int dp_stop_wait(struct fsdp_dp *dp, struct fsdp_queue *q, struct fsdp_cmd *c,
+                 struct fsdp_stop_result *res);
+bool dp_stop_end(struct fsdp_dp *dp, struct fsdp_queue *q, const struct fsdp_cmd *only, int rc);
 
 #endif

@@ -25,7 +25,7 @@
 /* Creation and destruction (caller's thread).                              */
 
 /* Identity only, and no fds yet: whatever fails later, queue_destroy works. */
-void queue_init(struct fsdp_queue *q, struct fsdp_dev *dev, uint32_t idx)
+void queue_init(struct fsdp_queue *q, struct fsdp_devctx *dev, uint32_t idx)
 {
     q->dev = dev;
     q->idx = idx;
@@ -35,7 +35,7 @@ void queue_init(struct fsdp_queue *q, struct fsdp_dev *dev, uint32_t idx)
 
 int queue_open(struct fsdp_queue *q)
 {
-    struct fsdp_dev *dev = q->dev;
+    struct fsdp_devctx *dev = q->dev;
 
     /* Non-blocking like QEMU's own event notifiers: the file status
      * flags are shared with the backend once it receives the fd. */
@@ -45,7 +45,7 @@ int queue_open(struct fsdp_queue *q)
         return -errno;
     q->s_bounce_off = (uint64_t)q->idx * dev->slot_size + dev->ring_reserve;
     q->s_bounce = dev->shadow + q->s_bounce_off;
-    return bounce_init(&q->bounce, (uint32_t)(dev->cfg.bounce_per_queue / FSDP_PAGE));
+    return bounce_init(&q->bounce, (uint32_t)((dev->slot_size - dev->ring_reserve) / FSDP_PAGE));
 }
 
 static void free_arrays(struct fsdp_queue *q)
@@ -127,7 +127,7 @@ static void clear_shadow(struct fsdp_queue *q)
 
 int queue_set_num(struct fsdp_queue *q, uint32_t num)
 {
-    struct fsdp_dev *dev = q->dev;
+    struct fsdp_devctx *dev = q->dev;
     uint64_t base;
     int rc;
 
@@ -394,18 +394,12 @@ void queue_stop_result(const struct fsdp_queue *q, struct fsdp_stop_result *res)
     res->inflight = q->inflight;
 }
 
-/* Finish a queue_stop: the queue leaves the started state; requests still in
- * flight stay ours.  Returns the deferred stop command, if any. */
-struct fsdp_cmd *queue_stop_finish(struct fsdp_queue *q)
+void queue_stop_finish(struct fsdp_queue *q, struct fsdp_stop_result *res)
 {
-    struct fsdp_cmd *w = q->stop_waiter;
-
     q->started = false;
     q->stopping = false;
-    q->stop_waiter = NULL;
-    if (w && w->out)
-        queue_stop_result(q, w->out);
-    return w;
+    if (res)
+        queue_stop_result(q, res);
 }
 
 /* ------------------------------------------------------------------------ */

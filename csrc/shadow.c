@@ -37,11 +37,17 @@ static bool use_stream(const struct fsdp_queue *q, uint64_t len)
     return q->dev->stream_min && len >= q->dev->stream_min;
 }
 
+/* Guest bytes [gpa, gpa + len) were written: mark them in the dirty log. */
+static void log_guest(struct fsdp_queue *q, uint64_t gpa, uint64_t len)
+{
+    q->st.log_pages += log_write(&q->dev->log, q->dev->events, q->dev->id, q->idx, gpa, len);
+}
+
 /* A write of len bytes at offset off of the guest used ring was made. */
 static void log_used(struct fsdp_queue *q, uint64_t off, uint64_t len)
 {
     if (q->log_used)
-        q->st.log_pages += log_write(q->dev, q->idx, q->log_used_gpa + off, len);
+        log_guest(q, q->log_used_gpa + off, len);
 }
 
 void push_guest_used(struct fsdp_queue *q, uint16_t head, uint32_t len)
@@ -253,7 +259,7 @@ static bool alloc_per_segment(struct fsdp_queue *q, uint32_t n)
 
 static enum take_result take_one(struct fsdp_queue *q, uint32_t *steps)
 {
-    struct fsdp_dev *dev = q->dev;
+    struct fsdp_devctx *dev = q->dev;
     struct fsdp_chain ch;
     uint16_t head;
     uint64_t slab;
@@ -270,7 +276,7 @@ static enum take_result take_one(struct fsdp_queue *q, uint32_t *steps)
         return BROKEN;
     }
 
-    rc = chain_walk(&dev->mem, q->g_desc, q->num, head, dev->cfg.max_request_bytes,
+    rc = chain_walk(&dev->mem, q->g_desc, q->num, head, dev->max_request_bytes,
                     q->scratch, q->ind, &ch);
     *steps = ch.steps;
     if (rc == 0) {
@@ -441,7 +447,7 @@ static uint32_t copy_back(struct fsdp_queue *q, uint16_t head, uint32_t len)
                                            use_stream(q, take));
                 /* Logged whatever rc says: a copy that failed midway may
                  * have written its first pieces. */
-                q->st.log_pages += log_write(q->dev, q->idx, sd->gpa, take);
+                log_guest(q, sd->gpa, take);
                 if (rc) {
                     dev_event(q->dev, q->idx, FSDP_EV_COPYBACK_UNMAPPED,
                               q->req[head].guest_head, sd->gpa, take);
