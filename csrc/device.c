@@ -1,12 +1,20 @@
 /*
  * device.c: devices, their shadow region, and the control-plane API.
  *
- * Every public fsdp_dev_* / fsdp_queue_* function packs its arguments into a
- * struct fsdp_cmd and hands it to dp_exec (loop.c), which runs cmd_* below ON
- * the loop thread between two batches (or inline when the loop is not
- * running).  Slow work that needs no engine state (mmap of guest regions,
- * memfd creation, munmap of old regions, dup of fds) is done on the caller's
- * thread before or after the command, so the loop only swaps pointers.
+ * Owns: struct fsdp_dev (a struct fsdp_devctx, what the engine and the loop
+ * see, plus the name, configuration and shadow memfd), the shadow region,
+ * and every public fsdp_dev_* / fsdp_queue_* function and fsdp_dp_free.
+ * Calls: loop (command channel, device table, stop waiters), queue, shadow
+ * (a pass and its notifications for fsdp_dev_poll), mem, log, vring, base.
+ * Nothing calls it: it is the top of csrc/ (see README.md, "Layers").
+ *
+ * Every public function packs its arguments into a struct dev_cmd (one
+ * named argument struct per command, in a union tagged by the command) and
+ * hands it to dp_exec (loop.c), which runs it ON the loop thread between two
+ * batches (or inline when the loop is not running).  Slow work that needs no
+ * engine state (mmap of guest regions, memfd creation, munmap of old regions,
+ * dup of fds) is done on the caller's thread before or after the command, so
+ * the loop only swaps pointers.
  *
  * Shadow region layout (offsets from the start of the memfd; the backend sees
  * GPA FSDP_SHADOW_GPA_BASE + offset and user address FSDP_SHADOW_UADDR_BASE +
@@ -18,7 +26,8 @@
  *     +A + align4k(6+2*num)  used ring    6 + 8 * num       (page aligned)
  *     +ring_reserve          bounce area  bounce_per_queue  (page aligned)
  *   ring_reserve = the three ring sizes for max_queue_size, each rounded up
- *   to a page, so the slot does not move when num changes.
+ *   to a page, so the slot does not move when num changes.  queue.c places
+ *   the rings (queue_set_num) and the bounce area (queue_open) in the slot.
  */
 #define _GNU_SOURCE
 #include <errno.h>
@@ -26,12 +35,10 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
-#include <sys/eventfd.h>
 #include <sys/mman.h>
 #include <unistd.h>
 
 #include "fsdp_internal.h"
-#include "probes.h"
 
 #define DEFAULT_MAX_REQUEST (4ull << 20)
 #define DEFAULT_BOUNCE (16ull << 20)
@@ -49,6 +56,109 @@ struct fsdp_dev {
 static struct fsdp_dev *dev_of(struct fsdp_devctx *d)
 {
     return (struct fsdp_dev *)((char *)d - offsetof(struct fsdp_dev, ctx));
+}
+
+/* ------------------------------------------------------------------------ */
+/* Commands.                                                                  */
+
+enum dev_op {
+    /* device */
+    CMD_ATTACH,
+    CMD_DETACH,
+    CMD_SET_MEM,
+    CMD_ADD_REGION,
+    CMD_REMOVE_REGION,
+    CMD_RESET,
+    CMD_SET_LOG_BASE,
+    CMD_SET_LOGGING,
+    CMD_POLL,
+    /* queue c->q */
+    CMD_SET_LOG_USED,
+    CMD_SET_NUM,
+    CMD_SET_BASE,
+    CMD_SET_ADDR,
+    CMD_SET_GUEST_FD,
+    CMD_SHADOW_ADDRS,
+    CMD_START,
+    CMD_PAUSE,
+    CMD_STOP,
+    CMD_STOP_CANCEL,
+    CMD_CLEAR_SHADOW,
+    CMD_ABORT,
+    CMD_STATS,
+};
+
+/* One command: the loop's record, which command, and its arguments.  Members
+ * marked "out" are written by the command for the caller. */
+struct dev_cmd {
+    struct fsdp_cmd link;       /* queued and completed by loop.c */
+    enum dev_op op;             /* names the member of arg in use */
+    struct fsdp_dev *dev;
+    uint32_t q;                 /* queue commands: the queue index */
+    union {
+        struct {
+            struct fsdp_mem *mem;          /* in: the new table; out: the replaced one */
+        } set_mem;
+        struct {
+            struct fsdp_region *region;    /* mapped; zeroed once the table owns it */
+        } add_region;
+        struct {
+            uint64_t gpa, size;
+            struct fsdp_region *out;       /* out: the region, to unmap */
+        } remove_region;
+        struct {
+            struct fsdp_log *log;          /* in: the new log; out: the replaced one */
+        } set_log_base;
+        struct {
+            bool on;
+        } set_logging;
+        struct {
+            uint32_t *flags;               /* out: FSDP_POLL_* */
+        } poll;
+        struct {
+            bool on;
+            uint64_t used_gpa;
+        } set_log_used;
+        struct {
+            uint32_t num;
+        } set_num;
+        struct {
+            uint32_t avail_idx;
+        } set_base;
+        struct {
+            uint64_t desc, avail, used;    /* QEMU user addresses */
+        } set_addr;
+        struct {
+            int fd;                        /* ours (dup'd), -1 once the queue took it */
+            bool call;                     /* guest call fd, else guest kick fd */
+            bool blocking;                 /* fd lacks O_NONBLOCK */
+        } set_guest_fd;
+        struct {
+            uint64_t desc, avail, used;    /* out: the backend's user addresses */
+        } shadow_addrs;
+        struct {
+            uint32_t flags;                /* FSDP_QF_* */
+        } start;
+        struct {
+            int64_t backend_next_avail;    /* < 0: unknown */
+            struct fsdp_stop_result *res;  /* out */
+        } stop;
+        struct {
+            const struct dev_cmd *target;  /* the stop whose caller gave up */
+        } stop_cancel;
+        struct {
+            struct fsdp_queue_stats *out;
+        } stats;
+    } arg;
+};
+
+static int run_cmd(struct fsdp_dp *dp, struct fsdp_cmd *link);
+
+/* Run c on the loop (or inline) and wait for it. */
+static int exec(struct dev_cmd *c)
+{
+    c->link.fn = run_cmd;
+    return dp_exec(c->dev->dp, &c->link);
 }
 
 /* ------------------------------------------------------------------------ */
@@ -100,7 +210,7 @@ static int make_shadow(struct fsdp_dev *dev)
     return 0;
 }
 
-static int cmd_attach(struct fsdp_dp *dp, struct fsdp_cmd *c)
+static int cmd_attach(struct fsdp_dp *dp, struct dev_cmd *c)
 {
     return dp_attach(dp, &c->dev->ctx);
 }
@@ -111,7 +221,7 @@ int fsdp_dev_add(struct fsdp_dp *dp, const char *name, const struct fsdp_dev_con
     struct fsdp_dev_config k = *cfg;
     struct fsdp_dev *dev;
     uint64_t min_size;
-    struct fsdp_cmd c = {0};
+    struct dev_cmd c = {.op = CMD_ATTACH};
     int rc;
 
     if (!name || !*name || strlen(name) >= FSDP_NAME_MAX)
@@ -169,9 +279,8 @@ int fsdp_dev_add(struct fsdp_dp *dp, const char *name, const struct fsdp_dev_con
             goto fail;
     }
 
-    c.fn = cmd_attach;
     c.dev = dev;
-    rc = dp_exec(dp, &c);
+    rc = exec(&c);
     if (rc)
         goto fail;
     *out = dev;
@@ -197,12 +306,24 @@ int fsdp_dev_info(struct fsdp_dev *dev, struct fsdp_dev_info *out)
     return 0;
 }
 
+void fsdp_dp_free(struct fsdp_dp *dp)
+{
+    struct fsdp_devctx *d;
+
+    if (!dp)
+        return;
+    fsdp_dp_stop(dp);
+    while ((d = dp_take_dev(dp)))   /* devices never removed */
+        dev_destroy(dev_of(d));
+    dp_destroy(dp);
+}
+
 /* ------------------------------------------------------------------------ */
 /* Helpers run on the loop (or inline).                                       */
 
-static void after_cmd(struct fsdp_cmd *c, struct fsdp_queue *q)
+static void after_cmd(struct dev_cmd *c, struct fsdp_queue *q)
 {
-    if (!c->deferrable)
+    if (!c->link.deferrable)
         queue_notify(q, NULL);
     /* on the loop: the loop sends them after the command batch */
 }
@@ -222,27 +343,26 @@ static void retranslate_all(struct fsdp_dev *dev)
 /* ------------------------------------------------------------------------ */
 /* Device commands.                                                           */
 
-static int cmd_detach(struct fsdp_dp *dp, struct fsdp_cmd *c)
+static int cmd_detach(struct fsdp_dp *dp, struct dev_cmd *c)
 {
-    struct fsdp_dev *dev = c->dev;
-
-    dp_detach(dp, &dev->ctx);     /* a stop still waiting fails with -ENODEV */
+    dp_detach(dp, &c->dev->ctx);    /* a stop still waiting fails with -ENODEV */
     return 0;
 }
 
 int fsdp_dev_remove(struct fsdp_dev *dev)
 {
-    struct fsdp_cmd c = {.fn = cmd_detach, .dev = dev};
-    int rc = dp_exec(dev->dp, &c);
+    struct dev_cmd c = {.op = CMD_DETACH, .dev = dev};
+    int rc = exec(&c);
+
     if (rc)
         return rc;
     dev_destroy(dev);
     return 0;
 }
 
-static int cmd_set_mem(struct fsdp_dp *dp, struct fsdp_cmd *c)
+static int cmd_set_mem(struct fsdp_dp *dp, struct dev_cmd *c)
 {
-    struct fsdp_mem *nm = c->out;
+    struct fsdp_mem *nm = c->arg.set_mem.mem;
     struct fsdp_mem tmp = c->dev->ctx.mem;
 
     c->dev->ctx.mem = *nm;
@@ -256,7 +376,7 @@ int fsdp_dev_set_mem_table(struct fsdp_dev *dev, const struct fsdp_mem_region *r
                            uint32_t n)
 {
     struct fsdp_mem *nm;
-    struct fsdp_cmd c = {.fn = cmd_set_mem, .dev = dev};
+    struct dev_cmd c = {.op = CMD_SET_MEM, .dev = dev};
     int rc = 0;
 
     if (n > FSDP_MAX_MEM_REGIONS)
@@ -274,8 +394,8 @@ int fsdp_dev_set_mem_table(struct fsdp_dev *dev, const struct fsdp_mem_region *r
         rc = mem_validate_table(nm->r, nm->n);
     }
     if (!rc) {
-        c.out = nm;
-        rc = dp_exec(dev->dp, &c);
+        c.arg.set_mem.mem = nm;
+        rc = exec(&c);
     }
     /* nm now holds either the rejected new table or the replaced old one. */
     for (uint32_t i = 0; i < nm->n; i++)
@@ -284,10 +404,10 @@ int fsdp_dev_set_mem_table(struct fsdp_dev *dev, const struct fsdp_mem_region *r
     return rc;
 }
 
-static int cmd_add_region(struct fsdp_dp *dp, struct fsdp_cmd *c)
+static int cmd_add_region(struct fsdp_dp *dp, struct dev_cmd *c)
 {
     struct fsdp_mem *m = &c->dev->ctx.mem;
-    struct fsdp_region *nr = c->out;
+    struct fsdp_region *nr = c->arg.add_region.region;
     struct fsdp_region save[FSDP_MAX_MEM_REGIONS];
     uint32_t n = m->n;
 
@@ -310,25 +430,25 @@ static int cmd_add_region(struct fsdp_dp *dp, struct fsdp_cmd *c)
 int fsdp_dev_add_mem_region(struct fsdp_dev *dev, const struct fsdp_mem_region *region)
 {
     struct fsdp_region r;
-    struct fsdp_cmd c = {.fn = cmd_add_region, .dev = dev, .out = &r};
+    struct dev_cmd c = {.op = CMD_ADD_REGION, .dev = dev, .arg.add_region = {.region = &r}};
     int rc = mem_map_region(region, &r);
 
     if (rc)
         return rc;
-    rc = dp_exec(dev->dp, &c);
+    rc = exec(&c);
     if (rc)
         mem_unmap_region(&r);
     return rc;
 }
 
-static int cmd_remove_region(struct fsdp_dp *dp, struct fsdp_cmd *c)
+static int cmd_remove_region(struct fsdp_dp *dp, struct dev_cmd *c)
 {
     struct fsdp_mem *m = &c->dev->ctx.mem;
-    struct fsdp_region *out = c->out;
+    uint64_t gpa = c->arg.remove_region.gpa, size = c->arg.remove_region.size;
 
     for (uint32_t i = 0; i < m->n; i++) {
-        if (m->r[i].gpa == c->u[0] && m->r[i].size == c->u[1]) {
-            *out = m->r[i];
+        if (m->r[i].gpa == gpa && m->r[i].size == size) {
+            *c->arg.remove_region.out = m->r[i];
             memmove(&m->r[i], &m->r[i + 1], (m->n - i - 1) * sizeof(m->r[0]));
             m->n--;
             m->last = 0;
@@ -342,15 +462,16 @@ static int cmd_remove_region(struct fsdp_dp *dp, struct fsdp_cmd *c)
 int fsdp_dev_remove_mem_region(struct fsdp_dev *dev, uint64_t gpa, uint64_t size)
 {
     struct fsdp_region r = {0};
-    struct fsdp_cmd c = {.fn = cmd_remove_region, .dev = dev, .out = &r, .u = {gpa, size}};
-    int rc = dp_exec(dev->dp, &c);
+    struct dev_cmd c = {.op = CMD_REMOVE_REGION, .dev = dev,
+                        .arg.remove_region = {.gpa = gpa, .size = size, .out = &r}};
+    int rc = exec(&c);
 
     if (!rc)
         mem_unmap_region(&r);   /* after the loop stopped using it */
     return rc;
 }
 
-static int cmd_reset(struct fsdp_dp *dp, struct fsdp_cmd *c)
+static int cmd_reset(struct fsdp_dp *dp, struct dev_cmd *c)
 {
     struct fsdp_dev *dev = c->dev;
 
@@ -375,16 +496,16 @@ static int cmd_reset(struct fsdp_dp *dp, struct fsdp_cmd *c)
 
 int fsdp_dev_reset(struct fsdp_dev *dev)
 {
-    struct fsdp_cmd c = {.fn = cmd_reset, .dev = dev};
-    return dp_exec(dev->dp, &c);
+    struct dev_cmd c = {.op = CMD_RESET, .dev = dev};
+    return exec(&c);
 }
 
 /* ------------------------------------------------------------------------ */
 /* Dirty log (log.c).                                                         */
 
-static int cmd_set_log_base(struct fsdp_dp *dp, struct fsdp_cmd *c)
+static int cmd_set_log_base(struct fsdp_dp *dp, struct dev_cmd *c)
 {
-    struct fsdp_log *nl = c->out, old = c->dev->ctx.log;
+    struct fsdp_log *nl = c->arg.set_log_base.log, old = c->dev->ctx.log;
 
     c->dev->ctx.log = *nl;
     c->dev->ctx.log.on = old.on;   /* VHOST_F_LOG_ALL goes with the device, not the map */
@@ -395,46 +516,50 @@ static int cmd_set_log_base(struct fsdp_dp *dp, struct fsdp_cmd *c)
 int fsdp_dev_set_log_base(struct fsdp_dev *dev, int fd, uint64_t size, uint64_t offset)
 {
     struct fsdp_log nl = {0};
-    struct fsdp_cmd c = {.fn = cmd_set_log_base, .dev = dev, .out = &nl};
+    struct dev_cmd c = {.op = CMD_SET_LOG_BASE, .dev = dev, .arg.set_log_base = {.log = &nl}};
     int rc = fd < 0 ? 0 : log_map(fd, size, offset, &nl);
 
     if (rc)
         return rc;
-    rc = dp_exec(dev->dp, &c);
+    rc = exec(&c);
     log_unmap(&nl);     /* the replaced log, after the loop stopped using it */
     return rc;
 }
 
-static int cmd_set_logging(struct fsdp_dp *dp, struct fsdp_cmd *c)
+static int cmd_set_logging(struct fsdp_dp *dp, struct dev_cmd *c)
 {
-    c->dev->ctx.log.on = c->u[0] != 0;
+    c->dev->ctx.log.on = c->arg.set_logging.on;
     return 0;
 }
 
 int fsdp_dev_set_logging(struct fsdp_dev *dev, int on)
 {
-    struct fsdp_cmd c = {.fn = cmd_set_logging, .dev = dev, .u = {on != 0}};
-    return dp_exec(dev->dp, &c);
+    struct dev_cmd c = {.op = CMD_SET_LOGGING, .dev = dev, .arg.set_logging = {.on = on != 0}};
+    return exec(&c);
 }
 
-static int cmd_set_log_used(struct fsdp_dp *dp, struct fsdp_cmd *c)
+static int cmd_set_log_used(struct fsdp_dp *dp, struct dev_cmd *c)
 {
     struct fsdp_queue *q = get_q(c->dev, c->q);
 
     if (!q)
         return -EINVAL;
-    q->log_used = c->u[0] != 0;
-    q->log_used_gpa = c->u[1];
+    q->log_used = c->arg.set_log_used.on;
+    q->log_used_gpa = c->arg.set_log_used.used_gpa;
     return 0;
 }
 
 int fsdp_queue_set_log_used(struct fsdp_dev *dev, uint32_t q, int on, uint64_t used_gpa)
 {
-    struct fsdp_cmd c = {.fn = cmd_set_log_used, .dev = dev, .q = q, .u = {on != 0, used_gpa}};
-    return dp_exec(dev->dp, &c);
+    struct dev_cmd c = {.op = CMD_SET_LOG_USED, .dev = dev, .q = q,
+                        .arg.set_log_used = {.on = on != 0, .used_gpa = used_gpa}};
+    return exec(&c);
 }
 
-static int cmd_poll(struct fsdp_dp *dp, struct fsdp_cmd *c)
+/* ------------------------------------------------------------------------ */
+/* Synchronous engine (loop not running).                                     */
+
+static int cmd_poll(struct fsdp_dp *dp, struct dev_cmd *c)
 {
     struct fsdp_dev *dev = c->dev;
     uint32_t flags = 0;
@@ -447,15 +572,16 @@ static int cmd_poll(struct fsdp_dp *dp, struct fsdp_cmd *c)
             flags |= FSDP_POLL_MORE;
         flags |= queue_notify(q, NULL);
     }
-    *(uint32_t *)c->out = flags;
+    *c->arg.poll.flags = flags;
     return 0;
 }
 
 int fsdp_dev_poll(struct fsdp_dev *dev, uint32_t *out_flags)
 {
     uint32_t flags = 0;
-    struct fsdp_cmd c = {.fn = cmd_poll, .dev = dev, .out = &flags};
-    int rc = dp_exec_inline(dev->dp, &c);
+    struct dev_cmd c = {.link.fn = run_cmd, .op = CMD_POLL, .dev = dev,
+                        .arg.poll = {.flags = &flags}};
+    int rc = dp_exec_inline(dev->dp, &c.link);
 
     if (out_flags)
         *out_flags = flags;
@@ -465,10 +591,10 @@ int fsdp_dev_poll(struct fsdp_dev *dev, uint32_t *out_flags)
 /* ------------------------------------------------------------------------ */
 /* Queue commands.                                                            */
 
-static int cmd_set_num(struct fsdp_dp *dp, struct fsdp_cmd *c)
+static int cmd_set_num(struct fsdp_dp *dp, struct dev_cmd *c)
 {
     struct fsdp_queue *q = get_q(c->dev, c->q);
-    uint32_t num = (uint32_t)c->u[0];
+    uint32_t num = c->arg.set_num.num;
 
     if (!q || num == 0 || num > c->dev->cfg.max_queue_size)
         return -EINVAL;
@@ -477,56 +603,59 @@ static int cmd_set_num(struct fsdp_dp *dp, struct fsdp_cmd *c)
 
 int fsdp_queue_set_num(struct fsdp_dev *dev, uint32_t q, uint32_t num)
 {
-    struct fsdp_cmd c = {.fn = cmd_set_num, .dev = dev, .q = q, .u = {num}};
-    return dp_exec(dev->dp, &c);
+    struct dev_cmd c = {.op = CMD_SET_NUM, .dev = dev, .q = q, .arg.set_num = {.num = num}};
+    return exec(&c);
 }
 
-static int cmd_set_base(struct fsdp_dp *dp, struct fsdp_cmd *c)
-{
-    struct fsdp_queue *q = get_q(c->dev, c->q);
-
-    if (!q || c->u[0] > 0xffff)
-        return -EINVAL;
-    return queue_set_base(q, (uint32_t)c->u[0]);
-}
-
-int fsdp_queue_set_base(struct fsdp_dev *dev, uint32_t q, uint32_t avail_idx)
-{
-    struct fsdp_cmd c = {.fn = cmd_set_base, .dev = dev, .q = q, .u = {avail_idx}};
-    return dp_exec(dev->dp, &c);
-}
-
-static int cmd_set_addr(struct fsdp_dp *dp, struct fsdp_cmd *c)
+static int cmd_set_base(struct fsdp_dp *dp, struct dev_cmd *c)
 {
     struct fsdp_queue *q = get_q(c->dev, c->q);
 
     if (!q)
         return -EINVAL;
-    return queue_set_addr(q, c->u[0], c->u[1], c->u[2]);
+    return queue_set_base(q, c->arg.set_base.avail_idx);
+}
+
+int fsdp_queue_set_base(struct fsdp_dev *dev, uint32_t q, uint32_t avail_idx)
+{
+    struct dev_cmd c = {.op = CMD_SET_BASE, .dev = dev, .q = q,
+                        .arg.set_base = {.avail_idx = avail_idx}};
+    return exec(&c);
+}
+
+static int cmd_set_addr(struct fsdp_dp *dp, struct dev_cmd *c)
+{
+    struct fsdp_queue *q = get_q(c->dev, c->q);
+
+    if (!q)
+        return -EINVAL;
+    return queue_set_addr(q, c->arg.set_addr.desc, c->arg.set_addr.avail, c->arg.set_addr.used);
 }
 
 int fsdp_queue_set_addr(struct fsdp_dev *dev, uint32_t q, uint64_t desc_uaddr,
                         uint64_t avail_uaddr, uint64_t used_uaddr)
 {
-    struct fsdp_cmd c = {.fn = cmd_set_addr, .dev = dev, .q = q,
-                         .u = {desc_uaddr, avail_uaddr, used_uaddr}};
-    return dp_exec(dev->dp, &c);
+    struct dev_cmd c = {.op = CMD_SET_ADDR, .dev = dev, .q = q,
+                        .arg.set_addr = {.desc = desc_uaddr, .avail = avail_uaddr,
+                                         .used = used_uaddr}};
+    return exec(&c);
 }
 
-static int cmd_set_fd(struct fsdp_dp *dp, struct fsdp_cmd *c)
+static int cmd_set_guest_fd(struct fsdp_dp *dp, struct dev_cmd *c)
 {
     struct fsdp_queue *q = get_q(c->dev, c->q);
+    bool call = c->arg.set_guest_fd.call;
     int *slot, old;
 
     if (!q)
         return -EINVAL;
-    slot = c->u[1] ? &q->guest_call_fd : &q->guest_kick_fd;
+    slot = call ? &q->guest_call_fd : &q->guest_kick_fd;
     old = *slot;
-    *slot = (int)(int64_t)c->u[0];
-    if (c->u[1])
-        q->guest_call_blocking = c->u[2];
-    c->u[0] = (uint64_t)(int64_t)-1;   /* consumed */
-    if (!c->u[1])
+    *slot = c->arg.set_guest_fd.fd;
+    if (call)
+        q->guest_call_blocking = c->arg.set_guest_fd.blocking;
+    c->arg.set_guest_fd.fd = -1;        /* consumed */
+    if (!call)
         dp_kick_fd_changed(dp, q);      /* cancel the read armed on the old kick fd */
     if (old >= 0)
         close(old);
@@ -535,23 +664,22 @@ static int cmd_set_fd(struct fsdp_dp *dp, struct fsdp_cmd *c)
 
 static int set_guest_fd(struct fsdp_dev *dev, uint32_t q, int fd, bool call)
 {
-    int nfd = -1, rc;
-    struct fsdp_cmd c = {.fn = cmd_set_fd, .dev = dev, .q = q};
+    struct dev_cmd c = {.op = CMD_SET_GUEST_FD, .dev = dev, .q = q,
+                        .arg.set_guest_fd = {.fd = -1, .call = call}};
+    int rc;
 
     if (fd >= 0) {
         int fl = fcntl(fd, F_GETFL);
         if (fl < 0)
             return -errno;
-        nfd = fcntl(fd, F_DUPFD_CLOEXEC, 0);   /* the caller keeps its own */
-        if (nfd < 0)
+        c.arg.set_guest_fd.fd = fcntl(fd, F_DUPFD_CLOEXEC, 0);   /* the caller keeps its own */
+        if (c.arg.set_guest_fd.fd < 0)
             return -errno;
-        c.u[2] = !(fl & O_NONBLOCK);
+        c.arg.set_guest_fd.blocking = !(fl & O_NONBLOCK);
     }
-    c.u[0] = (uint64_t)(int64_t)nfd;
-    c.u[1] = call;
-    rc = dp_exec(dev->dp, &c);
-    if ((int64_t)c.u[0] >= 0)
-        close(nfd);   /* not consumed */
+    rc = exec(&c);
+    if (c.arg.set_guest_fd.fd >= 0)
+        close(c.arg.set_guest_fd.fd);   /* not consumed */
     return rc;
 }
 
@@ -575,40 +703,38 @@ int fsdp_queue_backend_fds(struct fsdp_dev *dev, uint32_t q, int *kick_fd, int *
     return 0;
 }
 
-static int cmd_shadow_addrs(struct fsdp_dp *dp, struct fsdp_cmd *c)
+static int cmd_shadow_addrs(struct fsdp_dp *dp, struct dev_cmd *c)
 {
     struct fsdp_queue *q = get_q(c->dev, c->q);
-    uint64_t *o = c->out;
 
     if (!q || !q->num)
         return -EINVAL;
-    o[0] = FSDP_SHADOW_UADDR_BASE + q->s_desc_off;
-    o[1] = FSDP_SHADOW_UADDR_BASE + q->s_avail_off;
-    o[2] = FSDP_SHADOW_UADDR_BASE + q->s_used_off;
+    c->arg.shadow_addrs.desc = FSDP_SHADOW_UADDR_BASE + q->s_desc_off;
+    c->arg.shadow_addrs.avail = FSDP_SHADOW_UADDR_BASE + q->s_avail_off;
+    c->arg.shadow_addrs.used = FSDP_SHADOW_UADDR_BASE + q->s_used_off;
     return 0;
 }
 
 int fsdp_queue_shadow_addrs(struct fsdp_dev *dev, uint32_t q, uint64_t *desc,
                             uint64_t *avail, uint64_t *used)
 {
-    uint64_t o[3] = {0};
-    struct fsdp_cmd c = {.fn = cmd_shadow_addrs, .dev = dev, .q = q, .out = o};
-    int rc = dp_exec(dev->dp, &c);
+    struct dev_cmd c = {.op = CMD_SHADOW_ADDRS, .dev = dev, .q = q};
+    int rc = exec(&c);
 
-    *desc = o[0];
-    *avail = o[1];
-    *used = o[2];
+    *desc = c.arg.shadow_addrs.desc;
+    *avail = c.arg.shadow_addrs.avail;
+    *used = c.arg.shadow_addrs.used;
     return rc;
 }
 
-static int cmd_start(struct fsdp_dp *dp, struct fsdp_cmd *c)
+static int cmd_start(struct fsdp_dp *dp, struct dev_cmd *c)
 {
     struct fsdp_queue *q = get_q(c->dev, c->q);
     int rc;
 
     if (!q)
         return -EINVAL;
-    rc = queue_start(q, (uint32_t)c->u[0]);
+    rc = queue_start(q, c->arg.start.flags);
     if (rc)
         return rc;
     after_cmd(c, q);
@@ -617,11 +743,11 @@ static int cmd_start(struct fsdp_dp *dp, struct fsdp_cmd *c)
 
 int fsdp_queue_start(struct fsdp_dev *dev, uint32_t q, uint32_t flags)
 {
-    struct fsdp_cmd c = {.fn = cmd_start, .dev = dev, .q = q, .u = {flags}};
-    return dp_exec(dev->dp, &c);
+    struct dev_cmd c = {.op = CMD_START, .dev = dev, .q = q, .arg.start = {.flags = flags}};
+    return exec(&c);
 }
 
-static int cmd_pause(struct fsdp_dp *dp, struct fsdp_cmd *c)
+static int cmd_pause(struct fsdp_dp *dp, struct dev_cmd *c)
 {
     struct fsdp_queue *q = get_q(c->dev, c->q);
 
@@ -634,14 +760,14 @@ static int cmd_pause(struct fsdp_dp *dp, struct fsdp_cmd *c)
 
 int fsdp_queue_pause(struct fsdp_dev *dev, uint32_t q)
 {
-    struct fsdp_cmd c = {.fn = cmd_pause, .dev = dev, .q = q};
-    return dp_exec(dev->dp, &c);
+    struct dev_cmd c = {.op = CMD_PAUSE, .dev = dev, .q = q};
+    return exec(&c);
 }
 
-static int cmd_stop(struct fsdp_dp *dp, struct fsdp_cmd *c)
+static int cmd_stop(struct fsdp_dp *dp, struct dev_cmd *c)
 {
     struct fsdp_queue *q = get_q(c->dev, c->q);
-    struct fsdp_stop_result *res = c->out;
+    struct fsdp_stop_result *res = c->arg.stop.res;
 
     if (!q)
         return -EINVAL;
@@ -651,21 +777,20 @@ static int cmd_stop(struct fsdp_dp *dp, struct fsdp_cmd *c)
         queue_stop_result(q, res);
         return q->inflight ? -ETIMEDOUT : 0;
     }
-    queue_stop(q, c->u[0] == UINT64_MAX ? -1 : (int64_t)c->u[0], res);
+    queue_stop(q, c->arg.stop.backend_next_avail, res);
     after_cmd(c, q);
-    if (queue_draining(q) && c->deferrable && dp_stop_wait(dp, q, c, res) == 0)
+    if (queue_draining(q) && c->link.deferrable && dp_stop_wait(dp, q, &c->link, res) == 0)
         return 0;               /* the loop completes it (or cmd_stop_cancel) */
     queue_stop_finish(q, res);
     return queue_draining(q) ? -ETIMEDOUT : 0;
 }
 
-static int cmd_stop_cancel(struct fsdp_dp *dp, struct fsdp_cmd *c)
+static int cmd_stop_cancel(struct fsdp_dp *dp, struct dev_cmd *c)
 {
     struct fsdp_queue *q = get_q(c->dev, c->q);
-    struct fsdp_cmd *target = (struct fsdp_cmd *)c->p;
 
     if (q)
-        dp_stop_end(dp, q, target, -ETIMEDOUT);
+        dp_stop_end(dp, q, &c->arg.stop_cancel.target->link, -ETIMEDOUT);
     return 0;
 }
 
@@ -673,16 +798,19 @@ int fsdp_queue_stop(struct fsdp_dev *dev, uint32_t q, uint32_t timeout_ms,
                     int64_t backend_next_avail, struct fsdp_stop_result *out)
 {
     struct fsdp_stop_result res = {0};
-    struct fsdp_cmd c = {.fn = cmd_stop, .dev = dev, .q = q, .out = &res,
-                         .u = {backend_next_avail < 0 ? UINT64_MAX : (uint64_t)backend_next_avail}};
-    int rc = dp_exec_timed(dev->dp, &c, (int64_t)timeout_ms, cmd_stop_cancel);
+    struct dev_cmd c = {.link.fn = run_cmd, .op = CMD_STOP, .dev = dev, .q = q,
+                        .arg.stop = {.backend_next_avail = backend_next_avail, .res = &res}};
+    /* Run on the loop only if the caller's timeout expires first. */
+    struct dev_cmd cancel = {.link.fn = run_cmd, .op = CMD_STOP_CANCEL, .dev = dev, .q = q,
+                             .arg.stop_cancel = {.target = &c}};
+    int rc = dp_exec_timed(dev->dp, &c.link, (int64_t)timeout_ms, &cancel.link);
 
     if (out)
         *out = res;
     return rc;
 }
 
-static int cmd_clear_shadow(struct fsdp_dp *dp, struct fsdp_cmd *c)
+static int cmd_clear_shadow(struct fsdp_dp *dp, struct dev_cmd *c)
 {
     struct fsdp_queue *q = get_q(c->dev, c->q);
 
@@ -693,11 +821,11 @@ static int cmd_clear_shadow(struct fsdp_dp *dp, struct fsdp_cmd *c)
 
 int fsdp_queue_clear_shadow(struct fsdp_dev *dev, uint32_t q)
 {
-    struct fsdp_cmd c = {.fn = cmd_clear_shadow, .dev = dev, .q = q};
-    return dp_exec(dev->dp, &c);
+    struct dev_cmd c = {.op = CMD_CLEAR_SHADOW, .dev = dev, .q = q};
+    return exec(&c);
 }
 
-static int cmd_abort(struct fsdp_dp *dp, struct fsdp_cmd *c)
+static int cmd_abort(struct fsdp_dp *dp, struct dev_cmd *c)
 {
     struct fsdp_queue *q = get_q(c->dev, c->q);
     int n;
@@ -712,34 +840,56 @@ static int cmd_abort(struct fsdp_dp *dp, struct fsdp_cmd *c)
 
 int fsdp_queue_abort(struct fsdp_dev *dev, uint32_t q)
 {
-    struct fsdp_cmd c = {.fn = cmd_abort, .dev = dev, .q = q};
-    return dp_exec(dev->dp, &c);
+    struct dev_cmd c = {.op = CMD_ABORT, .dev = dev, .q = q};
+    return exec(&c);
 }
 
-static int cmd_stats(struct fsdp_dp *dp, struct fsdp_cmd *c)
+static int cmd_stats(struct fsdp_dp *dp, struct dev_cmd *c)
 {
     struct fsdp_queue *q = get_q(c->dev, c->q);
 
     if (!q)
         return -EINVAL;
-    *(struct fsdp_queue_stats *)c->out = q->st;
+    *c->arg.stats.out = q->st;
     return 0;
 }
 
 int fsdp_queue_stats(struct fsdp_dev *dev, uint32_t q, struct fsdp_queue_stats *out)
 {
-    struct fsdp_cmd c = {.fn = cmd_stats, .dev = dev, .q = q, .out = out};
-    return dp_exec(dev->dp, &c);
+    struct dev_cmd c = {.op = CMD_STATS, .dev = dev, .q = q, .arg.stats = {.out = out}};
+    return exec(&c);
 }
 
-void fsdp_dp_free(struct fsdp_dp *dp)
-{
-    struct fsdp_devctx *d;
+/* ------------------------------------------------------------------------ */
+/* Dispatch (on the loop, or inline).                                         */
 
-    if (!dp)
-        return;
-    fsdp_dp_stop(dp);
-    while ((d = dp_take_dev(dp)))   /* devices never removed */
-        dev_destroy(dev_of(d));
-    dp_destroy(dp);
+static int run_cmd(struct fsdp_dp *dp, struct fsdp_cmd *link)
+{
+    struct dev_cmd *c = (struct dev_cmd *)((char *)link - offsetof(struct dev_cmd, link));
+
+    switch (c->op) {
+    case CMD_ATTACH:        return cmd_attach(dp, c);
+    case CMD_DETACH:        return cmd_detach(dp, c);
+    case CMD_SET_MEM:       return cmd_set_mem(dp, c);
+    case CMD_ADD_REGION:    return cmd_add_region(dp, c);
+    case CMD_REMOVE_REGION: return cmd_remove_region(dp, c);
+    case CMD_RESET:         return cmd_reset(dp, c);
+    case CMD_SET_LOG_BASE:  return cmd_set_log_base(dp, c);
+    case CMD_SET_LOGGING:   return cmd_set_logging(dp, c);
+    case CMD_POLL:          return cmd_poll(dp, c);
+    case CMD_SET_LOG_USED:  return cmd_set_log_used(dp, c);
+    case CMD_SET_NUM:       return cmd_set_num(dp, c);
+    case CMD_SET_BASE:      return cmd_set_base(dp, c);
+    case CMD_SET_ADDR:      return cmd_set_addr(dp, c);
+    case CMD_SET_GUEST_FD:  return cmd_set_guest_fd(dp, c);
+    case CMD_SHADOW_ADDRS:  return cmd_shadow_addrs(dp, c);
+    case CMD_START:         return cmd_start(dp, c);
+    case CMD_PAUSE:         return cmd_pause(dp, c);
+    case CMD_STOP:          return cmd_stop(dp, c);
+    case CMD_STOP_CANCEL:   return cmd_stop_cancel(dp, c);
+    case CMD_CLEAR_SHADOW:  return cmd_clear_shadow(dp, c);
+    case CMD_ABORT:         return cmd_abort(dp, c);
+    case CMD_STATS:         return cmd_stats(dp, c);
+    }
+    return -EINVAL;
 }

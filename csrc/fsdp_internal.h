@@ -414,13 +414,11 @@ uint32_t queue_notify(struct fsdp_queue *q, const struct fsdp_batch *batch);
 struct fsdp_dp;
 struct fsdp_cmd;
 typedef int (*fsdp_cmd_fn)(struct fsdp_dp *dp, struct fsdp_cmd *c);
+/* The loop's part of a command: what to run, and how it ended.  The caller
+ * embeds it in its own record with the command's arguments (device.c's
+ * struct dev_cmd). */
 struct fsdp_cmd {
     fsdp_cmd_fn fn;
-    struct fsdp_dev *dev;
-    uint32_t q;
-    uint64_t u[4];
-    const void *p;
-    void *out;
     int rc;
     bool done;
     bool deferrable;        /* running on the loop: fn may leave it pending */
@@ -428,10 +426,10 @@ struct fsdp_cmd {
     struct fsdp_cmd *next;
 };
 int dp_exec(struct fsdp_dp *dp, struct fsdp_cmd *c);
-/* Wait at most timeout_ms (< 0: forever); on timeout run cancel_fn (with
- * c->p = the original command) on the loop and wait for both. */
+/* Wait at most timeout_ms (< 0: forever); on timeout run cancel (which
+ * lets go of c) on the loop and wait for both. */
 int dp_exec_timed(struct fsdp_dp *dp, struct fsdp_cmd *c, int64_t timeout_ms,
-                  fsdp_cmd_fn cancel_fn);
+                  struct fsdp_cmd *cancel);
 /* Only inline: -EBUSY while the loop runs (synchronous engine entry). */
 int dp_exec_inline(struct fsdp_dp *dp, struct fsdp_cmd *c);
 void dp_cmd_complete(struct fsdp_dp *dp, struct fsdp_cmd *c, int rc);

@@ -192,10 +192,9 @@ static void enqueue_locked(struct fsdp_dp *dp, struct fsdp_cmd *c)
 }
 
 int dp_exec_timed(struct fsdp_dp *dp, struct fsdp_cmd *c, int64_t timeout_ms,
-                  fsdp_cmd_fn cancel_fn)
+                  struct fsdp_cmd *cancel)
 {
     struct timespec dl;
-    struct fsdp_cmd cc = {0};
     int rc;
 
     pthread_mutex_lock(&dp->lock);
@@ -223,12 +222,8 @@ int dp_exec_timed(struct fsdp_dp *dp, struct fsdp_cmd *c, int64_t timeout_ms,
     }
     if (!c->done) {
         /* The loop still holds c: ask it (on its own thread) to let go. */
-        cc.fn = cancel_fn;
-        cc.dev = c->dev;
-        cc.q = c->q;
-        cc.p = c;
-        enqueue_locked(dp, &cc);
-        while (!c->done || !cc.done)
+        enqueue_locked(dp, cancel);
+        while (!c->done || !cancel->done)
             pthread_cond_wait(&dp->cond, &dp->lock);
     }
     rc = c->rc;
@@ -238,7 +233,7 @@ int dp_exec_timed(struct fsdp_dp *dp, struct fsdp_cmd *c, int64_t timeout_ms,
 
 int dp_exec(struct fsdp_dp *dp, struct fsdp_cmd *c)
 {
-    return dp_exec_timed(dp, c, -1, NULL);
+    return dp_exec_timed(dp, c, -1, NULL);   /* never times out: no cancel */
 }
 
 int dp_exec_inline(struct fsdp_dp *dp, struct fsdp_cmd *c)
