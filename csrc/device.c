@@ -38,7 +38,13 @@
 #include <sys/mman.h>
 #include <unistd.h>
 
-#include "fsdp_internal.h"
+#include "base.h"
+#include "log.h"
+#include "loop.h"
+#include "mem.h"
+#include "queue.h"
+#include "shadow.h"
+#include "vring.h"
 
 #define DEFAULT_MAX_REQUEST (4ull << 20)
 #define DEFAULT_BOUNCE (16ull << 20)

@@ -1,6 +1,11 @@
 /*
  * events.c: the event ring (refusals, broken queues, backend violations).
  *
+ * Owns: the event ring (struct fsdp_evring) and the names and texts of the
+ * event codes (fsdp_event_name / fsdp_event_str).  A leaf: it knows nothing
+ * of devices or of the loop (fsdp_dp_drain_events is loop.c's).
+ * Calls: base only.
+ *
  * Fixed size, written by the loop thread (or the caller in synchronous
  * mode), drained by the Python control plane.  When full, new records are
  * dropped and counted (the first records name the first cause, which is the
@@ -14,7 +19,7 @@
 #include <sys/eventfd.h>
 #include <unistd.h>
 
-#include "fsdp_internal.h"
+#include "events.h"
 
 int evring_init(struct fsdp_evring *r, uint32_t size)
 {

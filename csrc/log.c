@@ -1,6 +1,9 @@
 /*
  * log.c: dirty-page logging for live migration (VHOST_F_LOG_ALL).
  *
+ * Owns: the dirty log (struct fsdp_log): mapping it, marking pages.
+ * Calls: mem (the log is mapped like a guest region), events.
+ *
  * In isolated mode fastshadow is the only writer of guest memory on the data
  * path (the backend writes the shadow region, never guest RAM), so it is
  * fastshadow, not the backend, that marks the pages it writes in the log
@@ -21,7 +24,9 @@
  * GET_VRING_BASE, which returns only once every request the backend took was
  * completed (and so logged) here.
  */
-#include "fsdp_internal.h"
+#include "log.h"
+#include "events.h"
+#include "mem.h"
 
 #define LOG_PAGE 4096u
 

@@ -1,6 +1,14 @@
 /*
  * loop.c: the data plane thread, its io_uring, and the command channel.
  *
+ * Owns: struct fsdp_dp (the thread, its io_uring, the command channel, the
+ * event ring, the device table) and, per queue, what only the loop needs
+ * (struct watch: the armed reads, and a stop waiting for the queue to
+ * drain); the public fsdp_dp_* functions except fsdp_dp_free (device.c).
+ * Calls: queue (finishing a stop), shadow (a pass, busy-poll, notifications),
+ * events, probes.  Knows devices only as struct fsdp_devctx, and commands
+ * only as struct fsdp_cmd.
+ *
  * One thread owns one io_uring (SINGLE_ISSUER | DEFER_TASKRUN when the
  * kernel takes them: completions are then only run when this thread waits,
  * which is exactly when it wants them, with no IPI or extra wakeup).
@@ -61,8 +69,11 @@
 #include <time.h>
 #include <unistd.h>
 
-#include "fsdp_internal.h"
+#include "loop.h"
+#include "events.h"
 #include "probes.h"
+#include "queue.h"
+#include "shadow.h"
 
 #define MAX_DEVS 256
 #define SQ_ENTRIES 256

@@ -10,7 +10,7 @@
  * queue is shadow.c's.
  *
  * Calls: shadow (the pass, and its per-request steps for re-publishing and
- * failing requests), bounce, mem, events, vring.
+ * failing requests; events via dev_event), bounce, mem, vring, base.
  */
 #define _GNU_SOURCE
 #include <errno.h>
@@ -19,7 +19,12 @@
 #include <sys/eventfd.h>
 #include <unistd.h>
 
-#include "fsdp_internal.h"
+#include "queue.h"
+#include "base.h"
+#include "bounce.h"
+#include "mem.h"
+#include "shadow.h"
+#include "vring.h"
 
 /* ------------------------------------------------------------------------ */
 /* Creation and destruction (caller's thread).                              */

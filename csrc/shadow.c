@@ -1,6 +1,14 @@
 /*
  * shadow.c: the engine of one queue: guest split ring <-> shadow split ring.
  *
+ * Owns: the hot path of a started queue: intake (guest avail -> chain ->
+ * shadow descriptors, copy in), harvest (shadow used -> copy back -> guest
+ * used), publishing both avail and used indices, the notification decisions
+ * and the one path that sends them (queue_notify, for the loop and for the
+ * inline mode alike).  Setting a queue up, starting and stopping it is
+ * queue.c's.
+ * Calls: chain, bounce, mem, log, vring, probes (and events, via dev_event).
+ *
  * Toward the guest we are the DEVICE: we read the guest avail ring and its
  * descriptors, write the guest used ring, and (event idx) write avail_event.
  * Toward the backend we are the DRIVER: we write the shadow descriptors and
@@ -23,8 +31,14 @@
 #include <string.h>
 #include <unistd.h>
 
-#include "fsdp_internal.h"
+#include "shadow.h"
+#include "base.h"
+#include "bounce.h"
+#include "chain.h"
+#include "log.h"
+#include "mem.h"
 #include "probes.h"
+#include "vring.h"
 
 enum take_result { TAKEN, REFUSED, NOSPACE, BROKEN };
 
@@ -96,50 +110,7 @@ void publish_guest_used(struct fsdp_queue *q)
 }
 
 /* ------------------------------------------------------------------------ */
-/* Notifications: sending what publish_guest_used / publish_shadow_avail      */
-/* decided.  The one path for the loop and for the inline mode.               */
-
-/* One eventfd write: added to the loop's batch, or written now. */
-static void signal_fd(struct fsdp_queue *q, int fd, bool blocking, const struct fsdp_batch *batch)
-{
-    static const uint64_t one = 1;
-    ssize_t w;
-
-    if (batch && !blocking) {
-        batch->add(batch->arg, q, fd);
-        return;
-    }
-    /* Inline mode, or a blocking fd: io_uring would punt the write to an
-     * io-wq worker (see loop.c's top comment), a direct write is cheaper. */
-    w = write(fd, &one, sizeof(one));
-    (void)w;   /* EAGAIN: counter saturated, the peer is already woken */
-}
-
-uint32_t queue_notify(struct fsdp_queue *q, const struct fsdp_batch *batch)
-{
-    uint32_t flags = 0;
-
-    if (q->need_backend_kick) {
-        q->need_backend_kick = false;
-        signal_fd(q, q->backend_kick_fd, false, batch);   /* ours: non-blocking */
-        q->st.backend_kicks++;
-        PROBE_BACKEND_KICK(q->dev->id, q->idx);
-        flags |= FSDP_POLL_BACKEND_KICKED;
-    }
-    if (q->need_guest_call) {
-        q->need_guest_call = false;
-        if (q->guest_call_fd >= 0) {
-            signal_fd(q, q->guest_call_fd, q->guest_call_blocking, batch);
-            q->st.guest_calls++;
-            PROBE_GUEST_CALL(q->dev->id, q->idx);
-            flags |= FSDP_POLL_GUEST_CALLED;
-        }
-    }
-    return flags;
-}
-
-/* ------------------------------------------------------------------------ */
-/* Shadow ring: publish.                                                      */
+/* Shadow ring: publish, and the kick decision.                              */
 
 void write_shadow_chain(struct fsdp_queue *q, uint16_t head)
 {
@@ -206,6 +177,49 @@ static void publish_shadow_avail(struct fsdp_queue *q)
         kick = !(vr_load16(q->s_used + USED_FLAGS) & VRING_USED_F_NO_NOTIFY);
     if (kick)
         q->need_backend_kick = true;
+}
+
+/* ------------------------------------------------------------------------ */
+/* Notifications: sending what publish_guest_used / publish_shadow_avail      */
+/* decided.  The one path for the loop and for the inline mode.               */
+
+/* One eventfd write: added to the loop's batch, or written now. */
+static void signal_fd(struct fsdp_queue *q, int fd, bool blocking, const struct fsdp_batch *batch)
+{
+    static const uint64_t one = 1;
+    ssize_t w;
+
+    if (batch && !blocking) {
+        batch->add(batch->arg, q, fd);
+        return;
+    }
+    /* Inline mode, or a blocking fd: io_uring would punt the write to an
+     * io-wq worker (see loop.c's top comment), a direct write is cheaper. */
+    w = write(fd, &one, sizeof(one));
+    (void)w;   /* EAGAIN: counter saturated, the peer is already woken */
+}
+
+uint32_t queue_notify(struct fsdp_queue *q, const struct fsdp_batch *batch)
+{
+    uint32_t flags = 0;
+
+    if (q->need_backend_kick) {
+        q->need_backend_kick = false;
+        signal_fd(q, q->backend_kick_fd, false, batch);   /* ours: non-blocking */
+        q->st.backend_kicks++;
+        PROBE_BACKEND_KICK(q->dev->id, q->idx);
+        flags |= FSDP_POLL_BACKEND_KICKED;
+    }
+    if (q->need_guest_call) {
+        q->need_guest_call = false;
+        if (q->guest_call_fd >= 0) {
+            signal_fd(q, q->guest_call_fd, q->guest_call_blocking, batch);
+            q->st.guest_calls++;
+            PROBE_GUEST_CALL(q->dev->id, q->idx);
+            flags |= FSDP_POLL_GUEST_CALLED;
+        }
+    }
+    return flags;
 }
 
 /* ------------------------------------------------------------------------ */
