@@ -27,7 +27,7 @@
 #include "vring.h"
 
 /* ------------------------------------------------------------------------ */
-/* Creation and destruction (caller's thread).                              */
+/* Creation and destruction (caller's thread).                                */
 
 /* Identity only, and no fds yet: whatever fails later, queue_destroy works. */
 void queue_init(struct fsdp_queue *q, struct fsdp_devctx *dev, uint32_t idx)
@@ -121,7 +121,7 @@ void queue_destroy(struct fsdp_queue *q)
 }
 
 /* ------------------------------------------------------------------------ */
-/* Configuration (SET_VRING_NUM / BASE / ADDR).                             */
+/* Configuration (SET_VRING_NUM / BASE / ADDR).                               */
 
 static void clear_shadow(struct fsdp_queue *q)
 {
@@ -236,7 +236,7 @@ int queue_set_addr(struct fsdp_queue *q, uint64_t desc, uint64_t avail, uint64_t
 }
 
 /* ------------------------------------------------------------------------ */
-/* Start, pause, stop.                                                      */
+/* Start, pause, stop.                                                        */
 
 static int cmp_seq(const void *a, const void *b, void *arg)
 {
@@ -408,7 +408,7 @@ void queue_stop_finish(struct fsdp_queue *q, struct fsdp_stop_result *res)
 }
 
 /* ------------------------------------------------------------------------ */
-/* Reset, abort, clear.                                                     */
+/* Reset, abort, clear.                                                       */
 
 /* Drop everything without touching the guest (device reset). */
 void queue_reset(struct fsdp_queue *q)

@@ -43,7 +43,7 @@
 enum take_result { TAKEN, REFUSED, NOSPACE, BROKEN };
 
 /* ------------------------------------------------------------------------ */
-/* Guest used ring: push, publish, and the call decision.                    */
+/* Guest used ring: push, publish, and the call decision.                     */
 
 /* Buffers of stream_min bytes or more are copied with streaming stores (copy.c). */
 static bool use_stream(const struct fsdp_queue *q, uint64_t len)
@@ -110,7 +110,7 @@ void publish_guest_used(struct fsdp_queue *q)
 }
 
 /* ------------------------------------------------------------------------ */
-/* Shadow ring: publish, and the kick decision.                              */
+/* Shadow ring: publish, and the kick decision.                               */
 
 void write_shadow_chain(struct fsdp_queue *q, uint16_t head)
 {

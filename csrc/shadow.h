@@ -41,8 +41,11 @@ struct fsdp_req {
 
 struct fsdp_devctx;
 
+/* One shadowed queue: the guest split ring, its shadow split ring, and the
+ * private record of every request in flight.  The loop's own per-queue state
+ * is not here (loop.c, struct watch). */
 struct fsdp_queue {
-    struct fsdp_devctx *dev;
+    struct fsdp_devctx *dev;    /* the device, as the engine sees it (below) */
     uint32_t idx;
     uint32_t num;           /* 0: not configured */
 
@@ -56,7 +59,7 @@ struct fsdp_queue {
     uint16_t signalled_used;
     bool signalled_used_valid;
     int guest_kick_fd, guest_call_fd;     /* dup'd, or -1 */
-    bool guest_call_blocking;             /* no O_NONBLOCK: signal with write(2), see queue_notify */
+    bool guest_call_blocking;             /* no O_NONBLOCK: write(2) it (queue_notify) */
 
     /* shadow side */
     uint8_t *s_desc, *s_avail, *s_used, *s_bounce;   /* in the shadow region */
