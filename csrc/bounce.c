@@ -1,6 +1,9 @@
 /*
  * bounce.c: the bounce-space allocator of one queue.
  *
+ * Owns: the page allocator (struct fsdp_bounce) and the slab layout.
+ * Calls: chain (struct fsdp_seg), base.
+ *
  * The queue's bounce area is cut into 4 KiB pages tracked by a bitmap
  * (1 = used).  A request takes one contiguous run of pages (its slab) found
  * next-fit from a rotating cursor, so consecutive requests tend to sit next
@@ -15,7 +18,9 @@
 #include <stdlib.h>
 #include <string.h>
 
-#include "fsdp_internal.h"
+#include "bounce.h"
+#include "base.h"
+#include "chain.h"
 
 int bounce_init(struct fsdp_bounce *b, uint32_t npages)
 {

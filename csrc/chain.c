@@ -1,6 +1,9 @@
 /*
  * chain.c: walk and validate one guest descriptor chain.
  *
+ * Owns: chain_walk.
+ * Calls: mem (range checks, the copy of an indirect table), vring.
+ *
  * Every descriptor is read exactly once from guest memory into a private
  * local (an indirect table is copied whole into private memory first), and
  * only the private copy is used afterwards.  The whole chain is validated
@@ -23,7 +26,9 @@
  */
 #include <string.h>
 
-#include "fsdp_internal.h"
+#include "chain.h"
+#include "mem.h"
+#include "vring.h"
 
 static int refuse(struct fsdp_chain *out, uint32_t code, uint64_t a, uint64_t b)
 {

@@ -1,12 +1,20 @@
 /*
  * device.c: devices, their shadow region, and the control-plane API.
  *
- * Every public fsdp_dev_* / fsdp_queue_* function packs its arguments into a
- * struct fsdp_cmd and hands it to dp_exec (loop.c), which runs cmd_* below ON
- * the loop thread between two batches (or inline when the loop is not
- * running).  Slow work that needs no engine state (mmap of guest regions,
- * memfd creation, munmap of old regions, dup of fds) is done on the caller's
- * thread before or after the command, so the loop only swaps pointers.
+ * Owns: struct fsdp_dev (a struct fsdp_devctx, what the engine and the loop
+ * see, plus the name, configuration and shadow memfd), the shadow region,
+ * and every public fsdp_dev_* / fsdp_queue_* function and fsdp_dp_free.
+ * Calls: loop (command channel, device table, stop waiters), queue, shadow
+ * (a pass and its notifications for fsdp_dev_poll), mem, log, vring, base.
+ * Nothing calls it: it is the top of csrc/ (see README.md, "Layers").
+ *
+ * Every public function packs its arguments into a struct dev_cmd (one
+ * named argument struct per command, in a union tagged by the command) and
+ * hands it to dp_exec (loop.c), which runs it ON the loop thread between two
+ * batches (or inline when the loop is not running).  Slow work that needs no
+ * engine state (mmap of guest regions, memfd creation, munmap of old regions,
+ * dup of fds) is done on the caller's thread before or after the command, so
+ * the loop only swaps pointers.
  *
  * Shadow region layout (offsets from the start of the memfd; the backend sees
  * GPA FSDP_SHADOW_GPA_BASE + offset and user address FSDP_SHADOW_UADDR_BASE +
@@ -18,7 +26,8 @@
  *     +A + align4k(6+2*num)  used ring    6 + 8 * num       (page aligned)
  *     +ring_reserve          bounce area  bounce_per_queue  (page aligned)
  *   ring_reserve = the three ring sizes for max_queue_size, each rounded up
- *   to a page, so the slot does not move when num changes.
+ *   to a page, so the slot does not move when num changes.  queue.c places
+ *   the rings (queue_set_num) and the bounce area (queue_open) in the slot.
  */
 #define _GNU_SOURCE
 #include <errno.h>
@@ -26,16 +35,137 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
-#include <sys/eventfd.h>
 #include <sys/mman.h>
 #include <unistd.h>
 
-#include "fsdp_internal.h"
-#include "probes.h"
+#include "base.h"
+#include "log.h"
+#include "loop.h"
+#include "mem.h"
+#include "queue.h"
+#include "shadow.h"
+#include "vring.h"
 
 #define DEFAULT_MAX_REQUEST (4ull << 20)
 #define DEFAULT_BOUNCE (16ull << 20)
 #define MAX_BOUNCE (64ull << 30)
+
+struct fsdp_dev {
+    struct fsdp_devctx ctx;     /* what the engine and the loop see (first member) */
+    struct fsdp_dp *dp;
+    char name[FSDP_NAME_MAX];
+    struct fsdp_dev_config cfg;
+    int shadow_fd;
+    uint64_t shadow_size;
+};
+
+static struct fsdp_dev *dev_of(struct fsdp_devctx *d)
+{
+    return (struct fsdp_dev *)((char *)d - offsetof(struct fsdp_dev, ctx));
+}
+
+/* ------------------------------------------------------------------------ */
+/* Commands.                                                                  */
+
+enum dev_op {
+    /* device */
+    CMD_ATTACH,
+    CMD_DETACH,
+    CMD_SET_MEM,
+    CMD_ADD_REGION,
+    CMD_REMOVE_REGION,
+    CMD_RESET,
+    CMD_SET_LOG_BASE,
+    CMD_SET_LOGGING,
+    CMD_POLL,
+    /* queue c->q */
+    CMD_SET_LOG_USED,
+    CMD_SET_NUM,
+    CMD_SET_BASE,
+    CMD_SET_ADDR,
+    CMD_SET_GUEST_FD,
+    CMD_SHADOW_ADDRS,
+    CMD_START,
+    CMD_PAUSE,
+    CMD_STOP,
+    CMD_STOP_CANCEL,
+    CMD_CLEAR_SHADOW,
+    CMD_ABORT,
+    CMD_STATS,
+};
+
+/* One command: the loop's record, which command, and its arguments.  Members
+ * marked "out" are written by the command for the caller. */
+struct dev_cmd {
+    struct fsdp_cmd link;       /* queued and completed by loop.c */
+    enum dev_op op;             /* names the member of arg in use */
+    struct fsdp_dev *dev;
+    uint32_t q;                 /* queue commands: the queue index */
+    union {
+        struct {
+            struct fsdp_mem *mem;          /* in: the new table; out: the replaced one */
+        } set_mem;
+        struct {
+            struct fsdp_region *region;    /* mapped; zeroed once the table owns it */
+        } add_region;
+        struct {
+            uint64_t gpa, size;
+            struct fsdp_region *out;       /* out: the region, to unmap */
+        } remove_region;
+        struct {
+            struct fsdp_log *log;          /* in: the new log; out: the replaced one */
+        } set_log_base;
+        struct {
+            bool on;
+        } set_logging;
+        struct {
+            uint32_t *flags;               /* out: FSDP_POLL_* */
+        } poll;
+        struct {
+            bool on;
+            uint64_t used_gpa;
+        } set_log_used;
+        struct {
+            uint32_t num;
+        } set_num;
+        struct {
+            uint32_t avail_idx;
+        } set_base;
+        struct {
+            uint64_t desc, avail, used;    /* QEMU user addresses */
+        } set_addr;
+        struct {
+            int fd;                        /* ours (dup'd), -1 once the queue took it */
+            bool call;                     /* guest call fd, else guest kick fd */
+            bool blocking;                 /* fd lacks O_NONBLOCK */
+        } set_guest_fd;
+        struct {
+            uint64_t desc, avail, used;    /* out: the backend's user addresses */
+        } shadow_addrs;
+        struct {
+            uint32_t flags;                /* FSDP_QF_* */
+        } start;
+        struct {
+            int64_t backend_next_avail;    /* < 0: unknown */
+            struct fsdp_stop_result *res;  /* out */
+        } stop;
+        struct {
+            const struct dev_cmd *target;  /* the stop whose caller gave up */
+        } stop_cancel;
+        struct {
+            struct fsdp_queue_stats *out;
+        } stats;
+    } arg;
+};
+
+static int run_cmd(struct fsdp_dp *dp, struct fsdp_cmd *link);
+
+/* Run c on the loop (or inline) and wait for it. */
+static int exec(struct dev_cmd *c)
+{
+    c->link.fn = run_cmd;
+    return dp_exec(c->dev->dp, &c->link);
+}
 
 /* ------------------------------------------------------------------------ */
 /* Creation and destruction (caller's thread).                                */
@@ -47,29 +177,18 @@ static uint64_t ring_reserve(uint32_t maxq)
            FSDP_ALIGN_UP(vring_used_size(maxq), FSDP_PAGE);
 }
 
-void dev_destroy(struct fsdp_dev *dev)
+static void dev_destroy(struct fsdp_dev *dev)
 {
     if (!dev)
         return;
-    for (uint32_t i = 0; dev->q && i < dev->num_queues; i++) {
-        struct fsdp_queue *q = &dev->q[i];
-        if (q->guest_kick_fd >= 0)
-            close(q->guest_kick_fd);
-        if (q->guest_call_fd >= 0)
-            close(q->guest_call_fd);
-        if (q->backend_kick_fd >= 0)
-            close(q->backend_kick_fd);
-        if (q->backend_call_fd >= 0)
-            close(q->backend_call_fd);
-        queue_free_arrays(q);
-        bounce_destroy(&q->bounce);
-    }
-    free(dev->q);
-    for (uint32_t i = 0; i < dev->mem.n; i++)
-        mem_unmap_region(&dev->mem.r[i]);
-    log_unmap(&dev->log);
-    if (dev->shadow)
-        munmap(dev->shadow, dev->shadow_size);
+    for (uint32_t i = 0; dev->ctx.q && i < dev->ctx.num_queues; i++)
+        queue_destroy(&dev->ctx.q[i]);
+    free(dev->ctx.q);
+    for (uint32_t i = 0; i < dev->ctx.mem.n; i++)
+        mem_unmap_region(&dev->ctx.mem.r[i]);
+    log_unmap(&dev->ctx.log);
+    if (dev->ctx.shadow)
+        munmap(dev->ctx.shadow, dev->shadow_size);
     if (dev->shadow_fd >= 0)
         close(dev->shadow_fd);
     free(dev);
@@ -93,13 +212,13 @@ static int make_shadow(struct fsdp_dev *dev)
     p = mmap(NULL, dev->shadow_size, PROT_READ | PROT_WRITE, MAP_SHARED, dev->shadow_fd, 0);
     if (p == MAP_FAILED)
         return -errno;
-    dev->shadow = p;
+    dev->ctx.shadow = p;
     return 0;
 }
 
-static int cmd_attach(struct fsdp_dp *dp, struct fsdp_cmd *c)
+static int cmd_attach(struct fsdp_dp *dp, struct dev_cmd *c)
 {
-    return dp_attach_dev(dp, c->dev);
+    return dp_attach(dp, &c->dev->ctx);
 }
 
 int fsdp_dev_add(struct fsdp_dp *dp, const char *name, const struct fsdp_dev_config *cfg,
@@ -108,7 +227,7 @@ int fsdp_dev_add(struct fsdp_dp *dp, const char *name, const struct fsdp_dev_con
     struct fsdp_dev_config k = *cfg;
     struct fsdp_dev *dev;
     uint64_t min_size;
-    struct fsdp_cmd c = {0};
+    struct dev_cmd c = {.op = CMD_ATTACH};
     int rc;
 
     if (!name || !*name || strlen(name) >= FSDP_NAME_MAX)
@@ -133,13 +252,16 @@ int fsdp_dev_add(struct fsdp_dp *dp, const char *name, const struct fsdp_dev_con
     if (!dev)
         return -ENOMEM;
     dev->dp = dp;
+    dev->ctx.events = dp_events(dp);
+    dev->ctx.max_request_bytes = k.max_request_bytes;
+    dev->ctx.stream_min = dp_config(dp)->stream_copy_min;
     dev->shadow_fd = -1;
     strcpy(dev->name, name);
     dev->cfg = k;
-    dev->num_queues = k.num_queues;
-    dev->ring_reserve = ring_reserve(k.max_queue_size);
-    dev->slot_size = dev->ring_reserve + k.bounce_per_queue;
-    min_size = dev->slot_size * k.num_queues;
+    dev->ctx.num_queues = k.num_queues;
+    dev->ctx.ring_reserve = ring_reserve(k.max_queue_size);
+    dev->ctx.slot_size = dev->ctx.ring_reserve + k.bounce_per_queue;
+    min_size = dev->ctx.slot_size * k.num_queues;
     if (k.shadow_size && FSDP_ALIGN_UP(k.shadow_size, FSDP_PAGE) < min_size) {
         rc = -ENOSPC;
         goto fail;
@@ -150,38 +272,21 @@ int fsdp_dev_add(struct fsdp_dp *dp, const char *name, const struct fsdp_dev_con
     if (rc)
         goto fail;
 
-    dev->q = calloc(k.num_queues, sizeof(*dev->q));
-    if (!dev->q) {
+    dev->ctx.q = calloc(k.num_queues, sizeof(*dev->ctx.q));
+    if (!dev->ctx.q) {
         rc = -ENOMEM;
         goto fail;
     }
+    for (uint32_t i = 0; i < k.num_queues; i++)
+        queue_init(&dev->ctx.q[i], &dev->ctx, i);
     for (uint32_t i = 0; i < k.num_queues; i++) {
-        struct fsdp_queue *q = &dev->q[i];
-        q->dev = dev;
-        q->idx = i;
-        q->guest_kick_fd = q->guest_call_fd = -1;
-        q->backend_kick_fd = q->backend_call_fd = -1;
-    }
-    for (uint32_t i = 0; i < k.num_queues; i++) {
-        struct fsdp_queue *q = &dev->q[i];
-        /* Non-blocking like QEMU's own event notifiers: the file status
-         * flags are shared with the backend once it receives the fd. */
-        q->backend_kick_fd = eventfd(0, EFD_CLOEXEC | EFD_NONBLOCK);
-        q->backend_call_fd = eventfd(0, EFD_CLOEXEC | EFD_NONBLOCK);
-        if (q->backend_kick_fd < 0 || q->backend_call_fd < 0) {
-            rc = -errno;
-            goto fail;
-        }
-        q->s_bounce_off = (uint64_t)i * dev->slot_size + dev->ring_reserve;
-        q->s_bounce = dev->shadow + q->s_bounce_off;
-        rc = bounce_init(&q->bounce, (uint32_t)(k.bounce_per_queue / FSDP_PAGE));
+        rc = queue_open(&dev->ctx.q[i]);
         if (rc)
             goto fail;
     }
 
-    c.fn = cmd_attach;
     c.dev = dev;
-    rc = dp_exec(dp, &c);
+    rc = exec(&c);
     if (rc)
         goto fail;
     *out = dev;
@@ -195,119 +300,80 @@ int fsdp_dev_info(struct fsdp_dev *dev, struct fsdp_dev_info *out)
 {
     /* Immutable after creation: no command needed. */
     memset(out, 0, sizeof(*out));
-    out->id = dev->id;
-    out->num_queues = dev->num_queues;
+    out->id = dev->ctx.id;
+    out->num_queues = dev->ctx.num_queues;
     out->max_queue_size = dev->cfg.max_queue_size;
     out->shadow_fd = dev->shadow_fd;
     out->shadow_size = dev->shadow_size;
     out->shadow_gpa = FSDP_SHADOW_GPA_BASE;
     out->shadow_uaddr = FSDP_SHADOW_UADDR_BASE;
-    out->queue_slot_size = dev->slot_size;
+    out->queue_slot_size = dev->ctx.slot_size;
     out->bounce_per_queue = dev->cfg.bounce_per_queue;
     return 0;
+}
+
+void fsdp_dp_free(struct fsdp_dp *dp)
+{
+    struct fsdp_devctx *d;
+
+    if (!dp)
+        return;
+    fsdp_dp_stop(dp);
+    while ((d = dp_take_dev(dp)))   /* devices never removed */
+        dev_destroy(dev_of(d));
+    dp_destroy(dp);
 }
 
 /* ------------------------------------------------------------------------ */
 /* Helpers run on the loop (or inline).                                       */
 
-/* Finish a queue_stop: the queue leaves the started state; requests still in
- * flight stay ours.  Returns the deferred stop command, if any. */
-struct fsdp_cmd *queue_stop_finish(struct fsdp_queue *q)
+static void after_cmd(struct dev_cmd *c, struct fsdp_queue *q)
 {
-    struct fsdp_cmd *w = q->stop_waiter;
-
-    q->started = false;
-    q->stopping = false;
-    q->stop_waiter = NULL;
-    if (w && w->out) {
-        struct fsdp_stop_result *res = w->out;
-        res->avail_idx = q->last_avail;
-        res->inflight = q->inflight;
-    }
-    return w;
-}
-
-/* Inline (synchronous) mode: send the notifications a command produced. */
-uint32_t queue_notify_sync(struct fsdp_queue *q)
-{
-    const uint64_t one = 1;
-    uint32_t flags = 0;
-    ssize_t w;
-
-    if (q->need_backend_kick) {
-        q->need_backend_kick = false;
-        w = write(q->backend_kick_fd, &one, sizeof(one));
-        (void)w;   /* EAGAIN: counter saturated, the backend is already woken */
-        q->st.backend_kicks++;
-        PROBE_BACKEND_KICK(q->dev->id, q->idx);
-        flags |= FSDP_POLL_BACKEND_KICKED;
-    }
-    if (q->need_guest_call) {
-        q->need_guest_call = false;
-        if (q->guest_call_fd >= 0) {
-            w = write(q->guest_call_fd, &one, sizeof(one));
-            (void)w;
-            q->st.guest_calls++;
-            PROBE_GUEST_CALL(q->dev->id, q->idx);
-            flags |= FSDP_POLL_GUEST_CALLED;
-        }
-    }
-    return flags;
-}
-
-static void after_cmd(struct fsdp_cmd *c, struct fsdp_queue *q)
-{
-    if (!c->deferrable)
-        queue_notify_sync(q);
+    if (!c->link.deferrable)
+        queue_notify(q, NULL);
     /* on the loop: the loop sends them after the command batch */
 }
 
 static struct fsdp_queue *get_q(struct fsdp_dev *dev, uint32_t q)
 {
-    return q < dev->num_queues ? &dev->q[q] : NULL;
+    return q < dev->ctx.num_queues ? &dev->ctx.q[q] : NULL;
 }
 
 static void retranslate_all(struct fsdp_dev *dev)
 {
-    for (uint32_t i = 0; i < dev->num_queues; i++)
-        if (dev->q[i].addr_set)
-            queue_translate_rings(&dev->q[i], true);
+    for (uint32_t i = 0; i < dev->ctx.num_queues; i++)
+        if (dev->ctx.q[i].addr_set)
+            queue_translate_rings(&dev->ctx.q[i], true);
 }
 
 /* ------------------------------------------------------------------------ */
 /* Device commands.                                                           */
 
-static int cmd_detach(struct fsdp_dp *dp, struct fsdp_cmd *c)
+static int cmd_detach(struct fsdp_dp *dp, struct dev_cmd *c)
 {
-    struct fsdp_dev *dev = c->dev;
-
-    for (uint32_t i = 0; i < dev->num_queues; i++) {
-        struct fsdp_cmd *w = dev->q[i].stop_waiter ? queue_stop_finish(&dev->q[i]) : NULL;
-        if (w)
-            dp_cmd_complete(dp, w, -ENODEV);
-    }
-    dp_detach_dev(dp, dev);
+    dp_detach(dp, &c->dev->ctx);    /* a stop still waiting fails with -ENODEV */
     return 0;
 }
 
 int fsdp_dev_remove(struct fsdp_dev *dev)
 {
-    struct fsdp_cmd c = {.fn = cmd_detach, .dev = dev};
-    int rc = dp_exec(dev->dp, &c);
+    struct dev_cmd c = {.op = CMD_DETACH, .dev = dev};
+    int rc = exec(&c);
+
     if (rc)
         return rc;
     dev_destroy(dev);
     return 0;
 }
 
-static int cmd_set_mem(struct fsdp_dp *dp, struct fsdp_cmd *c)
+static int cmd_set_mem(struct fsdp_dp *dp, struct dev_cmd *c)
 {
-    struct fsdp_mem *nm = c->out;
-    struct fsdp_mem tmp = c->dev->mem;
+    struct fsdp_mem *nm = c->arg.set_mem.mem;
+    struct fsdp_mem tmp = c->dev->ctx.mem;
 
-    c->dev->mem = *nm;
+    c->dev->ctx.mem = *nm;
     *nm = tmp;          /* the old table goes back to the caller to unmap */
-    c->dev->mem.last = 0;
+    c->dev->ctx.mem.last = 0;
     retranslate_all(c->dev);
     return 0;
 }
@@ -316,7 +382,7 @@ int fsdp_dev_set_mem_table(struct fsdp_dev *dev, const struct fsdp_mem_region *r
                            uint32_t n)
 {
     struct fsdp_mem *nm;
-    struct fsdp_cmd c = {.fn = cmd_set_mem, .dev = dev};
+    struct dev_cmd c = {.op = CMD_SET_MEM, .dev = dev};
     int rc = 0;
 
     if (n > FSDP_MAX_MEM_REGIONS)
@@ -334,8 +400,8 @@ int fsdp_dev_set_mem_table(struct fsdp_dev *dev, const struct fsdp_mem_region *r
         rc = mem_validate_table(nm->r, nm->n);
     }
     if (!rc) {
-        c.out = nm;
-        rc = dp_exec(dev->dp, &c);
+        c.arg.set_mem.mem = nm;
+        rc = exec(&c);
     }
     /* nm now holds either the rejected new table or the replaced old one. */
     for (uint32_t i = 0; i < nm->n; i++)
@@ -344,10 +410,10 @@ int fsdp_dev_set_mem_table(struct fsdp_dev *dev, const struct fsdp_mem_region *r
     return rc;
 }
 
-static int cmd_add_region(struct fsdp_dp *dp, struct fsdp_cmd *c)
+static int cmd_add_region(struct fsdp_dp *dp, struct dev_cmd *c)
 {
-    struct fsdp_mem *m = &c->dev->mem;
-    struct fsdp_region *nr = c->out;
+    struct fsdp_mem *m = &c->dev->ctx.mem;
+    struct fsdp_region *nr = c->arg.add_region.region;
     struct fsdp_region save[FSDP_MAX_MEM_REGIONS];
     uint32_t n = m->n;
 
@@ -370,25 +436,25 @@ static int cmd_add_region(struct fsdp_dp *dp, struct fsdp_cmd *c)
 int fsdp_dev_add_mem_region(struct fsdp_dev *dev, const struct fsdp_mem_region *region)
 {
     struct fsdp_region r;
-    struct fsdp_cmd c = {.fn = cmd_add_region, .dev = dev, .out = &r};
+    struct dev_cmd c = {.op = CMD_ADD_REGION, .dev = dev, .arg.add_region = {.region = &r}};
     int rc = mem_map_region(region, &r);
 
     if (rc)
         return rc;
-    rc = dp_exec(dev->dp, &c);
+    rc = exec(&c);
     if (rc)
         mem_unmap_region(&r);
     return rc;
 }
 
-static int cmd_remove_region(struct fsdp_dp *dp, struct fsdp_cmd *c)
+static int cmd_remove_region(struct fsdp_dp *dp, struct dev_cmd *c)
 {
-    struct fsdp_mem *m = &c->dev->mem;
-    struct fsdp_region *out = c->out;
+    struct fsdp_mem *m = &c->dev->ctx.mem;
+    uint64_t gpa = c->arg.remove_region.gpa, size = c->arg.remove_region.size;
 
     for (uint32_t i = 0; i < m->n; i++) {
-        if (m->r[i].gpa == c->u[0] && m->r[i].size == c->u[1]) {
-            *out = m->r[i];
+        if (m->r[i].gpa == gpa && m->r[i].size == size) {
+            *c->arg.remove_region.out = m->r[i];
             memmove(&m->r[i], &m->r[i + 1], (m->n - i - 1) * sizeof(m->r[0]));
             m->n--;
             m->last = 0;
@@ -402,29 +468,28 @@ static int cmd_remove_region(struct fsdp_dp *dp, struct fsdp_cmd *c)
 int fsdp_dev_remove_mem_region(struct fsdp_dev *dev, uint64_t gpa, uint64_t size)
 {
     struct fsdp_region r = {0};
-    struct fsdp_cmd c = {.fn = cmd_remove_region, .dev = dev, .out = &r, .u = {gpa, size}};
-    int rc = dp_exec(dev->dp, &c);
+    struct dev_cmd c = {.op = CMD_REMOVE_REGION, .dev = dev,
+                        .arg.remove_region = {.gpa = gpa, .size = size, .out = &r}};
+    int rc = exec(&c);
 
     if (!rc)
         mem_unmap_region(&r);   /* after the loop stopped using it */
     return rc;
 }
 
-static int cmd_reset(struct fsdp_dp *dp, struct fsdp_cmd *c)
+static int cmd_reset(struct fsdp_dp *dp, struct dev_cmd *c)
 {
     struct fsdp_dev *dev = c->dev;
 
-    dev->logging = false;   /* features are renegotiated after a reset */
-    for (uint32_t i = 0; i < dev->num_queues; i++) {
-        struct fsdp_queue *q = &dev->q[i];
-        struct fsdp_cmd *w = q->stop_waiter ? queue_stop_finish(q) : NULL;
-        if (w)
-            dp_cmd_complete(dp, w, 0);
-        queue_do_reset(q);
+    dev->ctx.log.on = false;   /* features are renegotiated after a reset */
+    for (uint32_t i = 0; i < dev->ctx.num_queues; i++) {
+        struct fsdp_queue *q = &dev->ctx.q[i];
+        dp_stop_end(dp, q, NULL, 0);
+        queue_reset(q);
         if (q->guest_kick_fd >= 0) {
             int fd = q->guest_kick_fd;
             q->guest_kick_fd = -1;
-            dp_fd_changed(dp, q);
+            dp_kick_fd_changed(dp, q);
             close(fd);
         }
         if (q->guest_call_fd >= 0) {
@@ -437,18 +502,19 @@ static int cmd_reset(struct fsdp_dp *dp, struct fsdp_cmd *c)
 
 int fsdp_dev_reset(struct fsdp_dev *dev)
 {
-    struct fsdp_cmd c = {.fn = cmd_reset, .dev = dev};
-    return dp_exec(dev->dp, &c);
+    struct dev_cmd c = {.op = CMD_RESET, .dev = dev};
+    return exec(&c);
 }
 
 /* ------------------------------------------------------------------------ */
 /* Dirty log (log.c).                                                         */
 
-static int cmd_set_log_base(struct fsdp_dp *dp, struct fsdp_cmd *c)
+static int cmd_set_log_base(struct fsdp_dp *dp, struct dev_cmd *c)
 {
-    struct fsdp_log *nl = c->out, old = c->dev->log;
+    struct fsdp_log *nl = c->arg.set_log_base.log, old = c->dev->ctx.log;
 
-    c->dev->log = *nl;
+    c->dev->ctx.log = *nl;
+    c->dev->ctx.log.on = old.on;   /* VHOST_F_LOG_ALL goes with the device, not the map */
     *nl = old;          /* the old log goes back to the caller to unmap */
     return 0;
 }
@@ -456,67 +522,72 @@ static int cmd_set_log_base(struct fsdp_dp *dp, struct fsdp_cmd *c)
 int fsdp_dev_set_log_base(struct fsdp_dev *dev, int fd, uint64_t size, uint64_t offset)
 {
     struct fsdp_log nl = {0};
-    struct fsdp_cmd c = {.fn = cmd_set_log_base, .dev = dev, .out = &nl};
+    struct dev_cmd c = {.op = CMD_SET_LOG_BASE, .dev = dev, .arg.set_log_base = {.log = &nl}};
     int rc = fd < 0 ? 0 : log_map(fd, size, offset, &nl);
 
     if (rc)
         return rc;
-    rc = dp_exec(dev->dp, &c);
+    rc = exec(&c);
     log_unmap(&nl);     /* the replaced log, after the loop stopped using it */
     return rc;
 }
 
-static int cmd_set_logging(struct fsdp_dp *dp, struct fsdp_cmd *c)
+static int cmd_set_logging(struct fsdp_dp *dp, struct dev_cmd *c)
 {
-    c->dev->logging = c->u[0] != 0;
+    c->dev->ctx.log.on = c->arg.set_logging.on;
     return 0;
 }
 
 int fsdp_dev_set_logging(struct fsdp_dev *dev, int on)
 {
-    struct fsdp_cmd c = {.fn = cmd_set_logging, .dev = dev, .u = {on != 0}};
-    return dp_exec(dev->dp, &c);
+    struct dev_cmd c = {.op = CMD_SET_LOGGING, .dev = dev, .arg.set_logging = {.on = on != 0}};
+    return exec(&c);
 }
 
-static int cmd_set_log_used(struct fsdp_dp *dp, struct fsdp_cmd *c)
+static int cmd_set_log_used(struct fsdp_dp *dp, struct dev_cmd *c)
 {
     struct fsdp_queue *q = get_q(c->dev, c->q);
 
     if (!q)
         return -EINVAL;
-    q->log_used = c->u[0] != 0;
-    q->log_used_gpa = c->u[1];
+    q->log_used = c->arg.set_log_used.on;
+    q->log_used_gpa = c->arg.set_log_used.used_gpa;
     return 0;
 }
 
 int fsdp_queue_set_log_used(struct fsdp_dev *dev, uint32_t q, int on, uint64_t used_gpa)
 {
-    struct fsdp_cmd c = {.fn = cmd_set_log_used, .dev = dev, .q = q, .u = {on != 0, used_gpa}};
-    return dp_exec(dev->dp, &c);
+    struct dev_cmd c = {.op = CMD_SET_LOG_USED, .dev = dev, .q = q,
+                        .arg.set_log_used = {.on = on != 0, .used_gpa = used_gpa}};
+    return exec(&c);
 }
 
-static int cmd_poll(struct fsdp_dp *dp, struct fsdp_cmd *c)
+/* ------------------------------------------------------------------------ */
+/* Synchronous engine (loop not running).                                     */
+
+static int cmd_poll(struct fsdp_dp *dp, struct dev_cmd *c)
 {
     struct fsdp_dev *dev = c->dev;
     uint32_t flags = 0;
 
-    for (uint32_t i = 0; i < dev->num_queues; i++) {
-        struct fsdp_queue *q = &dev->q[i];
+    for (uint32_t i = 0; i < dev->ctx.num_queues; i++) {
+        struct fsdp_queue *q = &dev->ctx.q[i];
         if (queue_process(q))
             flags |= FSDP_POLL_PROGRESS;
         if (q->more)
             flags |= FSDP_POLL_MORE;
-        flags |= queue_notify_sync(q);
+        flags |= queue_notify(q, NULL);
     }
-    *(uint32_t *)c->out = flags;
+    *c->arg.poll.flags = flags;
     return 0;
 }
 
 int fsdp_dev_poll(struct fsdp_dev *dev, uint32_t *out_flags)
 {
     uint32_t flags = 0;
-    struct fsdp_cmd c = {.fn = cmd_poll, .dev = dev, .out = &flags};
-    int rc = dp_exec_inline(dev->dp, &c);
+    struct dev_cmd c = {.link.fn = run_cmd, .op = CMD_POLL, .dev = dev,
+                        .arg.poll = {.flags = &flags}};
+    int rc = dp_exec_inline(dev->dp, &c.link);
 
     if (out_flags)
         *out_flags = flags;
@@ -526,119 +597,72 @@ int fsdp_dev_poll(struct fsdp_dev *dev, uint32_t *out_flags)
 /* ------------------------------------------------------------------------ */
 /* Queue commands.                                                            */
 
-static int cmd_set_num(struct fsdp_dp *dp, struct fsdp_cmd *c)
+static int cmd_set_num(struct fsdp_dp *dp, struct dev_cmd *c)
 {
-    struct fsdp_dev *dev = c->dev;
-    struct fsdp_queue *q = get_q(dev, c->q);
-    uint32_t num = (uint32_t)c->u[0];
-    uint64_t base;
-    int rc;
+    struct fsdp_queue *q = get_q(c->dev, c->q);
+    uint32_t num = c->arg.set_num.num;
 
-    if (!q || num == 0 || num > dev->cfg.max_queue_size)
+    if (!q || num == 0 || num > c->dev->cfg.max_queue_size)
         return -EINVAL;
-    if (q->started || q->inflight)
-        return -EBUSY;
-    rc = queue_alloc(q, num);
-    if (rc)
-        return rc;
-    q->num = num;
-    base = (uint64_t)q->idx * dev->slot_size;
-    q->s_desc_off = base;
-    q->s_avail_off = base + FSDP_ALIGN_UP(vring_desc_size(num), FSDP_PAGE);
-    q->s_used_off = q->s_avail_off + FSDP_ALIGN_UP(vring_avail_size(num), FSDP_PAGE);
-    q->s_desc = dev->shadow + q->s_desc_off;
-    q->s_avail = dev->shadow + q->s_avail_off;
-    q->s_used = dev->shadow + q->s_used_off;
-    if (q->addr_set)
-        queue_translate_rings(q, false);
-    return 0;
+    return queue_set_num(q, num);
 }
 
 int fsdp_queue_set_num(struct fsdp_dev *dev, uint32_t q, uint32_t num)
 {
-    struct fsdp_cmd c = {.fn = cmd_set_num, .dev = dev, .q = q, .u = {num}};
-    return dp_exec(dev->dp, &c);
+    struct dev_cmd c = {.op = CMD_SET_NUM, .dev = dev, .q = q, .arg.set_num = {.num = num}};
+    return exec(&c);
 }
 
-static int cmd_set_base(struct fsdp_dp *dp, struct fsdp_cmd *c)
+static int cmd_set_base(struct fsdp_dp *dp, struct dev_cmd *c)
 {
     struct fsdp_queue *q = get_q(c->dev, c->q);
 
-    if (!q || c->u[0] > 0xffff)
+    if (!q)
         return -EINVAL;
-    if (q->started)
-        return -EBUSY;
-    q->last_avail = (uint16_t)c->u[0];
-    return 0;
+    return queue_set_base(q, c->arg.set_base.avail_idx);
 }
 
 int fsdp_queue_set_base(struct fsdp_dev *dev, uint32_t q, uint32_t avail_idx)
 {
-    struct fsdp_cmd c = {.fn = cmd_set_base, .dev = dev, .q = q, .u = {avail_idx}};
-    return dp_exec(dev->dp, &c);
+    struct dev_cmd c = {.op = CMD_SET_BASE, .dev = dev, .q = q,
+                        .arg.set_base = {.avail_idx = avail_idx}};
+    return exec(&c);
 }
 
-static int cmd_set_addr(struct fsdp_dp *dp, struct fsdp_cmd *c)
+static int cmd_set_addr(struct fsdp_dp *dp, struct dev_cmd *c)
 {
     struct fsdp_queue *q = get_q(c->dev, c->q);
-    uint64_t od, oa, ou;
-    bool oset;
-    int rc;
 
-    if (!q || !q->num)
+    if (!q)
         return -EINVAL;
-    if (q->started)
-        return -EBUSY;
-    od = q->desc_uaddr;
-    oa = q->avail_uaddr;
-    ou = q->used_uaddr;
-    oset = q->addr_set;
-    q->desc_uaddr = c->u[0];
-    q->avail_uaddr = c->u[1];
-    q->used_uaddr = c->u[2];
-    q->addr_set = true;
-    rc = queue_translate_rings(q, false);
-    if (rc) {
-        /* keep the previous (valid) configuration */
-        q->desc_uaddr = od;
-        q->avail_uaddr = oa;
-        q->used_uaddr = ou;
-        q->addr_set = oset;
-        if (oset)
-            queue_translate_rings(q, false);
-    } else if (!q->inflight) {
-        /* The backend reads used->idx when it is told the ring addresses
-         * (libvhost-user does, at SET_VRING_ADDR), before any kick starts
-         * our side: the shadow ring must already read as fresh then, not
-         * hold the indices of the previous run (guest reset, reboot). */
-        queue_clear_shadow(q);
-    }
-    return rc;
+    return queue_set_addr(q, c->arg.set_addr.desc, c->arg.set_addr.avail, c->arg.set_addr.used);
 }
 
 int fsdp_queue_set_addr(struct fsdp_dev *dev, uint32_t q, uint64_t desc_uaddr,
                         uint64_t avail_uaddr, uint64_t used_uaddr)
 {
-    struct fsdp_cmd c = {.fn = cmd_set_addr, .dev = dev, .q = q,
-                         .u = {desc_uaddr, avail_uaddr, used_uaddr}};
-    return dp_exec(dev->dp, &c);
+    struct dev_cmd c = {.op = CMD_SET_ADDR, .dev = dev, .q = q,
+                        .arg.set_addr = {.desc = desc_uaddr, .avail = avail_uaddr,
+                                         .used = used_uaddr}};
+    return exec(&c);
 }
 
-static int cmd_set_fd(struct fsdp_dp *dp, struct fsdp_cmd *c)
+static int cmd_set_guest_fd(struct fsdp_dp *dp, struct dev_cmd *c)
 {
     struct fsdp_queue *q = get_q(c->dev, c->q);
+    bool call = c->arg.set_guest_fd.call;
     int *slot, old;
 
     if (!q)
         return -EINVAL;
-    slot = c->u[1] ? &q->guest_call_fd : &q->guest_kick_fd;
+    slot = call ? &q->guest_call_fd : &q->guest_kick_fd;
     old = *slot;
-    *slot = (int)(int64_t)c->u[0];
-    if (c->u[1])
-        q->guest_call_blocking = c->u[2];
-    c->u[0] = (uint64_t)(int64_t)-1;   /* consumed */
-    if (!c->u[1])
-        dp_fd_changed(dp, q);           /* cancel the read armed on the old kick fd */
+    *slot = c->arg.set_guest_fd.fd;
+    if (call)
+        q->guest_call_blocking = c->arg.set_guest_fd.blocking;
+    c->arg.set_guest_fd.fd = -1;        /* consumed */
+    if (!call)
+        dp_kick_fd_changed(dp, q);      /* cancel the read armed on the old kick fd */
     if (old >= 0)
         close(old);
     return 0;
@@ -646,23 +670,22 @@ static int cmd_set_fd(struct fsdp_dp *dp, struct fsdp_cmd *c)
 
 static int set_guest_fd(struct fsdp_dev *dev, uint32_t q, int fd, bool call)
 {
-    int nfd = -1, rc;
-    struct fsdp_cmd c = {.fn = cmd_set_fd, .dev = dev, .q = q};
+    struct dev_cmd c = {.op = CMD_SET_GUEST_FD, .dev = dev, .q = q,
+                        .arg.set_guest_fd = {.fd = -1, .call = call}};
+    int rc;
 
     if (fd >= 0) {
         int fl = fcntl(fd, F_GETFL);
         if (fl < 0)
             return -errno;
-        nfd = fcntl(fd, F_DUPFD_CLOEXEC, 0);   /* the caller keeps its own */
-        if (nfd < 0)
+        c.arg.set_guest_fd.fd = fcntl(fd, F_DUPFD_CLOEXEC, 0);   /* the caller keeps its own */
+        if (c.arg.set_guest_fd.fd < 0)
             return -errno;
-        c.u[2] = !(fl & O_NONBLOCK);
+        c.arg.set_guest_fd.blocking = !(fl & O_NONBLOCK);
     }
-    c.u[0] = (uint64_t)(int64_t)nfd;
-    c.u[1] = call;
-    rc = dp_exec(dev->dp, &c);
-    if ((int64_t)c.u[0] >= 0)
-        close(nfd);   /* not consumed */
+    rc = exec(&c);
+    if (c.arg.set_guest_fd.fd >= 0)
+        close(c.arg.set_guest_fd.fd);   /* not consumed */
     return rc;
 }
 
@@ -679,128 +702,101 @@ int fsdp_queue_set_guest_call(struct fsdp_dev *dev, uint32_t q, int fd)
 int fsdp_queue_backend_fds(struct fsdp_dev *dev, uint32_t q, int *kick_fd, int *call_fd)
 {
     /* Created with the device, never replaced: no command needed. */
-    if (q >= dev->num_queues)
+    if (q >= dev->ctx.num_queues)
         return -EINVAL;
-    *kick_fd = dev->q[q].backend_kick_fd;
-    *call_fd = dev->q[q].backend_call_fd;
+    *kick_fd = dev->ctx.q[q].backend_kick_fd;
+    *call_fd = dev->ctx.q[q].backend_call_fd;
     return 0;
 }
 
-static int cmd_shadow_addrs(struct fsdp_dp *dp, struct fsdp_cmd *c)
+static int cmd_shadow_addrs(struct fsdp_dp *dp, struct dev_cmd *c)
 {
     struct fsdp_queue *q = get_q(c->dev, c->q);
-    uint64_t *o = c->out;
 
     if (!q || !q->num)
         return -EINVAL;
-    o[0] = FSDP_SHADOW_UADDR_BASE + q->s_desc_off;
-    o[1] = FSDP_SHADOW_UADDR_BASE + q->s_avail_off;
-    o[2] = FSDP_SHADOW_UADDR_BASE + q->s_used_off;
+    c->arg.shadow_addrs.desc = FSDP_SHADOW_UADDR_BASE + q->s_desc_off;
+    c->arg.shadow_addrs.avail = FSDP_SHADOW_UADDR_BASE + q->s_avail_off;
+    c->arg.shadow_addrs.used = FSDP_SHADOW_UADDR_BASE + q->s_used_off;
     return 0;
 }
 
 int fsdp_queue_shadow_addrs(struct fsdp_dev *dev, uint32_t q, uint64_t *desc,
                             uint64_t *avail, uint64_t *used)
 {
-    uint64_t o[3] = {0};
-    struct fsdp_cmd c = {.fn = cmd_shadow_addrs, .dev = dev, .q = q, .out = o};
-    int rc = dp_exec(dev->dp, &c);
+    struct dev_cmd c = {.op = CMD_SHADOW_ADDRS, .dev = dev, .q = q};
+    int rc = exec(&c);
 
-    *desc = o[0];
-    *avail = o[1];
-    *used = o[2];
+    *desc = c.arg.shadow_addrs.desc;
+    *avail = c.arg.shadow_addrs.avail;
+    *used = c.arg.shadow_addrs.used;
     return rc;
 }
 
-static int cmd_start(struct fsdp_dp *dp, struct fsdp_cmd *c)
+static int cmd_start(struct fsdp_dp *dp, struct dev_cmd *c)
 {
     struct fsdp_queue *q = get_q(c->dev, c->q);
     int rc;
 
     if (!q)
         return -EINVAL;
-    rc = queue_do_start(q, (uint32_t)c->u[0]);
+    rc = queue_start(q, c->arg.start.flags);
     if (rc)
         return rc;
-    /* Kicks may have been consumed before the start, and re-published
-     * requests need a kick: one pass now. */
-    queue_process(q);
-    if (q->s_avail_idx)
-        q->need_backend_kick = true;
     after_cmd(c, q);
     return 0;
 }
 
 int fsdp_queue_start(struct fsdp_dev *dev, uint32_t q, uint32_t flags)
 {
-    struct fsdp_cmd c = {.fn = cmd_start, .dev = dev, .q = q, .u = {flags}};
-    return dp_exec(dev->dp, &c);
+    struct dev_cmd c = {.op = CMD_START, .dev = dev, .q = q, .arg.start = {.flags = flags}};
+    return exec(&c);
 }
 
-static int cmd_pause(struct fsdp_dp *dp, struct fsdp_cmd *c)
+static int cmd_pause(struct fsdp_dp *dp, struct dev_cmd *c)
 {
     struct fsdp_queue *q = get_q(c->dev, c->q);
 
     if (!q)
         return -EINVAL;
-    if (!q->started)
-        return 0;
-    q->stopping = true;         /* no more intake; harvest goes on */
-    queue_process(q);
-    after_cmd(c, q);
+    if (queue_pause(q))
+        after_cmd(c, q);
     return 0;
 }
 
 int fsdp_queue_pause(struct fsdp_dev *dev, uint32_t q)
 {
-    struct fsdp_cmd c = {.fn = cmd_pause, .dev = dev, .q = q};
-    return dp_exec(dev->dp, &c);
+    struct dev_cmd c = {.op = CMD_PAUSE, .dev = dev, .q = q};
+    return exec(&c);
 }
 
-static int cmd_stop(struct fsdp_dp *dp, struct fsdp_cmd *c)
+static int cmd_stop(struct fsdp_dp *dp, struct dev_cmd *c)
 {
     struct fsdp_queue *q = get_q(c->dev, c->q);
-    struct fsdp_stop_result *res = c->out;
+    struct fsdp_stop_result *res = c->arg.stop.res;
 
     if (!q)
         return -EINVAL;
-    if (q->stop_waiter)
+    if (dp_stop_waiting(dp, q))
         return -EBUSY;
     if (!q->started) {
-        res->avail_idx = q->last_avail;
-        res->inflight = q->inflight;
+        queue_stop_result(q, res);
         return q->inflight ? -ETIMEDOUT : 0;
     }
-    q->stopping = true;         /* no more intake from now on */
-    queue_process(q);           /* harvest what is already completed */
-    if (c->u[0] <= UINT16_MAX) {         /* the backend's next avail index */
-        queue_backend_stopped(q, (uint16_t)c->u[0], res);
-    } else if (c->u[0] != UINT64_MAX) {  /* a split ring index has 16 bits */
-        dev_event(q->dev, q->idx, FSDP_EV_BAD_STOP_INDEX, 0, c->u[0], q->s_avail_idx);
-        q->st.backend_errors++;
-    }
+    queue_stop(q, c->arg.stop.backend_next_avail, res);
     after_cmd(c, q);
-    q->stop_waiter = c;         /* so that queue_stop_finish fills c->out */
-    if (queue_draining(q) && c->deferrable) {
-        /* Completed by the loop when nothing taken is left in flight
-         * (process_all), or by cmd_stop_cancel when the caller's timeout
-         * expires. */
-        c->deferred = true;
-        return 0;
-    }
-    queue_stop_finish(q);
+    if (queue_draining(q) && c->link.deferrable && dp_stop_wait(dp, q, &c->link, res) == 0)
+        return 0;               /* the loop completes it (or cmd_stop_cancel) */
+    queue_stop_finish(q, res);
     return queue_draining(q) ? -ETIMEDOUT : 0;
 }
 
-static int cmd_stop_cancel(struct fsdp_dp *dp, struct fsdp_cmd *c)
+static int cmd_stop_cancel(struct fsdp_dp *dp, struct dev_cmd *c)
 {
     struct fsdp_queue *q = get_q(c->dev, c->q);
-    struct fsdp_cmd *target = (struct fsdp_cmd *)c->p;
 
-    if (q && q->stop_waiter == target) {
-        queue_stop_finish(q);
-        dp_cmd_complete(dp, target, -ETIMEDOUT);
-    }
+    if (q)
+        dp_stop_end(dp, q, &c->arg.stop_cancel.target->link, -ETIMEDOUT);
     return 0;
 }
 
@@ -808,70 +804,98 @@ int fsdp_queue_stop(struct fsdp_dev *dev, uint32_t q, uint32_t timeout_ms,
                     int64_t backend_next_avail, struct fsdp_stop_result *out)
 {
     struct fsdp_stop_result res = {0};
-    struct fsdp_cmd c = {.fn = cmd_stop, .dev = dev, .q = q, .out = &res,
-                         .u = {backend_next_avail < 0 ? UINT64_MAX : (uint64_t)backend_next_avail}};
-    int rc = dp_exec_timed(dev->dp, &c, (int64_t)timeout_ms, cmd_stop_cancel);
+    struct dev_cmd c = {.link.fn = run_cmd, .op = CMD_STOP, .dev = dev, .q = q,
+                        .arg.stop = {.backend_next_avail = backend_next_avail, .res = &res}};
+    /* Run on the loop only if the caller's timeout expires first. */
+    struct dev_cmd cancel = {.link.fn = run_cmd, .op = CMD_STOP_CANCEL, .dev = dev, .q = q,
+                             .arg.stop_cancel = {.target = &c}};
+    int rc = dp_exec_timed(dev->dp, &c.link, (int64_t)timeout_ms, &cancel.link);
 
     if (out)
         *out = res;
     return rc;
 }
 
-static int cmd_clear_shadow(struct fsdp_dp *dp, struct fsdp_cmd *c)
+static int cmd_clear_shadow(struct fsdp_dp *dp, struct dev_cmd *c)
 {
     struct fsdp_queue *q = get_q(c->dev, c->q);
 
     if (!q)
         return -EINVAL;
-    if (q->started)
-        return -EBUSY;      /* stop it first */
-    if (q->rings_ok)
-        queue_clear_shadow(q);
-    return 0;
+    return queue_clear_shadow(q);
 }
 
 int fsdp_queue_clear_shadow(struct fsdp_dev *dev, uint32_t q)
 {
-    struct fsdp_cmd c = {.fn = cmd_clear_shadow, .dev = dev, .q = q};
-    return dp_exec(dev->dp, &c);
+    struct dev_cmd c = {.op = CMD_CLEAR_SHADOW, .dev = dev, .q = q};
+    return exec(&c);
 }
 
-static int cmd_abort(struct fsdp_dp *dp, struct fsdp_cmd *c)
+static int cmd_abort(struct fsdp_dp *dp, struct dev_cmd *c)
 {
     struct fsdp_queue *q = get_q(c->dev, c->q);
-    uint32_t n;
+    int n;
 
     if (!q)
         return -EINVAL;
-    if (q->started)
-        return -EBUSY;      /* stop it first */
-    if (!q->inflight)
-        return 0;
-    if (!q->rings_ok)
-        return -EFAULT;
-    n = queue_abort_inflight(q);
-    after_cmd(c, q);
-    return (int)n;
+    n = queue_abort(q);
+    if (n > 0)
+        after_cmd(c, q);
+    return n;
 }
 
 int fsdp_queue_abort(struct fsdp_dev *dev, uint32_t q)
 {
-    struct fsdp_cmd c = {.fn = cmd_abort, .dev = dev, .q = q};
-    return dp_exec(dev->dp, &c);
+    struct dev_cmd c = {.op = CMD_ABORT, .dev = dev, .q = q};
+    return exec(&c);
 }
 
-static int cmd_stats(struct fsdp_dp *dp, struct fsdp_cmd *c)
+static int cmd_stats(struct fsdp_dp *dp, struct dev_cmd *c)
 {
     struct fsdp_queue *q = get_q(c->dev, c->q);
 
     if (!q)
         return -EINVAL;
-    *(struct fsdp_queue_stats *)c->out = q->st;
+    *c->arg.stats.out = q->st;
     return 0;
 }
 
 int fsdp_queue_stats(struct fsdp_dev *dev, uint32_t q, struct fsdp_queue_stats *out)
 {
-    struct fsdp_cmd c = {.fn = cmd_stats, .dev = dev, .q = q, .out = out};
-    return dp_exec(dev->dp, &c);
+    struct dev_cmd c = {.op = CMD_STATS, .dev = dev, .q = q, .arg.stats = {.out = out}};
+    return exec(&c);
+}
+
+/* ------------------------------------------------------------------------ */
+/* Dispatch (on the loop, or inline).                                         */
+
+static int run_cmd(struct fsdp_dp *dp, struct fsdp_cmd *link)
+{
+    struct dev_cmd *c = (struct dev_cmd *)((char *)link - offsetof(struct dev_cmd, link));
+
+    switch (c->op) {
+    case CMD_ATTACH:        return cmd_attach(dp, c);
+    case CMD_DETACH:        return cmd_detach(dp, c);
+    case CMD_SET_MEM:       return cmd_set_mem(dp, c);
+    case CMD_ADD_REGION:    return cmd_add_region(dp, c);
+    case CMD_REMOVE_REGION: return cmd_remove_region(dp, c);
+    case CMD_RESET:         return cmd_reset(dp, c);
+    case CMD_SET_LOG_BASE:  return cmd_set_log_base(dp, c);
+    case CMD_SET_LOGGING:   return cmd_set_logging(dp, c);
+    case CMD_POLL:          return cmd_poll(dp, c);
+    case CMD_SET_LOG_USED:  return cmd_set_log_used(dp, c);
+    case CMD_SET_NUM:       return cmd_set_num(dp, c);
+    case CMD_SET_BASE:      return cmd_set_base(dp, c);
+    case CMD_SET_ADDR:      return cmd_set_addr(dp, c);
+    case CMD_SET_GUEST_FD:  return cmd_set_guest_fd(dp, c);
+    case CMD_SHADOW_ADDRS:  return cmd_shadow_addrs(dp, c);
+    case CMD_START:         return cmd_start(dp, c);
+    case CMD_PAUSE:         return cmd_pause(dp, c);
+    case CMD_STOP:          return cmd_stop(dp, c);
+    case CMD_STOP_CANCEL:   return cmd_stop_cancel(dp, c);
+    case CMD_CLEAR_SHADOW:  return cmd_clear_shadow(dp, c);
+    case CMD_ABORT:         return cmd_abort(dp, c);
+    case CMD_STATS:         return cmd_stats(dp, c);
+    }
+    return -EINVAL;
 }

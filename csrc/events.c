@@ -1,6 +1,11 @@
 /*
  * events.c: the event ring (refusals, broken queues, backend violations).
  *
+ * Owns: the event ring (struct fsdp_evring) and the names and texts of the
+ * event codes (fsdp_event_name / fsdp_event_str).  A leaf: it knows nothing
+ * of devices or of the loop (fsdp_dp_drain_events is loop.c's).
+ * Calls: base only.
+ *
  * Fixed size, written by the loop thread (or the caller in synchronous
  * mode), drained by the Python control plane.  When full, new records are
  * dropped and counted (the first records name the first cause, which is the
@@ -14,7 +19,7 @@
 #include <sys/eventfd.h>
 #include <unistd.h>
 
-#include "fsdp_internal.h"
+#include "events.h"
 
 int evring_init(struct fsdp_evring *r, uint32_t size)
 {
@@ -62,20 +67,18 @@ void evring_push(struct fsdp_evring *r, const struct fsdp_event *e)
     }
 }
 
-void dev_event(struct fsdp_dev *dev, uint32_t q, uint32_t code, uint32_t head,
-               uint64_t a, uint64_t b)
+void ev_emit(struct fsdp_evring *r, uint32_t dev, uint32_t q, uint32_t code, uint32_t head,
+             uint64_t a, uint64_t b)
 {
     struct fsdp_event e = {
-        .dev = dev->id, .queue = q, .code = code,
+        .dev = dev, .queue = q, .code = code,
         .head = head, .a = a, .b = b,
     };
-    evring_push(dp_events(dev->dp), &e);
+    evring_push(r, &e);
 }
 
-int fsdp_dp_drain_events(struct fsdp_dp *dp, struct fsdp_event *out, uint32_t max,
-                         uint64_t *lost)
+int evring_drain(struct fsdp_evring *r, struct fsdp_event *out, uint32_t max, uint64_t *lost)
 {
-    struct fsdp_evring *r = dp_events(dp);
     uint64_t cnt;
     uint32_t n = 0;
     ssize_t rd;

@@ -1,6 +1,9 @@
 /*
  * log.c: dirty-page logging for live migration (VHOST_F_LOG_ALL).
  *
+ * Owns: the dirty log (struct fsdp_log): mapping it, marking pages.
+ * Calls: mem (the log is mapped like a guest region), events.
+ *
  * In isolated mode fastshadow is the only writer of guest memory on the data
  * path (the backend writes the shadow region, never guest RAM), so it is
  * fastshadow, not the backend, that marks the pages it writes in the log
@@ -21,7 +24,9 @@
  * GET_VRING_BASE, which returns only once every request the backend took was
  * completed (and so logged) here.
  */
-#include "fsdp_internal.h"
+#include "log.h"
+#include "events.h"
+#include "mem.h"
 
 #define LOG_PAGE 4096u
 
@@ -42,13 +47,13 @@ void log_unmap(struct fsdp_log *l)
 }
 
 /* Mark the pages of [gpa, gpa + len).  Returns the pages marked. */
-uint64_t log_write(struct fsdp_dev *dev, uint32_t q, uint64_t gpa, uint64_t len)
+uint64_t log_write(struct fsdp_log *l, struct fsdp_evring *ev, uint32_t dev, uint32_t q,
+                   uint64_t gpa, uint64_t len)
 {
-    struct fsdp_log *l = &dev->log;
     uint8_t *bits = l->map.host;
     uint64_t first, last, n = 0;
 
-    if (!dev->logging || !bits || !len)
+    if (!l->on || !bits || !len)
         return 0;
     if (len - 1 > UINT64_MAX - gpa)
         last = UINT64_MAX / LOG_PAGE;
@@ -61,7 +66,7 @@ uint64_t log_write(struct fsdp_dev *dev, uint32_t q, uint64_t gpa, uint64_t len)
              * log too small for the memory table.  Said once per log. */
             if (!l->overflow_reported) {
                 l->overflow_reported = true;
-                dev_event(dev, q, FSDP_EV_LOG_OUT_OF_RANGE, 0, page * LOG_PAGE, l->map.size);
+                ev_emit(ev, dev, q, FSDP_EV_LOG_OUT_OF_RANGE, 0, page * LOG_PAGE, l->map.size);
             }
             break;
         }

@@ -1,6 +1,14 @@
 /*
  * loop.c: the data plane thread, its io_uring, and the command channel.
  *
+ * Owns: struct fsdp_dp (the thread, its io_uring, the command channel, the
+ * event ring, the device table) and, per queue, what only the loop needs
+ * (struct watch: the armed reads, and a stop waiting for the queue to
+ * drain); the public fsdp_dp_* functions except fsdp_dp_free (device.c).
+ * Calls: queue (finishing a stop), shadow (a pass, busy-poll, notifications),
+ * events, probes.  Knows devices only as struct fsdp_devctx, and commands
+ * only as struct fsdp_cmd.
+ *
  * One thread owns one io_uring (SINGLE_ISSUER | DEFER_TASKRUN when the
  * kernel takes them: completions are then only run when this thread waits,
  * which is exactly when it wants them, with no IPI or extra wakeup).
@@ -61,8 +69,11 @@
 #include <time.h>
 #include <unistd.h>
 
-#include "fsdp_internal.h"
+#include "loop.h"
+#include "events.h"
 #include "probes.h"
+#include "queue.h"
+#include "shadow.h"
 
 #define MAX_DEVS 256
 #define SQ_ENTRIES 256
@@ -70,6 +81,21 @@
 
 enum { ST_STOPPED, ST_STARTING, ST_RUNNING, ST_STOPPING };
 enum { K_CMD = 1, K_KICK = 2, K_CALL = 3, K_WRITE = 4, K_CANCEL = 5 };
+
+/* What the loop keeps per queue; nobody else reads it. */
+struct watch {
+    uint32_t kick_token, call_token;    /* of the armed reads (see user_data) */
+    bool kick_armed, call_armed;
+    bool kick_failed;                   /* read on the kick fd failed: poll this queue */
+    struct fsdp_cmd *stop;              /* a stop waiting for the queue to drain */
+    struct fsdp_stop_result *stop_res;  /* ... and where its result goes */
+};
+
+/* One entry of the device table. */
+struct loop_dev {
+    struct fsdp_devctx *d;              /* NULL: free */
+    struct watch *w;                    /* one per queue */
+};
 
 struct fsdp_dp {
     struct fsdp_dp_config cfg;
@@ -84,7 +110,7 @@ struct fsdp_dp {
     int start_rc;
     bool start_done;
 
-    struct fsdp_dev *devs[MAX_DEVS];
+    struct loop_dev devs[MAX_DEVS];
     uint32_t ndevs;                     /* highest id + 1 */
 
     struct fsdp_evring ev;
@@ -96,6 +122,7 @@ struct fsdp_dp {
     bool cmd_armed;
     uint64_t sink;                      /* target of every eventfd read */
     uint64_t one;                       /* source of every eventfd write */
+    struct fsdp_batch batch;            /* queue_notify's way to our ring */
     unsigned ring_flags;
     uint64_t poll_ns;                   /* current busy-poll window, <= busy_poll_us */
 };
@@ -112,7 +139,9 @@ static inline uint32_t ud_token(uint64_t u) { return (uint32_t)(u >> 32); }
 
 struct fsdp_evring *dp_events(struct fsdp_dp *dp) { return &dp->ev; }
 
-bool dp_loop_running(struct fsdp_dp *dp)
+const struct fsdp_dp_config *dp_config(struct fsdp_dp *dp) { return &dp->cfg; }
+
+static bool loop_running(struct fsdp_dp *dp)
 {
     return __atomic_load_n(&dp->state, __ATOMIC_ACQUIRE) == ST_RUNNING;
 }
@@ -174,10 +203,9 @@ static void enqueue_locked(struct fsdp_dp *dp, struct fsdp_cmd *c)
 }
 
 int dp_exec_timed(struct fsdp_dp *dp, struct fsdp_cmd *c, int64_t timeout_ms,
-                  fsdp_cmd_fn cancel_fn)
+                  struct fsdp_cmd *cancel)
 {
     struct timespec dl;
-    struct fsdp_cmd cc = {0};
     int rc;
 
     pthread_mutex_lock(&dp->lock);
@@ -205,12 +233,8 @@ int dp_exec_timed(struct fsdp_dp *dp, struct fsdp_cmd *c, int64_t timeout_ms,
     }
     if (!c->done) {
         /* The loop still holds c: ask it (on its own thread) to let go. */
-        cc.fn = cancel_fn;
-        cc.dev = c->dev;
-        cc.q = c->q;
-        cc.p = c;
-        enqueue_locked(dp, &cc);
-        while (!c->done || !cc.done)
+        enqueue_locked(dp, cancel);
+        while (!c->done || !cancel->done)
             pthread_cond_wait(&dp->cond, &dp->lock);
     }
     rc = c->rc;
@@ -220,7 +244,7 @@ int dp_exec_timed(struct fsdp_dp *dp, struct fsdp_cmd *c, int64_t timeout_ms,
 
 int dp_exec(struct fsdp_dp *dp, struct fsdp_cmd *c)
 {
-    return dp_exec_timed(dp, c, -1, NULL);
+    return dp_exec_timed(dp, c, -1, NULL);   /* never times out: no cancel */
 }
 
 int dp_exec_inline(struct fsdp_dp *dp, struct fsdp_cmd *c)
@@ -255,20 +279,31 @@ static void run_commands(struct fsdp_dp *dp)
 /* ------------------------------------------------------------------------ */
 /* Devices in the loop.                                                       */
 
-int dp_attach_dev(struct fsdp_dp *dp, struct fsdp_dev *dev)
+int dp_attach(struct fsdp_dp *dp, struct fsdp_devctx *d)
 {
     for (uint32_t id = 0; id < MAX_DEVS; id++) {
-        if (!dp->devs[id]) {
-            dp->devs[id] = dev;
-            dev->id = id;
-            dev->stream_min = dp->cfg.stream_copy_min;
-            dev->attached = true;
+        if (!dp->devs[id].d) {
+            struct watch *w = calloc(d->num_queues, sizeof(*w));
+            if (!w)
+                return -ENOMEM;
+            dp->devs[id].d = d;
+            dp->devs[id].w = w;
+            d->id = id;
             if (id + 1 > dp->ndevs)
                 dp->ndevs = id + 1;
             return 0;
         }
     }
     return -ENOSPC;
+}
+
+/* The loop's record of q, or NULL if q's device is not in the table. */
+static struct watch *watch_of(struct fsdp_dp *dp, const struct fsdp_queue *q)
+{
+    struct fsdp_devctx *d = q->dev;
+    struct loop_dev *ld = d->id < MAX_DEVS ? &dp->devs[d->id] : NULL;
+
+    return ld && ld->d == d && q->idx < d->num_queues ? &ld->w[q->idx] : NULL;
 }
 
 static struct io_uring_sqe *get_sqe(struct fsdp_dp *dp)
@@ -296,28 +331,96 @@ static void cancel_read(struct fsdp_dp *dp, struct fsdp_queue *q, unsigned kind,
     io_uring_sqe_set_data64(sqe, ud_make(K_CANCEL, 0, 0, 0));
 }
 
-void dp_fd_changed(struct fsdp_dp *dp, struct fsdp_queue *q)
+void dp_kick_fd_changed(struct fsdp_dp *dp, struct fsdp_queue *q)
 {
-    if (q->kick_armed) {
-        cancel_read(dp, q, K_KICK, q->kick_token);
-        q->kick_armed = false;
+    struct watch *w = watch_of(dp, q);
+
+    if (!w)
+        return;
+    if (w->kick_armed) {
+        cancel_read(dp, q, K_KICK, w->kick_token);
+        w->kick_armed = false;
     }
-    q->kick_failed = false;
+    w->kick_failed = false;
 }
 
-void dp_detach_dev(struct fsdp_dp *dp, struct fsdp_dev *dev)
+/* The stop waiting on q, finished (queue_stop_finish fills its result), for
+ * the caller to complete. */
+static struct fsdp_cmd *finish_stop(struct fsdp_queue *q, struct watch *w)
 {
-    for (uint32_t i = 0; i < dev->num_queues; i++) {
-        struct fsdp_queue *q = &dev->q[i];
-        if (q->kick_armed)
-            cancel_read(dp, q, K_KICK, q->kick_token);
-        if (q->call_armed)
-            cancel_read(dp, q, K_CALL, q->call_token);
-        q->kick_armed = q->call_armed = false;
+    struct fsdp_cmd *c = w->stop;
+
+    w->stop = NULL;
+    queue_stop_finish(q, w->stop_res);
+    return c;
+}
+
+bool dp_stop_waiting(struct fsdp_dp *dp, const struct fsdp_queue *q)
+{
+    struct watch *w = watch_of(dp, q);
+    return w && w->stop;
+}
+
+int dp_stop_wait(struct fsdp_dp *dp, struct fsdp_queue *q, struct fsdp_cmd *c,
+                 struct fsdp_stop_result *res)
+{
+    struct watch *w = watch_of(dp, q);
+
+    if (!w)
+        return -ENODEV;
+    w->stop = c;
+    w->stop_res = res;
+    /* Completed by the loop when nothing taken is left in flight
+     * (process_all), or by dp_stop_end (the caller's timeout expired, the
+     * device is reset or removed). */
+    c->deferred = true;
+    return 0;
+}
+
+bool dp_stop_end(struct fsdp_dp *dp, struct fsdp_queue *q, const struct fsdp_cmd *only, int rc)
+{
+    struct watch *w = watch_of(dp, q);
+
+    if (!w || !w->stop || (only && w->stop != only))
+        return false;
+    dp_cmd_complete(dp, finish_stop(q, w), rc);
+    return true;
+}
+
+void dp_detach(struct fsdp_dp *dp, struct fsdp_devctx *d)
+{
+    struct loop_dev *ld = d->id < MAX_DEVS ? &dp->devs[d->id] : NULL;
+
+    if (!ld || ld->d != d)
+        return;
+    for (uint32_t i = 0; i < d->num_queues; i++) {
+        struct fsdp_queue *q = &d->q[i];
+        struct watch *w = &ld->w[i];
+        if (w->stop)
+            dp_cmd_complete(dp, finish_stop(q, w), -ENODEV);
+        if (w->kick_armed)
+            cancel_read(dp, q, K_KICK, w->kick_token);
+        if (w->call_armed)
+            cancel_read(dp, q, K_CALL, w->call_token);
     }
-    if (dev->attached && dev->id < MAX_DEVS && dp->devs[dev->id] == dev)
-        dp->devs[dev->id] = NULL;
-    dev->attached = false;
+    free(ld->w);
+    ld->w = NULL;
+    ld->d = NULL;
+}
+
+struct fsdp_devctx *dp_take_dev(struct fsdp_dp *dp)
+{
+    for (uint32_t id = 0; id < MAX_DEVS; id++) {
+        struct loop_dev *ld = &dp->devs[id];
+        if (ld->d) {
+            struct fsdp_devctx *d = ld->d;
+            free(ld->w);
+            ld->w = NULL;
+            ld->d = NULL;
+            return d;
+        }
+    }
+    return NULL;
 }
 
 /* ------------------------------------------------------------------------ */
@@ -343,21 +446,22 @@ static void arm_all(struct fsdp_dp *dp)
         arm_read(dp, dp->cmd_efd, K_CMD, NULL, &t, &dp->cmd_armed);
     }
     for (uint32_t d = 0; d < dp->ndevs; d++) {
-        struct fsdp_dev *dev = dp->devs[d];
-        if (!dev)
-            continue;
-        for (uint32_t i = 0; i < dev->num_queues; i++) {
+        struct fsdp_devctx *dev = dp->devs[d].d;
+        for (uint32_t i = 0; dev && i < dev->num_queues; i++) {
             struct fsdp_queue *q = &dev->q[i];
-            if (!q->kick_armed && !q->kick_failed && q->guest_kick_fd >= 0)
-                arm_read(dp, q->guest_kick_fd, K_KICK, q, &q->kick_token, &q->kick_armed);
-            if (!q->call_armed)
-                arm_read(dp, q->backend_call_fd, K_CALL, q, &q->call_token, &q->call_armed);
+            struct watch *w = &dp->devs[d].w[i];
+            if (!w->kick_armed && !w->kick_failed && q->guest_kick_fd >= 0)
+                arm_read(dp, q->guest_kick_fd, K_KICK, q, &w->kick_token, &w->kick_armed);
+            if (!w->call_armed)
+                arm_read(dp, q->backend_call_fd, K_CALL, q, &w->call_token, &w->call_armed);
         }
     }
 }
 
-static void queue_write(struct fsdp_dp *dp, struct fsdp_queue *q, int fd)
+/* fsdp_batch.add: one eventfd write, submitted with the next wait. */
+static void batch_write(void *arg, struct fsdp_queue *q, int fd)
 {
+    struct fsdp_dp *dp = arg;
     struct io_uring_sqe *sqe = get_sqe(dp);
 
     if (!sqe)
@@ -374,59 +478,42 @@ static bool process_all(struct fsdp_dp *dp, bool *poll_mode, bool *again)
     bool any = false;
 
     for (uint32_t d = 0; d < dp->ndevs; d++) {
-        struct fsdp_dev *dev = dp->devs[d];
-        if (!dev)
-            continue;
-        for (uint32_t i = 0; i < dev->num_queues; i++) {
+        struct fsdp_devctx *dev = dp->devs[d].d;
+        for (uint32_t i = 0; dev && i < dev->num_queues; i++) {
             struct fsdp_queue *q = &dev->q[i];
+            struct watch *w = &dp->devs[d].w[i];
             if (q->started) {
                 any |= queue_process(q);
-                if (q->guest_kick_fd < 0 || q->kick_failed)
+                if (q->guest_kick_fd < 0 || w->kick_failed)
                     *poll_mode = true;
                 if (q->more)
                     *again = true;
             }
-            if (q->stop_waiter) {
+            if (w->stop) {
                 if (!queue_draining(q)) {
-                    struct fsdp_cmd *w = queue_stop_finish(q);
-                    dp_cmd_complete(dp, w, 0);
+                    dp_cmd_complete(dp, finish_stop(q, w), 0);
                 } else {
                     /* A stopped backend may have closed its call fd and
                      * still complete what it took: look, don't wait. */
                     *poll_mode = true;
                 }
             }
-            if (q->need_backend_kick) {
-                q->need_backend_kick = false;
-                queue_write(dp, q, q->backend_kick_fd);
-                q->st.backend_kicks++;
-                PROBE_BACKEND_KICK(dev->id, q->idx);
-            }
-            if (q->need_guest_call) {
-                q->need_guest_call = false;
-                if (q->guest_call_fd >= 0) {
-                    if (q->guest_call_blocking) {
-                        /* io_uring would punt this write to an io-wq worker
-                         * (see the top comment): a direct write is cheaper. */
-                        ssize_t w = write(q->guest_call_fd, &dp->one, sizeof(dp->one));
-                        (void)w;
-                    } else {
-                        queue_write(dp, q, q->guest_call_fd);
-                    }
-                    q->st.guest_calls++;
-                    PROBE_GUEST_CALL(dev->id, q->idx);
-                }
-            }
+            queue_notify(q, &dp->batch);
         }
     }
     return any;
 }
 
-static struct fsdp_queue *lookup_q(struct fsdp_dp *dp, uint64_t ud)
+/* The queue a completion is about, and the loop's record of it (NULL if gone). */
+static struct fsdp_queue *lookup_q(struct fsdp_dp *dp, uint64_t ud, struct watch **w)
 {
     uint32_t d = ud_dev(ud), i = ud_q(ud);
-    struct fsdp_dev *dev = d < MAX_DEVS ? dp->devs[d] : NULL;
-    return dev && i < dev->num_queues ? &dev->q[i] : NULL;
+    struct fsdp_devctx *dev = d < MAX_DEVS ? dp->devs[d].d : NULL;
+
+    if (!dev || i >= dev->num_queues)
+        return NULL;
+    *w = &dp->devs[d].w[i];
+    return &dev->q[i];
 }
 
 static void loop_error(struct fsdp_dp *dp, uint32_t dev, uint32_t q, int res)
@@ -440,6 +527,7 @@ static void handle_cqe(struct fsdp_dp *dp, struct io_uring_cqe *cqe)
 {
     uint64_t ud = cqe->user_data;
     struct fsdp_queue *q;
+    struct watch *w;
     bool soft = cqe->res == -ECANCELED || cqe->res == -EINTR || cqe->res == -EAGAIN;
 
     switch (ud_kind(ud)) {
@@ -447,24 +535,24 @@ static void handle_cqe(struct fsdp_dp *dp, struct io_uring_cqe *cqe)
         dp->cmd_armed = false;
         break;
     case K_KICK:
-        q = lookup_q(dp, ud);
-        if (!q || !q->kick_armed || q->kick_token != ud_token(ud))
+        q = lookup_q(dp, ud, &w);
+        if (!q || !w->kick_armed || w->kick_token != ud_token(ud))
             break;      /* stale: cancelled or replaced */
-        q->kick_armed = false;
+        w->kick_armed = false;
         if (cqe->res >= 0) {
             q->st.guest_kicks++;
             PROBE_GUEST_KICK(q->dev->id, q->idx);
         } else if (!soft) {
             /* Don't spin re-arming a broken fd: poll the ring instead. */
-            q->kick_failed = true;
+            w->kick_failed = true;
             loop_error(dp, q->dev->id, q->idx, cqe->res);
         }
         break;
     case K_CALL:
-        q = lookup_q(dp, ud);
-        if (!q || !q->call_armed || q->call_token != ud_token(ud))
+        q = lookup_q(dp, ud, &w);
+        if (!q || !w->call_armed || w->call_token != ud_token(ud))
             break;
-        q->call_armed = false;
+        w->call_armed = false;
         if (cqe->res >= 0) {
             q->st.backend_calls++;
             PROBE_BACKEND_CALL(q->dev->id, q->idx);
@@ -519,7 +607,7 @@ static bool busy_poll(struct fsdp_dp *dp, uint64_t end)
         if (atomic_load_explicit(&dp->cmd_pending, memory_order_acquire))
             return true;
         for (uint32_t d = 0; d < dp->ndevs; d++) {
-            struct fsdp_dev *dev = dp->devs[d];
+            struct fsdp_devctx *dev = dp->devs[d].d;
             for (uint32_t i = 0; dev && i < dev->num_queues; i++)
                 if (queue_has_work(&dev->q[i]))
                     return true;
@@ -592,9 +680,9 @@ static void *loop_main(void *arg)
         dp->ring_ok = true;
         dp->cmd_armed = false;
         for (uint32_t d = 0; d < dp->ndevs; d++)
-            for (uint32_t i = 0; dp->devs[d] && i < dp->devs[d]->num_queues; i++) {
-                struct fsdp_queue *q = &dp->devs[d]->q[i];
-                q->kick_armed = q->call_armed = q->kick_failed = false;
+            for (uint32_t i = 0; dp->devs[d].d && i < dp->devs[d].d->num_queues; i++) {
+                struct watch *w = &dp->devs[d].w[i];
+                w->kick_armed = w->call_armed = w->kick_failed = false;
             }
         __atomic_store_n(&dp->state, ST_RUNNING, __ATOMIC_RELEASE);
     }
@@ -663,11 +751,11 @@ static void *loop_main(void *arg)
     }
     atomic_store(&dp->cmd_pending, 0);
     for (uint32_t d = 0; d < dp->ndevs; d++)
-        for (uint32_t i = 0; dp->devs[d] && i < dp->devs[d]->num_queues; i++) {
-            struct fsdp_queue *q = &dp->devs[d]->q[i];
-            if (q->stop_waiter)
-                complete_locked(dp, queue_stop_finish(q), -ETIMEDOUT);
-            q->kick_armed = q->call_armed = false;
+        for (uint32_t i = 0; dp->devs[d].d && i < dp->devs[d].d->num_queues; i++) {
+            struct watch *w = &dp->devs[d].w[i];
+            if (w->stop)
+                complete_locked(dp, finish_stop(&dp->devs[d].d->q[i], w), -ETIMEDOUT);
+            w->kick_armed = w->call_armed = false;
         }
     dp->ring_ok = false;
     pthread_mutex_unlock(&dp->lock);
@@ -692,6 +780,8 @@ int fsdp_dp_new(const struct fsdp_dp_config *cfg, struct fsdp_dp **out)
     if (!dp->cfg.event_ring_size)
         dp->cfg.event_ring_size = 1024;
     dp->one = 1;
+    dp->batch.add = batch_write;
+    dp->batch.arg = dp;
     dp->state = ST_STOPPED;
     dp->poll_ns = (uint64_t)dp->cfg.busy_poll_us * 1000u;
     rc = evring_init(&dp->ev, dp->cfg.event_ring_size);
@@ -765,7 +855,7 @@ int fsdp_dp_stop(struct fsdp_dp *dp)
 
 int fsdp_dp_running(struct fsdp_dp *dp)
 {
-    return dp_loop_running(dp);
+    return loop_running(dp);
 }
 
 uint64_t fsdp_dp_poll_window_ns(struct fsdp_dp *dp)
@@ -778,18 +868,16 @@ int fsdp_dp_event_fd(struct fsdp_dp *dp)
     return dp->ev.efd;
 }
 
-void fsdp_dp_free(struct fsdp_dp *dp)
+int fsdp_dp_drain_events(struct fsdp_dp *dp, struct fsdp_event *out, uint32_t max,
+                         uint64_t *lost)
 {
-    if (!dp)
-        return;
-    fsdp_dp_stop(dp);
-    for (uint32_t d = 0; d < MAX_DEVS; d++) {
-        if (dp->devs[d]) {
-            struct fsdp_dev *dev = dp->devs[d];
-            dp->devs[d] = NULL;
-            dev_destroy(dev);
-        }
-    }
+    return evring_drain(&dp->ev, out, max, lost);
+}
+
+/* fsdp_dp_free is device.c's: it stops the loop, frees the devices left in
+ * the table (dp_take_dev), which only device.c knows how to, then calls this. */
+void dp_destroy(struct fsdp_dp *dp)
+{
     close(dp->cmd_efd);
     evring_destroy(&dp->ev);
     pthread_cond_destroy(&dp->cond);

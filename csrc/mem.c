@@ -1,6 +1,10 @@
 /*
  * mem.c: the guest memory table of one device.
  *
+ * Owns: the mapping of guest regions, the memory table (struct fsdp_mem),
+ * gpa and uaddr translation, copies to and from guest memory.
+ * Calls: copy, base.
+ *
  * The data plane maps every guest RAM region itself (MAP_SHARED, read/write)
  * and keeps the pointer; the caller's fd is not kept.  Guest-physical ranges
  * are translated into contiguous host pieces: a range that crosses two
@@ -14,7 +18,9 @@
 #include <sys/stat.h>
 #include <unistd.h>
 
-#include "fsdp_internal.h"
+#include "mem.h"
+#include "base.h"
+#include "copy.h"
 
 int mem_map_region(const struct fsdp_mem_region *in, struct fsdp_region *out)
 {

@@ -1,6 +1,14 @@
 /*
  * shadow.c: the engine of one queue: guest split ring <-> shadow split ring.
  *
+ * Owns: the hot path of a started queue: intake (guest avail -> chain ->
+ * shadow descriptors, copy in), harvest (shadow used -> copy back -> guest
+ * used), publishing both avail and used indices, the notification decisions
+ * and the one path that sends them (queue_notify, for the loop and for the
+ * inline mode alike).  Setting a queue up, starting and stopping it is
+ * queue.c's.
+ * Calls: chain, bounce, mem, log, vring, probes (and events, via dev_event).
+ *
  * Toward the guest we are the DEVICE: we read the guest avail ring and its
  * descriptors, write the guest used ring, and (event idx) write avail_event.
  * Toward the backend we are the DRIVER: we write the shadow descriptors and
@@ -21,104 +29,21 @@
 #include <errno.h>
 #include <stdlib.h>
 #include <string.h>
+#include <unistd.h>
 
-#include "fsdp_internal.h"
+#include "shadow.h"
+#include "base.h"
+#include "bounce.h"
+#include "chain.h"
+#include "log.h"
+#include "mem.h"
 #include "probes.h"
+#include "vring.h"
 
 enum take_result { TAKEN, REFUSED, NOSPACE, BROKEN };
 
 /* ------------------------------------------------------------------------ */
-/* Private arrays.                                                            */
-
-void queue_free_arrays(struct fsdp_queue *q)
-{
-    free(q->sd);
-    free(q->req);
-    free(q->sstate);
-    free(q->freelist);
-    free(q->scratch);
-    free(q->offs);
-    free(q->ind);
-    q->sd = NULL;
-    q->req = NULL;
-    q->sstate = NULL;
-    q->freelist = NULL;
-    q->scratch = NULL;
-    q->offs = NULL;
-    q->ind = NULL;
-    q->cap = 0;
-    q->nfree = 0;
-}
-
-static void reset_freelist(struct fsdp_queue *q)
-{
-    /* Pop order 0, 1, 2, ...: the stack holds them reversed. */
-    for (uint32_t i = 0; i < q->cap; i++)
-        q->freelist[i] = (uint16_t)(q->cap - 1 - i);
-    q->nfree = q->cap;
-    memset(q->sstate, SD_FREE, q->cap);
-}
-
-int queue_alloc(struct fsdp_queue *q, uint32_t num)
-{
-    if (q->cap == num) {
-        reset_freelist(q);
-        return 0;
-    }
-    queue_free_arrays(q);
-    q->sd = calloc(num, sizeof(*q->sd));
-    q->req = calloc(num, sizeof(*q->req));
-    q->sstate = calloc(num, 1);
-    q->freelist = calloc(num, sizeof(*q->freelist));
-    q->scratch = calloc(num, sizeof(*q->scratch));
-    q->offs = calloc(num, sizeof(*q->offs));
-    q->ind = calloc(num, 16);
-    if (!q->sd || !q->req || !q->sstate || !q->freelist || !q->scratch || !q->offs ||
-        !q->ind) {
-        queue_free_arrays(q);
-        return -ENOMEM;
-    }
-    q->cap = num;
-    reset_freelist(q);
-    return 0;
-}
-
-/* ------------------------------------------------------------------------ */
-/* Guest rings.                                                               */
-
-static uint8_t *ring_ptr(struct fsdp_queue *q, uint64_t uaddr, uint64_t len, uint64_t align)
-{
-    uint8_t *p = mem_uaddr_to_host(&q->dev->mem, uaddr, len);
-    if (p && ((uintptr_t)p % align))
-        return NULL;
-    return p;
-}
-
-/* (Re)translate the guest rings through the current memory table.  Called on
- * SET_VRING_ADDR and after every memory table change. */
-int queue_translate_rings(struct fsdp_queue *q, bool emit)
-{
-    uint8_t *d, *a, *u;
-    bool was_ok = q->rings_ok;
-
-    q->rings_ok = false;
-    if (!q->addr_set || !q->num)
-        return -EINVAL;
-    d = ring_ptr(q, q->desc_uaddr, vring_desc_size(q->num), 16);
-    a = ring_ptr(q, q->avail_uaddr, vring_avail_size(q->num), 2);
-    u = ring_ptr(q, q->used_uaddr, vring_used_size(q->num), 4);
-    if (!d || !a || !u) {
-        if (emit && was_ok && q->started)
-            dev_event(q->dev, q->idx, FSDP_EV_RING_UNMAPPED, 0,
-                      !d ? q->desc_uaddr : !a ? q->avail_uaddr : q->used_uaddr, 0);
-        return -EFAULT;
-    }
-    q->g_desc = d;
-    q->g_avail = a;
-    q->g_used = u;
-    q->rings_ok = true;
-    return 0;
-}
+/* Guest used ring: push, publish, and the call decision.                     */
 
 /* Buffers of stream_min bytes or more are copied with streaming stores (copy.c). */
 static bool use_stream(const struct fsdp_queue *q, uint64_t len)
@@ -126,14 +51,20 @@ static bool use_stream(const struct fsdp_queue *q, uint64_t len)
     return q->dev->stream_min && len >= q->dev->stream_min;
 }
 
+/* Guest bytes [gpa, gpa + len) were written: mark them in the dirty log. */
+static void log_guest(struct fsdp_queue *q, uint64_t gpa, uint64_t len)
+{
+    q->st.log_pages += log_write(&q->dev->log, q->dev->events, q->dev->id, q->idx, gpa, len);
+}
+
 /* A write of len bytes at offset off of the guest used ring was made. */
 static void log_used(struct fsdp_queue *q, uint64_t off, uint64_t len)
 {
     if (q->log_used)
-        q->st.log_pages += log_write(q->dev, q->idx, q->log_used_gpa + off, len);
+        log_guest(q, q->log_used_gpa + off, len);
 }
 
-static void push_guest_used(struct fsdp_queue *q, uint16_t head, uint32_t len)
+void push_guest_used(struct fsdp_queue *q, uint16_t head, uint32_t len)
 {
     size_t off = USED_RING(q->used_idx % q->num);
     uint8_t *e = q->g_used + off;
@@ -148,7 +79,7 @@ static void push_guest_used(struct fsdp_queue *q, uint16_t head, uint32_t len)
 }
 
 /* Publish the guest used idx once per pass and decide whether to call. */
-static void publish_guest_used(struct fsdp_queue *q)
+void publish_guest_used(struct fsdp_queue *q)
 {
     uint16_t old, ev;
     bool valid, call;
@@ -179,9 +110,9 @@ static void publish_guest_used(struct fsdp_queue *q)
 }
 
 /* ------------------------------------------------------------------------ */
-/* Shadow ring: publish.                                                      */
+/* Shadow ring: publish, and the kick decision.                               */
 
-static void write_shadow_chain(struct fsdp_queue *q, uint16_t head)
+void write_shadow_chain(struct fsdp_queue *q, uint16_t head)
 {
     uint16_t s = head;
     uint16_t n = q->req[head].ndesc;
@@ -206,7 +137,7 @@ static void write_shadow_chain(struct fsdp_queue *q, uint16_t head)
 
 /* Copy the readable guest bytes of a request into its bounce space.  The
  * ranges were validated against the current memory table. */
-static uint64_t copy_in(struct fsdp_queue *q, uint16_t head)
+uint64_t copy_in(struct fsdp_queue *q, uint16_t head)
 {
     uint16_t s = head;
     uint64_t bytes = 0;
@@ -249,9 +180,52 @@ static void publish_shadow_avail(struct fsdp_queue *q)
 }
 
 /* ------------------------------------------------------------------------ */
+/* Notifications: sending what publish_guest_used / publish_shadow_avail      */
+/* decided.  The one path for the loop and for the inline mode.               */
+
+/* One eventfd write: added to the loop's batch, or written now. */
+static void signal_fd(struct fsdp_queue *q, int fd, bool blocking, const struct fsdp_batch *batch)
+{
+    static const uint64_t one = 1;
+    ssize_t w;
+
+    if (batch && !blocking) {
+        batch->add(batch->arg, q, fd);
+        return;
+    }
+    /* Inline mode, or a blocking fd: io_uring would punt the write to an
+     * io-wq worker (see loop.c's top comment), a direct write is cheaper. */
+    w = write(fd, &one, sizeof(one));
+    (void)w;   /* EAGAIN: counter saturated, the peer is already woken */
+}
+
+uint32_t queue_notify(struct fsdp_queue *q, const struct fsdp_batch *batch)
+{
+    uint32_t flags = 0;
+
+    if (q->need_backend_kick) {
+        q->need_backend_kick = false;
+        signal_fd(q, q->backend_kick_fd, false, batch);   /* ours: non-blocking */
+        q->st.backend_kicks++;
+        PROBE_BACKEND_KICK(q->dev->id, q->idx);
+        flags |= FSDP_POLL_BACKEND_KICKED;
+    }
+    if (q->need_guest_call) {
+        q->need_guest_call = false;
+        if (q->guest_call_fd >= 0) {
+            signal_fd(q, q->guest_call_fd, q->guest_call_blocking, batch);
+            q->st.guest_calls++;
+            PROBE_GUEST_CALL(q->dev->id, q->idx);
+            flags |= FSDP_POLL_GUEST_CALLED;
+        }
+    }
+    return flags;
+}
+
+/* ------------------------------------------------------------------------ */
 /* Intake: guest avail -> shadow.                                             */
 
-static void release_request(struct fsdp_queue *q, uint16_t head)
+void release_request(struct fsdp_queue *q, uint16_t head)
 {
     struct fsdp_req *r = &q->req[head];
     uint16_t s = head;
@@ -299,7 +273,7 @@ static bool alloc_per_segment(struct fsdp_queue *q, uint32_t n)
 
 static enum take_result take_one(struct fsdp_queue *q, uint32_t *steps)
 {
-    struct fsdp_dev *dev = q->dev;
+    struct fsdp_devctx *dev = q->dev;
     struct fsdp_chain ch;
     uint16_t head;
     uint64_t slab;
@@ -316,7 +290,7 @@ static enum take_result take_one(struct fsdp_queue *q, uint32_t *steps)
         return BROKEN;
     }
 
-    rc = chain_walk(&dev->mem, q->g_desc, q->num, head, dev->cfg.max_request_bytes,
+    rc = chain_walk(&dev->mem, q->g_desc, q->num, head, dev->max_request_bytes,
                     q->scratch, q->ind, &ch);
     *steps = ch.steps;
     if (rc == 0) {
@@ -487,7 +461,7 @@ static uint32_t copy_back(struct fsdp_queue *q, uint16_t head, uint32_t len)
                                            use_stream(q, take));
                 /* Logged whatever rc says: a copy that failed midway may
                  * have written its first pieces. */
-                q->st.log_pages += log_write(q->dev, q->idx, sd->gpa, take);
+                log_guest(q, sd->gpa, take);
                 if (rc) {
                     dev_event(q->dev, q->idx, FSDP_EV_COPYBACK_UNMAPPED,
                               q->req[head].guest_head, sd->gpa, take);
@@ -576,180 +550,6 @@ static bool harvest(struct fsdp_queue *q)
         armed = false;
     }
     return any;
-}
-
-/* ------------------------------------------------------------------------ */
-/* Queue lifecycle.                                                           */
-
-static int cmp_seq(const void *a, const void *b, void *arg)
-{
-    const struct fsdp_queue *q = arg;
-    uint64_t x = q->req[*(const uint16_t *)a].seq, y = q->req[*(const uint16_t *)b].seq;
-    return x < y ? -1 : x > y;
-}
-
-void queue_clear_shadow(struct fsdp_queue *q)
-{
-    memset(q->s_desc, 0, vring_desc_size(q->num));
-    memset(q->s_avail, 0, vring_avail_size(q->num));
-    memset(q->s_used, 0, vring_used_size(q->num));
-}
-
-int queue_do_start(struct fsdp_queue *q, uint32_t flags)
-{
-    if (q->started)
-        return 0;           /* idempotent: SET_VRING_KICK may come again */
-    if (!q->num || !q->rings_ok)
-        return -EINVAL;
-
-    /* Fresh shadow ring: the region is ours, clear it. */
-    queue_clear_shadow(q);
-    q->s_avail_idx = 0;
-    q->s_last_used = 0;
-    q->s_num_added = 0;
-    q->guest_event_idx = !!(flags & FSDP_QF_GUEST_EVENT_IDX);
-    q->backend_event_idx = !!(flags & FSDP_QF_BACKEND_EVENT_IDX);
-    q->used_idx = vr_load16(q->g_used + USED_IDX);
-    q->signalled_used_valid = false;
-    q->broken = false;
-    q->backend_broken = false;
-    q->throttled = false;
-    q->stopping = false;
-    q->guest_used_dirty = false;
-    q->need_backend_kick = q->need_guest_call = false;
-
-    /* Requests kept from a previous run (backend died or did not drain):
-     * re-publish them, in their original order, with their readable bytes
-     * copied again (the old backend may have scribbled on the bounce). */
-    if (q->inflight) {
-        uint16_t *heads = (uint16_t *)q->offs;   /* scratch, num entries of 8 B */
-        uint32_t k = 0;
-        for (uint32_t s = 0; s < q->num; s++)
-            if (q->sstate[s] == SD_HEAD)
-                heads[k++] = (uint16_t)s;
-        qsort_r(heads, k, sizeof(*heads), cmp_seq, q);
-        q->parked = 0;
-        for (uint32_t i = 0; i < k; i++) {
-            q->req[heads[i]].parked = false;
-            q->st.bytes_in += copy_in(q, heads[i]);
-            write_shadow_chain(q, heads[i]);
-        }
-    }
-    q->started = true;
-    return 0;
-}
-
-/* Drop everything without touching the guest (device reset). */
-void queue_do_reset(struct fsdp_queue *q)
-{
-    q->started = false;
-    q->stopping = false;
-    q->broken = false;
-    q->backend_broken = false;
-    q->throttled = false;
-    q->inflight = 0;
-    q->parked = 0;
-    q->st.inflight = 0;
-    if (q->cap)
-        reset_freelist(q);
-    if (q->bounce.bitmap)
-        bounce_reset(&q->bounce);
-    q->last_avail = 0;
-    q->used_idx = 0;
-    q->signalled_used_valid = false;
-    q->addr_set = false;
-    q->rings_ok = false;
-    q->guest_event_idx = q->backend_event_idx = false;
-    q->need_backend_kick = q->need_guest_call = false;
-    q->guest_used_dirty = false;
-    q->s_avail_idx = q->s_last_used = q->s_num_added = 0;
-    q->log_used = false;
-}
-
-/* Fail every request in flight toward the guest (len 0).  Needs the guest
- * rings; returns the count. */
-uint32_t queue_abort_inflight(struct fsdp_queue *q)
-{
-    uint32_t k = 0;
-
-    if (!q->inflight || !q->rings_ok)
-        return 0;
-    for (uint32_t s = 0; s < q->num && q->inflight; s++) {
-        if (q->sstate[s] != SD_HEAD)
-            continue;
-        push_guest_used(q, q->req[s].guest_head, 0);
-        release_request(q, (uint16_t)s);
-        k++;
-    }
-    dev_event(q->dev, q->idx, FSDP_EV_INFLIGHT_ABORTED, 0, k, 0);
-    publish_guest_used(q);
-    return k;
-}
-
-/*
- * The backend answered GET_VRING_BASE with `next`, its next shadow avail
- * index: the requests we published at shadow positions [next, s_avail_idx)
- * were never taken.  A backend may legitimately hold requests forever (a NIC
- * holds receive buffers until a packet arrives), so waiting for those would
- * only stall the stop; they are settled here instead:
- *
- *  - when they are exactly the newest entries taken from the guest avail ring
- *    (positions [last_avail - k, last_avail)), they are given back: released,
- *    and last_avail rewound over them, so the guest's ring still holds them
- *    for whoever starts the queue next;
- *  - otherwise (a refused chain completed after them, or they were kept from
- *    an earlier run) rewinding would re-expose completed entries, so they are
- *    parked: kept by us, not waited for, re-published at the next start.
- *
- * `next` is the backend's word: it must name a position among the requests
- * still in flight, or it is refused (one event) and every request is treated
- * as taken.
- */
-void queue_backend_stopped(struct fsdp_queue *q, uint16_t next, struct fsdp_stop_result *res)
-{
-    uint16_t untaken = (uint16_t)(q->s_avail_idx - next);
-    uint16_t *heads = (uint16_t *)q->offs;   /* scratch, num entries of 8 B */
-    uint8_t *seen = (uint8_t *)q->scratch;   /* scratch, >= num bytes */
-    uint32_t k = 0;
-    bool suffix = true;
-
-    if (!untaken)
-        return;
-    if (untaken <= q->inflight) {
-        for (uint32_t s = 0; s < q->num; s++)
-            if (q->sstate[s] == SD_HEAD && (uint16_t)(q->req[s].sidx - next) < untaken)
-                heads[k++] = (uint16_t)s;
-    }
-    if (k != untaken) {
-        /* More untaken than in flight, or an "untaken" position already
-         * completed: the index is made up. */
-        dev_event(q->dev, q->idx, FSDP_EV_BAD_STOP_INDEX, 0, next, q->s_avail_idx);
-        q->st.backend_errors++;
-        return;
-    }
-    memset(seen, 0, k);
-    for (uint32_t i = 0; i < k && suffix; i++) {
-        uint16_t d = (uint16_t)(q->last_avail - 1u - q->req[heads[i]].gidx);
-        suffix = d < k && !seen[d];
-        if (suffix)
-            seen[d] = 1;
-    }
-    for (uint32_t i = 0; i < k; i++) {
-        if (suffix) {
-            release_request(q, heads[i]);
-            q->sstate[heads[i]] = SD_FREE;   /* never completed: a later "completion" is unknown */
-        } else if (!q->req[heads[i]].parked) {
-            q->req[heads[i]].parked = true;
-            q->parked++;
-        }
-    }
-    if (suffix) {
-        q->last_avail = (uint16_t)(q->last_avail - k);
-        q->st.requests -= k;
-        res->returned = k;
-    } else {
-        res->kept = k;
-    }
 }
 
 bool queue_process(struct fsdp_queue *q)

@@ -1,4 +1,4 @@
-/* version.c: the ABI version the Python layer checks at import. */
+/* version.c: the ABI version the Python layer checks at import.  Calls: nothing. */
 #include "fsdp.h"
 
 int fsdp_abi_version(void)

@@ -1,0 +1,30 @@
+/*
+ * bounce.h: the bounce-space allocator of one queue (bounce.c): pages of the
+ * queue's bounce area, and the layout of a request's segments in a slab.
+ */
+#ifndef FSDP_BOUNCE_H
+#define FSDP_BOUNCE_H
+
+#include "chain.h"
+
+struct fsdp_bounce {
+    uint32_t npages;
+    uint32_t nfree;
+    uint32_t cursor;        /* next-fit start */
+    uint64_t *bitmap;       /* 1 = used */
+};
+
+int bounce_init(struct fsdp_bounce *b, uint32_t npages);
+void bounce_destroy(struct fsdp_bounce *b);
+void bounce_reset(struct fsdp_bounce *b);
+/* First page of a free run of n pages, or -1. */
+int64_t bounce_alloc(struct fsdp_bounce *b, uint32_t n);
+void bounce_free(struct fsdp_bounce *b, uint32_t first, uint32_t n);
+
+/* Layout of a request's segments inside a slab: small buffers (<= 64 B)
+ * packed at 64-B alignment first, then larger ones each page aligned
+ * (compact: all at 64 B).  Returns the slab size in bytes and fills offs[i]
+ * (offset of segment i inside the slab). */
+uint64_t bounce_layout(const struct fsdp_seg *segs, uint32_t n, uint64_t *offs, bool compact);
+
+#endif

@@ -1,0 +1,478 @@
+/*
+ * queue.c: the lifecycle of one shadowed queue.
+ *
+ * Owns: creation and destruction of a queue (its backend eventfds, bounce
+ * allocator and private arrays), its configuration (SET_VRING_NUM / BASE /
+ * ADDR, the translation of the guest rings through the memory table), start
+ * (with the re-publishing of requests kept from an earlier run), pause and
+ * stop (GET_VRING_BASE: the backend's stop index, the stop result), reset,
+ * abort, and clearing the shadow rings.  The per-request work of a started
+ * queue is shadow.c's.
+ *
+ * Calls: shadow (the pass, and its per-request steps for re-publishing and
+ * failing requests; events via dev_event), bounce, mem, vring, base.
+ */
+#define _GNU_SOURCE
+#include <errno.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/eventfd.h>
+#include <unistd.h>
+
+#include "queue.h"
+#include "base.h"
+#include "bounce.h"
+#include "mem.h"
+#include "shadow.h"
+#include "vring.h"
+
+/* ------------------------------------------------------------------------ */
+/* Creation and destruction (caller's thread).                                */
+
+/* Identity only, and no fds yet: whatever fails later, queue_destroy works. */
+void queue_init(struct fsdp_queue *q, struct fsdp_devctx *dev, uint32_t idx)
+{
+    q->dev = dev;
+    q->idx = idx;
+    q->guest_kick_fd = q->guest_call_fd = -1;
+    q->backend_kick_fd = q->backend_call_fd = -1;
+}
+
+int queue_open(struct fsdp_queue *q)
+{
+    struct fsdp_devctx *dev = q->dev;
+
+    /* Non-blocking like QEMU's own event notifiers: the file status
+     * flags are shared with the backend once it receives the fd. */
+    q->backend_kick_fd = eventfd(0, EFD_CLOEXEC | EFD_NONBLOCK);
+    q->backend_call_fd = eventfd(0, EFD_CLOEXEC | EFD_NONBLOCK);
+    if (q->backend_kick_fd < 0 || q->backend_call_fd < 0)
+        return -errno;
+    q->s_bounce_off = (uint64_t)q->idx * dev->slot_size + dev->ring_reserve;
+    q->s_bounce = dev->shadow + q->s_bounce_off;
+    return bounce_init(&q->bounce, (uint32_t)((dev->slot_size - dev->ring_reserve) / FSDP_PAGE));
+}
+
+static void free_arrays(struct fsdp_queue *q)
+{
+    free(q->sd);
+    free(q->req);
+    free(q->sstate);
+    free(q->freelist);
+    free(q->scratch);
+    free(q->offs);
+    free(q->ind);
+    q->sd = NULL;
+    q->req = NULL;
+    q->sstate = NULL;
+    q->freelist = NULL;
+    q->scratch = NULL;
+    q->offs = NULL;
+    q->ind = NULL;
+    q->cap = 0;
+    q->nfree = 0;
+}
+
+static void reset_freelist(struct fsdp_queue *q)
+{
+    /* Pop order 0, 1, 2, ...: the stack holds them reversed. */
+    for (uint32_t i = 0; i < q->cap; i++)
+        q->freelist[i] = (uint16_t)(q->cap - 1 - i);
+    q->nfree = q->cap;
+    memset(q->sstate, SD_FREE, q->cap);
+}
+
+static int alloc_arrays(struct fsdp_queue *q, uint32_t num)
+{
+    if (q->cap == num) {
+        reset_freelist(q);
+        return 0;
+    }
+    free_arrays(q);
+    q->sd = calloc(num, sizeof(*q->sd));
+    q->req = calloc(num, sizeof(*q->req));
+    q->sstate = calloc(num, 1);
+    q->freelist = calloc(num, sizeof(*q->freelist));
+    q->scratch = calloc(num, sizeof(*q->scratch));
+    q->offs = calloc(num, sizeof(*q->offs));
+    q->ind = calloc(num, 16);
+    if (!q->sd || !q->req || !q->sstate || !q->freelist || !q->scratch || !q->offs ||
+        !q->ind) {
+        free_arrays(q);
+        return -ENOMEM;
+    }
+    q->cap = num;
+    reset_freelist(q);
+    return 0;
+}
+
+void queue_destroy(struct fsdp_queue *q)
+{
+    if (q->guest_kick_fd >= 0)
+        close(q->guest_kick_fd);
+    if (q->guest_call_fd >= 0)
+        close(q->guest_call_fd);
+    if (q->backend_kick_fd >= 0)
+        close(q->backend_kick_fd);
+    if (q->backend_call_fd >= 0)
+        close(q->backend_call_fd);
+    free_arrays(q);
+    bounce_destroy(&q->bounce);
+}
+
+/* ------------------------------------------------------------------------ */
+/* Configuration (SET_VRING_NUM / BASE / ADDR).                               */
+
+static void clear_shadow(struct fsdp_queue *q)
+{
+    memset(q->s_desc, 0, vring_desc_size(q->num));
+    memset(q->s_avail, 0, vring_avail_size(q->num));
+    memset(q->s_used, 0, vring_used_size(q->num));
+}
+
+int queue_set_num(struct fsdp_queue *q, uint32_t num)
+{
+    struct fsdp_devctx *dev = q->dev;
+    uint64_t base;
+    int rc;
+
+    if (q->started || q->inflight)
+        return -EBUSY;
+    rc = alloc_arrays(q, num);
+    if (rc)
+        return rc;
+    q->num = num;
+    base = (uint64_t)q->idx * dev->slot_size;
+    q->s_desc_off = base;
+    q->s_avail_off = base + FSDP_ALIGN_UP(vring_desc_size(num), FSDP_PAGE);
+    q->s_used_off = q->s_avail_off + FSDP_ALIGN_UP(vring_avail_size(num), FSDP_PAGE);
+    q->s_desc = dev->shadow + q->s_desc_off;
+    q->s_avail = dev->shadow + q->s_avail_off;
+    q->s_used = dev->shadow + q->s_used_off;
+    if (q->addr_set)
+        queue_translate_rings(q, false);
+    return 0;
+}
+
+int queue_set_base(struct fsdp_queue *q, uint32_t avail_idx)
+{
+    if (avail_idx > 0xffff)
+        return -EINVAL;
+    if (q->started)
+        return -EBUSY;
+    q->last_avail = (uint16_t)avail_idx;
+    return 0;
+}
+
+static uint8_t *ring_ptr(struct fsdp_queue *q, uint64_t uaddr, uint64_t len, uint64_t align)
+{
+    uint8_t *p = mem_uaddr_to_host(&q->dev->mem, uaddr, len);
+    if (p && ((uintptr_t)p % align))
+        return NULL;
+    return p;
+}
+
+/* (Re)translate the guest rings through the current memory table.  Called on
+ * SET_VRING_ADDR and after every memory table change. */
+int queue_translate_rings(struct fsdp_queue *q, bool emit)
+{
+    uint8_t *d, *a, *u;
+    bool was_ok = q->rings_ok;
+
+    q->rings_ok = false;
+    if (!q->addr_set || !q->num)
+        return -EINVAL;
+    d = ring_ptr(q, q->desc_uaddr, vring_desc_size(q->num), 16);
+    a = ring_ptr(q, q->avail_uaddr, vring_avail_size(q->num), 2);
+    u = ring_ptr(q, q->used_uaddr, vring_used_size(q->num), 4);
+    if (!d || !a || !u) {
+        if (emit && was_ok && q->started)
+            dev_event(q->dev, q->idx, FSDP_EV_RING_UNMAPPED, 0,
+                      !d ? q->desc_uaddr : !a ? q->avail_uaddr : q->used_uaddr, 0);
+        return -EFAULT;
+    }
+    q->g_desc = d;
+    q->g_avail = a;
+    q->g_used = u;
+    q->rings_ok = true;
+    return 0;
+}
+
+int queue_set_addr(struct fsdp_queue *q, uint64_t desc, uint64_t avail, uint64_t used)
+{
+    uint64_t od, oa, ou;
+    bool oset;
+    int rc;
+
+    if (!q->num)
+        return -EINVAL;
+    if (q->started)
+        return -EBUSY;
+    od = q->desc_uaddr;
+    oa = q->avail_uaddr;
+    ou = q->used_uaddr;
+    oset = q->addr_set;
+    q->desc_uaddr = desc;
+    q->avail_uaddr = avail;
+    q->used_uaddr = used;
+    q->addr_set = true;
+    rc = queue_translate_rings(q, false);
+    if (rc) {
+        /* keep the previous (valid) configuration */
+        q->desc_uaddr = od;
+        q->avail_uaddr = oa;
+        q->used_uaddr = ou;
+        q->addr_set = oset;
+        if (oset)
+            queue_translate_rings(q, false);
+    } else if (!q->inflight) {
+        /* The backend reads used->idx when it is told the ring addresses
+         * (libvhost-user does, at SET_VRING_ADDR), before any kick starts
+         * our side: the shadow ring must already read as fresh then, not
+         * hold the indices of the previous run (guest reset, reboot). */
+        clear_shadow(q);
+    }
+    return rc;
+}
+
+/* ------------------------------------------------------------------------ */
+/* Start, pause, stop.                                                        */
+
+static int cmp_seq(const void *a, const void *b, void *arg)
+{
+    const struct fsdp_queue *q = arg;
+    uint64_t x = q->req[*(const uint16_t *)a].seq, y = q->req[*(const uint16_t *)b].seq;
+    return x < y ? -1 : x > y;
+}
+
+static int do_start(struct fsdp_queue *q, uint32_t flags)
+{
+    if (q->started)
+        return 0;           /* idempotent: SET_VRING_KICK may come again */
+    if (!q->num || !q->rings_ok)
+        return -EINVAL;
+
+    /* Fresh shadow ring: the region is ours, clear it. */
+    clear_shadow(q);
+    q->s_avail_idx = 0;
+    q->s_last_used = 0;
+    q->s_num_added = 0;
+    q->guest_event_idx = !!(flags & FSDP_QF_GUEST_EVENT_IDX);
+    q->backend_event_idx = !!(flags & FSDP_QF_BACKEND_EVENT_IDX);
+    q->used_idx = vr_load16(q->g_used + USED_IDX);
+    q->signalled_used_valid = false;
+    q->broken = false;
+    q->backend_broken = false;
+    q->throttled = false;
+    q->stopping = false;
+    q->guest_used_dirty = false;
+    q->need_backend_kick = q->need_guest_call = false;
+
+    /* Requests kept from a previous run (backend died or did not drain):
+     * re-publish them, in their original order, with their readable bytes
+     * copied again (the old backend may have scribbled on the bounce). */
+    if (q->inflight) {
+        uint16_t *heads = (uint16_t *)q->offs;   /* scratch, num entries of 8 B */
+        uint32_t k = 0;
+        for (uint32_t s = 0; s < q->num; s++)
+            if (q->sstate[s] == SD_HEAD)
+                heads[k++] = (uint16_t)s;
+        qsort_r(heads, k, sizeof(*heads), cmp_seq, q);
+        q->parked = 0;
+        for (uint32_t i = 0; i < k; i++) {
+            q->req[heads[i]].parked = false;
+            q->st.bytes_in += copy_in(q, heads[i]);
+            write_shadow_chain(q, heads[i]);
+        }
+    }
+    q->started = true;
+    return 0;
+}
+
+int queue_start(struct fsdp_queue *q, uint32_t flags)
+{
+    int rc = do_start(q, flags);
+
+    if (rc)
+        return rc;
+    /* Kicks may have been consumed before the start, and re-published
+     * requests need a kick: one pass now. */
+    queue_process(q);
+    if (q->s_avail_idx)
+        q->need_backend_kick = true;
+    return 0;
+}
+
+bool queue_pause(struct fsdp_queue *q)
+{
+    if (!q->started)
+        return false;
+    q->stopping = true;         /* no more intake; harvest goes on */
+    queue_process(q);
+    return true;
+}
+
+/*
+ * The backend answered GET_VRING_BASE with `next`, its next shadow avail
+ * index: the requests we published at shadow positions [next, s_avail_idx)
+ * were never taken.  A backend may legitimately hold requests forever (a NIC
+ * holds receive buffers until a packet arrives), so waiting for those would
+ * only stall the stop; they are settled here instead:
+ *
+ *  - when they are exactly the newest entries taken from the guest avail ring
+ *    (positions [last_avail - k, last_avail)), they are given back: released,
+ *    and last_avail rewound over them, so the guest's ring still holds them
+ *    for whoever starts the queue next;
+ *  - otherwise (a refused chain completed after them, or they were kept from
+ *    an earlier run) rewinding would re-expose completed entries, so they are
+ *    parked: kept by us, not waited for, re-published at the next start.
+ *
+ * `next` is the backend's word: it must name a position among the requests
+ * still in flight, or it is refused (one event) and every request is treated
+ * as taken.
+ */
+static void backend_stopped(struct fsdp_queue *q, uint16_t next, struct fsdp_stop_result *res)
+{
+    uint16_t untaken = (uint16_t)(q->s_avail_idx - next);
+    uint16_t *heads = (uint16_t *)q->offs;   /* scratch, num entries of 8 B */
+    uint8_t *seen = (uint8_t *)q->scratch;   /* scratch, >= num bytes */
+    uint32_t k = 0;
+    bool suffix = true;
+
+    if (!untaken)
+        return;
+    if (untaken <= q->inflight) {
+        for (uint32_t s = 0; s < q->num; s++)
+            if (q->sstate[s] == SD_HEAD && (uint16_t)(q->req[s].sidx - next) < untaken)
+                heads[k++] = (uint16_t)s;
+    }
+    if (k != untaken) {
+        /* More untaken than in flight, or an "untaken" position already
+         * completed: the index is made up. */
+        dev_event(q->dev, q->idx, FSDP_EV_BAD_STOP_INDEX, 0, next, q->s_avail_idx);
+        q->st.backend_errors++;
+        return;
+    }
+    memset(seen, 0, k);
+    for (uint32_t i = 0; i < k && suffix; i++) {
+        uint16_t d = (uint16_t)(q->last_avail - 1u - q->req[heads[i]].gidx);
+        suffix = d < k && !seen[d];
+        if (suffix)
+            seen[d] = 1;
+    }
+    for (uint32_t i = 0; i < k; i++) {
+        if (suffix) {
+            release_request(q, heads[i]);
+            q->sstate[heads[i]] = SD_FREE;   /* never completed: a later "completion" is unknown */
+        } else if (!q->req[heads[i]].parked) {
+            q->req[heads[i]].parked = true;
+            q->parked++;
+        }
+    }
+    if (suffix) {
+        q->last_avail = (uint16_t)(q->last_avail - k);
+        q->st.requests -= k;
+        res->returned = k;
+    } else {
+        res->kept = k;
+    }
+}
+
+void queue_stop(struct fsdp_queue *q, int64_t backend_next_avail, struct fsdp_stop_result *res)
+{
+    q->stopping = true;         /* no more intake from now on */
+    queue_process(q);           /* harvest what is already completed */
+    if (backend_next_avail < 0)
+        return;                 /* unknown: every request is waited for */
+    if (backend_next_avail <= UINT16_MAX) {
+        backend_stopped(q, (uint16_t)backend_next_avail, res);
+    } else {                    /* a split ring index has 16 bits */
+        dev_event(q->dev, q->idx, FSDP_EV_BAD_STOP_INDEX, 0, (uint64_t)backend_next_avail,
+                  q->s_avail_idx);
+        q->st.backend_errors++;
+    }
+}
+
+void queue_stop_result(const struct fsdp_queue *q, struct fsdp_stop_result *res)
+{
+    res->avail_idx = q->last_avail;
+    res->inflight = q->inflight;
+}
+
+void queue_stop_finish(struct fsdp_queue *q, struct fsdp_stop_result *res)
+{
+    q->started = false;
+    q->stopping = false;
+    if (res)
+        queue_stop_result(q, res);
+}
+
+/* ------------------------------------------------------------------------ */
+/* Reset, abort, clear.                                                       */
+
+/* Drop everything without touching the guest (device reset). */
+void queue_reset(struct fsdp_queue *q)
+{
+    q->started = false;
+    q->stopping = false;
+    q->broken = false;
+    q->backend_broken = false;
+    q->throttled = false;
+    q->inflight = 0;
+    q->parked = 0;
+    q->st.inflight = 0;
+    if (q->cap)
+        reset_freelist(q);
+    if (q->bounce.bitmap)
+        bounce_reset(&q->bounce);
+    q->last_avail = 0;
+    q->used_idx = 0;
+    q->signalled_used_valid = false;
+    q->addr_set = false;
+    q->rings_ok = false;
+    q->guest_event_idx = q->backend_event_idx = false;
+    q->need_backend_kick = q->need_guest_call = false;
+    q->guest_used_dirty = false;
+    q->s_avail_idx = q->s_last_used = q->s_num_added = 0;
+    q->log_used = false;
+}
+
+/* Fail every request in flight toward the guest (len 0).  Needs the guest
+ * rings; returns the count. */
+static uint32_t abort_inflight(struct fsdp_queue *q)
+{
+    uint32_t k = 0;
+
+    if (!q->inflight || !q->rings_ok)
+        return 0;
+    for (uint32_t s = 0; s < q->num && q->inflight; s++) {
+        if (q->sstate[s] != SD_HEAD)
+            continue;
+        push_guest_used(q, q->req[s].guest_head, 0);
+        release_request(q, (uint16_t)s);
+        k++;
+    }
+    dev_event(q->dev, q->idx, FSDP_EV_INFLIGHT_ABORTED, 0, k, 0);
+    publish_guest_used(q);
+    return k;
+}
+
+int queue_abort(struct fsdp_queue *q)
+{
+    if (q->started)
+        return -EBUSY;      /* stop it first */
+    if (!q->inflight)
+        return 0;
+    if (!q->rings_ok)
+        return -EFAULT;
+    return (int)abort_inflight(q);
+}
+
+int queue_clear_shadow(struct fsdp_queue *q)
+{
+    if (q->started)
+        return -EBUSY;      /* stop it first */
+    if (q->rings_ok)
+        clear_shadow(q);
+    return 0;
+}
