@@ -15,16 +15,21 @@ import enum
 import logging
 import os
 import select
+import time
 import socket
 
 from . import payloads as p
-from .errors import (BadFlags, BadVersion, PayloadTooLarge, PeerClosed, ReplyTimeout,
+from .errors import (BadFlags, BadVersion, MessageStalled, PayloadTooLarge, PeerClosed, ReplyTimeout,
                      ShortHeader, ShortPayload, TooManyFds, UnexpectedFds, UnexpectedMessage, UnknownRequest)
 from .messages import (BACKEND_SPECS, FRONTEND_SPECS, FLAG_REPLY, HEADER, HEADER_SIZE, KNOWN_FLAGS,
                        MAX_FDS, MAX_PAYLOAD_SIZE, NO_FDS, VERSION, VERSION_MASK, BackendReq, FrontendReq, Message,
                        choose_payload_type, spec_of)
 
 log = logging.getLogger("fastshadow.protocol")
+
+#: Seconds the rest of a message may take once its first byte arrived (when recv is given no
+#: timeout): a peer that stops in the middle of a message must not block its reader forever.
+MESSAGE_STALL_S = 5.0
 
 #: Room for more fds than any message may carry, so that a peer sending too
 #: many is seen (and its fds closed) instead of silently truncated.
@@ -60,6 +65,8 @@ class Connection:
         self.channel = channel
         self.receives_replies = receives_replies
         self.name = name
+        self._deadline = 0.0
+        self._rest_s = MESSAGE_STALL_S
 
     # -- life cycle -------------------------------------------------------
     def fileno(self) -> int:
@@ -92,9 +99,15 @@ class Connection:
 
     # -- receiving --------------------------------------------------------
     def recv(self, timeout: float | None = None) -> Message:
-        """Receive and validate one message. Raises PeerClosed on a clean EOF."""
+        """Receive and validate one message.
+
+        `timeout`: seconds to wait for it to start (ReplyTimeout), and then for the rest
+        of it (MessageStalled); None waits for the start without a bound and gives the
+        rest MESSAGE_STALL_S. Raises PeerClosed on a clean EOF, a ProtocolError on
+        anything the spec does not allow (every fd received is closed first)."""
         if timeout is not None and not self._wait_readable(timeout):
             raise ReplyTimeout(f"{self.name} sent nothing within {timeout:g} s")
+        self._rest_s = MESSAGE_STALL_S if timeout is None else timeout
         header, fds = self._recv_header()
         try:
             return self._parse(header, fds)
@@ -119,10 +132,23 @@ class Connection:
         r, _, _ = select.select([self.sock], [], [], timeout)
         return bool(r)
 
+    def _wait_rest(self, got: int, size: int, what: str) -> None:
+        """Wait for more of a message until the deadline recv set; MessageStalled after it."""
+        left = self._deadline - time.monotonic()
+        if left <= 0 or not self._wait_readable(left):
+            raise MessageStalled(f"{self.name} sent {got} of {size} {what} bytes and then nothing "
+                                 f"until the deadline")
+
     def _recv_header(self) -> tuple[bytes, list[int]]:
         fds: list[int] = []
         buf = b""
         while len(buf) < HEADER_SIZE:
+            if buf:
+                try:
+                    self._wait_rest(len(buf), HEADER_SIZE, "header")
+                except MessageStalled:
+                    _close_all(fds)
+                    raise
             try:
                 data, anc, flags, _ = self.sock.recvmsg(HEADER_SIZE - len(buf), socket.CMSG_SPACE(_FD_ROOM * 4))
             except ConnectionResetError as e:
@@ -138,12 +164,15 @@ class Connection:
                 if buf:
                     raise ShortHeader(f"{self.name} closed the connection inside a header ({len(buf)} of 12 bytes)")
                 raise PeerClosed(f"{self.name} closed the connection")
+            if not buf:  # the message started: the rest of it has until this deadline
+                self._deadline = time.monotonic() + self._rest_s
             buf += data
         return buf, fds
 
     def _recv_exact(self, size: int, what: str) -> bytes:
         chunks, got = [], 0
         while got < size:
+            self._wait_rest(got, size, what)
             try:
                 chunk = self.sock.recv(size - got)
             except ConnectionResetError:

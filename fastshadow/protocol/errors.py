@@ -27,6 +27,10 @@ class ShortPayload(ProtocolError):
     """The connection ended before the payload announced by the header arrived."""
 
 
+class MessageStalled(ProtocolError):
+    """The peer started a message and stopped sending before its end (within the allowed time)."""
+
+
 class BadVersion(ProtocolError):
     """The header's version bits are not 0x1."""
 
