@@ -521,6 +521,14 @@ int queue_set_event_idx(struct fsdp_queue *q, uint32_t flags)
     q->signalled_used_valid = false;
     if (!q->started || !q->rings_ok)
         return 0;           /* queue_start sets both modes anyway */
+    /* The backend's suppression fields (in the shadow region, ours) may be
+     * stale for the new mode: a NO_NOTIFY left from flags mode, an
+     * avail_event never written under event idx (a backend writes it only
+     * when it takes an entry).  Put both in the "kick me at the next entry"
+     * state a backend that has taken everything would leave; the backend
+     * rewrites them as it runs. */
+    vr_store16(q->s_used + USED_FLAGS, 0);
+    vr_store16(q->s_used + USED_AVAIL_EVENT(q->num), q->s_avail_idx);
     /* A pass under the new mode (it arms avail_event / used_event where
      * event idx is now on), then one kick and one call whatever it
      * decided: a peer may be asleep waiting for a notification decided the
