@@ -8,7 +8,14 @@
  * local (an indirect table is copied whole into private memory first), and
  * only the private copy is used afterwards.  The whole chain is validated
  * before anything is written anywhere: the caller gets either a complete list
- * of segments or one refusal code with its two arguments.
+ * of segments or one refusal code with its two arguments.  Two kinds of
+ * refusal: a chain whose structure is broken (loop, next out of range, bad
+ * indirect) ends the walk at once (out->complete false); a sound structure
+ * with a bad part (a buffer outside guest memory, a 0-length descriptor,
+ * readable after writable, too large) is walked to its end first, so that
+ * the caller still knows every segment and can complete the request with
+ * the device's error in the buffers that are fine (fail.c).  The first such
+ * reason is the one reported.
  *
  * Rules (DESIGN.md section 3, as in rust-vmm virtio-queue):
  *   - at most `num` steps in the main table and at most table-size steps in an
@@ -20,7 +27,9 @@
  *     the WRITE flag of an indirect descriptor is ignored (virtio 2.7.5.3.2);
  *   - every buffer lies inside mapped guest memory, without wrapping (a
  *     buffer crossing two adjacent regions is fine: the copier splits it);
- *     zero-length buffers are allowed and never touched;
+ *   - no buffer of length 0: QEMU's virtqueue_map_desc and libvhost-user's
+ *     vu_queue_map_desc treat a zero-sized buffer as fatal (the whole device
+ *     stops; qemu-storage-daemon panics), so it never reaches a backend;
  *   - all device-readable segments before all device-writable ones;
  *   - total length <= max_bytes.
  */
@@ -30,12 +39,24 @@
 #include "mem.h"
 #include "vring.h"
 
+/* A broken structure: the walk ends here, incomplete. */
 static int refuse(struct fsdp_chain *out, uint32_t code, uint64_t a, uint64_t b)
 {
     out->err = code;   /* out->steps stays what was spent */
     out->err_a = a;
     out->err_b = b;
+    out->complete = false;
     return (int)code;
+}
+
+/* A bad part of a sound structure: remembered (the first one), the walk goes on. */
+static void note(struct fsdp_chain *out, uint32_t code, uint64_t a, uint64_t b)
+{
+    if (out->err)
+        return;
+    out->err = code;
+    out->err_a = a;
+    out->err_b = b;
 }
 
 static struct vring_desc read_private_desc(const uint8_t *p)
@@ -96,25 +117,30 @@ int chain_walk(struct fsdp_mem *m, const uint8_t *table, uint32_t num, uint16_t 
 
         if (n >= num)
             return refuse(out, FSDP_EV_CHAIN_TOO_LONG, num, 0);
-        if (d.len) {
+        segs[n].gpa = d.addr;
+        segs[n].len = d.len;
+        segs[n].flags = d.flags & VRING_DESC_F_WRITE;
+        segs[n].bad = false;
+        if (d.len == 0) {
+            note(out, FSDP_EV_ZERO_LENGTH, n, 0);
+        } else {
             rc = mem_check_range(m, d.addr, d.len);
-            if (rc)
-                return refuse(out, (uint32_t)rc, d.addr, d.len);
+            if (rc) {
+                segs[n].bad = true;
+                note(out, (uint32_t)rc, d.addr, d.len);
+            }
         }
         if (d.flags & VRING_DESC_F_WRITE) {
             seen_write = true;
             writable += d.len;
         } else {
             if (seen_write)
-                return refuse(out, FSDP_EV_WRITABLE_BEFORE_READABLE, n, 0);
+                note(out, FSDP_EV_WRITABLE_BEFORE_READABLE, n, 0);
             readable += d.len;
         }
         /* No overflow: at most 32768 segments of at most 2^32-1 bytes. */
         if (readable + writable > max_bytes)
-            return refuse(out, FSDP_EV_REQUEST_TOO_LARGE, readable + writable, max_bytes);
-        segs[n].gpa = d.addr;
-        segs[n].len = d.len;
-        segs[n].flags = d.flags & VRING_DESC_F_WRITE;
+            note(out, FSDP_EV_REQUEST_TOO_LARGE, readable + writable, max_bytes);
         n++;
 
         if (!(d.flags & VRING_DESC_F_NEXT))
@@ -126,5 +152,6 @@ int chain_walk(struct fsdp_mem *m, const uint8_t *table, uint32_t num, uint16_t 
     out->n = n;
     out->readable = readable;
     out->writable = writable;
-    return 0;
+    out->complete = true;
+    return (int)out->err;
 }

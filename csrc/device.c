@@ -86,11 +86,13 @@ enum dev_op {
     CMD_SET_GUEST_FD,
     CMD_SHADOW_ADDRS,
     CMD_START,
+    CMD_SET_EVENT_IDX,
     CMD_PAUSE,
     CMD_STOP,
     CMD_STOP_CANCEL,
     CMD_CLEAR_SHADOW,
     CMD_ABORT,
+    CMD_DISCARD,
     CMD_STATS,
 };
 
@@ -145,6 +147,9 @@ struct dev_cmd {
         struct {
             uint32_t flags;                /* FSDP_QF_* */
         } start;
+        struct {
+            uint32_t flags;                /* FSDP_QF_* */
+        } set_event_idx;
         struct {
             int64_t backend_next_avail;    /* < 0: unknown */
             struct fsdp_stop_result *res;  /* out */
@@ -246,6 +251,8 @@ int fsdp_dev_add(struct fsdp_dp *dp, const char *name, const struct fsdp_dev_con
         k.bounce_per_queue = DEFAULT_BOUNCE;
     if (k.bounce_per_queue > MAX_BOUNCE)
         return -EINVAL;
+    if (k.failure > FSDP_FAIL_FUSE_ERROR)
+        return -EINVAL;
     k.bounce_per_queue = FSDP_ALIGN_UP(k.bounce_per_queue, FSDP_PAGE);
 
     dev = calloc(1, sizeof(*dev));
@@ -254,6 +261,11 @@ int fsdp_dev_add(struct fsdp_dp *dp, const char *name, const struct fsdp_dev_con
     dev->dp = dp;
     dev->ctx.events = dp_events(dp);
     dev->ctx.max_request_bytes = k.max_request_bytes;
+    dev->ctx.failure = k.failure;
+    dev->ctx.failure_first_queue = k.failure_first_queue;
+    dev->ctx.min_readable = k.min_readable;
+    dev->ctx.min_writable = k.min_writable;
+    dev->ctx.max_replays = k.max_replays;
     dev->ctx.stream_min = dp_config(dp)->stream_copy_min;
     dev->shadow_fd = -1;
     strcpy(dev->name, name);
@@ -753,6 +765,27 @@ int fsdp_queue_start(struct fsdp_dev *dev, uint32_t q, uint32_t flags)
     return exec(&c);
 }
 
+static int cmd_set_event_idx(struct fsdp_dp *dp, struct dev_cmd *c)
+{
+    struct fsdp_queue *q = get_q(c->dev, c->q);
+    int rc;
+
+    if (!q)
+        return -EINVAL;
+    rc = queue_set_event_idx(q, c->arg.set_event_idx.flags);
+    if (rc)
+        return rc;
+    after_cmd(c, q);
+    return 0;
+}
+
+int fsdp_queue_set_event_idx(struct fsdp_dev *dev, uint32_t q, uint32_t flags)
+{
+    struct dev_cmd c = {.op = CMD_SET_EVENT_IDX, .dev = dev, .q = q,
+                        .arg.set_event_idx = {.flags = flags}};
+    return exec(&c);
+}
+
 static int cmd_pause(struct fsdp_dp *dp, struct dev_cmd *c)
 {
     struct fsdp_queue *q = get_q(c->dev, c->q);
@@ -850,6 +883,21 @@ int fsdp_queue_abort(struct fsdp_dev *dev, uint32_t q)
     return exec(&c);
 }
 
+static int cmd_discard(struct fsdp_dp *dp, struct dev_cmd *c)
+{
+    struct fsdp_queue *q = get_q(c->dev, c->q);
+
+    if (!q)
+        return -EINVAL;
+    return queue_discard(q);
+}
+
+int fsdp_queue_discard(struct fsdp_dev *dev, uint32_t q)
+{
+    struct dev_cmd c = {.op = CMD_DISCARD, .dev = dev, .q = q};
+    return exec(&c);
+}
+
 static int cmd_stats(struct fsdp_dp *dp, struct dev_cmd *c)
 {
     struct fsdp_queue *q = get_q(c->dev, c->q);
@@ -890,11 +938,13 @@ static int run_cmd(struct fsdp_dp *dp, struct fsdp_cmd *link)
     case CMD_SET_GUEST_FD:  return cmd_set_guest_fd(dp, c);
     case CMD_SHADOW_ADDRS:  return cmd_shadow_addrs(dp, c);
     case CMD_START:         return cmd_start(dp, c);
+    case CMD_SET_EVENT_IDX: return cmd_set_event_idx(dp, c);
     case CMD_PAUSE:         return cmd_pause(dp, c);
     case CMD_STOP:          return cmd_stop(dp, c);
     case CMD_STOP_CANCEL:   return cmd_stop_cancel(dp, c);
     case CMD_CLEAR_SHADOW:  return cmd_clear_shadow(dp, c);
     case CMD_ABORT:         return cmd_abort(dp, c);
+    case CMD_DISCARD:       return cmd_discard(dp, c);
     case CMD_STATS:         return cmd_stats(dp, c);
     }
     return -EINVAL;

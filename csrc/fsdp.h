@@ -35,7 +35,7 @@
 /* FSDP_C_ONLY_END */
 
 /* Bumped whenever this interface changes; checked at import. */
-#define FSDP_ABI_VERSION 2
+#define FSDP_ABI_VERSION 3
 int fsdp_abi_version(void);
 
 /* Limits and flags (enums so that cffi sees them as constants too). */
@@ -50,6 +50,16 @@ enum {
 enum {
     FSDP_QF_GUEST_EVENT_IDX = 1,    /* VIRTIO_RING_F_EVENT_IDX on the guest ring */
     FSDP_QF_BACKEND_EVENT_IDX = 2,  /* ... and on the shadow ring */
+};
+
+/* How a refused or failed request is completed toward the guest
+ * (fsdp_dev_config.failure; DESIGN.md section 3.7: no completion lies). */
+enum {
+    FSDP_FAIL_LEN0 = 0,             /* used.len 0, nothing written (no device error defined) */
+    FSDP_FAIL_BLK_STATUS = 1,       /* virtio-blk: last writable byte = VIRTIO_BLK_S_IOERR, len 1 */
+    FSDP_FAIL_SCSI_RESPONSE = 2,    /* virtio-scsi: virtio_scsi_cmd_resp, response
+                                       VIRTIO_SCSI_S_FAILURE, len 12 */
+    FSDP_FAIL_FUSE_ERROR = 3,       /* virtio-fs: fuse_out_header {16, -EIO, unique}, len 16 */
 };
 
 /* fsdp_dev_poll out_flags. */
@@ -67,7 +77,8 @@ enum {
  */
 enum fsdp_event_code {
     FSDP_EV_NONE = 0,
-    /* A guest chain refused: completed toward the guest with len 0. */
+    /* A guest chain refused: completed toward the guest with the device's
+     * error (fsdp_dev_config.failure), or len 0 where it cannot be placed. */
     FSDP_EV_DESC_NEXT_OUT_OF_RANGE = 1,   /* a = next, b = table size */
     FSDP_EV_CHAIN_TOO_LONG = 2,           /* a = limit (loop or > queue size) */
     FSDP_EV_ADDR_UNMAPPED = 3,            /* a = gpa, b = len */
@@ -77,6 +88,8 @@ enum fsdp_event_code {
     FSDP_EV_INDIRECT_WITH_NEXT = 7,       /* a = descriptor index */
     FSDP_EV_WRITABLE_BEFORE_READABLE = 8, /* a = position in the chain */
     FSDP_EV_REQUEST_TOO_LARGE = 9,        /* a = bytes, b = cap */
+    FSDP_EV_ZERO_LENGTH = 10,             /* a = chain position of the 0-length descriptor */
+    FSDP_EV_BAD_LAYOUT = 11,              /* a = readable bytes, b = writable bytes */
     /* A corrupt guest ring: the queue is broken and stops. */
     FSDP_EV_BAD_HEAD = 16,                /* a = head, b = queue size */
     FSDP_EV_AVAIL_IDX_JUMP = 17,          /* a = avail idx, b = last avail idx */
@@ -85,8 +98,11 @@ enum fsdp_event_code {
     FSDP_EV_USED_UNKNOWN_ID = 32,         /* a = id */
     FSDP_EV_USED_DOUBLE_COMPLETION = 33,  /* a = id */
     FSDP_EV_USED_LEN_TOO_LARGE = 34,      /* a = len, b = writable bytes; failed toward guest */
-    FSDP_EV_USED_IDX_JUMP = 35,           /* a = used idx, b = last used; backend side stops */
     FSDP_EV_BAD_STOP_INDEX = 36,          /* a = backend's next avail, b = our shadow avail idx */
+    FSDP_EV_REQUEST_POISONED = 37,        /* a = times published; failed toward guest */
+    FSDP_EV_BACKEND_FAILED = 38,          /* a = backend used idx, b = our last used: the
+                                             shadow used ring is untrusted, harvest stops
+                                             until the next start (drop the backend) */
     /* Other. */
     FSDP_EV_COPYBACK_UNMAPPED = 48,       /* a = gpa, b = len; request failed toward guest */
     FSDP_EV_INFLIGHT_ABORTED = 49,        /* a = requests failed toward guest */
@@ -108,7 +124,7 @@ struct fsdp_queue_stats {
     uint64_t requests;       /* guest requests shadowed (published to the backend) */
     uint64_t bytes_in;       /* bytes copied guest -> bounce (to the backend) */
     uint64_t bytes_out;      /* bytes copied bounce -> guest */
-    uint64_t refused;        /* guest chains refused (len 0 toward the guest) */
+    uint64_t refused;        /* guest chains refused (failed toward the guest) */
     uint64_t guest_kicks;    /* guest kick eventfd completions seen */
     uint64_t backend_kicks;  /* eventfd writes toward the backend */
     uint64_t backend_calls;  /* backend call eventfd completions seen */
@@ -118,6 +134,10 @@ struct fsdp_queue_stats {
     uint64_t completed;      /* requests completed toward the guest (any len) */
     uint64_t backend_errors; /* shadow used entries refused */
     uint64_t log_pages;      /* dirty-log page marks made (migration logging) */
+    uint64_t failed;         /* completed toward the guest with the device's error (or
+                                len 0): refused, lied about, aborted, poisoned */
+    uint64_t poisoned;       /* failed instead of a publication beyond 1 + max_replays */
+    uint64_t discarded;      /* kept requests dropped untouched (fsdp_queue_discard) */
 };
 
 struct fsdp_mem_region {
@@ -142,6 +162,12 @@ struct fsdp_dev_config {
     uint64_t shadow_size;         /* 0: computed; else >= the computed minimum */
     uint64_t max_request_bytes;   /* cap of one request's total length (0: 4 MiB) */
     uint64_t bounce_per_queue;    /* bytes (0: 16 MiB), rounded up to pages */
+    uint32_t failure;             /* FSDP_FAIL_*: how refused/failed requests complete */
+    uint32_t failure_first_queue; /* queues below it use FSDP_FAIL_LEN0 and no layout check */
+    uint32_t min_readable;        /* layout: a chain needs at least this many readable */
+    uint32_t min_writable;        /* ... and writable bytes, or it is refused (BAD_LAYOUT) */
+    uint32_t max_replays;         /* re-publications of one request (queue start) before
+                                     it is failed as poison instead (0: never re-published) */
 };
 
 struct fsdp_dev_info {
@@ -203,6 +229,11 @@ int fsdp_queue_backend_fds(struct fsdp_dev *dev, uint32_t q, int *kick_fd, int *
 int fsdp_queue_shadow_addrs(struct fsdp_dev *dev, uint32_t q, uint64_t *desc,
                             uint64_t *avail, uint64_t *used);
 int fsdp_queue_start(struct fsdp_dev *dev, uint32_t q, uint32_t flags);
+/* VIRTIO_RING_F_EVENT_IDX toggled (SET_FEATURES) while the queue may run:
+ * flags = FSDP_QF_*.  Both sides decide notifications the new way from now
+ * on, and one kick and one call are sent (spurious ones are allowed) so that
+ * no side keeps waiting on a notification decided the old way. */
+int fsdp_queue_set_event_idx(struct fsdp_dev *dev, uint32_t q, uint32_t flags);
 /* VHOST_VRING_F_LOG: log used ring writes at used_gpa (its guest-physical address). */
 int fsdp_queue_set_log_used(struct fsdp_dev *dev, uint32_t q, int on, uint64_t used_gpa);
 /* What a stop did.  avail_idx: the guest's next avail index (the answer to
@@ -227,7 +258,12 @@ int fsdp_queue_pause(struct fsdp_dev *dev, uint32_t q);
  * for everything. */
 int fsdp_queue_stop(struct fsdp_dev *dev, uint32_t q, uint32_t timeout_ms,
                     int64_t backend_next_avail, struct fsdp_stop_result *out);
-int fsdp_queue_abort(struct fsdp_dev *dev, uint32_t q);   /* returns requests failed */
+/* Fail the requests a stopped queue keeps toward the guest (the device's
+ * error); returns requests failed. */
+int fsdp_queue_abort(struct fsdp_dev *dev, uint32_t q);
+/* Drop the requests a stopped queue keeps WITHOUT touching guest memory (the
+ * guest re-initialised the ring: reboot); returns requests dropped. */
+int fsdp_queue_discard(struct fsdp_dev *dev, uint32_t q);
 /* Zero the shadow rings of a stopped queue (requests it keeps stay ours and
  * are re-published at the next start): a new backend told the ring
  * addresses reads fresh indices (libvhost-user reads used->idx then). */

@@ -136,8 +136,15 @@ int queue_set_num(struct fsdp_queue *q, uint32_t num)
     uint64_t base;
     int rc;
 
-    if (q->started || q->inflight)
+    if (q->started)
         return -EBUSY;
+    if (q->inflight) {
+        /* Requests kept from an earlier run live in the arrays and in the
+         * shadow slot as laid out for this num: the same num (QEMU sends
+         * SET_VRING_NUM at every ring start) changes nothing; another num
+         * needs them discarded first (fsdp_queue_discard). */
+        return num == q->num ? 0 : -EBUSY;
+    }
     rc = alloc_arrays(q, num);
     if (rc)
         return rc;
@@ -245,6 +252,29 @@ static int cmp_seq(const void *a, const void *b, void *arg)
     return x < y ? -1 : x > y;
 }
 
+/*
+ * A kept request at a start: published again, unless that would make more
+ * than 1 + max_replays publications.  A request after whose publication the
+ * backend dies (or which it holds across stops) again and again may be what
+ * kills it: it is failed toward the guest as poison instead of taking every
+ * restarted backend down with it (DESIGN.md section 7, no replay storms).
+ */
+static void republish_or_fail(struct fsdp_queue *q, uint16_t head)
+{
+    struct fsdp_req *r = &q->req[head];
+
+    r->parked = false;
+    if (r->published >= 1u + q->dev->max_replays) {
+        dev_event(q->dev, q->idx, FSDP_EV_REQUEST_POISONED, r->guest_head, r->published, 0);
+        q->st.poisoned++;
+        fail_request(q, head);
+        return;
+    }
+    r->published++;
+    q->st.bytes_in += copy_in(q, head);
+    write_shadow_chain(q, head);
+}
+
 static int do_start(struct fsdp_queue *q, uint32_t flags)
 {
     if (q->started)
@@ -269,8 +299,9 @@ static int do_start(struct fsdp_queue *q, uint32_t flags)
     q->need_backend_kick = q->need_guest_call = false;
 
     /* Requests kept from a previous run (backend died or did not drain):
-     * re-publish them, in their original order, with their readable bytes
-     * copied again (the old backend may have scribbled on the bounce). */
+     * re-published, in their original order, with their readable bytes
+     * copied again (the old backend may have scribbled on the bounce), or
+     * failed as poison (republish_or_fail). */
     if (q->inflight) {
         uint16_t *heads = (uint16_t *)q->offs;   /* scratch, num entries of 8 B */
         uint32_t k = 0;
@@ -279,11 +310,8 @@ static int do_start(struct fsdp_queue *q, uint32_t flags)
                 heads[k++] = (uint16_t)s;
         qsort_r(heads, k, sizeof(*heads), cmp_seq, q);
         q->parked = 0;
-        for (uint32_t i = 0; i < k; i++) {
-            q->req[heads[i]].parked = false;
-            q->st.bytes_in += copy_in(q, heads[i]);
-            write_shadow_chain(q, heads[i]);
-        }
+        for (uint32_t i = 0; i < k; i++)
+            republish_or_fail(q, heads[i]);
     }
     q->started = true;
     return 0;
@@ -437,8 +465,8 @@ void queue_reset(struct fsdp_queue *q)
     q->log_used = false;
 }
 
-/* Fail every request in flight toward the guest (len 0).  Needs the guest
- * rings; returns the count. */
+/* Fail every request in flight toward the guest (the device's error).
+ * Needs the guest rings; returns the count. */
 static uint32_t abort_inflight(struct fsdp_queue *q)
 {
     uint32_t k = 0;
@@ -448,8 +476,7 @@ static uint32_t abort_inflight(struct fsdp_queue *q)
     for (uint32_t s = 0; s < q->num && q->inflight; s++) {
         if (q->sstate[s] != SD_HEAD)
             continue;
-        push_guest_used(q, q->req[s].guest_head, 0);
-        release_request(q, (uint16_t)s);
+        fail_request(q, (uint16_t)s);
         k++;
     }
     dev_event(q->dev, q->idx, FSDP_EV_INFLIGHT_ABORTED, 0, k, 0);
@@ -466,6 +493,52 @@ int queue_abort(struct fsdp_queue *q)
     if (!q->rings_ok)
         return -EFAULT;
     return (int)abort_inflight(q);
+}
+
+int queue_discard(struct fsdp_queue *q)
+{
+    uint32_t k = 0;
+
+    if (q->started)
+        return -EBUSY;      /* stop it first */
+    for (uint32_t s = 0; s < q->num && q->inflight; s++) {
+        if (q->sstate[s] != SD_HEAD)
+            continue;
+        release_request(q, (uint16_t)s);
+        /* Never completed: a later "completion" of it is an unknown id. */
+        q->sstate[s] = SD_FREE;
+        k++;
+    }
+    q->st.discarded += k;
+    return (int)k;
+}
+
+int queue_set_event_idx(struct fsdp_queue *q, uint32_t flags)
+{
+    q->guest_event_idx = !!(flags & FSDP_QF_GUEST_EVENT_IDX);
+    q->backend_event_idx = !!(flags & FSDP_QF_BACKEND_EVENT_IDX);
+    /* The last call was decided the old way: the next is decided afresh. */
+    q->signalled_used_valid = false;
+    if (!q->started || !q->rings_ok)
+        return 0;           /* queue_start sets both modes anyway */
+    /* The backend's suppression fields (in the shadow region, ours) may be
+     * stale for the new mode: a NO_NOTIFY left from flags mode, an
+     * avail_event never written under event idx (a backend writes it only
+     * when it takes an entry).  Put both in the "kick me at the next entry"
+     * state a backend that has taken everything would leave; the backend
+     * rewrites them as it runs. */
+    vr_store16(q->s_used + USED_FLAGS, 0);
+    vr_store16(q->s_used + USED_AVAIL_EVENT(q->num), q->s_avail_idx);
+    /* A pass under the new mode (it arms avail_event / used_event where
+     * event idx is now on), then one kick and one call whatever it
+     * decided: a peer may be asleep waiting for a notification decided the
+     * old way (a kick we suppressed through flags while it now watches
+     * used_event, or the reverse).  Spurious notifications are allowed
+     * (virtio 2.7.7, 2.7.10); a lost one hangs the ring. */
+    queue_process(q);
+    q->need_backend_kick = true;
+    q->need_guest_call = true;
+    return 0;
 }
 
 int queue_clear_shadow(struct fsdp_queue *q)

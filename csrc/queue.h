@@ -47,6 +47,12 @@ void queue_reset(struct fsdp_queue *q);
 /* Fail every request in flight toward the guest (stopped queue); returns
  * the count or -errno. */
 int queue_abort(struct fsdp_queue *q);
+/* Drop every request a stopped queue keeps, guest memory untouched (the
+ * guest re-initialised the ring); returns the count or -errno. */
+int queue_discard(struct fsdp_queue *q);
+/* VIRTIO_RING_F_EVENT_IDX changed (FSDP_QF_*), the queue possibly running:
+ * a pass under the new mode, then one kick and one call (need_* flags). */
+int queue_set_event_idx(struct fsdp_queue *q, uint32_t flags);
 /* Zero the shadow rings of a stopped queue. */
 int queue_clear_shadow(struct fsdp_queue *q);
 

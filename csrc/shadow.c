@@ -7,7 +7,7 @@
  * and the one path that sends them (queue_notify, for the loop and for the
  * inline mode alike).  Setting a queue up, starting and stopping it is
  * queue.c's.
- * Calls: chain, bounce, mem, log, vring, probes (and events, via dev_event).
+ * Calls: chain, fail, bounce, mem, log, vring, probes (and events, via dev_event).
  *
  * Toward the guest we are the DEVICE: we read the guest avail ring and its
  * descriptors, write the guest used ring, and (event idx) write avail_event.
@@ -35,6 +35,7 @@
 #include "base.h"
 #include "bounce.h"
 #include "chain.h"
+#include "fail.h"
 #include "log.h"
 #include "mem.h"
 #include "probes.h"
@@ -107,6 +108,59 @@ void publish_guest_used(struct fsdp_queue *q)
     }
     if (call)
         q->need_guest_call = true;
+}
+
+/* ------------------------------------------------------------------------ */
+/* Failing a request toward the guest: the device's error (fail.c).           */
+
+/* The error this queue's requests fail with: queues below
+ * failure_first_queue carry another layout (virtio-scsi control and event
+ * queues), so they fail with len 0. */
+static uint32_t queue_failure(const struct fsdp_queue *q)
+{
+    return q->idx < q->dev->failure_first_queue ? FSDP_FAIL_LEN0 : q->dev->failure;
+}
+
+/* Write the device's error into the guest buffers segs[0..n) of a request
+ * and log it like any copy-back; returns the used.len to complete with.
+ * fail_plan checked every piece against the memory table, so no copy
+ * below stops midway. */
+static uint32_t write_failure(struct fsdp_queue *q, const struct fsdp_seg *segs, uint32_t n)
+{
+    struct fail_plan p;
+
+    if (!fail_plan(&q->dev->mem, queue_failure(q), segs, n, &p))
+        return 0;
+    for (uint32_t i = 0; i < p.n; i++) {
+        mem_copy_to_guest(&q->dev->mem, p.piece[i].gpa, p.bytes + p.piece[i].off,
+                          p.piece[i].len, false);
+        log_guest(q, p.piece[i].gpa, p.piece[i].len);
+    }
+    return p.used_len;
+}
+
+/* Complete guest head with the device's error, placed in segs[0..n). */
+static void complete_failed(struct fsdp_queue *q, uint16_t guest_head,
+                            const struct fsdp_seg *segs, uint32_t n)
+{
+    push_guest_used(q, guest_head, write_failure(q, segs, n));
+    q->st.failed++;
+}
+
+void fail_request(struct fsdp_queue *q, uint16_t head)
+{
+    struct fsdp_seg *segs = q->scratch;     /* free outside take_one */
+    uint16_t s = head;
+    uint16_t n = q->req[head].ndesc;
+
+    /* The guest segments as validated when the request was taken: private. */
+    for (uint16_t i = 0; i < n; i++) {
+        segs[i] = (struct fsdp_seg){.gpa = q->sd[s].gpa, .len = q->sd[s].len,
+                                    .flags = q->sd[s].flags};
+        s = q->sd[s].next;
+    }
+    complete_failed(q, q->req[head].guest_head, segs, n);
+    release_request(q, head);
 }
 
 /* ------------------------------------------------------------------------ */
@@ -293,6 +347,14 @@ static enum take_result take_one(struct fsdp_queue *q, uint32_t *steps)
     rc = chain_walk(&dev->mem, q->g_desc, q->num, head, dev->max_request_bytes,
                     q->scratch, q->ind, &ch);
     *steps = ch.steps;
+    if (rc == 0 && q->idx >= dev->failure_first_queue &&
+        (ch.readable < dev->min_readable || ch.writable < dev->min_writable)) {
+        /* Too short for the device's request layout: a backend would read
+         * past the chain, or have nowhere to put its status. */
+        rc = FSDP_EV_BAD_LAYOUT;
+        ch.err_a = ch.readable;
+        ch.err_b = ch.writable;
+    }
     if (rc == 0) {
         n = ch.n;
         if (n > q->nfree)
@@ -311,7 +373,10 @@ static enum take_result take_one(struct fsdp_queue *q, uint32_t *steps)
         dev_event(dev, q->idx, (uint32_t)rc, head, ch.err_a, ch.err_b);
         PROBE_REQUEST_REFUSED(dev->id, q->idx, head, rc);
         q->st.refused++;
-        push_guest_used(q, head, 0);
+        /* The device's error where the walk saw the whole chain; a broken
+         * structure (loop, bad next, bad indirect) has no safe place for
+         * it: len 0. */
+        complete_failed(q, head, q->scratch, ch.complete ? ch.n : 0);
         q->last_avail++;
         return REFUSED;
     }
@@ -357,6 +422,7 @@ static enum take_result take_one(struct fsdp_queue *q, uint32_t *steps)
     r->readable = ch.readable;
     r->seq = q->seq++;
     r->gidx = q->last_avail;
+    r->published = 1;
     r->parked = false;
 
     uint64_t bytes = copy_in(q, shead);
@@ -475,12 +541,17 @@ static uint32_t copy_back(struct fsdp_queue *q, uint16_t head, uint32_t len)
     return len - left;
 }
 
+/* One shadow used element, read once (id, len): validated, then the
+ * request completes toward the guest, or fails with the device's error. */
 static void complete_one(struct fsdp_queue *q, uint32_t id, uint32_t len)
 {
     struct fsdp_req *r;
-    uint32_t glen = 0, copied;
+    uint32_t copied;
 
     if (id >= q->num || q->sstate[id] != SD_HEAD) {
+        /* Not a request in flight: a made-up id, a body descriptor, one
+         * given back or dropped at a stop (SD_FREE), or one completed
+         * already (SD_DONE).  Skipped; the others keep their chance. */
         uint32_t code = (id < q->num && q->sstate[id] == SD_DONE)
                             ? FSDP_EV_USED_DOUBLE_COMPLETION : FSDP_EV_USED_UNKNOWN_ID;
         dev_event(q->dev, q->idx, code, 0, id, len);
@@ -491,14 +562,16 @@ static void complete_one(struct fsdp_queue *q, uint32_t id, uint32_t len)
     if (len > r->writable) {
         dev_event(q->dev, q->idx, FSDP_EV_USED_LEN_TOO_LARGE, r->guest_head, len, r->writable);
         q->st.backend_errors++;
-    } else {
-        copied = copy_back(q, (uint16_t)id, len);
-        if (copied != UINT32_MAX) {
-            glen = len;
-            q->st.bytes_out += copied;
-        }
+        fail_request(q, (uint16_t)id);
+        return;
     }
-    push_guest_used(q, r->guest_head, glen);
+    copied = copy_back(q, (uint16_t)id, len);
+    if (copied == UINT32_MAX) {
+        fail_request(q, (uint16_t)id);
+        return;
+    }
+    q->st.bytes_out += copied;
+    push_guest_used(q, r->guest_head, len);
     release_request(q, (uint16_t)id);
 }
 
@@ -528,11 +601,16 @@ static bool harvest(struct fsdp_queue *q)
             q->more = true;
             break;
         }
-        if (n > q->inflight) {
-            /* More completions than requests in flight: the backend's used
-             * ring is garbage.  Stop reading it; requests stay owned by us
-             * (queue_stop/queue_start re-publish them, queue_abort fails). */
-            dev_event(q->dev, q->idx, FSDP_EV_USED_IDX_JUMP, 0, used, q->s_last_used);
+        if (n > q->num) {
+            /* More completions than the ring holds: the backend's used idx
+             * is garbage and no entry of the ring can be trusted.  Stop
+             * reading it until the next start; requests stay ours.  The
+             * control plane drops the backend on this event, reconnects,
+             * and queue_start re-publishes them (DESIGN.md sections 3.8,
+             * 7).  Fewer than num new entries are read one by one below:
+             * a lie among them costs only itself. */
+            dev_event(q->dev, q->idx, FSDP_EV_BACKEND_FAILED, 0, used, q->s_last_used);
+            q->st.backend_errors++;
             q->backend_broken = true;
             break;
         }

@@ -9,6 +9,7 @@
 #include "bounce.h"
 #include "chain.h"
 #include "events.h"
+#include "fail.h"
 #include "log.h"
 #include "mem.h"
 
@@ -36,6 +37,7 @@ struct fsdp_req {
     uint64_t seq;           /* publish order, for re-publishing */
     uint16_t gidx;          /* guest avail position it was taken from */
     uint16_t sidx;          /* shadow avail position it was last published at */
+    uint32_t published;     /* times handed to a backend (poison bound: max_replays) */
     bool parked;            /* never taken by the stopped backend: not waited for */
 };
 
@@ -113,6 +115,10 @@ struct fsdp_devctx {
     struct fsdp_mem mem;        /* guest memory table */
     struct fsdp_log log;        /* QEMU's dirty log (SET_LOG_BASE), or unmapped */
     uint64_t max_request_bytes; /* cap of one request's total length */
+    uint32_t failure;           /* FSDP_FAIL_*: the device's error (fail.c) */
+    uint32_t failure_first_queue; /* queues below: FSDP_FAIL_LEN0, no layout check */
+    uint32_t min_readable, min_writable;  /* request layout (BAD_LAYOUT) */
+    uint32_t max_replays;       /* re-publications before a request is poison */
     uint64_t stream_min;        /* buffers of this many bytes or more are copied
                                    with streaming stores (copy.c); 0: never */
     uint8_t *shadow;            /* the shadow region, mapped */
@@ -158,5 +164,8 @@ void push_guest_used(struct fsdp_queue *q, uint16_t head, uint32_t len);
 void publish_guest_used(struct fsdp_queue *q);
 /* Free a request's shadow descriptors and bounce space. */
 void release_request(struct fsdp_queue *q, uint16_t head);
+/* Complete the request at shadow head toward the guest with the device's
+ * error (fail.c) and release it; counted in st.failed. */
+void fail_request(struct fsdp_queue *q, uint16_t head);
 
 #endif

@@ -96,7 +96,17 @@ def _configure_proxy(p: argparse.ArgumentParser) -> None:
     p.add_argument("--reply-timeout", type=float, default=30.0, metavar="S",
                    help="seconds the backend may take to answer a request (default 30)")
     p.add_argument("--max-request-bytes", type=int, default=4 << 20, metavar="N",
-                   help="isolated: largest guest request accepted, in bytes (default 4 MiB)")
+                   help="isolated: largest guest request data accepted, in bytes (the device's request header and "
+                        "status not counted; default 4 MiB, raised to what the device advertises, e.g. virtio-blk "
+                        "seg_max x size_max); a larger request fails with the device's error (blk: I/O error)")
+    p.add_argument("--stop-timeout", type=float, default=2.0, metavar="S",
+                   help="isolated: a ring stop (GET_VRING_BASE: VM stop, reboot, migration) answers QEMU within S "
+                        "seconds whatever the backend does; requests it still holds are kept and re-published when "
+                        "the ring resumes (default 2)")
+    p.add_argument("--max-replays", type=int, default=1, metavar="N",
+                   help="isolated: a request is handed again to the backend at most N times (after the backend died "
+                        "with it or held it across a ring stop), then failed toward the guest with the device's "
+                        "error and logged as poisoned, so one request cannot kill a backend forever (default 1)")
     p.add_argument("--bounce-per-queue", type=int, default=16 << 20, metavar="N",
                    help="isolated: bounce space per queue in the shadow region, bytes (default 16 MiB)")
     p.add_argument("--backend-reconnect", choices=["auto", "on", "off"], default="auto",
@@ -148,6 +158,8 @@ def build_proxy_config(args):
             device=DeviceType(merged.get("device", "blk")),
             backend_timeout=args.backend_timeout,
             reply_timeout=args.reply_timeout,
+            stop_timeout=args.stop_timeout,
+            max_replays=args.max_replays,
             max_request_bytes=args.max_request_bytes,
             bounce_per_queue=args.bounce_per_queue,
             backend_reconnect=args.backend_reconnect,

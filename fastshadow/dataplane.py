@@ -39,7 +39,7 @@ from . import _dataplane
 from ._dataplane import ffi, lib
 
 #: Must match FSDP_ABI_VERSION in csrc/fsdp.h; a stale build fails loudly here.
-ABI_VERSION = 2
+ABI_VERSION = 3
 
 if lib.fsdp_abi_version() != ABI_VERSION:  # pragma: no cover - build mismatch
     raise ImportError(
@@ -157,6 +157,9 @@ class QueueStats(msgspec.Struct, frozen=True):
     completed: int
     backend_errors: int
     log_pages: int
+    failed: int          # completed toward the guest with the device's error (refused, lied about, poisoned)
+    poisoned: int        # failed after --max-replays re-publications
+    discarded: int       # kept requests dropped untouched (the guest re-initialised the ring)
 
 
 class StopResult(msgspec.Struct, frozen=True):
@@ -181,6 +184,11 @@ class Event(msgspec.Struct, frozen=True):
     b: int
     message: str
 
+    @property
+    def backend_failed(self) -> bool:
+        """The data plane no longer trusts this device's backend: the control plane must drop it."""
+        return self.code == lib.FSDP_EV_BACKEND_FAILED
+
 
 def event_name(code: int) -> str:
     return ffi.string(lib.fsdp_event_name(code)).decode()
@@ -200,6 +208,8 @@ _REFUSALS = {
     lib.FSDP_EV_INDIRECT_WITH_NEXT,
     lib.FSDP_EV_WRITABLE_BEFORE_READABLE,
     lib.FSDP_EV_REQUEST_TOO_LARGE,
+    lib.FSDP_EV_ZERO_LENGTH,
+    lib.FSDP_EV_BAD_LAYOUT,
 }
 
 _DETAIL = {
@@ -212,13 +222,22 @@ _DETAIL = {
     lib.FSDP_EV_INDIRECT_WITH_NEXT: lambda a, b: f"indirect descriptor at index {a} also has NEXT set",
     lib.FSDP_EV_WRITABLE_BEFORE_READABLE: lambda a, b: f"device-readable descriptor at chain position {a} follows a writable one",
     lib.FSDP_EV_REQUEST_TOO_LARGE: lambda a, b: f"request needs {a} bytes, over the limit of {b}",
+    lib.FSDP_EV_ZERO_LENGTH: lambda a, b: f"descriptor at chain position {a} has length 0 (no device allows it; "
+                                          f"backends treat it as fatal)",
+    lib.FSDP_EV_BAD_LAYOUT: lambda a, b: f"request has {a} device-readable and {b} device-writable bytes, fewer "
+                                         f"than the device's request layout needs",
+    lib.FSDP_EV_REQUEST_POISONED: lambda a, b: f"request was handed to the backend {a} times without completing "
+                                               f"(the backend died or held it each time): poisoned, failed toward "
+                                               f"the guest",
+    lib.FSDP_EV_BACKEND_FAILED: lambda a, b: f"backend used idx {a} is {(a - b) & 0xFFFF} entries past the last "
+                                             f"used {b}, more than the ring holds: shadow ring untrusted, backend "
+                                             f"treated as failed",
     lib.FSDP_EV_BAD_HEAD: lambda a, b: f"avail ring head {a} >= queue size {b}: queue broken, stopped",
     lib.FSDP_EV_AVAIL_IDX_JUMP: lambda a, b: f"avail idx {a} is {(a - b) & 0xFFFF} entries ahead of last avail {b}: queue broken, stopped",
     lib.FSDP_EV_RING_UNMAPPED: lambda a, b: f"ring at user address {a:#x} is no longer in guest memory: queue paused",
     lib.FSDP_EV_USED_UNKNOWN_ID: lambda a, b: f"backend used an id {a} (len {b}) that is not in flight: ignored",
     lib.FSDP_EV_USED_DOUBLE_COMPLETION: lambda a, b: f"backend completed id {a} (len {b}) a second time: ignored",
-    lib.FSDP_EV_USED_LEN_TOO_LARGE: lambda a, b: f"backend used len {a} > {b} writable bytes: request failed toward the guest (len 0)",
-    lib.FSDP_EV_USED_IDX_JUMP: lambda a, b: f"backend used idx {a} is ahead of the requests in flight (last used {b}): shadow ring abandoned",
+    lib.FSDP_EV_USED_LEN_TOO_LARGE: lambda a, b: f"backend used len {a} > {b} writable bytes: request failed toward the guest",
     lib.FSDP_EV_BAD_STOP_INDEX: lambda a, b: f"backend says its ring stopped at avail index {a}, impossible with {b} published and the requests in flight: all treated as taken",
     lib.FSDP_EV_COPYBACK_UNMAPPED: lambda a, b: f"writable buffer gpa {a:#x} len {b} unmapped before completion: request failed toward the guest",
     lib.FSDP_EV_INFLIGHT_ABORTED: lambda a, b: f"{a} requests in flight failed toward the guest (len 0)",
@@ -238,7 +257,7 @@ def _message(dev_name: str, queue: int, code: int, head: int, a: int, b: int) ->
     where = f"{dev_name} q{queue}"
     if code in _REFUSALS:
         return f"{where}: refused request head {head}: {detail}"
-    if code == lib.FSDP_EV_USED_LEN_TOO_LARGE:
+    if code in (lib.FSDP_EV_USED_LEN_TOO_LARGE, lib.FSDP_EV_REQUEST_POISONED):
         return f"{where}: request head {head}: {detail}"
     return f"{where}: {detail}"
 
@@ -310,13 +329,25 @@ class DataPlane:
     # devices ---------------------------------------------------------------
     def add_device(self, name: str, *, num_queues: int, shadow_size: int | None = None,
                    max_request_bytes: int = 4 << 20, bounce_per_queue: int = 16 << 20,
-                   max_queue_size: int = MAX_QUEUE_SIZE) -> Device:
+                   max_queue_size: int = MAX_QUEUE_SIZE, failure: int = 0, failure_first_queue: int = 0,
+                   layout: tuple[int, int] = (0, 0), max_replays: int = 1) -> Device:
+        """A device of `num_queues` shadow queues.
+
+        `max_request_bytes`: cap of one request's total buffer bytes; `failure`: how a refused
+        or failed request completes toward the guest (devices.Failure, FSDP_FAIL_*; queues
+        below `failure_first_queue` use len 0); `layout`: (readable, writable) bytes every
+        chain must have; `max_replays`: re-publications of one request before it is poisoned.
+        Raises InvalidRequest, NoSpace."""
         cfg = ffi.new("struct fsdp_dev_config *")
         cfg.num_queues = num_queues
         cfg.max_queue_size = max_queue_size
         cfg.shadow_size = shadow_size or 0
         cfg.max_request_bytes = max_request_bytes
         cfg.bounce_per_queue = bounce_per_queue
+        cfg.failure = int(failure)
+        cfg.failure_first_queue = failure_first_queue
+        cfg.min_readable, cfg.min_writable = layout
+        cfg.max_replays = max_replays
         out = ffi.new("struct fsdp_dev **")
         _check(lib.fsdp_dev_add(self._live(), name.encode(), cfg, out), f"add device {name!r}")
         dev = Device(self, out[0], name)
@@ -531,12 +562,24 @@ class Device:
             raise err
         return StopResult(res.avail_idx, res.returned, res.kept, res.inflight)
 
+    def queue_set_event_idx(self, q: int, on: bool) -> None:
+        """VIRTIO_RING_F_EVENT_IDX changed (SET_FEATURES) on a running queue: both sides decide
+        notifications the new way from now on; one kick and one call are sent so that
+        nothing waits on a notification decided the old way."""
+        flags = (lib.FSDP_QF_GUEST_EVENT_IDX | lib.FSDP_QF_BACKEND_EVENT_IDX) if on else 0
+        _check(lib.fsdp_queue_set_event_idx(self._live(), q, flags), self._q("set event idx", q))
+
+    def queue_discard(self, q: int) -> int:
+        """Drop the requests a stopped queue keeps, without touching guest memory (the guest
+        re-initialised the ring); returns how many."""
+        return _check(lib.fsdp_queue_discard(self._live(), q), self._q("discard kept requests", q))
+
     def queue_clear_shadow(self, q: int) -> None:
         """Zero the shadow rings of a stopped queue, for a new backend (kept requests stay ours)."""
         _check(lib.fsdp_queue_clear_shadow(self._live(), q), self._q("clear the shadow ring", q))
 
     def queue_abort(self, q: int) -> int:
-        """Fail every request kept in flight by a stopped queue toward the guest (len 0)."""
+        """Fail every request kept in flight by a stopped queue toward the guest (the device's error)."""
         return _check(lib.fsdp_queue_abort(self._live(), q), self._q("abort in-flight requests", q))
 
     def stats(self, q: int) -> QueueStats:

@@ -11,7 +11,15 @@ need, so that adding a device type is one row here plus its tests:
 - whether a request may be submitted again to a restarted backend;
 - how a request fastshadow refuses or fails is completed toward the guest
   (`Failure`): with the device's own error where the device defines one,
-  never with a completion that looks like a success.
+  never with a completion that looks like a success;
+- the layout every request must have (so that no chain the backend would
+  panic on or silently drop reaches it), and how much of it is not data.
+
+Zero-length descriptors are refused for every device type: no device of
+VIRTIO 1.2 gives them a meaning, and QEMU's own virtqueue code
+(hw/virtio/virtio.c, virtqueue_map_desc) and libvhost-user
+(vu_queue_map_desc: "zero sized buffers are not allowed") treat one as a
+fatal device error, which would kill the backend.
 
 Sources: VIRTIO 1.2 §5 (device types, IDs, request layouts), QEMU's
 hw/virtio/vhost-user-*.c (queue counts), docs/interop/vhost-user.rst
@@ -66,6 +74,37 @@ class DeviceKind:
     #: Why (or why not) replay is safe, for the README and logs.
     replay_note: str = ""
     failure: Failure = Failure.LEN0
+    #: Queues below this index carry other layouts (virtio-scsi control and event queues):
+    #: their refused requests complete with len 0.
+    failure_first_queue: int = 0
+    #: The request layout every chain must have, checked before the backend sees it:
+    #: (device-readable bytes at least, device-writable bytes at least). virtio-blk: a
+    #: 16-byte header and a status byte (VIRTIO 1.2 §5.2.6); virtio-fs: fuse_in_header.
+    layout: tuple[int, int] = (0, 0)
+    #: Bytes of a request that are header and status, not data (not counted by the request cap).
+    request_overhead: int = 0
+
+    def request_cap(self, configured: int, config: bytes, features: int) -> tuple[int, str]:
+        """(largest request data in bytes, why): `configured` (--max-request-bytes) or, if larger,
+        what the backend's configuration space `config` advertises under device `features`."""
+        advertised = self._advertised_data(config, features)
+        if advertised is not None and advertised > configured:
+            return advertised, f"the device advertises {advertised} bytes per request ({self._limit_note})"
+        return configured, "--max-request-bytes" + (f" (the device advertises {advertised})"
+                                                    if advertised is not None else "")
+
+    _limit_note = "seg_max x size_max"
+
+    def _advertised_data(self, config: bytes, features: int) -> int | None:
+        if self.name != "blk" or len(config) < 16:
+            return None
+        # struct virtio_blk_config (VIRTIO 1.2 §5.2.4): le32 size_max at 8, le32 seg_max at 12,
+        # valid under VIRTIO_BLK_F_SIZE_MAX (bit 1) and VIRTIO_BLK_F_SEG_MAX (bit 2).
+        if not (features >> 1 & 1 and features >> 2 & 1):
+            return None
+        size_max = int.from_bytes(config[8:12], "little")
+        seg_max = int.from_bytes(config[12:16], "little")
+        return size_max * seg_max or None
 
     def queues_for(self, queue_num: int) -> int:
         """Data-plane queues for a GET_QUEUE_NUM answer of `queue_num`."""
@@ -85,16 +124,18 @@ class DeviceKind:
 #: virtio-fs hiprio + request queues, vsock rx/tx/event, virtio-scsi control/event + request.
 DEVICES: tuple[DeviceKind, ...] = (
     DeviceKind("blk", "virtio-blk", 2, default_queues=1, replay_safe=True,
-               replay_note="a block read or write is idempotent", failure=Failure.BLK_STATUS),
+               replay_note="a block read or write is idempotent", failure=Failure.BLK_STATUS,
+               layout=(16, 1), request_overhead=17),
     DeviceKind("net", "virtio-net", 1, default_queues=3, counts_pairs=True, extra_queues=1, replay_safe=True,
                replay_note="a packet sent twice is what networks tolerate", failure=Failure.LEN0),
     DeviceKind("fs", "virtio-fs", 26, default_queues=2, replay_safe=False,
                replay_note="FUSE requests are not idempotent and the daemon's session state dies with it",
-               failure=Failure.FUSE_ERROR),
+               failure=Failure.FUSE_ERROR, layout=(40, 0), request_overhead=40 + 16),
     DeviceKind("vsock", "virtio-vsock", 19, default_queues=3, replay_safe=False,
                replay_note="connection state dies with the backend", failure=Failure.LEN0),
     DeviceKind("scsi", "virtio-scsi", 8, default_queues=3, replay_safe=True,
-               replay_note="SCSI reads and writes are idempotent", failure=Failure.SCSI_RESPONSE),
+               replay_note="SCSI reads and writes are idempotent", failure=Failure.SCSI_RESPONSE,
+               failure_first_queue=2),
     DeviceKind("generic", "any vhost-user device", 0, default_queues=8, replay_safe=False,
                replay_note="nothing is known of its requests", failure=Failure.LEN0),
     DeviceKind("gpu", "virtio-gpu", 16, default_queues=2,

@@ -42,7 +42,14 @@ class DeviceConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     backend_timeout: float = 10.0
     #: Seconds the backend may take to answer a request.
     reply_timeout: float = 30.0
-    #: Isolated mode: the largest request (sum of buffer lengths) accepted from the guest.
+    #: Seconds a ring stop (GET_VRING_BASE) may take in isolated mode, backend included.
+    stop_timeout: float = 2.0
+    #: Isolated mode: how often one request is handed again to a backend (after the backend
+    #: died with it, or held it across a ring stop) before it is failed toward the guest.
+    max_replays: int = 1
+    #: Isolated mode: the largest request data (buffer bytes, the device's request header and
+    #: status excluded) accepted from the guest; raised to what the device advertises (blk:
+    #: seg_max x size_max).
     max_request_bytes: int = 4 << 20
     #: Isolated mode: bounce space per queue in the shadow region.
     bounce_per_queue: int = 16 << 20
@@ -67,9 +74,13 @@ class DeviceConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
         if self.backend_reconnect not in ("auto", "on", "off"):
             raise ConfigError(f"device {self.name!r}: backend_reconnect must be auto, on or off, "
                               f"not {self.backend_reconnect!r}")
+        if self.stop_timeout <= 0:
+            raise ConfigError(f"device {self.name!r}: stop_timeout must be positive (seconds)")
+        if not 0 <= self.max_replays <= 100:
+            raise ConfigError(f"device {self.name!r}: max_replays {self.max_replays}: want 0 to 100")
         if self.backend_timeout <= 0 or self.reply_timeout <= 0:
             raise ConfigError(f"device {self.name!r}: timeouts must be positive")
-        if self.max_request_bytes <= 0 or self.bounce_per_queue < self.max_request_bytes:
+        if self.max_request_bytes <= 0 or self.bounce_per_queue < self.max_request_bytes + kind(self.device).request_overhead:
             raise ConfigError(f"device {self.name!r}: bounce_per_queue ({self.bounce_per_queue}) must hold at "
                               f"least one request of max_request_bytes ({self.max_request_bytes})")
 

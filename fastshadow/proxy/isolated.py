@@ -45,7 +45,7 @@ from .. import devices
 from ..dataplane import (MAX_MEM_REGIONS, MAX_QUEUE_SIZE, MAX_QUEUES, AddressUntranslatable, DataPlane,
                          DataPlaneError, DrainTimeout, MemRegion)
 from ..logs import kv
-from ..protocol import Channel, Connection, PeerClosed
+from ..protocol import Channel, Connection, PeerClosed, ReplyTimeout
 from ..protocol import payloads as p
 from ..protocol.errors import UnexpectedMessage
 from ..protocol.features import ProtocolFeature, VirtioFeature
@@ -115,6 +115,7 @@ class IsolatedSession(Session):
         self.survives_backend_loss = reconnect is not None and cfg.reconnects_backend()
         #: What the backend has been told (filled by to_backend), to tell a restarted one.
         self.record = BackendRecord()
+        self._losses: list[float] = []  # monotonic times of backend losses (reconnect back-off)
         self.dp = dataplane
         self.dev = None
         self.queue_num: int | None = None
@@ -126,8 +127,13 @@ class IsolatedSession(Session):
         self.err_fds: dict[int, tuple[int, int | None]] = {}  # queue -> (ours, QEMU's)
         self.qemu_features: int | None = None  # QEMU's last SET_FEATURES
         self.vring_addrs: dict[int, tuple[int, int, int]] = {}  # queue -> QEMU's (desc, avail, used)
-        self.vring_sized: set[int] = set()  # queues that got SET_VRING_NUM (the data plane keeps the size)
+        self.vring_nums: dict[int, int] = {}  # queue -> QEMU's SET_VRING_NUM (the data plane keeps it too)
         self.mem_regions: dict[int, p.MemoryRegion] = {}  # guest memory QEMU described, by gpa
+        self.vring_bases: dict[int, int] = {}  # queue -> QEMU's last SET_VRING_BASE
+        #: Queues stopped while the backend held requests: queue -> (ring addresses, avail index answered).
+        self.stopped_with_kept: dict[int, tuple] = {}
+        #: The backend's device configuration space (GET_CONFIG from offset 0), for its limits.
+        self.backend_config = b""
         self.handlers = {
             FrontendReq.GET_FEATURES: self.on_get_features,
             FrontendReq.SET_FEATURES: self.on_set_features,
@@ -150,11 +156,13 @@ class IsolatedSession(Session):
             FrontendReq.RESET_DEVICE: self.on_reset,
             FrontendReq.RESET_OWNER: self.on_reset,
         }
-        for req in (FrontendReq.GET_CONFIG, FrontendReq.GET_STATUS, FrontendReq.SEND_RARP,
+        self.handlers[FrontendReq.GET_CONFIG] = self.on_get_config
+        self.handlers[FrontendReq.SET_VRING_ENABLE] = self.on_set_vring_enable
+        for req in (FrontendReq.GET_STATUS, FrontendReq.SEND_RARP,
                     FrontendReq.CREATE_CRYPTO_SESSION, FrontendReq.CLOSE_CRYPTO_SESSION):
             self.handlers[req] = self.forward
         # Forwarded as they are (the record keeps those that set state).
-        for req in (FrontendReq.SET_OWNER, FrontendReq.SET_VRING_ENABLE, FrontendReq.SET_CONFIG,
+        for req in (FrontendReq.SET_OWNER, FrontendReq.SET_CONFIG,
                     FrontendReq.SET_STATUS, FrontendReq.NET_SET_MTU):
             self.handlers[req] = self.forward
 
@@ -194,7 +202,8 @@ class IsolatedSession(Session):
             # session ends with one line that names the request and the reason.
             raise UnexpectedMessage(f"QEMU's {msg.request.name} refused by the data plane: {e.strerror}") from None
 
-    def to_backend(self, msg: Message, *, expect_reply: bool | None = None) -> Message | None:
+    def to_backend(self, msg: Message, *, expect_reply: bool | None = None,
+                   timeout: float | None = None) -> Message | None:
         """The one way a message reaches the backend: what it accepts is recorded for replay."""
         if expect_reply is None:
             expect_reply = self.neg.expects_reply(msg)
@@ -202,7 +211,7 @@ class IsolatedSession(Session):
         kept = Message(msg.request, msg.payload, [os.dup(fd) for fd in msg.fds] if msg.request in STATE_REQUESTS
                        else [], msg.flags)
         try:
-            reply = super().to_backend(msg, expect_reply=expect_reply)
+            reply = super().to_backend(msg, expect_reply=expect_reply, timeout=timeout)
             # State-setting requests are answered by an ack (u64, 0: success) when asked to.
             self.record.sent(kept, accepted=reply is None or getattr(reply.payload, "value", 0) == 0)
             return reply
@@ -218,6 +227,13 @@ class IsolatedSession(Session):
     def filter_backend_request(self, msg: Message) -> str | None:
         return REFUSED_BACKEND.get(msg.request.name)
 
+    def refuse(self, msg: Message, reason: str) -> None:
+        """Refuse one request of QEMU's and keep the session: one line, a failing ack if QEMU
+        asked for one; the backend never hears of it (so a replay never repeats it)."""
+        msg.close_fds()
+        kv(log, logging.WARNING, "request.refused", dev=self.name, req=msg.request.name, reason=reason)
+        self.ack(msg, ok=False)
+
     def ack(self, msg: Message, ok: bool = True) -> None:
         """Answer a request fastshadow terminated, if QEMU asked for a REPLY_ACK."""
         if self.neg.expects_reply(msg):
@@ -232,6 +248,25 @@ class IsolatedSession(Session):
             self.to_qemu(reply)
 
     # -- the backend's death -------------------------------------------------------------
+    def backend_failed(self, reason: str) -> None:
+        """The backend can no longer be trusted (a data-plane verdict, from another thread):
+        drop its connection. The session thread then sees it gone and, where the device
+        allows, reconnects and replays (recover_backend); otherwise the session ends."""
+        kv(log, logging.WARNING, "backend.failed", dev=self.name, reason=reason,
+           action="disconnecting it" + (", then reconnecting" if self.survives_backend_loss else ""))
+        try:
+            self.backend.sock.shutdown(socket.SHUT_RDWR)
+        except OSError:
+            pass
+
+    def _backoff(self) -> float:
+        """Seconds to wait before reconnecting: doubles with each loss within the last 10 s
+        (a backend that dies again at once is not hammered), from 0 up to 2 s."""
+        now = time.monotonic()
+        self._losses = [t for t in self._losses if now - t < 10.0] + [now]
+        n = len(self._losses) - 1
+        return 0.0 if n == 0 else min(2.0, 0.05 * 2 ** (n - 1))
+
     def _backend_unasked(self) -> None:
         try:
             super()._backend_unasked()
@@ -249,8 +284,11 @@ class IsolatedSession(Session):
         t0 = time.monotonic()
         parked: dict[int, int] = {}
         self._park_queues(parked)
+        delay = self._backoff()
         kv(log, logging.WARNING, "backend.lost", dev=self.name, reason=reason, parked=sum(parked.values()),
-           queues=len(parked), action="keeping the guest's requests, waiting for the backend to come back")
+           queues=len(parked), reconnect_in=f"{delay:g}s",
+           action="keeping the guest's requests, waiting for the backend to come back")
+        time.sleep(delay)
         event_idx = bool(self.neg.features & VirtioFeature.RING_EVENT_IDX)
 
         def start_queue(q: int) -> None:
@@ -280,7 +318,7 @@ class IsolatedSession(Session):
                         from None
                 kv(log, logging.INFO, "backend.retry", dev=self.name, reason=f"left during the replay: {e}")
                 self._park_queues(parked)
-                time.sleep(0.05)
+                time.sleep(max(0.05, self._backoff()))
         kv(log, logging.INFO, "backend.reconnected", dev=self.name, requeued=sum(parked.values()),
            queues=len(parked), seconds=f"{time.monotonic() - t0:.3f}")
 
@@ -316,6 +354,14 @@ class IsolatedSession(Session):
                what="the data plane marks every guest page it writes in QEMU's dirty log")
         if self.dev is not None:
             self.dev.set_logging(self.log_all)
+        event_idx_changed = previous is not None and (previous ^ msg.payload.value) & VirtioFeature.RING_EVENT_IDX
+        if event_idx_changed and self.started:
+            # Rings run on: the data plane must decide notifications the new way on both
+            # sides from now on, or kicks and calls are lost.
+            on = bool(msg.payload.value & VirtioFeature.RING_EVENT_IDX)
+            for q in sorted(self.started):
+                self.dev.queue_set_event_idx(q, on)
+            kv(log, logging.INFO, "vring.event_idx", dev=self.name, on=on, queues=len(self.started))
         if previous is not None and previous ^ msg.payload.value == VirtioFeature.LOG_ALL:
             # Only LOG_ALL changed (migration starts or ends on a running device):
             # nothing for the backend, whose features stay as they are.
@@ -379,9 +425,15 @@ class IsolatedSession(Session):
         """The data-plane device, created once the queue count is known."""
         if self.dev is None:
             nq = self.kind.initial_queues(self.queue_num, MAX_QUEUES)
-            self.dev = self.dp.add_device(self.name, num_queues=nq,
-                                          max_request_bytes=self.cfg.max_request_bytes,
-                                          bounce_per_queue=self.cfg.bounce_per_queue)
+            data_cap, why = self.kind.request_cap(self.cfg.max_request_bytes, self.backend_config,
+                                                  self.backend_device_features or 0)
+            limit = data_cap + self.kind.request_overhead
+            self.dev = self.dp.add_device(self.name, num_queues=nq, max_request_bytes=limit,
+                                          bounce_per_queue=max(self.cfg.bounce_per_queue, limit),
+                                          failure=self.kind.failure, failure_first_queue=self.kind.failure_first_queue,
+                                          layout=self.kind.layout,
+                                          max_replays=self.cfg.max_replays)
+            kv(log, logging.INFO, "limits", dev=self.name, request_data_bytes=data_cap, reason=why)
             kv(log, logging.INFO, "shadow.created", dev=self.name, queues=self.dev.num_queues,
                shadow_bytes=self.dev.shadow_size,
                shadow_gpa=hex(self.dev.shadow_gpa))
@@ -474,8 +526,10 @@ class IsolatedSession(Session):
         if q in self.started:
             raise UnexpectedMessage(f"SET_VRING_NUM {num} for queue {q} while its ring runs "
                                     f"(GET_VRING_BASE stops a ring first)")
+        if q in self.stopped_with_kept and self.vring_nums.get(q) != num:
+            self.drop_stale_requests(q, f"the ring was resized to {num} since it stopped with these requests kept")
         self.dev.queue_set_num(q, num)
-        self.vring_sized.add(q)
+        self.vring_nums[q] = num
         self.forward(msg)
 
     def on_set_vring_addr(self, msg: Message) -> None:
@@ -504,30 +558,45 @@ class IsolatedSession(Session):
     def on_set_vring_base(self, msg: Message) -> None:
         q = self.queue_index(msg.payload.index)
         self.dev.queue_set_base(q, msg.payload.num)
+        self.vring_bases[q] = msg.payload.num
         # The shadow ring always starts from index 0.
         self.to_backend_as(msg, p.VringState(q, 0))
 
     def on_get_vring_base(self, msg: Message) -> None:
+        """Stop a ring within --stop-timeout whatever the backend does (DESIGN §7).
+
+        Requests the backend still holds at the deadline stay owned by the data
+        plane: re-published when the ring starts again (each re-publication counts
+        toward --max-replays, after which the request is failed toward the guest as
+        poisoned), or dropped untouched if the guest re-initialises the ring."""
         q = self.queue_index(msg.payload.index)
+        deadline = time.monotonic() + self.cfg.stop_timeout
         # Order matters: stop shadowing first, so that the backend's answer (its
         # next shadow avail index) is final; requests it never took (a NIC's
         # receive buffers, held until a packet comes) are then not waited for.
         self.dev.queue_pause(q)
-        reply = self.to_backend(msg)  # the backend stops its ring
-        shadow_next = reply.payload.num if reply is not None else None
         try:
-            res = self.dev.queue_stop_result(q, timeout_ms=int(self.cfg.reply_timeout * 1000),
-                                             backend_next_avail=shadow_next)
-            idx = res.avail_idx
+            reply = self.to_backend(msg, timeout=self.cfg.stop_timeout)  # the backend stops its ring
+        except ReplyTimeout:
+            reply = None
+            self.backend_failed(f"it did not answer GET_VRING_BASE for queue {q} within {self.cfg.stop_timeout:g} s")
+        shadow_next = reply.payload.num if reply is not None else None
+        left_ms = max(0, int((deadline - time.monotonic()) * 1000)) if reply is not None else 0
+        try:
+            res = self.dev.queue_stop_result(q, timeout_ms=left_ms, backend_next_avail=shadow_next)
+            idx, kept = res.avail_idx, res.kept
             if res.returned or res.kept:
                 kv(log, logging.INFO, "vring.untaken", dev=self.name, queue=q, returned_to_guest=res.returned,
                    kept=res.kept, reason="the backend never took them (its ring stopped before them)")
         except DrainTimeout as e:
-            # The backend kept requests it took past the deadline. They stay owned by
-            # the data plane and are re-published when the ring starts again (safe for blk).
-            idx = e.avail_idx
-            kv(log, logging.ERROR, "vring.drain_timeout", dev=self.name, queue=q, inflight=e.inflight,
-               reason=f"backend still held {e.inflight} requests after {self.cfg.reply_timeout:g} s")
+            idx, kept = e.avail_idx, e.inflight
+            kv(log, logging.WARNING, "vring.held", dev=self.name, queue=q, kept=e.inflight,
+               reason=f"the backend still held {e.inflight} requests after {self.cfg.stop_timeout:g} s "
+                      f"(--stop-timeout); kept by fastshadow: re-published if the ring resumes "
+                      f"(at most {self.cfg.max_replays} times, then failed toward the guest), dropped "
+                      f"untouched if the guest re-initialises the ring")
+        if kept:
+            self.stopped_with_kept[q] = (self.vring_addrs.get(q), idx)
         self.started.discard(q)
         self.log_stats(q)
         kv(log, logging.DEBUG, "vring.stopped", dev=self.name, queue=q, guest_avail_idx=idx, shadow_idx=shadow_next)
@@ -546,9 +615,18 @@ class IsolatedSession(Session):
            guest_kicks=st.guest_kicks, backend_kicks=st.backend_kicks, backend_calls=st.backend_calls,
            guest_calls=st.guest_calls, backend_errors=st.backend_errors, log_pages=st.log_pages)
 
+    def drop_stale_requests(self, q: int, why: str) -> None:
+        """Requests kept from a ring's previous run belong to a ring the guest has since
+        re-initialised (reboot, driver reload): drop them without touching guest memory,
+        whose buffers the guest may have reused. Direct mode loses them the same way."""
+        self.stopped_with_kept.pop(q, None)
+        dropped = self.dev.queue_discard(q)
+        if dropped:
+            kv(log, logging.WARNING, "vring.stale_dropped", dev=self.name, queue=q, dropped=dropped, reason=why)
+
     def on_set_vring_kick(self, msg: Message) -> None:
         q = self.queue_index(msg.payload.index)
-        missing = [name for name, known in (("SET_VRING_NUM", self.vring_sized), ("SET_VRING_ADDR", self.vring_addrs))
+        missing = [name for name, known in (("SET_VRING_NUM", self.vring_nums), ("SET_VRING_ADDR", self.vring_addrs))
                    if q not in known]
         if missing:
             msg.close_fds()
@@ -558,12 +636,32 @@ class IsolatedSession(Session):
             self.dev.queue_set_guest_kick(q, None if msg.payload.nofd else msg.fds[0])
         finally:
             msg.close_fds()
+        stopped = self.stopped_with_kept.pop(q, None)
+        if stopped is not None and stopped != (self.vring_addrs.get(q), self.vring_bases.get(q)):
+            self.stopped_with_kept[q] = stopped
+            self.drop_stale_requests(q, "the ring was set up anew (other addresses or base) since it stopped "
+                                        "with these requests kept")
         # The kick fd starts the ring (vhost-user "Ring states").
         event_idx = bool(self.neg.features & VirtioFeature.RING_EVENT_IDX)
         self.dev.queue_start(q, event_idx=event_idx)
         self.started.add(q)
         kick, _ = self.dev.queue_backend_fds(q)
         self.to_backend_as(msg, p.VringFd.make(q), [os.dup(kick)])
+
+    def on_set_vring_enable(self, msg: Message) -> None:
+        q = msg.payload.index
+        if q >= self.device().num_queues:
+            self.refuse(msg, f"queue {q} does not exist: the device has {self.dev.num_queues} queues "
+                             f"(GET_QUEUE_NUM or the {self.kind.name} default)")
+            return
+        self.forward(msg)
+
+    def on_get_config(self, msg: Message) -> None:
+        reply = self.to_backend(msg)
+        if reply is not None:
+            if msg.payload.offset == 0 and isinstance(reply.payload, p.Config):
+                self.backend_config = bytes(reply.payload.data)
+            self.to_qemu(reply)
 
     def on_set_vring_call(self, msg: Message) -> None:
         q = self.queue_index(msg.payload.index)
@@ -609,10 +707,15 @@ class IsolatedSession(Session):
     def on_reset(self, msg: Message) -> None:
         self.qemu_features = None  # features are negotiated again
         if self.dev is not None:
-            self.dev.reset()
+            self.dev.reset()  # requests kept in flight are dropped without touching the guest
         self.started.clear()
+        self.stopped_with_kept.clear()
+        # A reset backend may have forgotten its memory table: the next SET_MEM_TABLE sends it again.
+        self.backend_has_table = False
         self.vring_addrs.clear()  # the data plane forgets ring addresses on reset (sizes stay)
         self.forward(msg)
+        if self.mem_regions:
+            self.send_backend_table()
 
     # -- teardown ---------------------------------------------------------------------
     def teardown(self) -> None:

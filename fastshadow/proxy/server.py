@@ -160,6 +160,16 @@ class Proxy:
                 return
             for ev in events:
                 kv(log, logging.WARNING, "dataplane.refused", detail=ev.message)
+                if ev.backend_failed:
+                    self._backend_failed(ev)
+
+    def _backend_failed(self, ev) -> None:
+        """The data plane no longer trusts a device's backend (its shadow used ring is beyond
+        repair): that session drops the backend, then reconnects and replays where it may."""
+        for d in self.devices:
+            s = d.session
+            if s is not None and getattr(s, "dev", None) is not None and s.dev.id == ev.dev:
+                s.backend_failed(ev.message)
 
     def serve_forever(self) -> None:
         for d in self.devices:

@@ -147,16 +147,19 @@ class Session:
             kv(log, logging.DEBUG, "msg", dev=self.name, dir=direction, req=msg.request.name,
                reply=msg.is_reply, need_reply=msg.need_reply, payload=repr(msg.payload), fds=len(msg.fds))
 
-    def to_backend(self, msg: Message, *, expect_reply: bool | None = None) -> Message | None:
-        """Send `msg` to the backend (closing our fd copies) and return its reply, if one is owed."""
+    def to_backend(self, msg: Message, *, expect_reply: bool | None = None,
+                   timeout: float | None = None) -> Message | None:
+        """Send `msg` to the backend (closing our fd copies) and return its reply, if one is owed
+        (within `timeout` seconds, by default the reply timeout; else ReplyTimeout)."""
         if expect_reply is None:
             expect_reply = self.neg.expects_reply(msg)
+        if timeout is None:
+            timeout = self.cfg.reply_timeout
         self.trace("fastshadow->backend", msg)
         try:
-            reply = self.backend.request(msg, expect_reply=expect_reply, timeout=self.cfg.reply_timeout)
+            reply = self.backend.request(msg, expect_reply=expect_reply, timeout=timeout)
         except ReplyTimeout as e:
-            raise ReplyTimeout(f"backend did not answer {msg.request.name} within "
-                               f"{self.cfg.reply_timeout:g} s") from e
+            raise ReplyTimeout(f"backend did not answer {msg.request.name} within {timeout:g} s") from e
         finally:
             msg.close_fds()
         if reply is not None:

@@ -8,6 +8,8 @@ import struct
 
 import pytest
 
+from fastshadow.devices import Failure
+
 from .harness import F_INDIRECT, F_NEXT, F_WRITE
 
 NUM = 16
@@ -29,12 +31,15 @@ class Ref:
         return None
 
     def walk(self, table_gpa, head):
+        """(None, segs) for an accepted chain; (code, segs) for a chain refused for a bad
+        part of a sound structure (walked to its end first, the first reason reported);
+        (code, None) for a broken structure (the walk stops there)."""
         def main_desc(i):
             return struct.unpack("<QIHH", self.mem.read(table_gpa + 16 * i, 16))
 
         get, tsize, idx, steps = main_desc, self.num, head, 0
         indirect = seen_w = False
-        segs, total = [], 0
+        segs, total, soft = [], 0, []
         while True:
             steps += 1
             if steps > tsize:
@@ -56,24 +61,34 @@ class Ref:
                 continue
             if len(segs) >= self.num:
                 return "CHAIN_TOO_LONG", None
-            if ln:
-                code = self.range_code(addr, ln)
-                if code:
-                    return code, None
+            if ln == 0:
+                soft.append("ZERO_LENGTH")
+            elif code := self.range_code(addr, ln):
+                soft.append(code)
             w = bool(fl & F_WRITE)
             if w:
                 seen_w = True
             elif seen_w:
-                return "WRITABLE_BEFORE_READABLE", None
+                soft.append("WRITABLE_BEFORE_READABLE")
             total += ln
             if total > self.max:
-                return "REQUEST_TOO_LARGE", None
+                soft.append("REQUEST_TOO_LARGE")
             segs.append((addr, ln, w))
             if not fl & F_NEXT:
-                return None, segs
+                return (soft[0] if soft else None), segs
             if nx >= tsize:
                 return "DESC_NEXT_OUT_OF_RANGE", None
             idx = nx
+
+    def blk_status(self, segs):
+        """gpa of the status byte the device error goes to (last byte of the last
+        non-empty writable buffer, if that buffer is sound), or None."""
+        if not segs:
+            return None
+        ws = [(gpa, ln) for gpa, ln, w in segs if w and ln]
+        if not ws or self.range_code(*ws[-1]):
+            return None
+        return ws[-1][0] + ws[-1][1] - 1
 
 
 def rand_desc(rnd, arena, arena_len, itab, itab_len, mem_size, num, allow_indirect=True):
@@ -117,13 +132,26 @@ def valid_chain(rnd, g, arena, arena_len, start, n):
     return idx[0]
 
 
+@pytest.mark.parametrize("failure", [Failure.LEN0, Failure.BLK_STATUS], ids=["len0", "blk"])
 @pytest.mark.parametrize("stream_copy_min", [0, 1], ids=["memcpy", "stream"])
 @pytest.mark.parametrize("seed", [1, 2, 3])
-def test_random_chains(make_rig, seed, stream_copy_min):
+def test_random_chains(make_rig, seed, stream_copy_min, failure):
     """stream: every copy (both directions, any length or alignment) goes through
-    copy.c's streaming-store path instead of memcpy."""
+    copy.c's streaming-store path instead of memcpy.  blk: refused and failed requests
+    get VIRTIO_BLK_S_IOERR in their status byte where the model can place it."""
     rnd = random.Random(seed)
-    rig = make_rig(num=NUM, max_request_bytes=MAX_BYTES, bounce=2 << 20, stream_copy_min=stream_copy_min)
+    rig = make_rig(num=NUM, max_request_bytes=MAX_BYTES, bounce=2 << 20, stream_copy_min=stream_copy_min,
+                   failure=failure)
+    blk = failure == Failure.BLK_STATUS
+
+    def failed(h, segs):
+        """The completion of a refused or failed request; its status byte expected."""
+        st = ref.blk_status(segs) if blk else None
+        if st is None:
+            return (h, 0)
+        mem.expect_write(st, b"\x01")
+        return (h, 1)
+
     mem, g, be = rig.mem, rig.gq[0], rig.be[0]
     arena_len = 48 << 10
     arena = mem.alloc_crossing(arena_len, 16 << 10)           # spans the region boundary
@@ -153,7 +181,7 @@ def test_random_chains(make_rig, seed, stream_copy_min):
         g.publish()
         rig.poll()
 
-        refused = [(h, 0) for h, (code, _) in zip(heads, expected) if code]
+        refused = [failed(h, segs) for h, (code, segs) in zip(heads, expected) if code]
         evs = rig.events()
         assert [e.name for e in evs] == [code for code, _ in expected if code]
         assert [e.head for e in evs] == [h for h, _ in refused]
@@ -187,7 +215,7 @@ def test_random_chains(make_rig, seed, stream_copy_min):
                 L = rnd.randrange(0, wbytes + 1)
             be.complete(r.head, L)
             if L > wbytes:
-                used_expect.append((h, 0))
+                used_expect.append(failed(h, segs))
                 backend_events.append("USED_LEN_TOO_LARGE")
                 continue
             used_expect.append((h, L))
@@ -207,5 +235,5 @@ def test_random_chains(make_rig, seed, stream_copy_min):
 
     # the generator reached the interesting cases
     for code in ("CHAIN_TOO_LONG", "DESC_NEXT_OUT_OF_RANGE", "ADDR_UNMAPPED", "ADDR_OVERFLOW",
-                 "INDIRECT_BAD_LEN", "WRITABLE_BEFORE_READABLE", None):
+                 "INDIRECT_BAD_LEN", "WRITABLE_BEFORE_READABLE", "ZERO_LENGTH", None):
         assert counts.get(code, 0) > 0, (code, counts)

@@ -145,31 +145,90 @@ def test_backend_rewrites_bounce_of_readable_buffers(rig):
     # guest readable buffers untouched (canary check at teardown)
 
 
-def test_used_idx_jump_abandons_shadow_ring_then_restart_republishes(rig):
+def test_used_idx_past_the_ring_fails_the_backend_then_restart_republishes(rig):
+    """More new used entries than the ring holds: no entry can be trusted, the backend is
+    treated as failed (BACKEND_FAILED, for the control plane to drop it); the request
+    stays ours and a restarted backend gets it again, and completes it once."""
     h, bufs = rig.blk_read(0, 2048)
     rig.poll()
     [r] = rig.be[0].pending()
     be = rig.be[0]
-    be.set_used_idx(100)                    # 100 completions for 1 request in flight
+    be.complete(r.head, 2049, publish=False)     # even a valid entry among them is not read
+    be.set_used_idx(NUM + 1)
     rig.poll()
     [ev] = rig.events()
-    assert ev.name == "USED_IDX_JUMP"
+    assert ev.name == "BACKEND_FAILED" and (ev.a, ev.b) == (NUM + 1, 0) and ev.backend_failed
     assert rig.gq[0].take_used() == []
-    # Stopping cannot drain (synchronous engine: no waiting): the request stays ours.
+    assert rig.dev.stats(0).backend_errors == 1
+    rig.poll()                                   # harvest stays off: no second event
+    assert rig.events() == []
+    # The control plane parks the queue (the synchronous engine cannot wait) ...
     with pytest.raises(DrainTimeout) as ei:
         rig.dev.queue_stop(0, timeout_ms=0)
     assert ei.value.avail_idx == 1 and ei.value.inflight == 1
-    # A new backend: the shadow ring is re-created and the request re-published.
+    # ... and a new backend gets fresh shadow rings and the request re-published.
+    rig.dev.queue_clear_shadow(0)
     be.restart()
-    struct.pack_into("<H", be.map, be.used + 2, 0)
     rig.start(0)
     assert read_counter(be.kick_fd) >= 1
     [r2] = be.pending()
     assert [d.len for d in r2.descs] == [16, 2048, 1]
     assert be.read(r2.descs[0]) == struct.pack("<IIQ", 0, 0, 7)   # header copied again
     w = rig.serve(0, [r2])
+    be.complete(r2.head, 2049)                   # and a lie after it: refused
     rig.poll()
     assert rig.gq[0].take_used() == [(h, 2049)]
+    assert [e.name for e in rig.events()] == ["USED_DOUBLE_COMPLETION"]
     rig.mem.expect_write(bufs[1].gpa, w[r2.head][:2048])
     rig.mem.expect_write(bufs[2].gpa, w[r2.head][2048:])
     assert rig.dev.stats(0).inflight == 0
+
+
+def test_double_completion_in_one_batch(rig):
+    """One request in flight; the backend writes its completion and the same id again and
+    bumps used idx by 2: the guest gets one completion (right len and data), one event,
+    and the queue goes on."""
+    h, bufs = rig.blk_read(0, 1024)
+    rig.poll()
+    [r] = rig.be[0].pending()
+    be = rig.be[0]
+    be.write(r.descs[1], b"D" * 1024)
+    be.write(r.descs[2], b"\x00")
+    be.complete(r.head, 1025, publish=False)
+    be.complete(r.head, 1025, publish=False)
+    be.publish()
+    rig.poll()
+    assert rig.gq[0].take_used() == [(h, 1025)]
+    [ev] = rig.events()
+    assert ev.name == "USED_DOUBLE_COMPLETION" and ev.a == r.head
+    rig.mem.expect_write(bufs[1].gpa, b"D" * 1024)
+    rig.mem.expect_write(bufs[2].gpa, b"\x00")
+    st = rig.dev.stats(0)
+    assert (st.backend_errors, st.inflight, st.failed) == (1, 0, 0)
+    # later requests on the queue complete normally
+    h2, bufs2 = rig.blk_read(0, 512)
+    rig.poll()
+    [r2] = be.pending()
+    w = rig.serve(0, [r2])
+    rig.poll()
+    assert rig.gq[0].take_used() == [(h2, 513)]
+    accept_writes(rig, bufs2, w[r2.head])
+    assert rig.events() == []
+
+
+def test_unknown_ids_up_to_the_ring_size_are_read_one_by_one(rig):
+    """NUM new entries (not more than the ring holds) with one request in flight: each
+    entry is judged alone; the real completion among them goes through."""
+    h, bufs = rig.blk_read(0, 64)
+    rig.poll()
+    [r] = rig.be[0].pending()
+    be = rig.be[0]
+    for _ in range(NUM - 1):
+        be.complete(NUM + 3, 0, publish=False)      # made-up ids
+    be.complete(r.head, 0, publish=False)
+    be.publish()
+    rig.poll()
+    assert rig.gq[0].take_used() == [(h, 0)]
+    evs = rig.events()
+    assert [e.name for e in evs] == ["USED_UNKNOWN_ID"] * (NUM - 1)
+    assert rig.dev.stats(0).backend_errors == NUM - 1

@@ -161,3 +161,22 @@ def test_log_can_be_replaced_and_removed(log_rig):
         assert bigger.pages() == set()
     finally:
         bigger.close()
+
+
+def test_device_error_of_a_refused_request_is_logged(log_rig):
+    """The status byte written for a refused blk request is a guest write like any other."""
+    from fastshadow.devices import Failure
+
+    from .harness import Buf
+
+    rig, log = log_rig(failure=Failure.BLK_STATUS)
+    rig.dev.set_logging(True)
+    hdr = rig.mem.alloc(16)
+    st = rig.mem.alloc(1, region=1)
+    head = rig.gq[0].add([Buf(hdr, 16), Buf(0xDEAD0000, 0, True), Buf(st, 1, True)])
+    rig.poll()
+    assert rig.gq[0].take_used() == [(head, 1)]
+    rig.mem.expect_write(st, b"\x01")
+    assert log.pages() == pages(st, 1)
+    assert rig.dev.stats(0).log_pages == 1
+    assert log.outside_untouched()
