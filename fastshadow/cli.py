@@ -95,7 +95,7 @@ def _configure_proxy(p: argparse.ArgumentParser) -> None:
                    help="seconds to wait for the backend to accept or connect (default 10)")
     p.add_argument("--reply-timeout", type=float, default=30.0, metavar="S",
                    help="seconds the backend may take to answer a request (default 30)")
-    p.add_argument("--max-request-bytes", type=int, default=4 << 20, metavar="N",
+    p.add_argument("--max-request-bytes", type=int, default=None, metavar="N",
                    help="isolated: largest guest request data accepted, in bytes (the device's request header and "
                         "status not counted; default 4 MiB, raised to what the device advertises, e.g. virtio-blk "
                         "seg_max x size_max); a larger request fails with the device's error (blk: I/O error)")

@@ -34,6 +34,10 @@ import enum
 from dataclasses import dataclass
 
 
+#: Request data accepted by default where the device advertises no larger limit (bytes).
+DEFAULT_REQUEST_DATA = 4 << 20
+
+
 class Failure(enum.IntEnum):
     """How a refused or failed request is completed toward the guest.
 
@@ -84,14 +88,18 @@ class DeviceKind:
     #: Bytes of a request that are header and status, not data (not counted by the request cap).
     request_overhead: int = 0
 
-    def request_cap(self, configured: int, config: bytes, features: int) -> tuple[int, str]:
-        """(largest request data in bytes, why): `configured` (--max-request-bytes) or, if larger,
-        what the backend's configuration space `config` advertises under device `features`."""
+    def request_cap(self, configured: int | None, config: bytes, features: int) -> tuple[int, str]:
+        """(largest request data in bytes, why): `configured` (--max-request-bytes) when the
+        operator gave one; by default DEFAULT_REQUEST_DATA or, if larger, what the backend's
+        configuration space `config` advertises under device `features`."""
         advertised = self._advertised_data(config, features)
-        if advertised is not None and advertised > configured:
+        if configured is not None:
+            return configured, "--max-request-bytes" + (f" (the device advertises {advertised})"
+                                                        if advertised is not None else "")
+        if advertised is not None and advertised > DEFAULT_REQUEST_DATA:
             return advertised, f"the device advertises {advertised} bytes per request ({self._limit_note})"
-        return configured, "--max-request-bytes" + (f" (the device advertises {advertised})"
-                                                    if advertised is not None else "")
+        return DEFAULT_REQUEST_DATA, "the default" + (f" (the device advertises {advertised})"
+                                                      if advertised is not None else "")
 
     _limit_note = "seg_max x size_max"
 

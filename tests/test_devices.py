@@ -59,3 +59,16 @@ def test_cli_device_choices_come_from_the_table():
     assert out.returncode == 2
     for d in devices.DEVICES:
         assert f"'{d.name}'" in out.stderr, out.stderr
+
+
+def test_blk_request_cap_counts_data_and_follows_the_device():
+    import struct
+    blk = devices.kind("blk")
+    # struct virtio_blk_config: capacity, size_max 64 KiB, seg_max 126 (what qemu-storage-daemon says).
+    config = struct.pack("<QII", 1 << 21, 64 << 10, 126)
+    size_and_seg = 1 << 1 | 1 << 2                        # VIRTIO_BLK_F_SIZE_MAX, VIRTIO_BLK_F_SEG_MAX
+    assert blk.request_cap(None, config, size_and_seg)[0] == 126 * (64 << 10)
+    assert blk.request_cap(None, config, 0)[0] == 4 << 20          # limits not offered: the default
+    assert blk.request_cap(None, b"", 0)[0] == 4 << 20
+    assert blk.request_cap(65536, config, size_and_seg)[0] == 65536  # the operator's cap wins
+    assert blk.request_overhead == 16 + 1                           # header and status are not data

@@ -28,6 +28,12 @@
  *
  * `checker --bootcount DEVICE` instead increments a boot counter kept in the
  * last 4 KiB of the device and prints `FASTSHADOW-BOOT count=<n>`.
+ *
+ * `checker --expect-eio BYTES DEVICE` checks a refusal path instead: it
+ * writes and reads back 4 KiB blocks (which must work), then reads BYTES at
+ * once with O_DIRECT, which a proxy capping requests below BYTES must fail:
+ * PASS only if that read fails with EIO.  A read that "succeeds" would hand
+ * the program whatever the buffer held before (stale data): FAIL.
  */
 #define _GNU_SOURCE
 #include <errno.h>
@@ -333,6 +339,7 @@ struct opts {
     int cpu;
     unsigned buffered_ops;
     bool drop_caches, corrupt, bootcount;
+    uint64_t expect_eio;
     const char *dev;
 };
 
@@ -364,7 +371,7 @@ static void __attribute__((noreturn)) usage_fail(const char *why)
 {
     fail("usage: %s; checker [--offset B] [--length B] [--total B] [--min B] [--max B] "
          "[--seed N] [--gen N] [--cpu N] [--tag T] [--buffered-ops N] [--drop-caches] "
-         "[--corrupt-after-write] DEVICE | checker --bootcount DEVICE", why);
+         "[--corrupt-after-write] DEVICE | checker --bootcount DEVICE | checker --expect-eio B DEVICE", why);
 }
 
 static void parse_opts(int argc, char **argv, struct opts *o)
@@ -405,6 +412,8 @@ static void parse_opts(int argc, char **argv, struct opts *o)
             o->drop_caches = true;
         else if (!strcmp(a, "--corrupt-after-write"))
             o->corrupt = true;
+        else if (!strcmp(a, "--expect-eio"))
+            o->expect_eio = parse_size(a, VAL());
         else if (!strcmp(a, "--bootcount"))
             o->bootcount = true;
         else if (a[0] == '-' && a[1])
@@ -708,6 +717,38 @@ static int run_checks(const struct opts *o)
     return 0;
 }
 
+/* --expect-eio: small O_DIRECT I/O works, one large read fails with EIO. */
+static int expect_eio(const struct opts *o)
+{
+    int fd = open_dev(o->dev, O_DIRECT);
+    uint64_t big = o->expect_eio;
+    uint8_t *wbuf = alloc_aligned(PAGE), *rbuf = alloc_aligned(big);
+
+    for (uint32_t i = 0; i < 16; i++) {
+        memset(wbuf, 0x30 + i, PAGE);
+        if (pwrite(fd, wbuf, PAGE, (off_t)i * PAGE) != (ssize_t)PAGE)
+            fail("4 KiB O_DIRECT write at %u: %s", i * PAGE, strerror(errno));
+        memset(rbuf, 0, PAGE);
+        if (pread(fd, rbuf, PAGE, (off_t)i * PAGE) != (ssize_t)PAGE || memcmp(rbuf, wbuf, PAGE))
+            fail("4 KiB O_DIRECT read-back at %u failed or differs", i * PAGE);
+    }
+    /* What the buffer holds before: a read that "succeeds" without data shows it. */
+    memset(rbuf, 0xa5, big);
+    ssize_t n = pread(fd, rbuf, big, 0);
+    int err = errno;
+    if (n >= 0)
+        fail("O_DIRECT read of %" PRIu64 " bytes returned %zd (success) where EIO was expected%s",
+             big, n, rbuf[0] == 0xa5 ? ": the buffer still holds its old bytes (stale data)" : "");
+    if (err != EIO)
+        fail("O_DIRECT read of %" PRIu64 " bytes failed with %s, not EIO", big, strerror(err));
+    printf("FASTSHADOW-CHECK PASS tag=%s written=%u ops=16 eio_bytes=%" PRIu64 "\n", g_tag, 16 * PAGE, big);
+    fflush(stdout);
+    free(wbuf);
+    free(rbuf);
+    close(fd);
+    return 0;
+}
+
 int main(int argc, char **argv)
 {
     struct opts o;
@@ -715,5 +756,7 @@ int main(int argc, char **argv)
     parse_opts(argc, argv, &o);
     if (o.bootcount)
         return bootcount(o.dev);
+    if (o.expect_eio)
+        return expect_eio(&o);
     return run_checks(&o);
 }

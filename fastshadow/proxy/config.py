@@ -19,7 +19,7 @@ from pathlib import Path
 
 import msgspec
 
-from ..devices import DeviceType, kind
+from ..devices import DEFAULT_REQUEST_DATA, DeviceType, kind
 
 
 class Mode(str, enum.Enum):
@@ -48,9 +48,9 @@ class DeviceConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     #: died with it, or held it across a ring stop) before it is failed toward the guest.
     max_replays: int = 1
     #: Isolated mode: the largest request data (buffer bytes, the device's request header and
-    #: status excluded) accepted from the guest; raised to what the device advertises (blk:
-    #: seg_max x size_max).
-    max_request_bytes: int = 4 << 20
+    #: status excluded) accepted from the guest. None: 4 MiB, or what the device advertises
+    #: if more (blk: seg_max x size_max).
+    max_request_bytes: int | None = None
     #: Isolated mode: bounce space per queue in the shadow region.
     bounce_per_queue: int = 16 << 20
     #: Isolated mode, when the backend dies: "auto" keeps the session and the guest's
@@ -80,9 +80,10 @@ class DeviceConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
             raise ConfigError(f"device {self.name!r}: max_replays {self.max_replays}: want 0 to 100")
         if self.backend_timeout <= 0 or self.reply_timeout <= 0:
             raise ConfigError(f"device {self.name!r}: timeouts must be positive")
-        if self.max_request_bytes <= 0 or self.bounce_per_queue < self.max_request_bytes + kind(self.device).request_overhead:
+        cap = DEFAULT_REQUEST_DATA if self.max_request_bytes is None else self.max_request_bytes
+        if cap <= 0 or self.bounce_per_queue < cap + kind(self.device).request_overhead:
             raise ConfigError(f"device {self.name!r}: bounce_per_queue ({self.bounce_per_queue}) must hold at "
-                              f"least one request of max_request_bytes ({self.max_request_bytes})")
+                              f"least one request of max_request_bytes ({cap}) and its header")
 
 
 STREAM_COPY_MIN_DEFAULT = 64 * 1024
