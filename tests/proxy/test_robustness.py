@@ -118,11 +118,13 @@ def test_header_only_request_is_refused_and_the_ring_restarts(workdir, start_qsd
 
 
 def restart(blk: BlkFront, base: int) -> None:
-    """QEMU resuming a stopped ring: the same size and addresses, the base it was told."""
+    """QEMU resuming a stopped ring (vhost_virtqueue_start): the same size and addresses, the
+    base it was told, its call fd again (a backend closes it at GET_VRING_BASE), then the kick."""
     fe, q, mem = blk.fe, blk.q, blk.mem
     fe.set_vring_num(0, blk.num)
     fe.set_vring_base(0, base)
     fe.set_vring_addr(0, mem.uaddr(q.desc), mem.uaddr(q.used), mem.uaddr(q.avail))
+    fe.set_vring_call(0, blk.call)
     fe.set_vring_kick(0, blk.kick)
 
 
@@ -141,7 +143,9 @@ def test_ring_stop_is_bounded_and_held_requests_complete_after_resume(workdir, s
         t0 = time.monotonic()
         idx = blk.stop()
         took = time.monotonic() - t0
-        assert idx == len(datas)
+        # Those the backend never took are given back (the answer rewinds over them), the
+        # others are kept by fastshadow; either way all of them must complete after the restart.
+        assert 0 <= idx <= len(datas)
         assert took < 0.5 + 1.0, f"GET_VRING_BASE took {took:.2f} s"
         restart(blk, idx)
         got: dict[int, int] = {}
@@ -170,6 +174,12 @@ def test_enable_of_a_queue_the_device_lacks_is_refused(workdir, start_qsd, start
     assert "backend.lost" not in proxy.log() and qsd.returncode is None
 
 
+def rearm(blk: BlkFront, event_idx: bool) -> None:
+    """A driver with EVENT_IDX asks for a call at the next completion (Linux's virtqueue_enable_cb)."""
+    if event_idx:
+        blk.q.set_used_event(blk.q.last_used)
+
+
 def test_event_idx_switched_on_running_rings_loses_no_notification(workdir, start_qsd, start_proxy):
     # Case 5b: SET_FEATURES turns VIRTIO_RING_F_EVENT_IDX on, then off, while the ring runs;
     # every request of 8 completes and is signalled.
@@ -181,9 +191,9 @@ def test_event_idx_switched_on_running_rings_loses_no_notification(workdir, star
             f = features & ~(VF.LOG_ALL | VF.RING_EVENT_IDX) | (VF.RING_EVENT_IDX if on else 0)
             blk.fe.set_features(f)
             for i in range(8):
-                if on:  # a driver with EVENT_IDX asks for a call at the next completion, as Linux does
-                    blk.q.set_used_event(blk.q.last_used)
                 d = os.urandom(512)
+                rearm(blk, on)
                 blk.write(100 + i, d)
+                rearm(blk, on)
                 assert blk.read(100 + i, 512) == d
     proxy.wait_log(r"vring\.event_idx dev=dev0 on=True")
