@@ -185,6 +185,11 @@ class Event(msgspec.Struct, frozen=True):
     message: str
 
     @property
+    def poisoned(self) -> bool:
+        """A request was failed toward the guest after --max-replays re-publications."""
+        return self.code == lib.FSDP_EV_REQUEST_POISONED
+
+    @property
     def backend_failed(self) -> bool:
         """The data plane no longer trusts this device's backend: the control plane must drop it."""
         return self.code == lib.FSDP_EV_BACKEND_FAILED
@@ -240,7 +245,7 @@ _DETAIL = {
     lib.FSDP_EV_USED_LEN_TOO_LARGE: lambda a, b: f"backend used len {a} > {b} writable bytes: request failed toward the guest",
     lib.FSDP_EV_BAD_STOP_INDEX: lambda a, b: f"backend says its ring stopped at avail index {a}, impossible with {b} published and the requests in flight: all treated as taken",
     lib.FSDP_EV_COPYBACK_UNMAPPED: lambda a, b: f"writable buffer gpa {a:#x} len {b} unmapped before completion: request failed toward the guest",
-    lib.FSDP_EV_INFLIGHT_ABORTED: lambda a, b: f"{a} requests in flight failed toward the guest (len 0)",
+    lib.FSDP_EV_INFLIGHT_ABORTED: lambda a, b: f"{a} requests in flight failed toward the guest (the device's error)",
     lib.FSDP_EV_EVENTS_LOST: lambda a, b: f"{a} event records lost (event ring full)",
     lib.FSDP_EV_LOOP_ERROR: lambda a, b: f"io_uring operation failed: {os.strerror(-_s64(a))}",
     lib.FSDP_EV_LOG_OUT_OF_RANGE: lambda a, b: f"write to guest page at gpa {a:#x} is beyond the {b}-byte dirty log "

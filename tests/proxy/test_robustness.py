@@ -228,3 +228,37 @@ def test_backend_that_never_answers_a_ring_stop_is_replaced(workdir, start_qsd, 
     [line] = proxy.wait_log(r"backend\.failed dev=dev0")
     assert "did not answer GET_VRING_BASE for queue 0 within 0.5 s" in line
     assert swallowed and "session.refused" not in proxy.log()
+
+
+def test_request_that_keeps_killing_the_backend_is_poisoned(workdir, start_qsd, start_proxy):
+    # No replay storm: requests in flight when the backend dies are re-published to the next
+    # one (--max-replays 1); held again when that one dies too, they are failed toward the
+    # guest with VIRTIO_BLK_S_IOERR and one request.poisoned line each, and the third
+    # backend serves the rest. Every request ends exactly once, OK or IOERR.
+    qsd_sock, disk = str(workdir / "qsd.sock"), workdir / "disk.img"
+    qsd = start_qsd(qsd_sock, disk=disk, size=8 << 20, throttle_iops=1)
+    proxy = start_proxy(["--listen", str(workdir / "fs.sock"), "--backend", qsd_sock, "--mode", "isolated",
+                         "--backend-timeout", "30"], [str(workdir / "fs.sock")])
+    with BlkFront(str(workdir / "fs.sock")) as blk:
+        blk.bring_up()
+        status = {}
+        for i in range(8):
+            head, _, st = blk.request(T_OUT, 8 * i, os.urandom(4096))
+            status[head] = st
+        for n in (1, 2):                  # two backends die with requests in flight
+            proxy.wait_log(r"vring|dataplane|backend", timeout=1) if n == 2 else None
+            qsd.kill()
+            proxy.wait_log(r"backend\.lost dev=dev0 .*parked=[1-9]", count=n, timeout=20)
+            qsd = start_qsd(qsd_sock, disk=disk, size=8 << 20, throttle_iops=1 if n == 1 else None)
+            proxy.wait_log(r"backend\.reconnected dev=dev0 requeued=[1-9]", count=n, timeout=30)
+        got = {}
+        while len(got) < len(status):
+            got.update(blk.wait_used(1, timeout=30))
+        assert set(got) == set(status)
+        results = {h: blk.mem.read(st, 1)[0] for h, st in status.items()}
+        assert set(results.values()) <= {S_OK, S_IOERR}
+        poisoned = [h for h, r in results.items() if r == S_IOERR]
+        assert poisoned, results
+        assert_still_serves(blk)
+    lines = proxy.wait_log(r"request\.poisoned dev=|request\.poisoned detail=", count=len(poisoned))
+    assert len(lines) == len(poisoned), lines
