@@ -88,6 +88,25 @@ REFUSED = {
     FrontendReq.SET_VRING_ENDIAN: "legacy big-endian rings are not offered in isolated mode",
 }
 
+#: Requests that the spec allows only once a protocol feature is negotiated
+#: (docs/interop/vhost-user.rst, each request's text): refused without it.
+REQUIRES = {
+    FrontendReq.GET_QUEUE_NUM: ProtocolFeature.MQ,
+    FrontendReq.SEND_RARP: ProtocolFeature.RARP,
+    FrontendReq.NET_SET_MTU: ProtocolFeature.NET_MTU,
+    FrontendReq.SET_BACKEND_REQ_FD: ProtocolFeature.BACKEND_REQ,
+    FrontendReq.GET_CONFIG: ProtocolFeature.CONFIG,
+    FrontendReq.SET_CONFIG: ProtocolFeature.CONFIG,
+    FrontendReq.CREATE_CRYPTO_SESSION: ProtocolFeature.CRYPTO_SESSION,
+    FrontendReq.CLOSE_CRYPTO_SESSION: ProtocolFeature.CRYPTO_SESSION,
+    FrontendReq.RESET_DEVICE: ProtocolFeature.RESET_DEVICE,
+    FrontendReq.GET_MAX_MEM_SLOTS: ProtocolFeature.CONFIGURE_MEM_SLOTS,
+    FrontendReq.ADD_MEM_REG: ProtocolFeature.CONFIGURE_MEM_SLOTS,
+    FrontendReq.REM_MEM_REG: ProtocolFeature.CONFIGURE_MEM_SLOTS,
+    FrontendReq.SET_STATUS: ProtocolFeature.STATUS,
+    FrontendReq.GET_STATUS: ProtocolFeature.STATUS,
+}
+
 #: Back-end channel requests refused in isolated mode.
 REFUSED_BACKEND = {
     "VRING_HOST_NOTIFIER_MSG": "it would map backend memory into the guest, bypassing the proxy",
@@ -173,6 +192,16 @@ class IsolatedSession(Session):
             msg.close_fds()
             raise UnexpectedMessage(f"QEMU sent {msg.request.name}, refused in isolated mode: "
                                     f"{REFUSED.get(msg.request, 'not supported in isolated mode')}")
+        needed = REQUIRES.get(msg.request)
+        if needed is not None and not self.neg.has(needed):
+            # A backend that never offered the feature may not know the request at all
+            # (qemu-storage-daemon panics on RESET_DEVICE): it never reaches the backend.
+            why = f"it needs protocol feature {needed.name}, which was not negotiated"
+            if msg.request.name.startswith("GET_"):
+                msg.close_fds()
+                raise UnexpectedMessage(f"QEMU sent {msg.request.name}: {why}")
+            self.refuse(msg, why)
+            return
         if not self.survives_backend_loss:
             self._handle(handler, msg)
             return
@@ -713,9 +742,13 @@ class IsolatedSession(Session):
         # A reset backend may have forgotten its memory table: the next SET_MEM_TABLE sends it again.
         self.backend_has_table = False
         self.vring_addrs.clear()  # the data plane forgets ring addresses on reset (sizes stay)
-        self.forward(msg)
+        reply = self.to_backend(msg)
         if self.mem_regions:
             self.send_backend_table()
+        # QEMU hears last: if the backend died on the way, the request is handled again
+        # from the start (on_frontend) and QEMU still gets exactly one answer.
+        if reply is not None:
+            self.to_qemu(reply)
 
     # -- teardown ---------------------------------------------------------------------
     def teardown(self) -> None:

@@ -52,6 +52,7 @@ def test_queue_count_beyond_the_data_plane(lying):
     data = os.urandom(4096)
     with BlkFront(sock) as blk:
         assert blk.fe.get_features()
+        blk.fe.set_protocol_features(blk.fe.get_protocol_features())   # GET_QUEUE_NUM needs MQ
         assert blk.fe.get_queue_num() == MAX_QUEUES   # what QEMU hears: what fastshadow can serve
         blk.bring_up()
         blk.write(3, data)
