@@ -359,28 +359,50 @@ class BackendConn:
                     r.done.append(sreq.head)
             self._call(r)
         elif action == "scribble_avail":
+            # Garbage in the whole avail ring fastshadow writes (which it must never read back);
+            # the backend took everything first and puts the index back after a while, so that
+            # it can behave again (fastshadow rewrites the ring when it publishes more).
             lies.append(action)
+            self._take(r)
             size = 6 + 2 * r.num
-            self.map[r.avail:r.avail + size] = rnd.randbytes(size)
+            idx = self.map[r.avail + 2:r.avail + 4]
+            garbage = rnd.randbytes(size)
+            self.map[r.avail:r.avail + size] = garbage
+            self._call(r)
+            self._restore_later(r.avail + 2, garbage[2:4], idx)
         elif action == "scribble_bounce":
+            # Garbage in the bounce area (and the descriptor table) of requests in flight.
             lies.append(action)
+            lo, hi = r.avail, r.used + 6 + 8 * r.num  # the avail and used rings: see the lies above
             for _ in range(8):
                 off = rnd.randrange(0, self.size - 4096)
+                if off < hi and off + 4096 > lo:
+                    continue
                 self.map[off:off + 4096] = rnd.randbytes(4096)
-            self._take(r)  # whatever the ring says now
         elif action == "stale_id":
             lies.append(action)
             if r.done:
                 self._write_used(r, rnd.choice(r.done), 0)
                 self._call(r)
         elif action == "chaos":
+            # Garbage in the whole used ring for a moment, then the backend's own state back: what
+            # fastshadow read meanwhile it must survive (and it may decide the ring is broken).
             lies.append(action)
             size = 6 + 8 * r.num
-            self.map[r.used:r.used + size] = rnd.randbytes(size)
+            before = self.map[r.used:r.used + size]
+            garbage = rnd.randbytes(size)
+            self.map[r.used:r.used + size] = garbage
             self._call(r)
+            self._restore_later(r.used, garbage, before)
         elif action == "close":
             lies.append(action)
             self.drop()
+
+
+    def _restore_later(self, off: int, garbage: bytes, good: bytes) -> None:
+        """After a moment (HostileBackend.act, the lock released meanwhile) put `good` back at
+        `off`, unless the bytes there changed from `garbage` (fastshadow wrote them since)."""
+        self.owner.restores.append((self, off, garbage, good))
 
 
 def _chain_indices(sreq: SReq) -> list[int]:
@@ -399,6 +421,7 @@ class HostileBackend:
         self.conns: list[BackendConn] = []
         self.log: list[tuple[int, str]] = []   # (connection number, request name)
         self.lies: list[str] = []
+        self.restores: list[tuple] = []   # lies that undo themselves (BackendConn._restore_later)
         self.stop_mode = "drain"
         self.reply_delay = 0.0
         if os.path.exists(path):
@@ -440,6 +463,13 @@ class HostileBackend:
             c = self.current
             if c is not None:
                 c.act(action, arg)
+        if self.restores:
+            time.sleep(0.02)  # fastshadow sees the garbage meanwhile (the backend called it)
+            with self.lock:
+                for c, off, garbage, good in self.restores:
+                    if c.map is not None and c.map[off:off + len(garbage)] == garbage:
+                        c.map[off:off + len(good)] = good
+                self.restores.clear()
 
     def shadow_avail_idx(self) -> int | None:
         """The avail idx fastshadow published on queue 0 of the current connection."""
