@@ -35,6 +35,7 @@ import re
 import select
 import socket
 import struct
+import threading
 import time
 from dataclasses import dataclass, field
 
@@ -126,6 +127,7 @@ class Scenario:
     event_idx: bool = False
     reply_delay_ms: int = 0
     steps: tuple = ()
+    busy_ms: int = 0        # >0: meanwhile a backend thread also completes correctly, every busy_ms ms
 
 
 seg_len = st.one_of(st.sampled_from([0, 1, 16, 511, 512, 4096, 8192, 16384]), st.integers(0, 20000))
@@ -143,7 +145,7 @@ steps = st.one_of(
     st.builds(Control, st.sampled_from(CONTROLS), st.integers(0, 255)),
 )
 scenarios = st.builds(Scenario, st.booleans(), st.booleans(), st.sampled_from([0, 0, 0, 5, 20]),
-                      st.lists(steps, min_size=3, max_size=16).map(tuple))
+                      st.lists(steps, min_size=3, max_size=16).map(tuple), st.sampled_from([0, 0, 0, 1, 5]))
 
 
 # -- the guest driver model -----------------------------------------------------------------------
@@ -430,8 +432,10 @@ class Driver:
         self.features = 0
         self.offered = 0
         self.region1_mapped = True
+        self.busy: threading.Thread | None = None
 
     def close(self) -> None:
+        self.stop_busy()
         self.fe.close()
         os.close(self.kick)
         os.close(self.call)
@@ -577,6 +581,7 @@ class Driver:
         elif what == "reset_device":
             self.fe_call(fe.reset_device)
             self.sync()
+            self.guest.harvest()   # what completed before the reset; then the driver starts over
             self.guest.reinit_ring()
             self.stopped = True
             self.next_base = 0
@@ -630,8 +635,27 @@ class Driver:
         assert self.proxy.alive(), "the proxy process died:\n" + self.proxy.log()[-3000:]
 
     # -- the end: no hang --------------------------------------------------------------------------
+    def start_busy(self) -> None:
+        """A backend thread completing correctly all the time, racing every step (busy_ms)."""
+        if not self.scenario.busy_ms:
+            return
+        self.busy_stop = threading.Event()
+
+        def run():
+            while not self.busy_stop.wait(self.scenario.busy_ms / 1000):
+                self.backend.act("honest")
+        self.busy = threading.Thread(target=run, name="busy-backend", daemon=True)
+        self.busy.start()
+
+    def stop_busy(self) -> None:
+        if self.busy is not None:
+            self.busy_stop.set()
+            self.busy.join(5)
+            self.busy = None
+
     def finish(self, log_start: int, strict: bool) -> str:
         """The backend behaves; every request completes or the session ends. Returns how."""
+        self.stop_busy()
         self.backend.stop_mode = "drain"
         if not self.ended:
             try:
@@ -731,6 +755,7 @@ def run_scenario(rig: Rig, scenario: Scenario, *, strict: bool = False, survive:
     try:
         try:
             d.bring_up()
+            d.start_busy()
             for s in scenario.steps:
                 d.step(s)
                 d.check()
@@ -816,6 +841,9 @@ V = Post()                                     # a valid 4 KiB read, kicked
                                                                      Post(kind=1, kick=False), Kick(),
                                                                      Act("honest"), Stop("drain", restart=False),
                                                                      V, Stop("close"), Act("honest"))))
+@example(scenario=Scenario(busy_ms=1, steps=(V, V, Post(kind=1), Stop("drain"), V, Post(indirect=True),
+                                              Control("set_mem_table"), V, Control("reset_device"), V, V,
+                                              Stop("lie"), V, Act("idx_jump"), V)))
 def test_isolated_session_under_hostile_backend_and_guest(rig, scenario):
     for what in run_scenario(rig, scenario):
         event(what)
