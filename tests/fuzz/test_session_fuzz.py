@@ -70,7 +70,7 @@ U64_MAX = (1 << 64) - 1
 #: Log line of a lie the current code cannot ride out without the backend being dropped
 #: (see test_regression_used_idx_jump_then_honest_backend): the fuzzer then checks that
 #: dropping the backend unblocks the guest instead. Empty this once the bug is fixed.
-KNOWN_HANG_LOG = ("shadow ring abandoned",)
+KNOWN_HANG_LOG = ()  # none since the ring is no longer abandoned
 
 
 # -- the steps a scenario is made of --------------------------------------------------------
@@ -805,7 +805,7 @@ V = Post()                                     # a valid 4 KiB read, kicked
 @given(scenario=scenarios)
 @example(scenario=Scenario(steps=(V, Post(kind=1), Act("honest"), Post(hostile="loop"),
                                   Post(hostile="wild", pick=9), Act("reorder"))))
-@example(scenario=Scenario(steps=(V, V, Act("take"), Act("idx_jump", 3), V)))   # ring abandoned: see the xfail
+@example(scenario=Scenario(steps=(V, V, Act("take"), Act("idx_jump", 3), V)))   # a used idx jump: refused entry by entry
 @example(scenario=Scenario(steps=(V, Post(indirect=True), Act("take"), Stop("hold"), Act("honest"))))
 @example(scenario=Scenario(steps=(V, Post(segs=(16384,) * 3), Post(segs=(16384,) * 3), Post(segs=(16384,) * 3),
                                   Post(segs=(16384,) * 3), Post(segs=(16384,) * 3), Act("partial", 5),
@@ -852,34 +852,30 @@ def test_isolated_session_under_hostile_backend_and_guest(rig, scenario):
 
 # -- regressions -------------------------------------------------------------------------------------
 
-@pytest.mark.xfail(strict=True, raises=AssertionError,
-                   reason="a used idx jump abandons the shadow ring for good: with the backend behaving again, "
-                          "the guest's requests in flight never complete (only a backend hang-up or a ring stop "
-                          "frees them)")
+# Regression found by the fuzzer, fixed: a used idx jump abandons the shadow ring for good: with the backend
+#   behaving again, the guest's requests in flight never complete (only a backend hang-up or a ring stop frees
+#   them)
 def test_regression_used_idx_jump_then_honest_backend(rig):
     run_scenario(rig, Scenario(steps=(V, V, Act("take"), Act("idx_jump", 3))), strict=True)
 
 
-@pytest.mark.xfail(strict=True, raises=AssertionError,
-                   reason="a duplicate completion published in the same batch as the real one, with one request in "
-                          "flight, is taken for a used idx jump: the shadow ring is abandoned and the real completion "
-                          "is never delivered, the guest's request hangs")
+# Regression found by the fuzzer, fixed: a duplicate completion published in the same batch as the real one,
+#   with one request in flight, is taken for a used idx jump: the shadow ring is abandoned and the real
+#   completion is never delivered, the guest's request hangs
 def test_regression_double_completion_in_one_batch(rig):
     run_scenario(rig, Scenario(steps=(V, Act("take"), Act("double"))), strict=True)
 
 
-@pytest.mark.xfail(strict=True, raises=AssertionError,
-                   reason="after a ring stop whose drain timed out (the backend held requests), the next ring start "
-                          "fails: SET_VRING_NUM is refused by the data plane (EBUSY: requests kept in flight) and "
-                          "QEMU's session ends")
+# Regression found by the fuzzer, fixed: after a ring stop whose drain timed out (the backend held requests),
+#   the next ring start fails: SET_VRING_NUM is refused by the data plane (EBUSY: requests kept in flight) and
+#   QEMU's session ends
 def test_regression_ring_restart_after_drain_timeout(rig):
     run_scenario(rig, Scenario(steps=(V, Act("take"), Stop("hold"))), survive=True)
 
 
-@pytest.mark.xfail(strict=True, raises=AssertionError,
-                   reason="a backend that sends part of a reply and stops blocks the session thread forever: "
-                          "--reply-timeout bounds only the wait for the reply's first byte, so QEMU's GET_VRING_BASE "
-                          "is never answered and the session never ends")
+# Regression found by the fuzzer, fixed: a backend that sends part of a reply and stops blocks the session
+#   thread forever: --reply-timeout bounds only the wait for the reply's first byte, so QEMU's GET_VRING_BASE
+#   is never answered and the session never ends
 def test_regression_backend_stalls_mid_reply(rig):
     proxy = rig.ensure_proxy()
     d = Driver(rig.a_sock, rig.backend, proxy, Scenario())
