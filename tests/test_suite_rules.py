@@ -2,7 +2,11 @@
 
 * every test can fail by an assertion, not only by crashing: its body asserts, expects an
   exception (`pytest.raises`/`pytest.fail`/`raise AssertionError`), or calls a helper of the
-  suite that does (helpers are followed through any number of calls, across tests/).
+  suite that does (helpers are followed through any number of calls, across tests/);
+* no test asserts on wall-clock time: an `assert` may not read `time.monotonic()`,
+  `time.time()`, `time.perf_counter()` (or a name computed from them). Waiting for an event
+  with a deadline is fine (the deadline raises, it is not asserted); how long something took
+  belongs to the benchmark (`fastshadow bench`).
 """
 
 from __future__ import annotations
@@ -11,6 +15,7 @@ import ast
 from pathlib import Path
 
 TESTS = Path(__file__).resolve().parent
+CLOCKS = {"monotonic", "monotonic_ns", "time", "time_ns", "perf_counter", "perf_counter_ns"}
 
 
 def _files() -> list[Path]:
@@ -68,3 +73,27 @@ def test_every_test_can_fail_by_an_assertion():
                                                     (_called_names(fn) - fixtures) & asserting):
                 silent.append(f"{path.relative_to(TESTS)}:{fn.lineno} {fn.name}")
     assert not silent, "tests that can only fail by crashing:\n" + "\n".join(silent)
+
+
+def _reads_clock(node: ast.AST, clocky: set[str]) -> bool:
+    for n in ast.walk(node):
+        if isinstance(n, ast.Call) and isinstance(n.func, ast.Attribute) and n.func.attr in CLOCKS:
+            return True
+        if isinstance(n, ast.Name) and n.id in clocky:
+            return True
+    return False
+
+
+def test_no_assertion_on_wall_clock_time():
+    found = []
+    for path in _files():
+        for fn in _functions(ast.parse(path.read_text(), str(path))):
+            clocky: set[str] = set()
+            for n in ast.walk(fn):          # names holding a time (t0 = monotonic(); took = monotonic() - t0)
+                if isinstance(n, ast.Assign) and _reads_clock(n.value, clocky):
+                    clocky |= {t.id for t in n.targets if isinstance(t, ast.Name)}
+            for n in ast.walk(fn):
+                if isinstance(n, ast.Assert) and _reads_clock(n.test, clocky):
+                    found.append(f"{path.relative_to(TESTS)}:{n.lineno} {ast.unparse(n.test)[:80]}")
+    assert not found, "assertions on wall-clock time (make them event-driven or move them to bench):\n" + \
+        "\n".join(found)

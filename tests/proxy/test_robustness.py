@@ -10,8 +10,8 @@ keep serving.
 from __future__ import annotations
 
 import os
+import re
 import struct
-import time
 
 from fastshadow.protocol.features import VirtioFeature as VF
 
@@ -100,18 +100,19 @@ def test_zero_length_descriptor_is_refused_before_the_backend(workdir, start_qsd
 
 def test_header_only_request_is_refused_and_the_ring_restarts(workdir, start_qsd, start_proxy):
     # Case 4: a header-only request (no status byte) is one qemu-storage-daemon drops without
-    # completing. It never reaches it; the ring stop answers at once; the restart works.
-    proxy, sock, _ = start(workdir, start_qsd, start_proxy)
+    # completing. It never reaches it; the ring stop answers without waiting for it (with a
+    # 600 s --stop-timeout a stop that waited would hang the test; nothing may be held either);
+    # the restart works.
+    proxy, sock, _ = start(workdir, start_qsd, start_proxy, "--stop-timeout", "600")
     with BlkFront(sock) as blk:
         blk.bring_up()
         hdr = blk.mem.alloc(16)
         blk.mem.write(hdr, struct.pack("<IIQ", T_IN, 0, 0))
         head = post(blk, [Buf(hdr, 16)])
         assert blk.wait_used(1) == [(head, 0)]          # no status byte to write: len 0
-        t0 = time.monotonic()
         idx = blk.stop()
-        assert time.monotonic() - t0 < 1.0
         assert idx == 1
+        assert "vring.held" not in proxy.log() and "vring.untaken" not in proxy.log()
         restart(blk, idx)
         assert_still_serves(blk)
     proxy.wait_log(r"dataplane\.refused .*readable and 0 device-writable")
@@ -132,21 +133,24 @@ def test_ring_stop_is_bounded_and_held_requests_complete_after_resume(workdir, s
     # Case 4's kind: the backend holds requests past the stop deadline (a throttled
     # qemu-storage-daemon). GET_VRING_BASE answers within --stop-timeout; the requests stay
     # fastshadow's, are re-published on resume and all complete with the data verified.
+    # 16 writes at 4 IOPS are 4 s of work for the backend (a throttle is a lower bound on
+    # time); the stop's deadline is 0.5 s: the answer must come with requests still held.
     proxy, sock, _ = start(workdir, start_qsd, start_proxy, "--stop-timeout", "0.5", throttle_iops=4)
-    datas = [os.urandom(4096) for _ in range(6)]
+    datas = [os.urandom(4096) for _ in range(16)]
     with BlkFront(sock) as blk:
         blk.bring_up()
         heads = {}
         for i, d in enumerate(datas):
             h, _, st = blk.request(T_OUT, 8 * i, d)
             heads[h] = st
-        t0 = time.monotonic()
         idx = blk.stop()
-        took = time.monotonic() - t0
         # Those the backend never took are given back (the answer rewinds over them), the
         # others are kept by fastshadow; either way all of them must complete after the restart.
         assert 0 <= idx <= len(datas)
-        assert took < 0.5 + 1.0, f"GET_VRING_BASE took {took:.2f} s"
+        # The answer came without waiting for the backend: it says what it left behind.
+        [line] = proxy.wait_log(r"vring\.(held|untaken) ")
+        left = sum(int(n) for n in re.findall(r"\b(?:kept|returned_to_guest)=(\d+)", line))
+        assert left >= 1, line
         restart(blk, idx)
         got: dict[int, int] = {}
         while len(got) < len(heads):
