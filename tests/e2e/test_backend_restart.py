@@ -7,11 +7,16 @@ on the same socket and image. fastshadow keeps the guest's requests, replays
 the backend's setup to the new daemon and re-submits what was in flight:
 the guest sees a delay, QEMU never notices (one session, no reconnect), and
 every byte the checker wrote and read back is right.
+
+The first daemon is throttled (a few requests per second): whenever it is killed
+it holds requests, so the re-submission is always exercised, and asserted
+(`backend.lost ... parked=N`, `backend.reconnected ... requeued=N`, N > 0).
 """
 
 from __future__ import annotations
 
 import os
+import re
 import signal
 import time
 
@@ -40,22 +45,23 @@ def wait_for_allocated(path, nbytes, timeout=60.0):
 def test_backend_killed_and_restarted_mid_io(guest_image, workdir, start_qsd, start_proxy):
     qsd_sock = str(workdir / "qsd.sock")
     disk = workdir / "disk.img"
-    qsd = start_qsd(qsd_sock, disk=disk, num_queues=2)
+    # 4 IOPS: each request waits about 250 ms in the daemon, the guest resubmits within
+    # milliseconds: both checkers' queues always have requests in the daemon.
+    qsd = start_qsd(qsd_sock, disk=disk, num_queues=2, throttle_iops=4)
     proxy = start_proxy(["--listen", str(workdir / "fs.sock"), "--backend", qsd_sock, "--mode", "isolated",
                          "--backend-timeout", "20"], [str(workdir / "fs.sock")])
     with GuestVM(guest_image, blk_socket=str(workdir / "fs.sock"), blk_num_queues=2, smp=2, cmdline=CHECK,
                  log_path=workdir / "console.log") as vm:
         vm.start()
-        # Kill once the checkers' writes reach the image (2 MiB of it allocated): that is
-        # I/O in flight through the data plane, with seconds of it still to come.  A fixed
-        # sleep here would race a fast machine (as the net restart test once did).
+        # Kill once the checkers' writes reach the image: I/O flows through the data plane,
+        # and at 4 IOPS the 96 MiB check has minutes of it still to come.
         vm.wait_for(r"checker\[q1\]: device=", timeout=120)
-        wait_for_allocated(disk, 2 << 20)
+        wait_for_allocated(disk, 256 << 10)
         assert "FASTSHADOW-CHECK" not in vm.console, "the checker finished before the kill: make it longer"
         os.kill(qsd.pid, signal.SIGKILL)
         lost = proxy.wait_log(r"backend\.lost dev=dev0", timeout=30)[0]
         time.sleep(0.5)                   # the guest keeps submitting while there is no backend
-        qsd2 = start_qsd(qsd_sock, disk=disk, num_queues=2)
+        qsd2 = start_qsd(qsd_sock, disk=disk, num_queues=2)     # not throttled: the check completes
         back = proxy.wait_log(r"backend\.reconnected dev=dev0", timeout=30)[0]
         report = check_isolation(qsd2.pid, vm.pid)
         result = run_check(vm, timeout=600)
@@ -63,6 +69,10 @@ def test_backend_killed_and_restarted_mid_io(guest_image, workdir, start_qsd, st
     assert sum(c.written for b in result.boots for c in b.checks) >= 128 << 20
     log = proxy.log()
     print("\n" + lost + "\n" + back)
+    # Requests were in flight at the kill, kept by fastshadow, and re-submitted to the new daemon.
+    parked = int(re.search(r" parked=(\d+)", lost).group(1))
+    requeued = int(re.search(r" requeued=(\d+)", back).group(1))
+    assert parked > 0 and requeued > 0, (lost, back)
     # QEMU never saw the backend go: one front-end connection, one session.
     assert log.count("qemu.connected dev=dev0") == 1 and log.count("session.start dev=dev0") == 1, log[-3000:]
     ends = [ln for ln in log.splitlines() if "session.end" in ln]

@@ -1,9 +1,15 @@
 """QEMU dies under a running guest (SIGKILL, mid I/O), isolated mode: fastshadow ends
 that session, releases its guest memory and shadow, keeps serving, and a new QEMU on
 the same socket and disk (the VM restarted) runs the data checker to PASS through the
-same fastshadow process and the same qemu-storage-daemon, which maps no guest RAM."""
+same fastshadow process and the same qemu-storage-daemon, which maps no guest RAM.
+
+The daemon is throttled (20 requests per second): whenever QEMU is killed, requests
+are at the backend, and the test asserts that the session ended with them
+(`vring.abandoned ... inflight=N`, N > 0) rather than hoping for it."""
 
 from __future__ import annotations
+
+import re
 
 import pytest
 
@@ -17,7 +23,7 @@ pytestmark = pytest.mark.vm
 
 def test_qemu_killed_mid_io_then_restarted(guest_image, workdir, start_qsd, start_proxy):
     disk = workdir / "disk.img"
-    qsd = start_qsd(str(workdir / "qsd.sock"), disk=disk, num_queues=2)
+    qsd = start_qsd(str(workdir / "qsd.sock"), disk=disk, num_queues=2, throttle_iops=20)
     sock = str(workdir / "fs.sock")
     proxy = start_proxy(["--listen", sock, "--backend", str(workdir / "qsd.sock"), "--mode", "isolated"], [sock])
     long_check = {"fastshadow.check": "--total 96M --min 512 --max 256K", "fastshadow.queues": "2"}
@@ -43,5 +49,8 @@ def test_qemu_killed_mid_io_then_restarted(guest_image, workdir, start_qsd, star
     assert report.isolated, "\n".join(report.lines())
     log = proxy.log()
     print("\n" + "\n".join(ln for ln in log.splitlines() if "abandoned" in ln or "session." in ln))
+    # The first session ended with requests in flight at the backend (what this test is about).
+    abandoned = [int(n) for n in re.findall(r"vring\.abandoned dev=dev0 queue=\d+ inflight=(\d+)", log)]
+    assert sum(abandoned) > 0, log[-3000:]
     assert log.count("session.start dev=dev0") == 2, log[-3000:]
     assert "session.crashed" not in log and "Traceback" not in log and "dataplane.refused" not in log, log[-3000:]
