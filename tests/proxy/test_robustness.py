@@ -9,9 +9,11 @@ keep serving.
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import struct
+import time
 
 from fastshadow.protocol.features import VirtioFeature as VF
 
@@ -118,6 +120,22 @@ def test_header_only_request_is_refused_and_the_ring_restarts(workdir, start_qsd
     proxy.wait_log(r"dataplane\.refused .*readable and 0 device-writable")
 
 
+def wait_published(stats_file, n: int, timeout: float = 30.0) -> None:
+    """Until the proxy's --stats-file says queue 0 of dev0 published `n` requests to the backend."""
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            snap = json.loads(stats_file.read_text())
+            [dev] = [d for d in snap["devices"] if d["name"] == "dev0"]
+            if sum(q["stats"]["requests"] for q in dev["queues"] if q["index"] == 0) >= n:
+                return
+        except (OSError, ValueError):
+            snap = None                 # not written yet
+        if time.monotonic() > deadline:
+            raise AssertionError(f"the proxy did not publish {n} requests within {timeout} s: {snap}")
+        time.sleep(0.02)
+
+
 def restart(blk: BlkFront, base: int) -> None:
     """QEMU resuming a stopped ring (vhost_virtqueue_start): the same size and addresses, the
     base it was told, its call fd again (a backend closes it at GET_VRING_BASE), then the kick."""
@@ -134,8 +152,12 @@ def test_ring_stop_is_bounded_and_held_requests_complete_after_resume(workdir, s
     # qemu-storage-daemon). GET_VRING_BASE answers within --stop-timeout; the requests stay
     # fastshadow's, are re-published on resume and all complete with the data verified.
     # 16 writes at 4 IOPS are 4 s of work for the backend (a throttle is a lower bound on
-    # time); the stop's deadline is 0.5 s: the answer must come with requests still held.
-    proxy, sock, _ = start(workdir, start_qsd, start_proxy, "--stop-timeout", "0.5", throttle_iops=4)
+    # time); the stop's deadline is 0.5 s. The stop comes once the data plane has published
+    # all 16 to the backend (its counters, read from --stats-file): the answer must then
+    # come with requests still held.
+    stats = workdir / "stats.json"
+    proxy, sock, _ = start(workdir, start_qsd, start_proxy, "--stop-timeout", "0.5",
+                           "--stats-interval", "0.05", "--stats-file", str(stats), throttle_iops=4)
     datas = [os.urandom(4096) for _ in range(16)]
     with BlkFront(sock) as blk:
         blk.bring_up()
@@ -143,6 +165,7 @@ def test_ring_stop_is_bounded_and_held_requests_complete_after_resume(workdir, s
         for i, d in enumerate(datas):
             h, _, st = blk.request(T_OUT, 8 * i, d)
             heads[h] = st
+        wait_published(stats, len(datas))
         idx = blk.stop()
         # Those the backend never took are given back (the answer rewinds over them), the
         # others are kept by fastshadow; either way all of them must complete after the restart.
