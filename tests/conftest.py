@@ -15,6 +15,13 @@ import pytest
 from fastshadow.guest._children import die_with_parent
 from fastshadow.guest.daemon import wait_listening
 
+from . import ci_skips
+
+
+def pytest_configure(config):
+    # CI=true: any skip fails the run (tests/ci_skips.py, tests/README.md).
+    ci_skips.pytest_configure(config)
+
 
 def need_binary(name: str) -> str:
     path = shutil.which(name)

@@ -16,11 +16,15 @@ from .harness import Rig, read_counter
 class BackendThread(threading.Thread):
     """Serves the shadow ring whenever its kick eventfd fires; then calls."""
 
-    def __init__(self, rig: Rig, q: int = 0, delay: float = 0.0, length=None):
+    def __init__(self, rig: Rig, q: int = 0, delay: float = 0.0, length=None, gate: threading.Event | None = None):
+        """delay: sleep that long (at least) before serving what a kick brought;
+        gate: hold what a kick brought until the gate is set (`holding` is set meanwhile)."""
         super().__init__(daemon=True)
-        self.rig, self.q, self.delay, self.length = rig, q, delay, length
+        self.rig, self.q, self.delay, self.length, self.gate = rig, q, delay, length, gate
         self.halt = threading.Event()
         self.paused = threading.Event()
+        self.holding = threading.Event()
+        self.served_event = threading.Event()
         self.kicks = 0
         self.served = 0
         self.error = None
@@ -37,9 +41,15 @@ class BackendThread(threading.Thread):
                 reqs = be.pending()
                 if self.delay:
                     time.sleep(self.delay)
+                if reqs and self.gate is not None:
+                    self.holding.set()
+                    while not self.gate.wait(0.02):
+                        if self.halt.is_set():
+                            return
                 if reqs:
                     self.rig.serve(self.q, reqs)
                     self.served += len(reqs)
+                    self.served_event.set()
                     os.write(be.call_fd, (1).to_bytes(8, "little"))
         except Exception as e:  # pragma: no cover - surfaced by the test
             self.error = e
@@ -165,20 +175,35 @@ def test_events_signal_event_fd(loop_rig):
 
 
 def test_queue_stop_drains_in_flight(loop_rig):
+    """The stop returns only once the backend completed what it held (event order, no timing)."""
     rig = loop_rig()
-    bt = BackendThread(rig, delay=0.2)
+    gate = threading.Event()
+    bt = BackendThread(rig, gate=gate)
     bt.start()
     try:
         head, bufs = rig.blk_read(0, 1024)
         kick(rig)
-        time.sleep(0.05)                          # backend got it, sleeps 200 ms
-        t0 = time.monotonic()
-        idx = rig.dev.queue_stop(0, timeout_ms=3000)
-        assert 0.05 < time.monotonic() - t0 < 2.5
-        assert idx == 1
+        assert bt.holding.wait(5), "the backend never got the request"
+        stop = {}
+
+        def stopper():
+            try:
+                stop["idx"] = rig.dev.queue_stop(0, timeout_ms=30000)
+                stop["served_before_return"] = bt.served_event.is_set()
+            except Exception as e:  # pragma: no cover - surfaced below
+                stop["error"] = e
+        st = threading.Thread(target=stopper, daemon=True)
+        st.start()
+        st.join(0.2)                              # a window to catch a stop that does not wait
+        assert st.is_alive(), f"the stop returned while the backend still held the request: {stop}"
+        gate.set()                                # the backend completes only now
+        st.join(30)
+        assert not st.is_alive() and "error" not in stop, stop
+        assert stop["served_before_return"], "the stop returned before the backend completed"
+        assert stop["idx"] == 1
         assert rig.gq[0].take_used() == [(head, 1025)]
         rig.accept_writable(bufs)
-        # stopped: new requests are not taken
+        # stopped: new requests are not taken (checked after the loop saw the kick)
         rig.blk_write(0, b"z" * 10)
         kick(rig)
         time.sleep(0.1)
@@ -197,11 +222,9 @@ def test_queue_stop_timeout_then_restart_republishes(loop_rig):
     try:
         head, bufs = rig.blk_read(0, 2048)
         kick(rig)
-        time.sleep(0.05)
-        t0 = time.monotonic()
-        with pytest.raises(DrainTimeout) as ei:
+        wait_fd(rig.be[0].kick_fd)                # published on the shadow ring, never served
+        with pytest.raises(DrainTimeout) as ei:   # the timeout is the only way this stop can end
             rig.dev.queue_stop(0, timeout_ms=200)
-        assert 0.15 < time.monotonic() - t0 < 2
         assert ei.value.avail_idx == 1 and ei.value.inflight == 1
         # "new backend": fresh shadow ring, request re-published, served.
         rig.be[0].restart()
@@ -299,10 +322,18 @@ def test_many_devices_close_while_running():
 def test_busy_poll_window_adapts(loop_rig):
     """When work always comes later than the window (a slow backend, a guest that
     thinks between requests) spinning is pointless: the window shrinks to 0.
-    When it comes soon, the window grows back (never above the maximum)."""
+    When it comes soon, the window grows back (never above the maximum).
+
+    No assertion on time. The shrinking half is deterministic: every idle period
+    is at least the 20 ms the backend and the guest wait (a sleep lasts at least
+    what it asks), 4 times the 5 ms window, and each one halves the window: 10
+    requests are 20 halvings, 5 ms reaches 0 after 14. The growing half needs one
+    idle period within 5 ms once the window is 0 (the backend answers at once):
+    the window is looked at after each request and must have come back above 0."""
     max_us = 5000
     rig = loop_rig(num=32, busy_poll_us=max_us)
     assert rig.dp.poll_window_us == max_us
+    windows = []
 
     def one_at_a_time(n, think=0.0):
         for _ in range(n):
@@ -312,19 +343,23 @@ def test_busy_poll_window_adapts(loop_rig):
             assert rig.gq[0].take_used() == [(head, 4097)]
             rig.accept_writable(bufs)
             time.sleep(think)
+            windows.append(rig.dp.poll_window_us)
 
-    slow = BackendThread(rig, delay=0.012)      # every idle period > the 5 ms window
+    slow = BackendThread(rig, delay=0.020)
     slow.start()
     try:
-        one_at_a_time(20, think=0.012)
+        one_at_a_time(10, think=0.020)
     finally:
         slow.stop()
     assert rig.dp.poll_window_us == 0
+    assert windows == sorted(windows, reverse=True)   # it only ever shrank
 
+    windows.clear()
     quick = BackendThread(rig)
     quick.start()
     try:
         one_at_a_time(30)
     finally:
         quick.stop()
-    assert 0 < rig.dp.poll_window_us <= max_us
+    assert max(windows) > 0, windows
+    assert all(0 <= w <= max_us for w in windows), windows

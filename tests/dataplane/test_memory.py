@@ -2,6 +2,7 @@
 mmap offsets, device reset."""
 
 import os
+import select
 
 import pytest
 
@@ -192,9 +193,42 @@ def test_guest_call_fd_none_and_replacement(make_rig):
     roundtrip_write(rig)                             # writing into its dup is fine
 
 
+def eventfds_open() -> int:
+    return sum(os.readlink(f"/proc/self/fd/{n}") == "anon_inode:[eventfd]" for n in os.listdir("/proc/self/fd")
+               if os.path.exists(f"/proc/self/fd/{n}"))
+
+
 def test_fds_passed_in_stay_the_callers(make_rig):
+    """The data plane keeps a duplicate of the eventfds it is given: the caller's fd
+    stays open and the caller's to close; the data plane's dup keeps working after
+    the caller closed its own, and is closed (not leaked) when replaced."""
     rig = make_rig()
-    kfd = os.eventfd(0)
-    rig.dev.queue_set_guest_kick(0, kfd)
-    os.close(kfd)                                    # does not affect the data plane
-    rig.dev.queue_set_guest_kick(0, None)
+    kfd = os.eventfd(0, os.EFD_NONBLOCK)
+    other_name = os.dup(kfd)                         # the same eventfd, to kick after kfd is closed
+    try:
+        before = eventfds_open()
+        rig.dev.queue_set_guest_kick(0, kfd)         # replaces rig.kick[0]: one dup closed, one taken
+        assert eventfds_open() == before
+        os.fstat(kfd)                                # ours, still open
+        os.close(kfd)                                # does not affect the data plane
+        rig.dp.start()
+        head, bufs = rig.blk_write(0, b"k" * 100)
+        os.write(other_name, (1).to_bytes(8, "little"))
+        r, _, _ = select.select([rig.be[0].kick_fd], [], [], 5)
+        assert r, "the kick did not reach the data plane through its own dup"
+        # the wakeup is counted once the loop read the eventfd: wait for that event, not for a time
+        for _ in range(500):
+            if rig.dev.stats(0).guest_kicks:
+                break
+            select.select([], [], [], 0.01)
+        assert rig.dev.stats(0).guest_kicks == 1
+        [req] = rig.be[0].pending()
+        assert rig.be[0].read(req.descs[1]) == b"k" * 100
+        rig.dp.stop()
+        before = eventfds_open()
+        rig.dev.queue_set_guest_kick(0, None)        # the data plane closes its dup ...
+        assert eventfds_open() == before - 1
+        os.write(other_name, (1).to_bytes(8, "little"))   # ... and only its dup
+        assert read_counter(other_name) == 1
+    finally:
+        os.close(other_name)

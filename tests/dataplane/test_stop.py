@@ -44,9 +44,9 @@ def test_untaken_newest_requests_go_back_to_the_guest_ring(loop_rig):
     be.last_avail = 1                          # ... and stops before the other two
     rig.serve(0, [first])
     rig.dev.queue_pause(0)
-    t0 = time.monotonic()
-    res = rig.dev.queue_stop_result(0, timeout_ms=5000, backend_next_avail=be.last_avail)
-    assert time.monotonic() - t0 < 2, "waited for requests the backend never took"
+    # Nobody will ever complete the two untaken requests: a stop that waited for them could
+    # only end in DrainTimeout; a result is the proof it did not wait (no clock involved).
+    res = rig.dev.queue_stop_result(0, timeout_ms=30000, backend_next_avail=be.last_avail)
     assert (res.avail_idx, res.returned, res.kept, res.inflight) == (1, 2, 0, 0)
     assert rig.gq[0].take_used() == [(reqs[0][0], 513)]
     rig.accept_writable(reqs[0][1])

@@ -7,25 +7,39 @@ on the same socket and image. fastshadow keeps the guest's requests, replays
 the backend's setup to the new daemon and re-submits what was in flight:
 the guest sees a delay, QEMU never notices (one session, no reconnect), and
 every byte the checker wrote and read back is right.
+
+The first daemon is throttled (a few requests per second): whenever it is killed
+it holds requests, so the re-submission is always exercised, and asserted
+(`backend.lost ... parked=N`, `backend.reconnected ... requeued=N`, N > 0).
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
+import re
 import signal
 import time
 
 import pytest
 
 from fastshadow.guest import GuestVM, run_check
-from fastshadow.isolation import check_isolation
 from fastshadow.protocol.messages import FrontendReq
 
-from ..proxy.interposer import Cutter
+from ..proxy.interposer import Cutter, Interposer
+from .isolation_watch import IsolationWatch
 
 pytestmark = pytest.mark.vm
 
 CHECK = {"fastshadow.check": "--total 96M --min 512 --max 256K", "fastshadow.queues": "2"}
+
+
+@contextlib.contextmanager
+def rec_closed(rec):
+    try:
+        yield rec
+    finally:
+        rec.close()
 
 
 def wait_for_allocated(path, nbytes, timeout=60.0):
@@ -40,36 +54,47 @@ def wait_for_allocated(path, nbytes, timeout=60.0):
 def test_backend_killed_and_restarted_mid_io(guest_image, workdir, start_qsd, start_proxy):
     qsd_sock = str(workdir / "qsd.sock")
     disk = workdir / "disk.img"
-    qsd = start_qsd(qsd_sock, disk=disk, num_queues=2)
-    proxy = start_proxy(["--listen", str(workdir / "fs.sock"), "--backend", qsd_sock, "--mode", "isolated",
-                         "--backend-timeout", "20"], [str(workdir / "fs.sock")])
-    with GuestVM(guest_image, blk_socket=str(workdir / "fs.sock"), blk_num_queues=2, smp=2, cmdline=CHECK,
-                 log_path=workdir / "console.log") as vm:
+    # 4 IOPS: each request waits about 250 ms in the daemon, the guest resubmits within
+    # milliseconds: both checkers' queues always have requests in the daemon.
+    qsd = start_qsd(qsd_sock, disk=disk, num_queues=2, throttle_iops=4)
+    # Every fd sent to either daemon is recorded (tests/e2e/isolation_watch.py).
+    rec = Interposer(str(workdir / "rec.sock"), qsd_sock)
+    watch = IsolationWatch(rec)
+    proxy = start_proxy(["--listen", str(workdir / "fs.sock"), "--backend", str(workdir / "rec.sock"),
+                         "--mode", "isolated", "--backend-timeout", "20"], [str(workdir / "fs.sock")])
+    with rec_closed(rec), GuestVM(guest_image, blk_socket=str(workdir / "fs.sock"), blk_num_queues=2, smp=2,
+                                  cmdline=CHECK, log_path=workdir / "console.log") as vm:
         vm.start()
-        # Kill once the checkers' writes reach the image (2 MiB of it allocated): that is
-        # I/O in flight through the data plane, with seconds of it still to come.  A fixed
-        # sleep here would race a fast machine (as the net restart test once did).
+        # Kill once the checkers' writes reach the image: I/O flows through the data plane,
+        # and at 4 IOPS the 96 MiB check has minutes of it still to come.
         vm.wait_for(r"checker\[q1\]: device=", timeout=120)
-        wait_for_allocated(disk, 2 << 20)
+        wait_for_allocated(disk, 256 << 10)
         assert "FASTSHADOW-CHECK" not in vm.console, "the checker finished before the kill: make it longer"
+        watch.check("first daemon, before the kill", qsd.pid, vm.pid)
         os.kill(qsd.pid, signal.SIGKILL)
         lost = proxy.wait_log(r"backend\.lost dev=dev0", timeout=30)[0]
         time.sleep(0.5)                   # the guest keeps submitting while there is no backend
-        qsd2 = start_qsd(qsd_sock, disk=disk, num_queues=2)
+        qsd2 = start_qsd(qsd_sock, disk=disk, num_queues=2)     # not throttled: the check completes
         back = proxy.wait_log(r"backend\.reconnected dev=dev0", timeout=30)[0]
-        report = check_isolation(qsd2.pid, vm.pid)
+        watch.check("new daemon, after the reconnect", qsd2.pid, vm.pid)
         result = run_check(vm, timeout=600)
     assert result.passed, result.summary() + "\n" + vm.console[-3000:]
     assert sum(c.written for b in result.boots for c in b.checks) >= 128 << 20
     log = proxy.log()
     print("\n" + lost + "\n" + back)
+    # Requests were in flight at the kill, kept by fastshadow, and re-submitted to the new daemon.
+    parked = int(re.search(r" parked=(\d+)", lost).group(1))
+    requeued = int(re.search(r" requeued=(\d+)", back).group(1))
+    assert parked > 0 and requeued > 0, (lost, back)
     # QEMU never saw the backend go: one front-end connection, one session.
     assert log.count("qemu.connected dev=dev0") == 1 and log.count("session.start dev=dev0") == 1, log[-3000:]
     ends = [ln for ln in log.splitlines() if "session.end" in ln]
     assert len(ends) == 1 and 'reason="qemu closed the connection"' in ends[0], ends  # the guest's poweroff
     assert "session.refused" not in log and "dataplane.refused" not in log, log[-3000:]
-    # The new daemon is as isolated as the first one was.
-    assert report.isolated, "\n".join(report.lines())
+    # Both daemons isolated, and no fd sent to either (two connections) was guest RAM.
+    print("\n".join(watch.lines()))
+    assert len(rec.seen) == 2, [len(c) for c in rec.seen]
+    watch.assert_isolated(points=2)
 
 
 @pytest.mark.parametrize("cut_at,when", [(FrontendReq.SET_VRING_KICK, "before"),
@@ -82,8 +107,9 @@ def test_backend_dies_in_the_middle_of_a_request(cut_at, when, guest_image, work
     its data in both boots; QEMU never notices (tests/proxy/interposer.py drops the connection
     in front of a real qemu-storage-daemon, which the proxy then reaches again)."""
     qsd_sock = str(workdir / "qsd.sock")
-    start_qsd(qsd_sock, disk=workdir / "disk.img", num_queues=2)
+    qsd = start_qsd(qsd_sock, disk=workdir / "disk.img", num_queues=2)
     cutter = Cutter(str(workdir / "cut.sock"), qsd_sock, cut_at, when)
+    watch = IsolationWatch(cutter)           # the cutter records every fd it forwards
     proxy = start_proxy(["--listen", str(workdir / "fs.sock"), "--backend", str(workdir / "cut.sock"),
                          "--mode", "isolated", "--backend-timeout", "20"], [str(workdir / "fs.sock")])
     check = {"fastshadow.check": "--total 8M --min 512 --max 256K", "fastshadow.queues": "2",
@@ -92,6 +118,11 @@ def test_backend_dies_in_the_middle_of_a_request(cut_at, when, guest_image, work
         with GuestVM(guest_image, blk_socket=str(workdir / "fs.sock"), blk_num_queues=2, smp=2, cmdline=check,
                      log_path=workdir / "console.log") as vm:
             vm.start()
+            for boot in (1, 2):
+                vm.wait_for(rf"FASTSHADOW-BOOT count={boot}\b", timeout=180, from_start=True)
+                vm.wait_for(r"checker\[q1\]: device=", timeout=120)
+                watch.check(f"boot {boot}", qsd.pid, vm.pid)
+            vm.wait_for(r"\A", timeout=0, from_start=True)   # run_check reads the boots from the start
             result = run_check(vm, timeout=600)
     finally:
         cutter.close()
@@ -109,3 +140,6 @@ def test_backend_dies_in_the_middle_of_a_request(cut_at, when, guest_image, work
     if cut_at == FrontendReq.GET_VRING_BASE:
         assert "request.retried dev=dev0 req=GET_VRING_BASE " in log, log[-3000:]
     assert "session.refused" not in log and "dataplane.refused" not in log, log[-3000:]
+    # Isolated at each boot (one before or after the cut, one after), and over both connections.
+    assert len(cutter.seen) == 2, [len(c) for c in cutter.seen]
+    watch.assert_isolated(points=2)

@@ -8,9 +8,12 @@ guest read (its sha256 list), what it copied, what it wrote. virtio-fs chains
 are FUSE requests (a readable header and arguments, writable reply buffers),
 not block requests, so this is the data plane on a second device type.
 
-While the share is mounted, the guest waits for the host: the isolation
-check runs against virtiofsd's whole process tree (it serves the device from
-a sandboxed child), then the host lets the guest go on.
+Twice the guest waits for the host: once the share is mounted, and once it has
+read, copied and written everything (the share still mounted). Each time the
+isolation check runs against virtiofsd's whole process tree (it serves the
+device from a sandboxed child), then the host lets the guest go on. Every fd
+sent to virtiofsd is recorded on its socket and compared with QEMU's guest RAM
+(tests/e2e/isolation_watch.py).
 """
 
 from __future__ import annotations
@@ -24,7 +27,9 @@ import pytest
 
 from fastshadow.guest import GuestVM, run_check
 from fastshadow.guest.virtiofsd import Virtiofsd, find_virtiofsd
-from fastshadow.isolation import check_isolation
+
+from ..proxy.interposer import Interposer
+from .isolation_watch import IsolationWatch
 
 pytestmark = pytest.mark.vm
 
@@ -44,6 +49,13 @@ mkdir /mnt/out
 cp * /mnt/out/
 dd if=/dev/urandom of=/mnt/guest.bin bs=64k count=64 2>/dev/null
 sha256sum /mnt/guest.bin > /mnt/guest-write.sha
+echo FS-WRITTEN
+i=0
+while [ ! -e /mnt/go2 ]; do
+    i=$((i + 1))
+    [ $i -lt 600 ] || { echo "host never said go2"; exit 3; }
+    usleep 100000
+done
 cd /
 umount /mnt
 echo FS-UNMOUNTED
@@ -76,15 +88,23 @@ def test_virtiofs_through_proxy(mode, guest_image, workdir, start_proxy):
     share = workdir / "share"
     want = make_share(share)
     with Virtiofsd(workdir / "vfs.sock", shared_dir=share, log_path=workdir / "virtiofsd.log") as vfs:
-        proxy = start_proxy(["--listen", str(workdir / "fs.sock"), "--backend", str(workdir / "vfs.sock"),
+        rec = Interposer(str(workdir / "rec.sock"), str(workdir / "vfs.sock"))
+        watch = IsolationWatch(rec)
+        proxy = start_proxy(["--listen", str(workdir / "fs.sock"), "--backend", str(workdir / "rec.sock"),
                              "--mode", mode, "--device", "fs"], [str(workdir / "fs.sock")])
-        with GuestVM(guest_image, fs_socket=workdir / "fs.sock", smp=2, cmdline={"fastshadow.cmd": GUEST_CMD},
-                     log_path=workdir / "console.log") as vm:
-            vm.start()
-            vm.wait_for("^FS-MOUNTED", timeout=120)
-            report = check_isolation(vfs.pid, vm.pid)
-            (share / "go").touch()
-            result = run_check(vm, timeout=300)
+        try:
+            with GuestVM(guest_image, fs_socket=workdir / "fs.sock", smp=2, cmdline={"fastshadow.cmd": GUEST_CMD},
+                         log_path=workdir / "console.log") as vm:
+                vm.start()
+                vm.wait_for("^FS-MOUNTED", timeout=120)
+                watch.check("share mounted", vfs.pid, vm.pid)
+                (share / "go").touch()
+                vm.wait_for("^FS-WRITTEN", timeout=240)
+                watch.check("files read, copied and written", vfs.pid, vm.pid)
+                (share / "go2").touch()
+                result = run_check(vm, timeout=300)
+        finally:
+            rec.close()
         assert vfs.wait(10) is not None, "virtiofsd did not exit after the guest went away"
     assert result.passed, result.summary() + "\n" + vm.console[-3000:]
     assert "FS-UNMOUNTED" in vm.console
@@ -97,17 +117,15 @@ def test_virtiofs_through_proxy(mode, guest_image, workdir, start_proxy):
     assert name == "/mnt/guest.bin" and sha256(share / "guest.bin") == wrote
     assert os.path.getsize(share / "guest.bin") == 4 << 20
 
-    print("\n".join(report.lines()))
-    assert report.guest_inodes, "could not find QEMU's guest RAM memfd"
+    print("\n".join(watch.lines()))
     log = proxy.log()
-    assert len(report.pids) >= 2, "virtiofsd serves from a sandboxed child: the check must cover it"
+    assert all(len(rep.pids) >= 2 for _, rep in watch.points), \
+        "virtiofsd serves from a sandboxed child: the check must cover it"
     if mode == "isolated":
-        assert report.isolated, "\n".join(report.lines())
-        assert not report.guest_maps and not report.guest_fds
+        watch.assert_isolated(points=2)
         assert "session.refused" not in log and "dataplane.refused" not in log, log[-3000:]
         # The requests went through the data plane (the request queue is queue 1).
         served = [ln for ln in log.splitlines() if "vring.stats" in ln and "queue=1 " in ln]
         assert served and int(served[-1].split("requests=")[1].split()[0]) > 100, log[-3000:]
     else:
-        assert report.guest_maps, "direct mode must show guest RAM in virtiofsd (else the check proves nothing)"
-        assert not report.isolated
+        watch.assert_guest_ram_reached()     # direct mode: the same witnesses see guest RAM

@@ -64,8 +64,10 @@ def _markers(out: str) -> list[str]:
 
 @pytest.mark.parametrize("name", sorted(GUEST_PROGRAMS))
 def test_guest_programs_compile_without_warnings(tmp_path: Path, name: str) -> None:
-    compile_checker(tmp_path / name, extra_flags=["-Werror", "-Wshadow", "-Wformat=2"],
-                    source=GUEST_PROGRAMS[name])
+    # a warning fails the compiler (-Werror), which compile_checker raises as GuestImageError
+    out = compile_checker(tmp_path / name, extra_flags=["-Werror", "-Wshadow", "-Wformat=2"],
+                          source=GUEST_PROGRAMS[name])
+    assert out.read_bytes()[:4] == b"\x7fELF" and os.access(out, os.X_OK)
 
 
 @pytest.mark.parametrize("region", [
@@ -151,16 +153,17 @@ def test_netcheck_verifies_every_echo(netcheck_bin: Path) -> None:
 def test_netcheck_min_ms_holds_the_run_open(netcheck_bin: Path) -> None:
     # --min-ms keeps sending past --count until the time is up (a test that kills the
     # backend mid-traffic needs traffic to still run), and says when traffic flows.
-    r = _in_fresh_netns(f"ip link set lo up; start=$(date +%s%N); {netcheck_bin} --dst 127.0.0.1 "
-                        f"--count 4 --window 4 --min-ms 400 --timeout-ms 200 --tag lo; "
-                        f"echo elapsed_ns=$(( $(date +%s%N) - start ))")
+    # (How long it ran is not asserted: no test asserts wall time. Sending past --count,
+    # in full windows, is what --min-ms does.)
+    r = _in_fresh_netns(f"ip link set lo up; {netcheck_bin} --dst 127.0.0.1 "
+                        f"--count 4 --window 4 --min-ms 400 --timeout-ms 200 --tag lo")
     assert r.returncode == 0, r.stdout + r.stderr
     lines = r.stdout.splitlines()
     assert lines[0] == "FASTSHADOW-NET FLOWING tag=lo received=4", r.stdout
     m = re.fullmatch(r"FASTSHADOW-NET PASS tag=lo sent=(\d+) received=(\d+) bytes=\d+ resent=\d+", lines[1])
     assert m and m.group(1) == m.group(2) and int(m.group(1)) > 4, r.stdout
     assert int(m.group(1)) % 4 == 0, r.stdout          # full windows past --count
-    assert int(lines[2].removeprefix("elapsed_ns=")) >= 400e6, r.stdout
+    assert len(lines) == 2, r.stdout
 
 
 def test_netcheck_fails_when_nothing_answers(netcheck_bin: Path) -> None:
@@ -198,10 +201,8 @@ def test_checker_bootcount(checker_bin: Path, tmp_path: Path) -> None:
 
 
 def test_image_is_cached_and_complete(guest_image: GuestImage, tmp_path: Path) -> None:
-    t0 = time.monotonic()
-    again = build_guest_image(log=lambda msg: pytest.fail(f"rebuilt: {msg}"))
+    again = build_guest_image(log=lambda msg: pytest.fail(f"rebuilt: {msg}"))   # any step logged fails
     assert again == guest_image
-    assert time.monotonic() - t0 < 10
     assert guest_image.kernel_version.startswith("6.1.0-") and guest_image.kernel_version.endswith("-amd64")
     manifest = json.loads((guest_image.kernel.parent / "manifest.json").read_text())
     order = manifest["modules"]
@@ -343,12 +344,12 @@ def test_guest_check_failure_stops_the_run(guest_image: GuestImage, tmp_path: Pa
 def test_guest_kernel_panic_fails_fast(guest_image: GuestImage) -> None:
     # No /init to run and no root device: the kernel panics, and with panic=-1
     # would reboot forever; the runner must notice and stop.
+    # (Fast: the runner raises GuestPanic on the panic line; without noticing it, wait_for
+    # would end in its 90 s timeout with another error, and pytest.raises would fail.)
     with GuestVM(guest_image, cmdline={"rdinit": "/no-such-init"}) as vm:
-        t0 = time.monotonic()
         vm.start()
         with pytest.raises(GuestPanic, match="Kernel panic"):
             vm.wait_for("FASTSHADOW-GUEST READY", 90)
-        assert time.monotonic() - t0 < 60
         vm.kill()
         assert vm.returncode is not None
 

@@ -14,13 +14,39 @@ import os
 import selectors
 import socket
 import threading
-from typing import Callable
+from typing import Callable, NamedTuple
 
 from fastshadow.protocol import Channel, Connection, PeerClosed
 from fastshadow.protocol.messages import FrontendReq, Message
 
 #: request_hook results, besides a Message to forward (the same or another one).
 CUT_BEFORE, CUT_AFTER = "cut-before", "cut-after"
+
+
+class FdId(NamedTuple):
+    """The identity of one fd a message carried, taken when the interposer received it:
+    what /proc/self/fd names it, and the (st_dev, st_ino) of the open file."""
+    target: str
+    dev: int
+    ino: int
+    size: int
+
+    @classmethod
+    def of(cls, fd: int) -> "FdId":
+        st = os.fstat(fd)
+        return cls(os.readlink(f"/proc/self/fd/{fd}"), st.st_dev, st.st_ino, st.st_size)
+
+    @property
+    def is_memfd(self) -> bool:
+        return self.target.startswith("/memfd:")
+
+
+class Seen(NamedTuple):
+    """One request the proxy sent to the backend: what, its payload, and the fds it carried."""
+    request: FrontendReq
+    payload: bytes
+    nfds: int
+    fds: tuple[FdId, ...]
 
 
 class Answer:
@@ -50,8 +76,8 @@ class Interposer:
             os.unlink(listen)
         self._srv.bind(listen)
         self._srv.listen(4)
-        #: Per backend connection, every request the proxy sent on it: (request, encoded payload, fd count).
-        self.seen: list[list[tuple[FrontendReq, bytes, int]]] = []
+        #: Per backend connection, every request the proxy sent on it, with every fd it carried.
+        self.seen: list[list[Seen]] = []
         self._live: list[socket.socket] = []
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._accept, name="interposer", daemon=True)
@@ -73,8 +99,18 @@ class Interposer:
             except OSError:
                 return
             back = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
-            back.connect(self.backend)
+            try:
+                back.connect(self.backend)
+            except OSError:
+                # No backend there (yet): the proxy sees a backend that refused it and tries again.
+                back.close()
+                front.close()
+                continue
             threading.Thread(target=self._pump, args=(front, back), daemon=True).start()
+
+    def received_fds(self) -> list[tuple[int, FrontendReq, FdId]]:
+        """(connection number, request, fd identity) of every fd the backend was sent."""
+        return [(n, s.request, fd) for n, conn in enumerate(self.seen) for s in list(conn) for fd in s.fds]
 
     def drop(self) -> None:
         """Drop the current connection, as a backend that dies between two requests."""
@@ -85,7 +121,7 @@ class Interposer:
                 pass
 
     def _pump(self, front_sock: socket.socket, back_sock: socket.socket) -> None:
-        seen: list[tuple[FrontendReq, bytes, int]] = []
+        seen: list[Seen] = []
         self.seen.append(seen)
         self._live = [front_sock, back_sock]
         front = Connection(front_sock, Channel.MAIN, receives_replies=False, name="proxy")
@@ -105,7 +141,8 @@ class Interposer:
                             front.send(self.reply_hook(request, reply), close_fds=True)
                             continue
                         msg = front.recv()
-                        seen.append((msg.request, msg.payload.encode(), len(msg.fds)))
+                        seen.append(Seen(msg.request, msg.payload.encode(), len(msg.fds),
+                                         tuple(FdId.of(fd) for fd in msg.fds)))
                         action = self.request_hook(msg)
                         if action == CUT_BEFORE:
                             msg.close_fds()

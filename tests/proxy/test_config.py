@@ -6,7 +6,7 @@ import argparse
 import pytest
 
 from fastshadow.cli import _add_proxy_parser, build_proxy_config
-from fastshadow.proxy.config import STREAM_COPY_MIN_DEFAULT, ConfigError, load_toml
+from fastshadow.proxy.config import ConfigError, load_toml
 
 
 def parse(*argv):
@@ -17,7 +17,7 @@ def parse(*argv):
 
 def test_data_plane_options_from_the_command_line():
     cfg = parse("--listen", "/tmp/a.sock", "--backend", "/tmp/b.sock", "--mode", "isolated")
-    assert (cfg.busy_poll_us, cfg.stream_copy_min) == (30, STREAM_COPY_MIN_DEFAULT)
+    assert (cfg.busy_poll_us, cfg.stream_copy_min) == (30, 64 * 1024)   # the README's defaults
     cfg = parse("--listen", "/tmp/a.sock", "--backend", "/tmp/b.sock", "--mode", "isolated",
                 "--busy-poll-us", "0", "--stream-copy-min", "0")
     assert (cfg.busy_poll_us, cfg.stream_copy_min) == (0, 0)

@@ -32,7 +32,7 @@ VRING = {R.SET_VRING_NUM, R.SET_VRING_ADDR, R.SET_VRING_BASE, R.SET_VRING_CALL, 
 def latest_state(seen):
     """{(request, queue index or None): (payload, fd count)}: the last of each, as a backend keeps it."""
     out = {}
-    for req, payload, nfds in seen:
+    for req, payload, nfds, _fds in seen:
         if req in STATE:
             index = int.from_bytes(payload[:4], "little") & 0xFF if req in VRING else None
             out[(req, index)] = (payload, nfds)

@@ -4,6 +4,7 @@ requests while tracing, and the trace counts exactly N (root, bcc; CI runs both)
 from __future__ import annotations
 
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -39,8 +40,25 @@ def start_trace(workdir, *args):
     return proc, out
 
 
-def stop_trace(workdir, proc, out):
-    time.sleep(1.5)  # the last completions are in the maps; one more interval
+def counted(workdir, key: str) -> int:
+    """The sum of `key` over the intervals the trace printed so far ("events: k=v ..." lines)."""
+    total = 0
+    for line in (workdir / "trace.out").read_text().splitlines():
+        if line.startswith("events: "):
+            total += sum(int(v) for k, v in re.findall(r"(\w+)=(\d+)", line) if k == key)
+    return total
+
+
+def stop_trace(workdir, proc, out, key: str, n: int):
+    """Ctrl-C once the trace has printed `n` events `key` (the last probe of each request:
+    every count and histogram sample of a request was made by then), not after a fixed
+    wait. The final interval is read at exit, so anything counted later still shows."""
+    deadline = time.monotonic() + 60
+    while counted(workdir, key) < n:
+        if proc.poll() is not None or time.monotonic() > deadline:
+            raise AssertionError(f"the trace printed {counted(workdir, key)} {key} of {n}:\n"
+                                 + (workdir / "trace.out").read_text()[-3000:])
+        time.sleep(0.1)
     proc.send_signal(signal.SIGINT)  # Ctrl-C: a clean exit that still writes the files
     assert proc.wait(30) == 0, (workdir / "trace.out").read_text()
     out.close()
@@ -56,7 +74,7 @@ def test_isolated_exact_counts(workdir, start_qsd, start_proxy):
     with Session(str(workdir / "fs.sock"), num_queues=2, max_qd=8, max_block_size=64 << 10) as s:
         r = s.run("read", 4096, 8, requests=N, queues=2)
         assert r.requests == N
-    run = stop_trace(workdir, proc, out)
+    run = stop_trace(workdir, proc, out, "request_completed", N)
     totals = run.totals()
     assert totals["request_shadowed"] == N
     assert totals["request_completed"] == N
@@ -88,7 +106,7 @@ def test_direct_mode_driver_view(workdir, start_qsd, start_proxy):
         proc, out = start_trace(workdir, "--driver-pid", str(os.getpid()))  # the load generator runs here
         res = s.run("read", 4096, 4, requests=N)
         assert res.requests == N
-        run = stop_trace(workdir, proc, out)
+        run = stop_trace(workdir, proc, out, "driver_complete", N)
     totals = run.totals()
     assert totals["driver_complete"] == N and totals["driver_submit"] == N
     assert sum(h.total for h in run.merged() if h.hop == "driver_end_to_end") == N

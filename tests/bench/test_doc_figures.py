@@ -1,0 +1,140 @@
+"""The benchmark figures quoted in the docs are the ones in the JSON they cite.
+
+README.md's "What isolation costs" paragraph and bench/RESULTS.md's tables
+quote bench/results/results.json (and bench/results/free-proxy/results.json).
+Each figure is recomputed here from the runs in those files, independently of
+fastshadow.bench.report (median of the reps per workload and mode, ratios,
+geometric means), formatted as the docs write it, and the doc must contain the
+exact sentence or table row. A new run, or an edited figure, fails here until
+the doc says what the data says; the assertion message gives the text to paste.
+The tables `python -m fastshadow.bench.report results.json --markdown` generates
+must appear verbatim in RESULTS.md.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+import statistics
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[2]
+RESULTS = ROOT / "bench" / "results" / "results.json"
+FREE = ROOT / "bench" / "results" / "free-proxy" / "results.json"
+KiB, MiB = 1 << 10, 1 << 20
+
+
+def squash(text: str) -> str:
+    return re.sub(r"\s+", " ", text)
+
+
+class Data:
+    def __init__(self, path: Path):
+        self.raw = json.loads(path.read_text())
+        reps: dict[tuple, list[dict]] = {}
+        for r in self.raw["runs"]:
+            w = r["workload"]
+            reps.setdefault((r["backend"], r["mode"], w["rw"], w["bs"], w["qd"], w.get("queues", 1)), []).append(r)
+        self.med = {k: {f: statistics.median(x[f] for x in v) for f in ("iops", "mb_per_s", "lat_p50_ns")}
+                    for k, v in reps.items()}
+
+    def get(self, mode, rw, bs, qd, queues=1, backend="null"):
+        return self.med[(backend, mode, rw, bs, qd, queues)]
+
+    def iops_ratios(self, backend: str, mode: str) -> list[float]:
+        return [v["iops"] / self.med[(b, "direct", *rest)]["iops"]
+                for (b, m, *rest), v in self.med.items() if b == backend and m == mode]
+
+    @property
+    def cold(self) -> float:
+        return self.raw["memcpy"]["cold_gb_per_s"]
+
+
+def geomean(xs: list[float]) -> float:
+    return math.exp(sum(map(math.log, xs)) / len(xs))
+
+
+def ratio(x: float) -> str:
+    """As the docs write a ratio: two decimals, one significant digit below 0.1."""
+    return f"{x:.2f}" if x >= 0.1 else f"{x:.1g}"
+
+
+def test_readme_paragraph_is_the_json():
+    d, free = Data(RESULTS), Data(FREE)
+    f, n = d.iops_ratios("file", "isolated"), d.iops_ratios("null", "isolated")
+    qd1 = (d.get("isolated", "randread", 4 * KiB, 1)["lat_p50_ns"] - d.get("direct", "randread", 4 * KiB, 1)["lat_p50_ns"]) / 1e3
+    big = free.get("isolated", "read", MiB, 8)["mb_per_s"] / 1e3
+    want = (f"on a real image (`file`), {ratio(geomean(f))}× the IOPS of direct mode (geometric mean over {len(f)} "
+            f"workloads; {ratio(min(f))}-{ratio(max(f))}× by workload); on `null-co`, where direct mode does "
+            f"almost nothing, {ratio(geomean(n))}× (geometric mean over {len(n)} workloads; "
+            f"{ratio(min(n))}-{ratio(max(n))}× by workload, {sum(x < 0.2 for x in n)} of {len(n)} below 0.2×); "
+            f"4 KiB QD1 p50 latency +{qd1:.1f} µs (`null-co`). With a CPU of its own "
+            f"(`bench/results/free-proxy/results.json`) the data plane copies 1 MiB reads at {big:.1f} GB/s "
+            f"({big / free.cold:.2f}× a single-core cold memcpy).")
+    readme = squash((ROOT / "README.md").read_text())
+    assert want in readme, f"README.md must say, from the JSON:\n{want}"
+
+
+def test_results_md_headline_is_the_json():
+    d = Data(RESULTS)
+    modes = ("direct", "proxy-direct", "isolated")
+
+    def row(label, values, last):
+        return f"| {label} | " + " | ".join(values) + f" | {last} |"
+    p50 = [d.get(m, "randread", 4 * KiB, 1)["lat_p50_ns"] / 1e3 for m in modes]
+    q32 = [d.get(m, "randread", 4 * KiB, 32)["iops"] / 1e3 for m in modes]
+    r256 = [d.get(m, "read", 256 * KiB, 8)["mb_per_s"] / 1e3 for m in modes]
+    r1m = [d.get(m, "read", MiB, 8)["mb_per_s"] / 1e3 for m in modes]
+    w1m = d.get("isolated", "write", MiB, 8)["mb_per_s"] / 1e3
+    q32x2 = [d.get(m, "randread", 4 * KiB, 32, 2)["iops"] / 1e3 for m in modes]
+    gm = {(b, m): geomean(d.iops_ratios(b, m)) for b in ("file", "null") for m in modes[1:]}
+    count = {b: len(d.iops_ratios(b, "isolated")) for b in ("file", "null")}
+    rows = [
+        row("4 KiB randread QD1, p50", [f"{x:.1f} µs" for x in p50], f"added latency +{p50[2] - p50[0]:.1f} µs"),
+        row("4 KiB randread QD32, 1 queue", [f"{x:.0f}k IOPS" for x in q32], f"{q32[2] / q32[0]:.2f} (target 0.90)"),
+        row("256 KiB read QD8", [f"{x:.1f} GB/s" for x in r256],
+            f"{r256[2] / r256[0]:.2f} (target 0.80; see below)"),
+        row("1 MiB read QD8", [f"{x:.1f} GB/s" for x in r1m], f"{r1m[2] / d.cold:.2f}× cold memcpy (target 0.70)"),
+        f"| 1 MiB write QD8 | (no data moved) | | {w1m:.1f} GB/s | {w1m / d.cold:.2f}× cold memcpy |",
+        row("4 KiB randread QD32, 2 queues", [f"{x:.0f}k IOPS" for x in q32x2], f"{q32x2[2] / q32x2[0]:.2f}"),
+        *(f"| {b}: geometric mean over {count[b]} workloads | | {gm[b, 'proxy-direct']:.2f} | "
+          f"{gm[b, 'isolated']:.2f} | |" for b in ("file", "null")),
+        f"**memcpy baseline, one core:** {d.cold:.1f} GB/s cold (256 MiB buffers), "
+        f"{d.raw['memcpy']['hot_gb_per_s']:.1f} GB/s hot (1 MiB).",
+    ]
+    text = (ROOT / "bench" / "RESULTS.md").read_text()
+    missing = [r for r in rows if r not in text]
+    assert not missing, "bench/RESULTS.md must say, from results.json:\n" + "\n".join(missing)
+    assert f"{len(d.raw['runs'])} runs, {d.raw['wall_s']:.0f} s, none failed" in squash(text)
+    assert d.raw["skipped"] == []
+
+
+def test_results_md_own_cpu_table_is_the_json():
+    d = Data(FREE)
+    p50 = [d.get(m, "randread", 4 * KiB, 1)["lat_p50_ns"] / 1e3 for m in ("direct", "isolated")]
+    q32 = [d.get(m, "randread", 4 * KiB, 32)["iops"] / 1e3 for m in ("direct", "isolated")]
+    r256 = [d.get(m, "read", 256 * KiB, 8)["mb_per_s"] / 1e3 for m in ("direct", "isolated")]
+    r1m = [d.get(m, "read", MiB, 8)["mb_per_s"] / 1e3 for m in ("direct", "isolated")]
+    w1m = d.get("isolated", "write", MiB, 8)["mb_per_s"] / 1e3
+    rows = [
+        f"| 4 KiB randread QD1, p50 | {p50[0]:.1f} µs | {p50[1]:.1f} µs | +{p50[1] - p50[0]:.1f} µs |",
+        f"| 4 KiB randread QD32 | {q32[0]:.0f}k IOPS | {q32[1]:.0f}k IOPS | {q32[1] / q32[0]:.2f} |",
+        f"| 256 KiB read QD8 | {r256[0]:.1f} GB/s | {r256[1]:.1f} GB/s | {r256[1] / r256[0]:.2f} |",
+        f"| 1 MiB read QD8 | {r1m[0]:.1f} GB/s | {r1m[1]:.1f} GB/s | **{r1m[1] / d.cold:.2f}× cold memcpy** |",
+        f"| 1 MiB write QD8 | (no data moved) | {w1m:.1f} GB/s | {w1m / d.cold:.1f}× cold memcpy |",
+        f"memcpy {d.cold:.1f} GB/s cold in that run",
+    ]
+    text = squash((ROOT / "bench" / "RESULTS.md").read_text())
+    missing = [r for r in rows if squash(r) not in text]
+    assert not missing, "bench/RESULTS.md (own CPU) must say, from free-proxy/results.json:\n" + "\n".join(missing)
+
+
+def test_results_md_tables_are_generated_from_the_json():
+    out = subprocess.run([sys.executable, "-m", "fastshadow.bench.report", str(RESULTS), "--markdown"],
+                         capture_output=True, text=True, check=True).stdout
+    assert out.count("\n|") > 100                     # the geometric means and every workload
+    assert out.strip() in (ROOT / "bench" / "RESULTS.md").read_text(), \
+        "bench/RESULTS.md's tables differ from `python -m fastshadow.bench.report results.json --markdown`"
