@@ -316,7 +316,7 @@ def test_reset_gives_the_backend_its_shadow_table_again(workdir, start_qsd, star
             blk.fe.call(R.RESET_OWNER)
             blk.q.__init__(blk.mem, blk.num)          # the driver sets its ring up anew
             restart(blk, 0)                           # QEMU's next request: fastshadow sent the table before
-            after_reset = [req for req, _, _ in rec.seen[0][before:]]
+            after_reset = [s.request for s in rec.seen[0][before:]]
             assert after_reset[:2] == [R.RESET_OWNER, R.SET_MEM_TABLE], after_reset
             assert_still_serves(blk, 16)
             assert idx == 2
