@@ -146,8 +146,14 @@ class Device:
                reason=str(e))
             qemu_sock.close()
             return
-        checker = IdentityCheck(self, qemu_sock) if self.cfg.mode is Mode.ISOLATED else None
-        if checker is not None and not checker.allows(backend_sock):
+        try:
+            checker = IdentityCheck(self, qemu_sock) if self.cfg.mode is Mode.ISOLATED else None
+            allowed = checker is None or checker.allows(backend_sock)
+        except OSError as e:  # a peer's credentials could not be read: no isolation claim without them
+            kv(log, logging.ERROR, "session.setup_failed", dev=self.cfg.name,
+               reason=f"cannot read the peers' credentials: {e}")
+            allowed = False
+        if not allowed:
             qemu_sock.close()
             backend_sock.close()
             return
