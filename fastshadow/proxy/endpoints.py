@@ -126,7 +126,7 @@ class Listener:
             else:
                 if not stat.S_ISSOCK(st.st_mode):
                     raise EndpointError(errno.EEXIST, f"{path} exists and is not a socket; refusing to replace it")
-                if is_listening(path):
+                if is_listening(path) or is_listening(os.path.abspath(path)):
                     raise PathBusy(errno.EADDRINUSE, f"{path}: another process listens on it; refusing to take "
                                                      f"it over")
                 os.unlink(path)

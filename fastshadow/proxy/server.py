@@ -249,7 +249,11 @@ class Proxy:
                    reason="no device listens on this path; it is closed")
                 sock.close()
             if cfg.metrics_listen is not None:
-                from .metrics import MetricsServer  # prometheus_client only when asked for
+                try:
+                    from .metrics import MetricsServer  # prometheus_client only when asked for
+                except ImportError as e:
+                    raise EndpointError(f"--metrics-listen needs prometheus_client, which cannot be imported "
+                                        f"({e}); pip install prometheus_client") from None
                 self.metrics = MetricsServer(cfg.metrics_listen, self)
             if any(d.mode is Mode.ISOLATED for d in cfg.device):
                 # Start the data plane now: a build problem shows at start-up, not at
