@@ -90,11 +90,21 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def parse_workload(text: str):
+    from fastshadow.sizes import SizeError
+
     from .report import Workload, parse_size
+    want = "want RW:BS:QD[:QUEUES], e.g. randread:4k:32 (rw: randread, read, randwrite, write)"
     parts = text.split(":")
     if len(parts) not in (3, 4) or parts[0] not in ("randread", "read", "randwrite", "write"):
-        raise ValueError(f"bad workload {text!r}: want RW:BS:QD[:QUEUES], e.g. randread:4k:32")
-    return Workload(parts[0], parse_size(parts[1]), int(parts[2]), int(parts[3]) if len(parts) == 4 else 1)
+        raise ValueError(f"bad workload {text!r}: {want}")
+    try:
+        bs = parse_size(parts[1])
+    except SizeError as e:
+        raise ValueError(f"bad workload {text!r}: block size {e}") from None
+    counts = parts[2:]
+    if not all(c.isdigit() for c in counts):
+        raise ValueError(f"bad workload {text!r}: queue depth and queues are whole numbers; {want}")
+    return Workload(parts[0], bs, int(parts[2]), int(parts[3]) if len(parts) == 4 else 1)
 
 
 def parse_variants(texts: list[str]) -> dict[str, list[str]]:
@@ -110,8 +120,24 @@ def parse_variants(texts: list[str]) -> dict[str, list[str]]:
                              f"digits, - or _, e.g. memcpy=\"--stream-copy-min 0\"")
         if name in MODES or name in out:
             raise ValueError(f"variant name {name!r} is already a mode")
-        out[name] = shlex.split(args)
+        out[name] = _split(f"--variant {name}", args)
     return out
+
+
+def _split(what: str, text: str) -> list[str]:
+    try:
+        return shlex.split(text)
+    except ValueError as e:
+        raise ValueError(f"{what} {text!r}: {e}") from None
+
+
+def _creatable(path: Path) -> bool:
+    """`path` (a directory to be) can be made: its nearest existing ancestor is a writable directory."""
+    import os
+    for parent in path.absolute().parents:
+        if parent.exists():
+            return parent.is_dir() and os.access(parent, os.W_OK)
+    return False
 
 
 def config_from_args(args):
@@ -131,13 +157,29 @@ def config_from_args(args):
         if w.bs < 512 or w.bs % 512 or w.bs > 1 << 20 or not 1 <= w.queues <= 4 or w.qd < 1:
             raise ValueError(f"workload {w.label}: block size 512 B..1 MiB (multiple of 512), 1-4 queues, qd >= 1")
     duration = args.duration if args.duration is not None else (None if args.requests else preset.duration)
+    out = Path(args.out)
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"--out {out}: exists and is not a directory (results.json and the plots go in a "
+                         f"directory)")
+    if not out.exists() and not _creatable(out):
+        raise ValueError(f"--out {out}: cannot create it")
+    for name, value in (("--duration", args.duration), ("--timeout", args.timeout)):
+        if value is not None and value <= 0:
+            raise ValueError(f"{name} {value:g}: want seconds > 0")
+    for name, value in (("--requests", args.requests), ("--reps", args.reps)):
+        if value is not None and value < 1:
+            raise ValueError(f"{name} {value}: want 1 or more")
+    try:
+        file_size = parse_size(args.file_size)
+    except ValueError as e:
+        raise ValueError(f"--file-size: {e}") from None
     return Config(
         preset=preset.name if not args.workload else f"{preset.name}+custom",
         modes=modes, backends=list(dict.fromkeys(args.backends or preset.backends)), workloads=workloads,
         duration=duration, requests=args.requests, reps=args.reps or preset.reps, out=args.out,
         workdir=args.workdir, keep=args.keep, queue_size=args.queue_size, event_idx=not args.no_event_idx,
         busy_poll_us=args.loadgen_busy_poll_us, loadgen_threads=args.loadgen_threads,
-        proxy_args=shlex.split(args.proxy_args), variants=variants, file_size=parse_size(args.file_size),
+        proxy_args=_split("--proxy-args", args.proxy_args), variants=variants, file_size=file_size,
         pin=args.pin, setup_timeout=args.timeout, stall_timeout=args.timeout, memcpy=not args.no_memcpy,
         plots=not args.no_plots,
         command=getattr(args, "command_line", None) or "fastshadow bench " + " ".join(
@@ -152,6 +194,13 @@ def run(args) -> int:
         print(f"fastshadow bench: {e}", file=sys.stderr)
         return 2
     from .runner import run_bench
+    if cfg.plots:
+        try:
+            import matplotlib  # noqa: F401  (the [plot] extra: checked before the long work, not after)
+        except ImportError:
+            print("fastshadow bench: no plots: matplotlib is not installed (pip install 'fastshadow[plot]'; "
+                  "--no-plots says you know)", file=sys.stderr)
+            cfg.plots = False
     runs = len(cfg.backends) * cfg.reps * len(cfg.workloads) * len(cfg.modes)
     what = f"{cfg.duration:g} s each" if cfg.duration else f"{cfg.requests} requests each"
     print(f"fastshadow bench: {cfg.preset} preset, {runs} runs ({what}), modes {', '.join(cfg.modes)}, "

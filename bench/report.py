@@ -203,9 +203,9 @@ def size_label(n: int) -> str:
 
 
 def parse_size(text: str) -> int:
-    t = text.strip().lower().rstrip("b").rstrip("i")
-    mult = {"k": 1 << 10, "m": 1 << 20, "g": 1 << 30}.get(t[-1:], 1)
-    return int(t[:-1] if t[-1:] in "kmg" else t) * mult
+    """Bytes from "4k", "1m", "512M", "16MiB", "4096" (fastshadow.sizes: the proxy's parser)."""
+    from fastshadow.sizes import parse_size as parse
+    return parse(text)
 
 
 def _median(xs: Iterable[float]) -> float:

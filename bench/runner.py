@@ -193,8 +193,11 @@ class ProxyProcess:
         self.mode = mode
         self.listen = listen
         self.log_path = log_path
+        # The bench runs the load generator (QEMU's part), qsd and the proxy as one user: an
+        # isolated proxy would refuse that backend identity without --allow-shared-uid.
+        shared = ["--allow-shared-uid"] if proxy_mode == "isolated" else []
         self.argv = [sys.executable, "-m", "fastshadow.cli", "proxy", "--listen", str(listen),
-                     "--backend", str(backend), "--mode", proxy_mode,
+                     "--backend", str(backend), "--mode", proxy_mode, *shared,
                      "--name", f"bench-{mode}", *extra]
         self.proc: subprocess.Popen | None = None
         self._log = None

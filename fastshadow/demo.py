@@ -34,11 +34,15 @@ def run_demo(mode: str = "isolated", keep: bool = False) -> int:
         step(f"starting qemu-storage-daemon (file export, 2 queues) in {work}")
         qsd = StorageDaemon(work / "qsd.sock", disk=work / "disk.img", num_queues=2,
                             log_path=work / "qsd.log").start()
-        step(f"starting fastshadow proxy --mode {mode}")
+        # The demo runs QEMU, fastshadow and the backend as one user (root): in isolated mode
+        # fastshadow would refuse that backend's identity (it could open QEMU's /proc/PID/fd)
+        # unless told it is a demo. A deployment gives each its own user (README, Deployment).
+        shared = ["--allow-shared-uid"] if mode == "isolated" else []
+        step(f"starting fastshadow proxy --mode {mode} {' '.join(shared)}".rstrip())
         proxy_log = open(work / "proxy.log", "w")
         proxy = subprocess.Popen([sys.executable, "-m", "fastshadow.cli", "proxy", "--name", "disk0",
                                   "--listen", str(work / "fs.sock"), "--backend", str(work / "qsd.sock"),
-                                  "--mode", mode], stdout=proxy_log, stderr=subprocess.STDOUT)
+                                  "--mode", mode, *shared], stdout=proxy_log, stderr=subprocess.STDOUT)
         try:
             wait_listening(work / "fs.sock", proxy, 15, what="fastshadow")
             step("booting the guest: QEMU TCG, 2 vCPUs, vhost-user-blk with 2 queues, memfd guest RAM")

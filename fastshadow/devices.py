@@ -87,6 +87,9 @@ class DeviceKind:
     layout: tuple[int, int] = (0, 0)
     #: Bytes of a request that are header and status, not data (not counted by the request cap).
     request_overhead: int = 0
+    #: QEMU's name of the type in vhost-user backend descriptors and --print-capabilities
+    #: (docs/interop/vhost-user.json, VHostUserBackendType); None: QEMU has none.
+    qemu_type: str | None = None
 
     def request_cap(self, configured: int | None, config: bytes, features: int) -> tuple[int, str]:
         """(largest request data in bytes, why): `configured` (--max-request-bytes) when the
@@ -133,23 +136,26 @@ class DeviceKind:
 DEVICES: tuple[DeviceKind, ...] = (
     DeviceKind("blk", "virtio-blk", 2, default_queues=1, replay_safe=True,
                replay_note="a block read or write is idempotent", failure=Failure.BLK_STATUS,
-               layout=(16, 1), request_overhead=17),
+               layout=(16, 1), request_overhead=17, qemu_type="block"),
     DeviceKind("net", "virtio-net", 1, default_queues=3, counts_pairs=True, extra_queues=1, replay_safe=True,
-               replay_note="a packet sent twice is what networks tolerate", failure=Failure.LEN0),
+               replay_note="a packet sent twice is what networks tolerate", failure=Failure.LEN0,
+               qemu_type="net"),
     DeviceKind("fs", "virtio-fs", 26, default_queues=2, replay_safe=False,
                replay_note="FUSE requests are not idempotent and the daemon's session state dies with it",
-               failure=Failure.FUSE_ERROR, layout=(40, 0), request_overhead=40 + 16),
+               failure=Failure.FUSE_ERROR, layout=(40, 0), request_overhead=40 + 16, qemu_type="fs"),
     DeviceKind("vsock", "virtio-vsock", 19, default_queues=3, replay_safe=False,
-               replay_note="connection state dies with the backend", failure=Failure.LEN0),
+               replay_note="connection state dies with the backend", failure=Failure.LEN0, qemu_type="vsock"),
     DeviceKind("scsi", "virtio-scsi", 8, default_queues=3, replay_safe=True,
                replay_note="SCSI reads and writes are idempotent", failure=Failure.SCSI_RESPONSE,
-               failure_first_queue=2),
+               failure_first_queue=2, qemu_type="scsi"),
     DeviceKind("generic", "any vhost-user device", 0, default_queues=8, replay_safe=False,
                replay_note="nothing is known of its requests", failure=Failure.LEN0),
     DeviceKind("gpu", "virtio-gpu", 16, default_queues=2,
-               refused="virtio-gpu resource commands carry guest physical addresses of framebuffers"),
+               refused="virtio-gpu resource commands carry guest physical addresses of framebuffers",
+               qemu_type="gpu"),
     DeviceKind("balloon", "virtio-balloon", 5, default_queues=3,
-               refused="virtio-balloon page lists are guest physical addresses the backend acts on"),
+               refused="virtio-balloon page lists are guest physical addresses the backend acts on",
+               qemu_type="balloon"),
 )
 
 BY_NAME: dict[str, DeviceKind] = {d.name: d for d in DEVICES}

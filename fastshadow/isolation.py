@@ -136,3 +136,75 @@ def check_isolation(backend_pid: int, qemu_pid: int) -> IsolationReport:
             elif target.startswith("/" + SHADOW_PREFIX):
                 rep.shadow_fds.append((fd, target))
     return rep
+
+
+# -- who runs what: checked by the proxy on every isolated session ----------------------------
+#
+# Isolation by shadow memory holds only if the backend's *identity* cannot reach guest RAM
+# some other way. Guest RAM is a memfd that QEMU, and fastshadow, hold open and map; the
+# kernel lets a process open /proc/<pid>/fd/N and /proc/<pid>/mem of another (and map the
+# memfd read-write) when ptrace_may_access(PTRACE_MODE_READ_FSCREDS) allows it: same uid
+# (and gid) as the target, or CAP_SYS_PTRACE. So the backend must be neither root, nor
+# QEMU's uid, nor fastshadow's uid (fastshadow maps all guest RAM too), and hold neither
+# CAP_SYS_PTRACE nor CAP_SETUID (which lets it become any of those). Three identities:
+# QEMU, fastshadow, the backend.
+#
+# What this does not see: an LSM policy (SELinux/AppArmor, libvirt's sVirt) that confines a
+# root backend anyway (then --allow-shared-uid is the operator's statement); a backend that
+# changed identity after it connected or listened (SO_PEERCRED is taken at that moment) or
+# whose process tree holds other identities; capabilities it can regain by executing a
+# file-capability binary. Yama's ptrace_scope does not help either way: it restricts
+# PTRACE_ATTACH only, and /proc/<pid>/fd is a READ access it never checks.
+
+CAP_SETUID = 7
+CAP_SYS_PTRACE = 19
+
+
+@dataclass(frozen=True)
+class PeerCred:
+    """A unix socket peer's credentials, from SO_PEERCRED (taken at connect() or listen())."""
+
+    pid: int
+    uid: int
+    gid: int
+
+
+def peer_credentials(sock) -> PeerCred:
+    """SO_PEERCRED of a connected unix socket `sock`."""
+    import socket
+    import struct
+    pid, uid, gid = struct.unpack("3i", sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED,
+                                                        struct.calcsize("3i")))
+    return PeerCred(pid, uid, gid)
+
+
+def effective_capabilities(pid: int) -> int | None:
+    """CapEff of `pid` from /proc/PID/status, or None if it cannot be read."""
+    try:
+        with open(f"/proc/{pid}/status") as f:
+            for line in f:
+                if line.startswith("CapEff:"):
+                    return int(line.split()[1], 16)
+    except (OSError, ValueError, IndexError):
+        pass
+    return None
+
+
+def identity_risk(qemu: PeerCred, backend: PeerCred, proxy_uid: int | None = None) -> str | None:
+    """None if the backend's identity cannot open QEMU's (or fastshadow's) /proc/PID/fd,
+    else why it can (see the comment above: uid 0, QEMU's or fastshadow's uid,
+    CAP_SYS_PTRACE or CAP_SETUID in its effective set)."""
+    proxy_uid = os.geteuid() if proxy_uid is None else proxy_uid
+    if backend.uid == 0:
+        return "the backend runs as root"
+    if backend.uid == qemu.uid:
+        return "the backend runs as QEMU's uid"
+    if backend.uid == proxy_uid:
+        return "the backend runs as fastshadow's uid (fastshadow maps guest RAM)"
+    caps = effective_capabilities(backend.pid) if backend.pid > 0 else None
+    if caps is not None:
+        held = [name for bit, name in ((CAP_SYS_PTRACE, "CAP_SYS_PTRACE"), (CAP_SETUID, "CAP_SETUID"))
+                if caps >> bit & 1]
+        if held:
+            return f"the backend holds {' and '.join(held)}"
+    return None

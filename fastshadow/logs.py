@@ -1,15 +1,18 @@
 """Structured logs: one line per event, `event=... key=value ...` or JSON.
 
 Every line names what happened and the device it happened to, so that an
-operator can grep one device's story out of a process serving many.
+operator can grep one device's story out of a process serving many. Text
+lines start with an ISO-8601 local time with its UTC offset, to the
+millisecond (`2025-03-14T07:01:12.184+01:00`); JSON lines carry the same as
+`time`, and `ts` in Unix seconds.
 """
 
 from __future__ import annotations
 
+import datetime
 import json
 import logging
 import sys
-import time
 
 _RESERVED = set(vars(logging.makeLogRecord({})))
 
@@ -27,9 +30,14 @@ def _fmt_value(v) -> str:
     return s
 
 
+def iso_time(created: float) -> str:
+    """ISO-8601 local time with the UTC offset, to the millisecond."""
+    return datetime.datetime.fromtimestamp(created).astimezone().isoformat(timespec="milliseconds")
+
+
 class TextFormatter(logging.Formatter):
     def format(self, record: logging.LogRecord) -> str:
-        ts = time.strftime("%H:%M:%S", time.localtime(record.created)) + f".{int(record.msecs):03d}"
+        ts = iso_time(record.created)
         fields = getattr(record, "fields", {})
         parts = [ts, record.levelname.lower(), record.getMessage()]
         parts += [f"{k}={_fmt_value(v)}" for k, v in fields.items()]
@@ -41,7 +49,8 @@ class TextFormatter(logging.Formatter):
 
 class JsonFormatter(logging.Formatter):
     def format(self, record: logging.LogRecord) -> str:
-        doc = {"ts": record.created, "level": record.levelname.lower(), "logger": record.name,
+        doc = {"ts": record.created, "time": iso_time(record.created), "level": record.levelname.lower(),
+               "logger": record.name,
                "event": record.getMessage()}
         doc.update({k: v if isinstance(v, (int, float, bool)) or v is None else str(v)
                     for k, v in getattr(record, "fields", {}).items()})

@@ -31,13 +31,21 @@ def need_binary(name: str) -> str:
 
 
 class ProxyProcess:
-    """`fastshadow proxy` as a real subprocess, its log in a file."""
+    """`fastshadow proxy` as a real subprocess, its log in a file.
 
-    def __init__(self, workdir: Path, args: list[str], sockets: list[str], name: str = "proxy"):
+    The tests run the front-end, the proxy and the backends all as root, an identity an
+    isolated session refuses for its backend (it could open QEMU's /proc/PID/fd): so the
+    proxy is given --allow-shared-uid unless a test asks for the check
+    (`allow_shared_uid=False`, tests/ops/test_identity.py)."""
+
+    def __init__(self, workdir: Path, args: list[str], sockets: list[str], name: str = "proxy",
+                 allow_shared_uid: bool = True, env: dict | None = None, pass_fds=()):
         self.log_path = workdir / f"{name}.log"
         self._log = open(self.log_path, "wb")
-        self.proc = subprocess.Popen([sys.executable, "-m", "fastshadow.cli", "proxy", *args],
-                                     stdout=self._log, stderr=subprocess.STDOUT, preexec_fn=die_with_parent)
+        extra = ["--allow-shared-uid"] if allow_shared_uid else []
+        self.proc = subprocess.Popen([sys.executable, "-m", "fastshadow.cli", "proxy", *args, *extra],
+                                     stdout=self._log, stderr=subprocess.STDOUT, preexec_fn=die_with_parent,
+                                     env=env, pass_fds=pass_fds)
         for s in sockets:
             wait_listening(s, self.proc, 15, what="fastshadow proxy")
 
@@ -91,8 +99,8 @@ def workdir(tmp_path_factory) -> Path:
 def start_proxy(workdir):
     procs: list[ProxyProcess] = []
 
-    def start(args: list[str], sockets: list[str], name: str = "proxy") -> ProxyProcess:
-        p = ProxyProcess(workdir, args, sockets, name)
+    def start(args: list[str], sockets: list[str], name: str = "proxy", **kw) -> ProxyProcess:
+        p = ProxyProcess(workdir, args, sockets, name, **kw)
         procs.append(p)
         return p
 

@@ -63,7 +63,11 @@ class BackendDaemon:
     error: type[Exception] = BackendDaemonError
 
     def __init__(self, socket_path: str | os.PathLike[str], *, log_path: str | os.PathLike[str] | None = None,
-                 start_timeout: float = 20.0) -> None:
+                 start_timeout: float = 20.0, user: str | None = None) -> None:
+        #: Run the daemon as this user (name or uid) and its primary group, with no
+        #: supplementary groups (setpriv): a backend identity of its own (DESIGN §3.9).
+        #: The socket's directory must be writable by that user.
+        self.user = user
         self.socket_path = Path(socket_path)
         self.log_path = Path(log_path) if log_path is not None else None
         self.start_timeout = start_timeout
@@ -92,10 +96,18 @@ class BackendDaemon:
     def returncode(self) -> int | None:
         return self._proc.poll() if self._proc is not None else None
 
+    def run_as(self) -> list[str]:
+        """The setpriv prefix that runs the daemon as `user` (empty when it runs as we do)."""
+        if self.user is None:
+            return []
+        import pwd
+        pw = pwd.getpwuid(int(self.user)) if str(self.user).isdigit() else pwd.getpwnam(self.user)
+        return ["setpriv", f"--reuid={pw.pw_uid}", f"--regid={pw.pw_gid}", "--clear-groups"]
+
     def start(self):
         if self._proc is not None:
             raise self.error("already started")
-        argv = self.command
+        argv = [*self.run_as(), *self.command]
         self.prepare()
         self.socket_path.parent.mkdir(parents=True, exist_ok=True)
         try:

@@ -56,12 +56,13 @@ class StorageDaemon(BackendDaemon):
                  num_queues: int = 1, writable: bool = True, aio: str = "io_uring", locking: bool = True,
                  throttle_iops: int | None = None, extra_args: Iterable[str] = (),
                  log_path: str | os.PathLike[str] | None = None,
-                 binary: str = "qemu-storage-daemon", start_timeout: float = 20.0) -> None:
+                 binary: str = "qemu-storage-daemon", start_timeout: float = 20.0,
+                 user: str | None = None) -> None:
         if driver not in ("file", "null"):
             raise ValueError(f"driver must be 'file' or 'null', not {driver!r}")
         if driver == "file" and disk is None:
             raise ValueError("driver='file' needs disk=PATH")
-        super().__init__(socket_path, log_path=log_path, start_timeout=start_timeout)
+        super().__init__(socket_path, log_path=log_path, start_timeout=start_timeout, user=user)
         self.driver = driver
         self.disk = Path(disk) if disk is not None else None
         self.size = parse_size(size)

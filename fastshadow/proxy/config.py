@@ -6,13 +6,18 @@ A config file serves several devices from one process:
     name = "disk0"
     listen = "/run/fastshadow/disk0.sock"     # QEMU connects here
     backend = "/run/qsd/disk0.sock"           # fastshadow connects to the backend
-    mode = "isolated"
+    mode = "isolated"                         # the default; "direct" for baselines and tracing
     device = "blk"
+    socket_group = "libvirt-qemu"             # QEMU's group may connect (mode 0660 unless socket_mode)
+
+Sizes (bounce_per_queue, max_request_bytes, stream_copy_min) are bytes or
+strings such as "16M" (fastshadow/sizes.py).
 """
 
 from __future__ import annotations
 
 import enum
+import grp
 import os
 import tomllib
 from pathlib import Path
@@ -20,6 +25,7 @@ from pathlib import Path
 import msgspec
 
 from ..devices import DEFAULT_REQUEST_DATA, DeviceType, kind
+from ..sizes import SizeError, parse_size
 
 
 class Mode(str, enum.Enum):
@@ -31,12 +37,63 @@ class ConfigError(ValueError):
     """The configuration is not usable; the message says which setting and why."""
 
 
+def parse_socket_mode(value: str | int, what: str = "socket_mode") -> int:
+    """An octal permission mode ("0660", "660" or TOML's 0o660) for a socket file."""
+    try:
+        mode = value if isinstance(value, int) and not isinstance(value, bool) else int(str(value), 8)
+    except ValueError:
+        raise ConfigError(f"{what} {value!r}: want an octal mode such as 0660") from None
+    if not 0 <= mode <= 0o777:
+        raise ConfigError(f"{what} {value!r}: want permission bits only, 0 to 0777 (e.g. 0660)")
+    return mode
+
+
+def resolve_group(value: str | int, what: str = "socket_group") -> int:
+    """A group name or number -> gid; the group must exist."""
+    if isinstance(value, int) or (isinstance(value, str) and value.isdigit()):
+        return int(value)
+    try:
+        return grp.getgrnam(value).gr_gid
+    except KeyError:
+        raise ConfigError(f"{what} {value!r}: no such group") from None
+
+
+class SocketAccess(msgspec.Struct, frozen=True):
+    """Who may connect to a socket fastshadow creates: its mode and group, set before listen()."""
+
+    mode: int | None = None
+    gid: int | None = None
+
+    @property
+    def given(self) -> bool:
+        return self.mode is not None or self.gid is not None
+
+
+def socket_access(mode: str | int | None, group: str | int | None, what: str = "socket") -> SocketAccess:
+    """The access of a socket; a group without a mode gives 0660 (owner and group read-write)."""
+    gid = resolve_group(group, f"{what}_group") if group is not None else None
+    m = parse_socket_mode(mode, f"{what}_mode") if mode is not None else (0o660 if gid is not None else None)
+    return SocketAccess(m, gid)
+
+
 class DeviceConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     name: str
-    listen: str
+    #: Where QEMU connects: a path fastshadow creates (or systemd passed, by the same path) ...
+    listen: str | None = None
+    #: ... or a socket fastshadow inherits as this fd (--fd, QEMU's backend program convention):
+    #: a listening socket, or one end of a connected socketpair (one session, then exit).
+    listen_fd: int | None = None
     backend: str | None = None
     backend_listen: str | None = None
-    mode: Mode = Mode.DIRECT
+    #: Isolated is the default; direct forwards guest RAM to the backend (baselines, tracing).
+    mode: Mode = Mode.ISOLATED
+    #: Who may connect to the listen socket (mode: octal, group: name or gid). Applied
+    #: between bind() and listen(), so no one connects before it is right.
+    socket_mode: str | int | None = None
+    socket_group: str | int | None = None
+    #: The same for the --backend-listen socket (the backend's user must connect to it).
+    backend_socket_mode: str | int | None = None
+    backend_socket_group: str | int | None = None
     device: DeviceType = DeviceType.BLK
     #: Seconds to wait for the backend (connect retries or its connection).
     backend_timeout: float = 10.0
@@ -64,9 +121,32 @@ class DeviceConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
             return False
         return self.backend_reconnect == "on" or kind(self.device).replay_safe
 
+    @property
+    def where(self) -> str:
+        """The listen side, for logs: its path, or fd:N."""
+        return self.listen if self.listen is not None else f"fd:{self.listen_fd}"
+
+    def access(self) -> SocketAccess:
+        return socket_access(self.socket_mode, self.socket_group, "socket")
+
+    def backend_access(self) -> SocketAccess:
+        return socket_access(self.backend_socket_mode, self.backend_socket_group, "backend_socket")
+
     def validate(self) -> None:
+        if (self.listen is None) == (self.listen_fd is None):
+            raise ConfigError(f"device {self.name!r}: give exactly one of listen (a path) or listen_fd (--fd)")
+        if self.listen_fd is not None and self.listen_fd < 0:
+            raise ConfigError(f"device {self.name!r}: listen_fd {self.listen_fd}: want a file descriptor >= 0")
         if (self.backend is None) == (self.backend_listen is None):
             raise ConfigError(f"device {self.name!r}: give exactly one of backend (connect) or backend_listen")
+        try:
+            access = self.access()
+            self.backend_access()
+        except ConfigError as e:
+            raise ConfigError(f"device {self.name!r}: {e}") from None
+        if access.given and self.listen is None:
+            raise ConfigError(f"device {self.name!r}: socket_mode and socket_group apply to a socket fastshadow "
+                              f"creates (listen), not to an inherited fd")
         refused = kind(self.device).refused
         if self.mode is Mode.ISOLATED and refused:
             raise ConfigError(f"device {self.name!r}: isolated mode cannot serve {self.device.value}: "
@@ -104,6 +184,12 @@ class ProxyConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     stats_interval: float = 0.0
     #: Where the latest stats snapshot is kept, as JSON (replaced atomically each interval).
     stats_file: str | None = None
+    #: Isolated mode: serve a session even when the backend runs as root, as QEMU's uid or as
+    #: fastshadow's own (identities that can open QEMU's /proc/PID/fd), with one warning per
+    #: session. Without it such a session is refused (fastshadow/isolation.py, identity_risk).
+    allow_shared_uid: bool = False
+    #: Serve Prometheus metrics on HOST:PORT, [HOST]:PORT, :PORT or a unix socket path (None: off).
+    metrics_listen: str | None = None
 
     @property
     def stats_period(self) -> float:
@@ -118,20 +204,55 @@ class ProxyConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
             raise ConfigError(f"stats_file {self.stats_file}: its directory does not exist")
         if not self.device:
             raise ConfigError("no device configured: give --listen/--backend or a config file with [[device]]")
-        seen: set[str] = set()
+        if self.metrics_listen is not None:
+            parse_metrics_listen(self.metrics_listen)
+        seen: set = set()
         for d in self.device:
             d.validate()
-            for key in (d.name, d.listen):
+            for key in (d.name, d.listen, d.listen_fd, d.backend_listen):
+                if key is None:
+                    continue
                 if key in seen:
                     raise ConfigError(f"{key!r} is used by two devices")
                 seen.add(key)
 
 
+def parse_metrics_listen(text: str) -> tuple[str, int] | str:
+    """`--metrics-listen`: (host, port) for HOST:PORT, [V6]:PORT or :PORT (every address),
+    or a unix socket path (containing a /)."""
+    if "/" in text:
+        return text
+    host, sep, port = text.rpartition(":")
+    if not sep or not port.isdigit() or not 0 < int(port) < 65536:
+        raise ConfigError(f"metrics_listen {text!r}: want HOST:PORT (e.g. 127.0.0.1:9177), :PORT or a unix "
+                          f"socket path")
+    if host.startswith("[") and host.endswith("]"):
+        host = host[1:-1]
+    return host, int(port)
+
+
+#: Config keys holding sizes: bytes, or strings such as "16M" (sizes.py).
+SIZE_KEYS = ("bounce_per_queue", "max_request_bytes", "stream_copy_min")
+
+
+def _sizes(table: dict, where: str) -> None:
+    for key in SIZE_KEYS:
+        if key in table and table[key] is not None:
+            try:
+                table[key] = parse_size(table[key])
+            except SizeError as e:
+                raise ConfigError(f"{where}{key}: {e}") from None
+
+
 def load_toml(path: str | Path) -> ProxyConfig:
     try:
         raw = tomllib.loads(Path(path).read_text())
-    except (OSError, tomllib.TOMLDecodeError) as e:
+    except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError) as e:
         raise ConfigError(f"cannot read config file {path}: {e}") from e
+    _sizes(raw, "")
+    for i, d in enumerate(raw.get("device") or []):
+        if isinstance(d, dict):
+            _sizes(d, f"device {d.get('name', i)!r}: ")
     try:
         cfg = msgspec.convert(raw, ProxyConfig)
     except msgspec.ValidationError as e:

@@ -4,6 +4,17 @@ The main thread accepts QEMU connections; each accepted connection gets a
 thread that obtains the backend connection and runs the session. When a
 session ends (either side left or misbehaved) the device waits for the
 next QEMU connection, which is what QEMU's `reconnect=` expects.
+
+Before an isolated session starts, and again for each backend connection it
+makes later (a restarted backend), both peers' credentials are read
+(SO_PEERCRED): a backend running as root, as QEMU's uid or as fastshadow's
+could open QEMU's /proc/PID/fd and map guest RAM without fastshadow, so
+such a session is refused with one `isolation.refused` line, unless
+--allow-shared-uid (one `isolation.shared_uid` warning per session).
+
+As a daemon: SIGINT and SIGTERM end it cleanly (sessions closed, sockets
+and locks removed, exit 0), SIGHUP is ignored (logs go to stderr; there is
+nothing to re-open), systemd hears READY=1 once every socket listens.
 """
 
 from __future__ import annotations
@@ -16,9 +27,11 @@ import socket
 import threading
 import time
 
+from ..isolation import PeerCred, identity_risk, peer_credentials
 from ..logs import kv
+from . import systemd
 from .config import DeviceConfig, Mode, ProxyConfig
-from .endpoints import BackendEndpoint, EndpointError, listen_unix
+from .endpoints import BackendEndpoint, EndpointError, Listener, backend_socket_problem, inherited_socket
 from .session import DirectSession, Session
 
 log = logging.getLogger("fastshadow.proxy")
@@ -27,14 +40,50 @@ log = logging.getLogger("fastshadow.proxy")
 class Device:
     """A configured device: where QEMU connects, how we reach the backend, its current session."""
 
-    def __init__(self, cfg: DeviceConfig, proxy: "Proxy"):
+    def __init__(self, cfg: DeviceConfig, proxy: "Proxy", passed: dict[str, socket.socket] | None = None):
         self.cfg = cfg
         self.proxy = proxy
-        self.listener = listen_unix(cfg.listen)
-        self.backend = BackendEndpoint(connect=cfg.backend, listen=cfg.backend_listen, timeout=cfg.backend_timeout)
         self.session: Session | None = None
         self.thread: threading.Thread | None = None
         self.sessions_served = 0
+        #: Backend connections made by sessions after their first (a restarted backend).
+        self.backend_reconnects = 0
+        #: The isolation state of the current (or last) session, for stats and metrics:
+        #: "direct", "waiting" (no session yet), "enforced", "shared_uid" (allowed by
+        #: --allow-shared-uid), "refused".
+        self.isolation = "direct" if cfg.mode is Mode.DIRECT else "waiting"
+        self.qemu_cred: PeerCred | None = None
+        self.backend_cred: PeerCred | None = None
+        #: --fd given one end of a connected socketpair: its one session, then the proxy ends.
+        self.preconnected: socket.socket | None = None
+        self.listener: Listener | None = None
+        passed = passed if passed is not None else {}
+        self.backend: BackendEndpoint | None = None
+        try:
+            if cfg.listen_fd is not None:
+                sock = inherited_socket(cfg.listen_fd)
+                if sock.getsockopt(socket.SOL_SOCKET, socket.SO_ACCEPTCONN):
+                    self.listener = Listener.adopt(sock, f"--fd {cfg.listen_fd}")
+                else:
+                    sock.setblocking(True)
+                    self.preconnected = sock
+            elif cfg.listen in passed:
+                self.listener = Listener.adopt(passed.pop(cfg.listen),
+                                               f"the socket systemd passed for {cfg.listen}")
+            else:
+                self.listener = Listener.create(cfg.listen, cfg.access())
+            self.backend = BackendEndpoint(connect=cfg.backend, listen=cfg.backend_listen,
+                                           timeout=cfg.backend_timeout, access=cfg.backend_access(),
+                                           inherited=passed.pop(cfg.backend_listen, None) if cfg.backend_listen
+                                           else None)
+        except BaseException:
+            self.close()
+            raise
+        if cfg.backend is not None:
+            problem = backend_socket_problem(cfg.backend)
+            if problem is not None:
+                kv(log, logging.WARNING, "backend.absent", dev=cfg.name, backend=cfg.backend, reason=problem,
+                   action=f"connecting when QEMU does, retrying for up to {cfg.backend_timeout:g} s")
 
     @property
     def busy(self) -> bool:
@@ -48,7 +97,10 @@ class Device:
             # A front-end is already waiting to take over (or for its backend).
             self._refuse(sock)
             return
-        kv(log, logging.INFO, "qemu.connected", dev=self.cfg.name, listen=self.cfg.listen)
+        self.start_session(sock, prev)
+
+    def start_session(self, sock: socket.socket, prev: threading.Thread | None = None) -> None:
+        kv(log, logging.INFO, "qemu.connected", dev=self.cfg.name, listen=self.cfg.where)
         prev_session, self.session = self.session, None
         self.thread = threading.Thread(target=self._serve, args=(sock, prev, prev_session),
                                        name=f"session-{self.cfg.name}", daemon=True)
@@ -76,6 +128,18 @@ class Device:
                 time.sleep(0.01)
             prev.join(30)
         try:
+            self._run_session(qemu_sock)
+        finally:
+            if self.preconnected is not None:
+                # The front-end's only connection (--fd, a socketpair) is gone: so is the device.
+                kv(log, logging.INFO, "device.done", dev=self.cfg.name,
+                   reason=f"the front-end's connection ({self.cfg.where}) ended")
+                self.proxy.stop()
+            else:
+                kv(log, logging.INFO, "device.waiting", dev=self.cfg.name, listen=self.cfg.where)
+
+    def _run_session(self, qemu_sock: socket.socket) -> None:
+        try:
             backend_sock = self.backend.get()
         except EndpointError as e:
             kv(log, logging.ERROR, "backend.unavailable", dev=self.cfg.name, backend=self.backend.description,
@@ -83,7 +147,26 @@ class Device:
             qemu_sock.close()
             return
         try:
-            self.session = self.proxy.make_session(self.cfg, qemu_sock, backend_sock, reconnect=self.backend.get)
+            checker = IdentityCheck(self, qemu_sock) if self.cfg.mode is Mode.ISOLATED else None
+            allowed = checker is None or checker.allows(backend_sock)
+        except OSError as e:  # a peer's credentials could not be read: no isolation claim without them
+            kv(log, logging.ERROR, "session.setup_failed", dev=self.cfg.name,
+               reason=f"cannot read the peers' credentials: {e}")
+            allowed = False
+        if not allowed:
+            qemu_sock.close()
+            backend_sock.close()
+            return
+
+        def reconnect() -> socket.socket:
+            sock = self.backend.get()
+            self.backend_reconnects += 1
+            if checker is not None and not checker.allows(sock):
+                sock.close()
+                raise EndpointError(f"the new backend's identity was refused ({checker.last_refusal})")
+            return sock
+        try:
+            self.session = self.proxy.make_session(self.cfg, qemu_sock, backend_sock, reconnect=reconnect)
         except Exception as e:
             kv(log, logging.ERROR, "session.setup_failed", dev=self.cfg.name, reason=str(e))
             qemu_sock.close()
@@ -91,19 +174,58 @@ class Device:
             return
         self.sessions_served += 1
         self.session.run()
-        kv(log, logging.INFO, "device.waiting", dev=self.cfg.name, listen=self.cfg.listen)
 
     def close(self) -> None:
         if self.session is not None:
             self.session.abort("proxy shutting down")
-        if self.thread is not None:
+        if self.thread is not None and self.thread is not threading.current_thread():
             self.thread.join(timeout=10)
-        self.listener.close()
-        self.backend.close()
-        try:
-            os.unlink(self.cfg.listen)
-        except OSError:
-            pass
+        if self.listener is not None:
+            self.listener.close()
+            self.listener = None
+        if self.backend is not None:
+            self.backend.close()
+            self.backend = None
+        if self.preconnected is not None and self.thread is None:
+            self.preconnected.close()  # never served
+
+
+class IdentityCheck:
+    """The run-time isolation check of one isolated session (DESIGN §3.9): QEMU's and each
+    backend connection's SO_PEERCRED; a backend identity that could open QEMU's
+    /proc/PID/fd (isolation.identity_risk) is refused, or allowed with one warning per
+    session under --allow-shared-uid."""
+
+    def __init__(self, device: Device, qemu_sock: socket.socket):
+        self.device = device
+        self.qemu = peer_credentials(qemu_sock)
+        self.warned = False
+        self.last_refusal: str | None = None
+
+    def allows(self, backend_sock: socket.socket) -> bool:
+        d = self.device
+        backend = peer_credentials(backend_sock)
+        d.qemu_cred, d.backend_cred = self.qemu, backend
+        peers = dict(qemu_pid=self.qemu.pid, qemu_uid=self.qemu.uid, backend_pid=backend.pid,
+                     backend_uid=backend.uid, fastshadow_uid=os.geteuid())
+        risk = identity_risk(self.qemu, backend)
+        if risk is None:
+            d.isolation = "enforced"
+            kv(log, logging.INFO, "isolation.identities", dev=d.cfg.name, **peers)
+            return True
+        why = f"{risk}: it can open /proc/{self.qemu.pid}/fd and map guest RAM without fastshadow"
+        if d.proxy.cfg.allow_shared_uid:
+            d.isolation = "shared_uid"
+            if not self.warned:
+                self.warned = True
+                kv(log, logging.WARNING, "isolation.shared_uid", dev=d.cfg.name, **peers, reason=why,
+                   action="serving anyway (--allow-shared-uid)")
+            return True
+        d.isolation = "refused"
+        self.last_refusal = why
+        kv(log, logging.ERROR, "isolation.refused", dev=d.cfg.name, **peers, reason=why,
+           action="session ended; run the backend as a user of its own, or pass --allow-shared-uid")
+        return False
 
 
 class Proxy:
@@ -115,9 +237,24 @@ class Proxy:
         self._stop = threading.Event()
         self.dataplane = None
         self.stats = None
+        self.metrics = None
+        self.started_at = time.monotonic()
+        self._served = False
         try:
+            passed = systemd.listen_fds()
             for dcfg in cfg.device:
-                self.devices.append(Device(dcfg, self))
+                self.devices.append(Device(dcfg, self, passed))
+            for path, sock in passed.items():
+                kv(log, logging.WARNING, "systemd.socket_unused", path=path,
+                   reason="no device listens on this path; it is closed")
+                sock.close()
+            if cfg.metrics_listen is not None:
+                try:
+                    from .metrics import MetricsServer  # prometheus_client only when asked for
+                except ImportError as e:
+                    raise EndpointError(f"--metrics-listen needs prometheus_client, which cannot be imported "
+                                        f"({e}); pip install prometheus_client") from None
+                self.metrics = MetricsServer(cfg.metrics_listen, self)
             if any(d.mode is Mode.ISOLATED for d in cfg.device):
                 # Start the data plane now: a build problem shows at start-up, not at
                 # QEMU's first connection, and tracers find its probes right away.
@@ -171,18 +308,33 @@ class Proxy:
             if s is not None and getattr(s, "dev", None) is not None and s.dev.id == ev.dev:
                 s.backend_failed(ev.message)
 
+    def snapshot(self):
+        """The counters of every device now (stats.ProxySnapshot): what the stats line, the
+        stats file and the metrics endpoint all report."""
+        from .stats import take_snapshot
+        return take_snapshot(self, self.cfg.stats_period)
+
     def serve_forever(self) -> None:
+        self._served = True
         for d in self.devices:
-            kv(log, logging.INFO, "device.listening", dev=d.cfg.name, listen=d.cfg.listen,
+            kv(log, logging.INFO, "device.listening", dev=d.cfg.name, listen=d.cfg.where,
                backend=d.backend.description, mode=d.cfg.mode.value, device=d.cfg.device.value)
         if self.cfg.stats_period > 0:
             from .stats import StatsReporter
             self.stats = StatsReporter(self, self.cfg.stats_period, self.cfg.stats_file)
             self.stats.start()
+        if self.metrics is not None:
+            self.metrics.start()
+            kv(log, logging.INFO, "metrics.listening", address=self.metrics.description)
+        for d in self.devices:
+            if d.preconnected is not None:
+                d.start_session(d.preconnected)
+        systemd.sd_notify(f"READY=1\nSTATUS=serving {len(self.devices)} device(s)\nMAINPID={os.getpid()}")
         with selectors.DefaultSelector() as sel:
             sel.register(self._wake_r, selectors.EVENT_READ, None)
             for d in self.devices:
-                sel.register(d.listener, selectors.EVENT_READ, d)
+                if d.listener is not None:
+                    sel.register(d.listener, selectors.EVENT_READ, d)
             while not self._stop.is_set():
                 for key, _ in sel.select():
                     if key.data is None:
@@ -202,10 +354,25 @@ class Proxy:
             pass
 
     def install_signal_handlers(self) -> None:
+        """SIGINT, SIGTERM: a clean, quick exit (QEMU's backend conventions: end quickly on
+        SIGTERM). SIGHUP: ignored, with one line (a terminal closing or `systemctl reload`
+        must not kill the proxy; logs go to stderr, so there is no log file to re-open)."""
+        def on_stop(signum, frame):
+            kv(log, logging.INFO, "proxy.stopping", signal=signal.Signals(signum).name)
+            self.stop()
+
+        def on_hup(signum, frame):
+            kv(log, logging.INFO, "signal.ignored", signal="SIGHUP",
+               reason="logs go to stderr: nothing to re-open; SIGTERM stops the proxy")
         for sig in (signal.SIGINT, signal.SIGTERM):
-            signal.signal(sig, lambda *_: self.stop())
+            signal.signal(sig, on_stop)
+        signal.signal(signal.SIGHUP, on_hup)
 
     def close(self) -> None:
+        systemd.sd_notify("STOPPING=1")
+        if self.metrics is not None:
+            self.metrics.stop()
+            self.metrics = None
         if self.stats is not None:
             self.stats.stop()
             self.stats = None
@@ -223,4 +390,5 @@ class Proxy:
             except OSError:
                 pass
         self._wake_r = self._wake_w = -1
-        kv(log, logging.INFO, "proxy.stopped")
+        if self._served:
+            kv(log, logging.INFO, "proxy.stopped")

@@ -9,7 +9,10 @@ holds the whole snapshot as JSON (msgspec), replaced atomically, so a
 monitoring agent can read it at any time.
 
 The counters are read by the data-plane thread itself (a command on its
-queue), never from shared memory mid-update.
+queue), never from shared memory mid-update. The same snapshot
+(`take_snapshot`) feeds the Prometheus endpoint (metrics.py), read at each
+scrape. A device's queue counters are those of its current session: a new
+session starts them from 0 again (Prometheus counts that as a counter reset).
 """
 
 from __future__ import annotations
@@ -32,6 +35,14 @@ class QueueSnapshot(msgspec.Struct, frozen=True):
     stats: dict[str, int]     # dataplane.QueueStats, by field name (cumulative over the session)
 
 
+class Peer(msgspec.Struct, frozen=True):
+    """A peer's credentials (SO_PEERCRED) as the last isolated session saw them."""
+
+    pid: int
+    uid: int
+    gid: int
+
+
 class DeviceSnapshot(msgspec.Struct, frozen=True):
     name: str
     mode: str
@@ -39,6 +50,11 @@ class DeviceSnapshot(msgspec.Struct, frozen=True):
     connected: bool
     sessions: int
     queues: list[QueueSnapshot]
+    #: direct; isolated: waiting (no session yet), enforced, shared_uid (--allow-shared-uid), refused
+    isolation: str = "direct"
+    backend_reconnects: int = 0
+    qemu: Peer | None = None
+    backend: Peer | None = None
 
     def total(self, field: str) -> int:
         return sum(q.stats[field] for q in self.queues)
@@ -49,6 +65,10 @@ class ProxySnapshot(msgspec.Struct, frozen=True):
     uptime_s: float
     interval_s: float
     devices: list[DeviceSnapshot]
+
+
+def _peer(cred) -> Peer | None:
+    return Peer(cred.pid, cred.uid, cred.gid) if cred is not None else None
 
 
 def snapshot_device(dev) -> DeviceSnapshot:
@@ -62,7 +82,15 @@ def snapshot_device(dev) -> DeviceSnapshot:
         except Exception as e:  # the session ended under us: its counters are gone with it
             kv(log, logging.DEBUG, "stats.skipped", dev=dev.cfg.name, reason=str(e))
     return DeviceSnapshot(dev.cfg.name, dev.cfg.mode.value, dev.cfg.device.value, connected,
-                          dev.sessions_served, queues)
+                          dev.sessions_served, queues, isolation=dev.isolation,
+                          backend_reconnects=dev.backend_reconnects, qemu=_peer(dev.qemu_cred),
+                          backend=_peer(dev.backend_cred))
+
+
+def take_snapshot(proxy, interval: float) -> ProxySnapshot:
+    """Every device of `proxy` (a server.Proxy) now."""
+    return ProxySnapshot(time=time.time(), uptime_s=round(time.monotonic() - proxy.started_at, 3),
+                         interval_s=interval, devices=[snapshot_device(d) for d in list(proxy.devices)])
 
 
 class StatsReporter(threading.Thread):
@@ -71,25 +99,24 @@ class StatsReporter(threading.Thread):
     def __init__(self, proxy, interval: float, path: str | None = None):
         super().__init__(name="stats", daemon=True)
         self.proxy, self.interval, self.path = proxy, interval, path
-        self.started_at = time.monotonic()
-        self._stop = threading.Event()
+        # Not `_stop`: threading.Thread has a method of that name, which join() calls.
+        self._stopping = threading.Event()
         self._prev: dict[str, tuple[float, DeviceSnapshot]] = {}
 
     def stop(self) -> None:
-        self._stop.set()
-        self.join(timeout=5)
+        self._stopping.set()
+        if self.is_alive():
+            self.join(timeout=5)
 
     def run(self) -> None:
-        while not self._stop.wait(self.interval):
+        while not self._stopping.wait(self.interval):
             try:
                 self.report(self.snapshot())
             except Exception as e:  # never let monitoring take the proxy down
                 kv(log, logging.WARNING, "stats.failed", reason=f"{type(e).__name__}: {e}")
 
     def snapshot(self) -> ProxySnapshot:
-        return ProxySnapshot(time=time.time(), uptime_s=round(time.monotonic() - self.started_at, 3),
-                             interval_s=self.interval,
-                             devices=[snapshot_device(d) for d in list(self.proxy.devices)])
+        return take_snapshot(self.proxy, self.interval)
 
     def report(self, snap: ProxySnapshot) -> None:
         now = time.monotonic()
@@ -108,8 +135,11 @@ class StatsReporter(threading.Thread):
                 fields.update(queues=len(d.queues), requests=d.total("requests"),
                               inflight=d.total("inflight"), refused=d.total("refused"),
                               throttled=d.total("throttled"), req_per_s=rate("requests"),
-                              mb_in_per_s=rate("bytes_in", 1e6), mb_out_per_s=rate("bytes_out", 1e6))
+                              mb_in_per_s=rate("bytes_in", 1e6), mb_out_per_s=rate("bytes_out", 1e6),
+                              failed=d.total("failed"), poisoned=d.total("poisoned"))
                 self._prev[d.name] = (now, d)
+            if d.mode != "direct":
+                fields.update(backend_reconnects=d.backend_reconnects, isolation=d.isolation)
             kv(log, logging.INFO, "stats", **fields)
         if self.path:
             write_atomically(self.path, msgspec.json.encode(snap))

@@ -81,6 +81,10 @@ def run(args) -> int:
     if args.pid is None and args.driver_pid is None:
         print("fastshadow trace: --pid is required (or --driver-pid, or --check)", file=sys.stderr)
         return 2
+    problem = output_problem(args.json, args.plot)
+    if problem is not None:  # said now, not after the whole trace
+        print(f"fastshadow trace: {problem}", file=sys.stderr)
+        return 2
     try:
         environment.require()
         tracer = Tracer(args.pid, driver_pid=args.driver_pid, queue=args.queue)
@@ -89,6 +93,25 @@ def run(args) -> int:
         return 1
     return tracer.loop(duration=args.duration, interval=args.interval, json_path=args.json, plot_path=args.plot,
                        quiet=args.quiet)
+
+
+def output_problem(json_path: str | None, plot_path: str | None) -> str | None:
+    """Why --json or --plot could not be written at the end of the trace (None: they can):
+    a missing directory, or --plot without matplotlib (the [plot] extra)."""
+    import os
+    for opt, path in (("--json", json_path), ("--plot", plot_path)):
+        if path is not None:
+            parent = os.path.dirname(os.path.abspath(path))
+            if not os.path.isdir(parent):
+                return f"{opt} {path}: directory {parent} does not exist"
+            if os.path.isdir(path):
+                return f"{opt} {path}: is a directory"
+    if plot_path is not None:
+        try:
+            import matplotlib  # noqa: F401
+        except ImportError:
+            return "--plot needs matplotlib, which is not installed (pip install 'fastshadow[plot]')"
+    return None
 
 
 def check_cmd() -> int:

@@ -20,7 +20,7 @@ def run(label, throttle, extra):
     d = Path(tempfile.mkdtemp(prefix="fsm-"))
     with StorageDaemon(str(d / "q.sock"), disk=d / "disk.img", size=8 << 20, throttle_iops=throttle):
         p = subprocess.Popen([sys.executable, "-m", "fastshadow.cli", "proxy", "--listen", str(d / "f.sock"),
-                              "--backend", str(d / "q.sock"), "--mode", "isolated", *extra],
+                              "--backend", str(d / "q.sock"), "--mode", "isolated", "--allow-shared-uid", *extra],
                              stdout=open(d / "proxy.log", "wb"), stderr=subprocess.STDOUT)
         wait_listening(str(d / "f.sock"), p, 15, what="proxy")
         times = []

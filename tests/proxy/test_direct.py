@@ -34,7 +34,8 @@ def handshake(path: str) -> dict:
 def test_handshake_through_proxy_equals_direct(workdir, start_qsd, start_proxy):
     qsd = start_qsd(str(workdir / "qsd.sock"), driver="null", num_queues=2)
     direct = handshake(str(workdir / "qsd.sock"))
-    proxy = start_proxy(["--listen", str(workdir / "fs.sock"), "--backend", str(workdir / "qsd.sock"),
+    proxy = start_proxy(["--mode", "direct",
+                         "--listen", str(workdir / "fs.sock"), "--backend", str(workdir / "qsd.sock"),
                          "--log-level", "debug"], [str(workdir / "fs.sock")])
     via = handshake(str(workdir / "fs.sock"))
     assert via == direct
@@ -51,6 +52,7 @@ def test_two_devices_from_a_config_file(workdir, start_qsd, start_proxy):
     cfg = workdir / "fs.toml"
     cfg.write_text("\n".join(
         f'[[device]]\nname = "disk-{n}"\nlisten = "{workdir}/fs-{n}.sock"\nbackend = "{workdir}/qsd-{n}.sock"\n'
+        'mode = "direct"\n'
         for n in ("a", "b")))
     proxy = start_proxy(["--config", str(cfg)], [str(workdir / "fs-a.sock"), str(workdir / "fs-b.sock")])
     a = handshake(str(workdir / "fs-a.sock"))
@@ -63,7 +65,8 @@ def test_two_devices_from_a_config_file(workdir, start_qsd, start_proxy):
 def test_malformed_message_closes_only_that_session(workdir, start_qsd, start_proxy):
     for n in ("a", "b"):
         start_qsd(str(workdir / f"qsd-{n}.sock"), driver="null")
-    proxy = start_proxy(["--name", "A", "--listen", str(workdir / "fs-a.sock"), "--backend", str(workdir / "qsd-a.sock"),
+    proxy = start_proxy(["--mode", "direct",
+                         "--name", "A", "--listen", str(workdir / "fs-a.sock"), "--backend", str(workdir / "qsd-a.sock"),
                          "--listen", str(workdir / "fs-b.sock"), "--backend", str(workdir / "qsd-b.sock"),
                          "--name", "B"],
                         [str(workdir / "fs-a.sock"), str(workdir / "fs-b.sock")])
@@ -89,7 +92,8 @@ def test_malformed_message_closes_only_that_session(workdir, start_qsd, start_pr
 
 def test_fds_on_request_that_takes_none_is_refused(workdir, start_qsd, start_proxy):
     start_qsd(str(workdir / "qsd.sock"), driver="null")
-    proxy = start_proxy(["--listen", str(workdir / "fs.sock"), "--backend", str(workdir / "qsd.sock")],
+    proxy = start_proxy(["--mode", "direct",
+                         "--listen", str(workdir / "fs.sock"), "--backend", str(workdir / "qsd.sock")],
                         [str(workdir / "fs.sock")])
     import array
     s = socket.socket(socket.AF_UNIX)
@@ -115,7 +119,8 @@ def test_fds_on_request_that_takes_none_is_refused(workdir, start_qsd, start_pro
 def test_backend_death_is_logged_and_proxy_waits_for_next_session(workdir, start_qsd, start_proxy):
     qsd_sock = str(workdir / "qsd.sock")
     qsd = start_qsd(qsd_sock, driver="null")
-    proxy = start_proxy(["--listen", str(workdir / "fs.sock"), "--backend", qsd_sock, "--backend-timeout", "1"],
+    proxy = start_proxy(["--mode", "direct",
+                         "--listen", str(workdir / "fs.sock"), "--backend", qsd_sock, "--backend-timeout", "1"],
                         [str(workdir / "fs.sock")])
     fe = Frontend.connect(str(workdir / "fs.sock"))
     fe.get_features()
@@ -145,7 +150,7 @@ def test_backend_listen_mode(workdir, start_qsd, start_proxy):
     qsd_sock = str(workdir / "qsd.sock")
     start_qsd(qsd_sock, driver="null")
     be_sock = str(workdir / "be.sock")
-    proxy = start_proxy(["--listen", str(workdir / "fs.sock"), "--backend-listen", be_sock],
+    proxy = start_proxy(["--mode", "direct", "--listen", str(workdir / "fs.sock"), "--backend-listen", be_sock],
                         [str(workdir / "fs.sock"), be_sock])
     stop = threading.Event()
 
@@ -226,7 +231,8 @@ def test_backend_request_channel_is_relayed(workdir, start_proxy):
 
     t = threading.Thread(target=fake_backend, daemon=True)
     t.start()
-    proxy = start_proxy(["--listen", str(workdir / "fs.sock"), "--backend", be_path, "--log-level", "debug"],
+    proxy = start_proxy(["--mode", "direct",
+                         "--listen", str(workdir / "fs.sock"), "--backend", be_path, "--log-level", "debug"],
                         [str(workdir / "fs.sock")])
     fe = Frontend.connect(str(workdir / "fs.sock"))
     fe.get_features()
@@ -251,7 +257,8 @@ def test_backend_request_channel_is_relayed(workdir, start_proxy):
 
 def test_immediate_reconnect_is_served_and_a_second_frontend_refused(workdir, start_qsd, start_proxy):
     start_qsd(str(workdir / "qsd.sock"), driver="null")
-    proxy = start_proxy(["--listen", str(workdir / "fs.sock"), "--backend", str(workdir / "qsd.sock")],
+    proxy = start_proxy(["--mode", "direct",
+                         "--listen", str(workdir / "fs.sock"), "--backend", str(workdir / "qsd.sock")],
                         [str(workdir / "fs.sock")])
     for _ in range(20):  # close and reconnect at once, as QEMU's reconnect= or a benchmark does
         assert handshake(str(workdir / "fs.sock"))["queues"] >= 1

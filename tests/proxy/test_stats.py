@@ -47,7 +47,8 @@ def test_stats_file_and_log_lines(workdir, start_qsd, start_proxy):
                         [str(workdir / "iso.sock"), str(workdir / "dir.sock")])
     idle = read_stats(stats, lambda s: len(s["devices"]) == 2)
     assert device(idle, "dev1") == {"name": "dev1", "mode": "direct", "device": "blk", "connected": False,
-                                    "sessions": 0, "queues": []}
+                                    "sessions": 0, "queues": [], "isolation": "direct", "backend_reconnects": 0,
+                                    "qemu": None, "backend": None}
     data = os.urandom(8192)
     with BlkFront(str(workdir / "iso.sock")) as blk:
         blk.bring_up()

@@ -1,0 +1,144 @@
+"""Every bad command-line value or config file is one line on stderr and exit status 2, never a
+traceback; every size option takes 16M, 16MiB or bytes through one parser (fastshadow/sizes.py)."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+
+from fastshadow.cli import OneLineParser, _add_proxy_parser, build_proxy_config
+from fastshadow.proxy.config import ConfigError, load_toml
+from fastshadow.sizes import SizeError, format_size, parse_size
+
+
+def run_cli(*argv, pre: str = "", timeout: float = 60) -> subprocess.CompletedProcess:
+    """`fastshadow ARGV` in a fresh Python; `pre` runs first (e.g. hiding matplotlib)."""
+    code = f"import sys\n{pre}\nfrom fastshadow.cli import main\nsys.exit(main(sys.argv[1:]))"
+    return subprocess.run([sys.executable, "-c", code, *argv], capture_output=True, text=True, timeout=timeout)
+
+
+def assert_one_line(r: subprocess.CompletedProcess, *needles: str) -> str:
+    assert r.returncode == 2, (r.returncode, r.stdout, r.stderr)
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1 and "Traceback" not in r.stderr, r.stderr
+    for n in needles:
+        assert n in lines[0], lines[0]
+    return lines[0]
+
+
+def parse(*argv):
+    parser = OneLineParser(prog="fastshadow")
+    _add_proxy_parser(parser.add_subparsers(dest="command"))
+    return build_proxy_config(parser.parse_args(["proxy", *argv]))
+
+
+@pytest.mark.parametrize("text,n", [("16M", 16 << 20), ("16MiB", 16 << 20), ("16mb", 16 << 20), ("16 M", 16 << 20),
+                                    ("16777216", 16 << 20), ("4k", 4096), ("4KiB", 4096), ("1G", 1 << 30),
+                                    ("2T", 2 << 40), ("0", 0), ("512B", 512), (65536, 65536)])
+def test_sizes(text, n):
+    assert parse_size(text) == n
+
+
+@pytest.mark.parametrize("text", ["16x", "", "M", "-1", "1.5M", "16MiBs", "0x10", -1, True, None])
+def test_not_sizes(text):
+    with pytest.raises(SizeError):
+        parse_size(text)
+
+
+def test_format_size():
+    assert [format_size(n) for n in (16 << 20, 4096, 1000, 0)] == ["16 MiB", "4 KiB", "1000 B", "0 B"]
+
+
+def test_every_proxy_size_option_takes_units():
+    base = ["--listen", "/tmp/a.sock", "--backend", "/tmp/b.sock"]
+    for spelling in ("16M", "16MiB", str(16 << 20)):
+        cfg = parse(*base, "--bounce-per-queue", spelling, "--max-request-bytes", "1M", "--stream-copy-min", "64k")
+        d = cfg.device[0]
+        assert (d.bounce_per_queue, d.max_request_bytes, cfg.stream_copy_min) == (16 << 20, 1 << 20, 65536)
+
+
+def test_config_file_sizes_take_units(tmp_path):
+    f = tmp_path / "p.toml"
+    f.write_text('stream_copy_min = "64k"\n[[device]]\nname = "d0"\nlisten = "/tmp/a.sock"\n'
+                 'backend = "/tmp/b.sock"\nbounce_per_queue = "32MiB"\nmax_request_bytes = 1048576\n')
+    cfg = load_toml(f)
+    assert (cfg.stream_copy_min, cfg.device[0].bounce_per_queue, cfg.device[0].max_request_bytes) == \
+        (65536, 32 << 20, 1 << 20)
+    assert cfg.device[0].mode.value == "isolated"  # the default
+    f.write_text('[[device]]\nname = "d0"\nlisten = "/tmp/a.sock"\nbackend = "/tmp/b.sock"\n'
+                 'bounce_per_queue = "lots"\n')
+    with pytest.raises(ConfigError, match="device 'd0': bounce_per_queue: 'lots' is not a size"):
+        load_toml(f)
+
+
+@pytest.mark.parametrize("args,needles", [
+    (["--bounce-per-queue", "16x"], ["--bounce-per-queue", "'16x' is not a size"]),
+    (["--max-request-bytes", "lots"], ["--max-request-bytes", "'lots' is not a size"]),
+    (["--stream-copy-min", "-5"], ["--stream-copy-min"]),
+    (["--socket-mode", "999"], ["socket_mode '999'", "octal"]),
+    (["--socket-mode", "0o7777"], ["socket_mode"]),
+    (["--socket-group", "no-such-group-here"], ["socket_group 'no-such-group-here': no such group"]),
+    (["--metrics-listen", "localhost"], ["metrics_listen 'localhost'"]),
+    (["--metrics-listen", "127.0.0.1:99999"], ["metrics_listen"]),
+    (["--device", "floppy"], ["--device", "floppy"]),
+    (["--fd", "x"], ["--fd", "'x' is not a file descriptor"]),
+])
+def test_bad_proxy_values_are_one_line(args, needles):
+    argv = ["proxy", "--listen", "/tmp/fs-ops-never.sock", "--backend", "/tmp/b.sock"] if args[0] != "--fd" \
+        else ["proxy", "--backend", "/tmp/b.sock"]
+    assert_one_line(run_cli(*argv, *args), *needles)
+
+
+def test_bad_config_files_are_one_line(tmp_path):
+    missing = tmp_path / "none.toml"
+    assert_one_line(run_cli("proxy", "--config", str(missing)), "cannot read config file", str(missing))
+    bad = tmp_path / "bad.toml"
+    bad.write_text("[[device]\nname=")
+    assert_one_line(run_cli("proxy", "--config", str(bad)), "cannot read config file")
+    bad.write_text('[[device]]\nname = "d"\nlisten = "/tmp/x.sock"\nbackend = "/tmp/y.sock"\ncolour = "red"\n')
+    assert_one_line(run_cli("proxy", "--config", str(bad)), "colour")
+    bad.write_text('[[device]]\nname = "d"\nlisten = "/tmp/x.sock"\nbackend = "/tmp/y.sock"\nsocket_mode = "rw"\n')
+    assert_one_line(run_cli("proxy", "--config", str(bad)), "socket_mode 'rw'")
+
+
+def test_fd_that_is_no_socket_is_one_line(tmp_path):
+    f = tmp_path / "file"
+    f.write_text("x")
+    with open(f) as fh:
+        fd = fh.fileno()
+        r = subprocess.run([sys.executable, "-m", "fastshadow.cli", "proxy", "--fd", str(fd),
+                            "--backend", "/tmp/b.sock"], capture_output=True, text=True, timeout=60, pass_fds=[fd])
+    assert_one_line(r, f"--fd {fd} is not a socket")
+    r = run_cli("proxy", "--fd", "57", "--backend", "/tmp/b.sock")
+    assert_one_line(r, "--fd 57: Bad file descriptor")
+
+
+def test_bench_out_existing_file_is_one_line(tmp_path):
+    f = tmp_path / "results"
+    f.write_text("not a directory")
+    assert_one_line(run_cli("bench", "--out", str(f), "--quick"), f"--out {f}: exists and is not a directory")
+    assert f.read_text() == "not a directory"
+
+
+@pytest.mark.parametrize("workload,needle", [("randread:4x:32", "block size '4x' is not a size"),
+                                             ("randread:4k:many", "queue depth"),
+                                             ("scan:4k:1", "want RW:BS:QD")])
+def test_bench_bad_workload_is_one_line(tmp_path, workload, needle):
+    assert_one_line(run_cli("bench", "--out", str(tmp_path / "o"), "--workload", workload),
+                    f"bad workload {workload!r}", needle)
+
+
+def test_bench_bad_sizes_and_counts_are_one_line(tmp_path):
+    assert_one_line(run_cli("bench", "--out", str(tmp_path / "o"), "--file-size", "big"), "--file-size", "'big'")
+    assert_one_line(run_cli("bench", "--out", str(tmp_path / "o"), "--reps", "0"), "--reps 0")
+    assert_one_line(run_cli("bench", "--out", str(tmp_path / "o"), "--duration", "x"), "--duration")
+
+
+def test_trace_plot_without_matplotlib_fails_before_tracing(tmp_path):
+    r = run_cli("trace", "--pid", "1", "--duration", "30", "--plot", str(tmp_path / "t.png"),
+                pre="sys.modules['matplotlib'] = None  # as if the [plot] extra were not installed")
+    assert_one_line(r, "--plot needs matplotlib", "fastshadow[plot]")
+    r = run_cli("trace", "--pid", "1", "--json", str(tmp_path / "no" / "t.json"))
+    assert_one_line(r, "--json", "does not exist")
