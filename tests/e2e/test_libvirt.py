@@ -4,9 +4,11 @@ as a transient TCG domain whose `<disk type='vhostuser'>` goes through
 
 - QEMU runs as `libvirt-qemu` (Debian's libvirt default, nothing configured here);
 - qemu-storage-daemon runs as `fs-backend`, a user of its own (created if missing);
-- fastshadow runs as root here (in production: a user of its own, README "Deployment"),
-  and opens its socket to QEMU with `--socket-group libvirt-qemu --socket-mode 0660`:
-  without those, libvirt's QEMU cannot connect.
+- fastshadow runs as `fastshadow` (created if missing), with `libvirt-qemu` as a
+  supplementary group, and opens its socket to QEMU with `--socket-group libvirt-qemu
+  --socket-mode 0660`: without those, libvirt's QEMU cannot connect. It reaches the
+  backend's socket through a group: the backend's directory is setgid `fastshadow`, and
+  qemu-storage-daemon binds under umask 007.
 
 The guest checker writes and verifies data on the disk; while it runs, the backend's
 /proc/PID/maps and fds must hold fastshadow's shadow memory and no guest RAM
@@ -23,6 +25,7 @@ import pwd
 import shutil
 import stat
 import subprocess
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -30,6 +33,7 @@ from pathlib import Path
 import pytest
 
 from fastshadow.guest import parse_console
+from fastshadow.guest.daemon import wait_listening
 from fastshadow.guest.qsd import StorageDaemon
 from fastshadow.isolation import check_isolation
 
@@ -41,6 +45,7 @@ pytestmark = [pytest.mark.vm,
 URI = "qemu:///system"
 QEMU_USER = "libvirt-qemu"
 BACKEND_USER = "fs-backend"
+PROXY_USER = "fastshadow"
 DOMAIN = "fastshadow-libvirt-test"
 
 CMDLINE = 'console=ttyS0 panic=-1 fastshadow.check="--total 8M --min 512 --max 1M" fastshadow.queues=1'
@@ -156,20 +161,26 @@ def wait_console(path: Path, text: str, timeout: float, domain_alive) -> str:
         time.sleep(0.2)
 
 
-def test_libvirt_domain_with_isolated_vhostuser_disk(libvirtd, guest_image, start_proxy):
+def test_libvirt_domain_with_isolated_vhostuser_disk(libvirtd, guest_image, workdir):
     need_binary("qemu-storage-daemon")
     need_binary("setpriv")
     qemu_pw = pwd.getpwnam(QEMU_USER)            # created by libvirt-daemon-system
     socket_gid = grp.getgrnam(QEMU_USER).gr_gid
     backend_pw = ensure_user(BACKEND_USER)
+    proxy_pw = ensure_user(PROXY_USER)
 
     # Every directory on the way to the socket, kernel and initrd must be searchable by
     # libvirt-qemu (pytest's tmp dirs are root's, mode 0700).
     top = Path(tempfile.mkdtemp(prefix="fs-virt-"))
     top.chmod(0o755)
     backend_dir = top / "backend"                # the backend's own: its socket and disk
-    backend_dir.mkdir(mode=0o750)
-    os.chown(backend_dir, backend_pw.pw_uid, backend_pw.pw_gid)
+    backend_dir.mkdir()
+    os.chown(backend_dir, backend_pw.pw_uid, proxy_pw.pw_gid)
+    backend_dir.chmod(0o2750)                    # its socket gets fastshadow's group
+    run_dir = top / "run"                        # fastshadow's own: its socket to QEMU
+    run_dir.mkdir()
+    os.chown(run_dir, proxy_pw.pw_uid, proxy_pw.pw_gid)
+    run_dir.chmod(0o755)
     disk = backend_dir / "disk.img"
     with open(disk, "wb") as f:
         f.truncate(64 << 20)
@@ -178,16 +189,28 @@ def test_libvirt_domain_with_isolated_vhostuser_disk(libvirtd, guest_image, star
         shutil.copyfile(getattr(guest_image, name), top / name)
         (top / name).chmod(0o644)
     console = top / "console.log"
-    sock = top / "fs.sock"
+    sock = run_dir / "disk0.sock"
 
     qsd = StorageDaemon(backend_dir / "qsd.sock", disk=disk, user=BACKEND_USER, log_path=top / "qsd.log")
+    proxy_log = workdir / "proxy.log"
+    proxy = None
     domain_started = False
     try:
-        qsd.start()
+        umask = os.umask(0o007)                  # qsd's socket: rwx for fastshadow's group
+        try:
+            qsd.start()
+        finally:
+            os.umask(umask)
         assert proc_uids(qsd.pid)[0] == backend_pw.pw_uid
-        proxy = start_proxy(["--listen", str(sock), "--backend", str(backend_dir / "qsd.sock"),
-                             "--mode", "isolated", "--socket-group", QEMU_USER, "--socket-mode", "0660"],
-                            [str(sock)], allow_shared_uid=False)
+        with open(proxy_log, "wb") as out:
+            proxy = subprocess.Popen(
+                ["setpriv", f"--reuid={proxy_pw.pw_uid}", f"--regid={proxy_pw.pw_gid}", f"--groups={socket_gid}",
+                 sys.executable, "-m", "fastshadow.cli", "proxy", "--listen", str(sock),
+                 "--backend", str(backend_dir / "qsd.sock"), "--device", "blk",
+                 "--mode", "isolated", "--socket-group", QEMU_USER, "--socket-mode", "0660"],
+                stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+        wait_listening(sock, proxy, 15, what="fastshadow proxy")
+        assert proc_uids(proxy.pid)[0] == proxy_pw.pw_uid
         st = sock.stat()
         assert (stat.S_IMODE(st.st_mode), st.st_gid) == (0o660, socket_gid)
 
@@ -214,15 +237,23 @@ def test_libvirt_domain_with_isolated_vhostuser_disk(libvirtd, guest_image, star
         assert "FASTSHADOW-CHECK PASS" in text
         assert result.boots[0].checks[0].written >= 8 << 20
 
-        log = proxy.log()
+        log = proxy_log.read_text(errors="replace")
         [ident] = [ln for ln in log.splitlines() if "isolation.identities" in ln]
         assert f"qemu_pid={qemu_pid} qemu_uid={qemu_pw.pw_uid} backend_pid={qsd.pid} " \
-               f"backend_uid={backend_pw.pw_uid}" in ident, ident
+               f"backend_uid={backend_pw.pw_uid} fastshadow_uid={proxy_pw.pw_uid}" in ident, ident
         assert "session.start dev=dev0 mode=isolated" in log
         for bad in ("isolation.refused", "isolation.shared_uid", "session.refused", "dataplane.refused"):
             assert bad not in log, log[-3000:]
     finally:
         if domain_started:
             virsh("destroy", DOMAIN, check=False)
+        if proxy is not None and proxy.poll() is None:
+            proxy.terminate()
+            try:
+                proxy.wait(10)
+            except subprocess.TimeoutExpired:
+                proxy.kill()
+                proxy.wait()
         qsd.kill()
         shutil.rmtree(top, ignore_errors=True)
+    assert proxy.returncode == 0, proxy_log.read_text(errors="replace")[-3000:]
