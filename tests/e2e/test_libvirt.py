@@ -10,7 +10,7 @@ three identities:
   supplementary group, and opens its socket to QEMU with `--socket-group libvirt-qemu
   --socket-mode 0660`: without those, libvirt's QEMU cannot connect. It reaches the
   backend's socket through a group: the backend's directory is setgid `fastshadow`, and
-  qemu-storage-daemon binds under umask 007.
+  the backend binds under umask 007.
 
 The guest checker writes and verifies data on the disk (the NIC: ICMP echoes of 0 to 1472
 bytes, every reply byte checked); while it runs, the backend's
