@@ -343,7 +343,7 @@ class GuestVM:
 
     def wait_for(self, pattern: str | re.Pattern[str], timeout: float, *,
                  from_start: bool = False) -> re.Match[str]:
-        """Wait until `pattern` (a regex, MULTILINE) appears on the console.
+        """Wait until `pattern` (a regex, MULTILINE) appears on the console, in complete lines.
 
         The search starts where the previous successful :meth:`wait_for`
         match ended (or at the beginning with ``from_start=True``), so waiting
@@ -358,7 +358,9 @@ class GuestVM:
         with self._cond:
             while True:
                 text = self._console_locked()
-                m = rx.search(text, 0 if from_start else self._cursor)
+                # Complete lines only: the console arrives in pieces, and a pattern ending in
+                # \w+ would match half a word ("result=PAS" of "result=PASS").
+                m = rx.search(text, 0 if from_start else self._cursor, text.rfind("\n") + 1)
                 if m:
                     self._cursor = m.end()
                     return m
