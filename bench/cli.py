@@ -90,9 +90,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def parse_workload(text: str):
-    from fastshadow.sizes import SizeError
+    from fastshadow.sizes import SizeError, parse_size
 
-    from .report import Workload, parse_size
+    from .report import Workload
     want = "want RW:BS:QD[:QUEUES], e.g. randread:4k:32 (rw: randread, read, randwrite, write)"
     parts = text.split(":")
     if len(parts) not in (3, 4) or parts[0] not in ("randread", "read", "randwrite", "write"):
@@ -142,7 +142,7 @@ def _creatable(path: Path) -> bool:
 
 def config_from_args(args):
     from . import MODES
-    from .report import parse_size
+    from fastshadow.sizes import parse_size
     from .runner import PRESETS, Config
     preset = PRESETS[args.preset or "quick"]
     variants = parse_variants(args.variant)

@@ -202,12 +202,6 @@ def size_label(n: int) -> str:
     return str(n)
 
 
-def parse_size(text: str) -> int:
-    """Bytes from "4k", "1m", "512M", "16MiB", "4096" (fastshadow.sizes: the proxy's parser)."""
-    from fastshadow.sizes import parse_size as parse
-    return parse(text)
-
-
 def _median(xs: Iterable[float]) -> float:
     xs = list(xs)
     return statistics.median(xs) if xs else math.nan

@@ -5,8 +5,8 @@ A number alone is bytes. K, M, G and T are powers of 1024 whether written
 optional spaces before the unit. Anything else is refused with the value
 quoted, so that a command line or config file error reads as one line.
 
-This module imports nothing of fastshadow: the proxy, the CLI and the bench
-read it.
+This module imports nothing of fastshadow: the proxy, the CLI, the bench and
+the test bed (qemu-storage-daemon sizes) read it.
 """
 
 from __future__ import annotations

@@ -13,11 +13,11 @@ not exist) with ``cache.direct=on,aio=io_uring``, as the data checks want;
 from __future__ import annotations
 
 import os
-import re
 import shutil
 from pathlib import Path
 from typing import Iterable
 
+from ..sizes import parse_size
 from .daemon import BackendDaemon
 
 __all__ = ["StorageDaemon", "StorageDaemonError", "parse_size"]
@@ -25,19 +25,6 @@ __all__ = ["StorageDaemon", "StorageDaemonError", "parse_size"]
 
 class StorageDaemonError(RuntimeError):
     pass
-
-
-_UNITS = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
-
-
-def parse_size(size: str | int) -> int:
-    """``"64M"`` -> 67108864 (binary units, as QEMU reads them)."""
-    if isinstance(size, int):
-        return size
-    m = re.fullmatch(r"\s*(\d+)\s*([KMGT]?)(?:i?B)?\s*", size, re.I)
-    if not m:
-        raise ValueError(f"bad size {size!r}")
-    return int(m.group(1)) * _UNITS[m.group(2).upper()]
 
 
 class StorageDaemon(BackendDaemon):
