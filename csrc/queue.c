@@ -245,6 +245,15 @@ int queue_set_addr(struct fsdp_queue *q, uint64_t desc, uint64_t avail, uint64_t
 /* ------------------------------------------------------------------------ */
 /* Start, pause, stop.                                                        */
 
+/* Drop a request the backend never completed (given back at a stop, or
+ * discarded): its head becomes free, not done, so that a later "completion"
+ * of it is an unknown id. */
+static void forget_request(struct fsdp_queue *q, uint16_t head)
+{
+    release_request(q, head);
+    q->sstate[head] = SD_FREE;
+}
+
 static int cmp_seq(const void *a, const void *b, void *arg)
 {
     const struct fsdp_queue *q = arg;
@@ -390,8 +399,7 @@ static void backend_stopped(struct fsdp_queue *q, uint16_t next, struct fsdp_sto
     }
     for (uint32_t i = 0; i < k; i++) {
         if (suffix) {
-            release_request(q, heads[i]);
-            q->sstate[heads[i]] = SD_FREE;   /* never completed: a later "completion" is unknown */
+            forget_request(q, heads[i]);
         } else if (!q->req[heads[i]].parked) {
             q->req[heads[i]].parked = true;
             q->parked++;
@@ -504,9 +512,7 @@ int queue_discard(struct fsdp_queue *q)
     for (uint32_t s = 0; s < q->num && q->inflight; s++) {
         if (q->sstate[s] != SD_HEAD)
             continue;
-        release_request(q, (uint16_t)s);
-        /* Never completed: a later "completion" of it is an unknown id. */
-        q->sstate[s] = SD_FREE;
+        forget_request(q, (uint16_t)s);
         k++;
     }
     q->st.discarded += k;
