@@ -236,7 +236,7 @@ class IsolatedSession(Session):
         """The one way a message reaches the backend: what it accepts is recorded for replay."""
         if expect_reply is None:
             expect_reply = self.neg.expects_reply(msg)
-        # super() closes msg's fds once sent; the record may need them after the answer.
+        # super() closes msg's fds once sent; the record may keep one after the answer.
         kept = Message(msg.request, msg.payload, [os.dup(fd) for fd in msg.fds] if msg.request in STATE_REQUESTS
                        else [], msg.flags)
         try:

@@ -79,7 +79,8 @@ class BackendRecord:
     def sent(self, msg: Message, accepted: bool = True) -> None:
         """`msg` reached the backend (and, if it was asked to, acked it with `accepted`).
 
-        Call before the message's fds are closed: fds of kept requests are duplicated."""
+        `msg` holds the sender's own copies of the fds that went out: the record takes
+        the one it keeps out of `msg.fds`; the caller closes what is left."""
         if msg.request == R.GET_VRING_BASE:
             self._drop((R.SET_VRING_KICK, msg.payload.index))
         elif msg.request in (R.RESET_OWNER, R.RESET_DEVICE):
@@ -88,7 +89,7 @@ class BackendRecord:
         if msg.request not in STATE_REQUESTS or not accepted:
             return
         keep_fd = msg.fds and msg.request != R.SET_BACKEND_REQ_FD
-        fd = os.dup(msg.fds[0]) if keep_fd else None
+        fd = msg.fds.pop(0) if keep_fd else None
         key = key_of(msg.request, msg.payload)
         old = self._entries.get(key)
         if old is not None and old.fd is not None:
