@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import enum
 from dataclasses import dataclass
+from typing import Callable
 
 
 #: Request data accepted by default where the device advertises no larger limit (bytes).
@@ -55,6 +56,18 @@ class Failure(enum.IntEnum):
     #: virtio-fs (VIRTIO 1.2 §5.11.6): the device-writable part starts with fuse_out_header
     #: {len, error, unique}: len 16, error -EIO, the request's unique (from fuse_in_header).
     FUSE_ERROR = 3
+
+
+def blk_request_limit(config: bytes, features: int) -> int | None:
+    """virtio-blk: seg_max x size_max bytes of data per request, or None if not both given.
+
+    struct virtio_blk_config (VIRTIO 1.2 §5.2.4): le32 size_max at 8, le32 seg_max at 12,
+    valid under VIRTIO_BLK_F_SIZE_MAX (bit 1) and VIRTIO_BLK_F_SEG_MAX (bit 2)."""
+    if len(config) < 16 or not (features >> 1 & 1 and features >> 2 & 1):
+        return None
+    size_max = int.from_bytes(config[8:12], "little")
+    seg_max = int.from_bytes(config[12:16], "little")
+    return size_max * seg_max or None
 
 
 @dataclass(frozen=True)
@@ -90,32 +103,22 @@ class DeviceKind:
     #: QEMU's name of the type in vhost-user backend descriptors and --print-capabilities
     #: (docs/interop/vhost-user.json, VHostUserBackendType); None: QEMU has none.
     qemu_type: str | None = None
+    #: The request data the device allows, read from its configuration space under its
+    #: device features (config bytes, features) -> bytes, or None where it says nothing.
+    request_limit: Callable[[bytes, int], int | None] | None = None
 
     def request_cap(self, configured: int | None, config: bytes, features: int) -> tuple[int, str]:
         """(largest request data in bytes, why): `configured` (--max-request-bytes) when the
         operator gave one; by default DEFAULT_REQUEST_DATA or, if larger, what the backend's
         configuration space `config` advertises under device `features`."""
-        advertised = self._advertised_data(config, features)
+        advertised = self.request_limit(config, features) if self.request_limit else None
         if configured is not None:
             return configured, "--max-request-bytes" + (f" (the device advertises {advertised})"
                                                         if advertised is not None else "")
         if advertised is not None and advertised > DEFAULT_REQUEST_DATA:
-            return advertised, f"the device advertises {advertised} bytes per request ({self._limit_note})"
+            return advertised, f"the device advertises {advertised} bytes per request (its configuration space)"
         return DEFAULT_REQUEST_DATA, "the default" + (f" (the device advertises {advertised})"
                                                       if advertised is not None else "")
-
-    _limit_note = "seg_max x size_max"
-
-    def _advertised_data(self, config: bytes, features: int) -> int | None:
-        if self.name != "blk" or len(config) < 16:
-            return None
-        # struct virtio_blk_config (VIRTIO 1.2 §5.2.4): le32 size_max at 8, le32 seg_max at 12,
-        # valid under VIRTIO_BLK_F_SIZE_MAX (bit 1) and VIRTIO_BLK_F_SEG_MAX (bit 2).
-        if not (features >> 1 & 1 and features >> 2 & 1):
-            return None
-        size_max = int.from_bytes(config[8:12], "little")
-        seg_max = int.from_bytes(config[12:16], "little")
-        return size_max * seg_max or None
 
     def queues_for(self, queue_num: int) -> int:
         """Data-plane queues for a GET_QUEUE_NUM answer of `queue_num`."""
@@ -136,7 +139,7 @@ class DeviceKind:
 DEVICES: tuple[DeviceKind, ...] = (
     DeviceKind("blk", "virtio-blk", 2, default_queues=1, replay_safe=True,
                replay_note="a block read or write is idempotent", failure=Failure.BLK_STATUS,
-               layout=(16, 1), request_overhead=17, qemu_type="block"),
+               layout=(16, 1), request_overhead=17, qemu_type="block", request_limit=blk_request_limit),
     DeviceKind("net", "virtio-net", 1, default_queues=3, counts_pairs=True, extra_queues=1, replay_safe=True,
                replay_note="a packet sent twice is what networks tolerate", failure=Failure.LEN0,
                qemu_type="net"),
