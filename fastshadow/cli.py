@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import signal
 import sys
 
 from . import __version__
@@ -271,14 +272,23 @@ def cmd_proxy(args) -> int:
         print(f"fastshadow proxy: {e}", file=sys.stderr)
         return 2
     logs.setup(cfg.log_level if args.config else args.log_level, cfg.log_format)
+    # The listen socket exists (and a supervisor or test may signal us) before the handlers
+    # can be installed: hold SIGINT/SIGTERM/SIGHUP until they are, so a SIGHUP in that window
+    # is ignored like any other and a SIGTERM still removes the socket. Threads the proxy
+    # starts meanwhile inherit the mask, so the signals always reach the main thread.
+    held = {signal.SIGINT, signal.SIGTERM, signal.SIGHUP}
+    signal.pthread_sigmask(signal.SIG_BLOCK, held)
     try:
-        proxy = Proxy(cfg)
-    except (EndpointError, ConfigError) as e:
-        # A socket that cannot be created, a path a live fastshadow holds, an fd that is no
-        # socket, a metrics address in use: one line, nothing left behind.
-        print(f"fastshadow proxy: {getattr(e, 'strerror', None) or e}", file=sys.stderr)
-        return 2
-    proxy.install_signal_handlers()
+        try:
+            proxy = Proxy(cfg)
+        except (EndpointError, ConfigError) as e:
+            # A socket that cannot be created, a path a live fastshadow holds, an fd that is
+            # no socket, a metrics address in use: one line, nothing left behind.
+            print(f"fastshadow proxy: {getattr(e, 'strerror', None) or e}", file=sys.stderr)
+            return 2
+        proxy.install_signal_handlers()
+    finally:
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, held)
     proxy.serve_forever()
     return 0
 
