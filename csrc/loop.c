@@ -52,6 +52,24 @@
  *      completion (with a timeout if some queue has no kick fd and must be
  *      polled), then drain all completions with one cq_advance.
  *
+ * Several loops.  A process may run N of these (fastshadow/dataplane.py
+ * spreads devices over them): each is a struct fsdp_dp with its own thread,
+ * io_uring, command channel, event ring and device table, and a device lives
+ * in exactly one of them for its whole life.  So every queue, and every piece
+ * of device-wide state (memory table and its lookup cache, dirty log), has
+ * one writer, and the hot path takes no lock: scaling is by adding loops, not
+ * by sharing one.  Splitting one device's queues over loops would need the
+ * memory table to be shared (a quiesce of every owning loop around each
+ * SET_MEM_TABLE) and buys nothing for the many-VM case this is for.
+ *
+ * Idle trim.  A queue's bounce pages become resident when requests use them
+ * and stay so (shared memfd pages) until given back: a queue that held
+ * requests, holds none now (its bounce allocator is empty) and has taken
+ * none for idle_trim_ms gets madvise(MADV_REMOVE) on its bounce area, which
+ * punches the pages out of the shadow memfd (for the backend's mapping too).
+ * Nothing can be lost: no request owns a byte there, and the next request
+ * faults in fresh zero pages.  The loop wakes for the next trim deadline.
+ *
  * user_data = kind (8 bits) | device id (16) | queue (8) | token (32).  The
  * token identifies the armed read of a queue; completions of reads that were
  * cancelled or replaced carry an old token and are ignored.  All reads land
@@ -61,11 +79,14 @@
 #define _GNU_SOURCE
 #include <errno.h>
 #include <liburing.h>
+#include <pthread.h>
 #include <sched.h>
 #include <stdatomic.h>
+#include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 #include <sys/eventfd.h>
+#include <sys/mman.h>
 #include <time.h>
 #include <unistd.h>
 
@@ -89,6 +110,9 @@ struct watch {
     bool kick_failed;                   /* read on the kick fd failed: poll this queue */
     struct fsdp_cmd *stop;              /* a stop waiting for the queue to drain */
     struct fsdp_stop_result *stop_res;  /* ... and where its result goes */
+    uint64_t trim_seen;                 /* st.requests when last looked at (idle trim) */
+    uint64_t busy_at;                   /* when the bounce area was last seen in use */
+    bool resident;                      /* bounce pages may be resident: trim when idle */
 };
 
 /* One entry of the device table. */
@@ -125,6 +149,9 @@ struct fsdp_dp {
     struct fsdp_batch batch;            /* queue_notify's way to our ring */
     unsigned ring_flags;
     uint64_t poll_ns;                   /* current busy-poll window, <= busy_poll_us */
+    uint64_t trim_at;                   /* earliest idle-trim deadline (0: none) */
+    int tid;                            /* the loop thread's tid (0: not running) */
+    uint64_t trimmed_pages;             /* read by other threads (relaxed) */
 };
 
 static inline uint64_t ud_make(unsigned kind, uint32_t dev, uint32_t q, uint32_t token)
@@ -470,13 +497,47 @@ static void batch_write(void *arg, struct fsdp_queue *q, int fd)
     io_uring_sqe_set_data64(sqe, ud_make(K_WRITE, q->dev->id, q->idx, 0));
 }
 
+static uint64_t now_ns(void);
+
+/* Idle trim of q's bounce area (see the head comment).  now: this pass's
+ * clock; dp->trim_at collects the earliest deadline still to come. */
+static void trim_idle(struct fsdp_dp *dp, struct fsdp_queue *q, struct watch *w, uint64_t now)
+{
+    uint64_t deadline;
+
+    if (q->st.requests != w->trim_seen) {
+        w->trim_seen = q->st.requests;  /* took requests: their pages are resident */
+        w->resident = true;
+        w->busy_at = now;
+    }
+    if (!w->resident || !q->bounce.bitmap)
+        return;
+    if (q->bounce.nfree != q->bounce.npages) {
+        w->busy_at = now;               /* a request (in flight or kept) owns bounce bytes */
+        return;
+    }
+    deadline = w->busy_at + (uint64_t)dp->cfg.idle_trim_ms * 1000000u;
+    if (now < deadline) {
+        if (!dp->trim_at || deadline < dp->trim_at)
+            dp->trim_at = deadline;
+        return;
+    }
+    /* Nothing owns a byte of the area: its pages go back to the kernel
+     * (punched out of the memfd; the next request faults in zero pages). */
+    if (madvise(q->s_bounce, (size_t)q->bounce.npages * FSDP_PAGE, MADV_REMOVE) == 0)
+        __atomic_add_fetch(&dp->trimmed_pages, q->bounce.npages, __ATOMIC_RELAXED);
+    w->resident = false;
+}
+
 /* Engine pass + outgoing notifications.  Returns true if anything moved;
  * *poll_mode is set if some started queue has to be polled, *again if some
  * queue ran out of its per-pass budget (do not sleep). */
 static bool process_all(struct fsdp_dp *dp, bool *poll_mode, bool *again)
 {
     bool any = false;
+    uint64_t now = dp->cfg.idle_trim_ms ? now_ns() : 0;
 
+    dp->trim_at = 0;
     for (uint32_t d = 0; d < dp->ndevs; d++) {
         struct fsdp_devctx *dev = dp->devs[d].d;
         for (uint32_t i = 0; dev && i < dev->num_queues; i++) {
@@ -499,6 +560,8 @@ static bool process_all(struct fsdp_dp *dp, bool *poll_mode, bool *again)
                 }
             }
             queue_notify(q, &dp->batch);
+            if (now)
+                trim_idle(dp, q, w, now);
         }
     }
     return any;
@@ -672,7 +735,13 @@ static void *loop_main(void *arg)
 {
     struct fsdp_dp *dp = arg;
     int rc = setup_ring(dp);
+    char name[16];
 
+    snprintf(name, sizeof(name), "fsdp-loop%u", dp->cfg.loop_index % 10000u);
+    pthread_setname_np(pthread_self(), name);   /* top, perf and the bench tell loops apart */
+    /* Read by fsdp_dp_thread_id (affinity from the control plane) only once
+     * it has seen ST_RUNNING (acquire), which is stored below (release). */
+    __atomic_store_n(&dp->tid, (int)gettid(), __ATOMIC_RELAXED);
     pthread_mutex_lock(&dp->lock);
     dp->start_rc = rc;
     dp->start_done = true;
@@ -731,6 +800,16 @@ static void *loop_main(void *arg)
             ts.tv_sec = dp->cfg.poll_interval_us / 1000000u;
             ts.tv_nsec = (long long)(dp->cfg.poll_interval_us % 1000000u) * 1000;
             tsp = &ts;
+        } else if (dp->trim_at) {
+            /* Wake for the next idle trim (a pass computes the deadlines). */
+            uint64_t now = now_ns(), left = dp->trim_at > now ? dp->trim_at - now : 0;
+            ts.tv_sec = (long long)(left / 1000000000u);
+            ts.tv_nsec = (long long)(left % 1000000000u) + 1000;   /* past it, not just before */
+            if (ts.tv_nsec >= 1000000000) {
+                ts.tv_sec++;
+                ts.tv_nsec -= 1000000000;
+            }
+            tsp = &ts;
         }
         /* One syscall: submit re-arms + all eventfd writes, wait for one. */
         rc = io_uring_submit_and_wait_timeout(&dp->ring, &cqe, 1, tsp, NULL);
@@ -758,6 +837,7 @@ static void *loop_main(void *arg)
             w->kick_armed = w->call_armed = false;
         }
     dp->ring_ok = false;
+    __atomic_store_n(&dp->tid, 0, __ATOMIC_RELAXED);
     pthread_mutex_unlock(&dp->lock);
     io_uring_queue_exit(&dp->ring);
     return NULL;
@@ -856,6 +936,16 @@ int fsdp_dp_stop(struct fsdp_dp *dp)
 int fsdp_dp_running(struct fsdp_dp *dp)
 {
     return loop_running(dp);
+}
+
+int fsdp_dp_thread_id(struct fsdp_dp *dp)
+{
+    return loop_running(dp) ? __atomic_load_n(&dp->tid, __ATOMIC_RELAXED) : 0;
+}
+
+uint64_t fsdp_dp_trimmed_pages(struct fsdp_dp *dp)
+{
+    return __atomic_load_n(&dp->trimmed_pages, __ATOMIC_RELAXED);
 }
 
 uint64_t fsdp_dp_poll_window_ns(struct fsdp_dp *dp)
