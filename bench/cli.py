@@ -63,10 +63,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--scale-threads", type=int, default=0, metavar="N",
                    help="--scale: the proxy's --dataplane-threads (default: its own default, one per device up to "
                         "the CPUs)")
-    p.add_argument("--scale-bounce", default="4M,16M,64M", metavar="LIST",
-                   help="--scale: the --bounce-per-queue sizes of the memory sweep, each at least the proxy's "
-                        "--max-request-bytes (4M) (default 4M,16M,64M, at 8 devices x 4 queues, or the largest "
-                        "point below that)")
+    p.add_argument("--scale-direct", action="store_true",
+                   help="--scale: also run each point without the proxy (the sessions on qsd's exports): the "
+                        "baseline that shows what the machine and the backend give")
+    p.add_argument("--scale-bounce", default="2M,16M,64M", metavar="LIST",
+                   help="--scale: the --bounce-per-queue sizes of the memory sweep, each more than 1M (the "
+                        "scale proxies' --max-request-bytes) (default 2M,16M,64M, at 8 devices x 4 queues, or the "
+                        "largest point below that)")
     p.add_argument("--modes", default=",".join(MODES), metavar="LIST",
                    help=f"comma-separated modes to compare (default {','.join(MODES)})")
     p.add_argument("--backend", action="append", choices=BACKENDS, dest="backends",
@@ -232,6 +235,7 @@ def scale_config_from_args(args):
     small = [d for d in devices if d <= 8] or devices
     return ScaleConfig(devices=devices, queues=queues, duration=args.duration or 2.0, threads=args.scale_threads,
                        bounce_sweep=bounce, sweep_devices=max(small), sweep_queues=max(queues),
+                       direct=args.scale_direct,
                        proxy_args=_split("--proxy-args", args.proxy_args),
                        out=Path(args.out if args.out != Path("out/bench") else "out/bench-scale"),
                        workdir=args.workdir, keep=args.keep, timeout=max(args.timeout, 10.0),
@@ -255,7 +259,7 @@ def run_scale(args) -> int:
                   "--no-plots says you know)", file=sys.stderr)
             cfg.plots = False
     from .scale import markdown, run_scale as run_it
-    n = len(cfg.devices) * len(cfg.queues) + len(cfg.bounce_sweep)
+    n = len(cfg.devices) * len(cfg.queues) * (2 if cfg.direct else 1) + len(cfg.bounce_sweep)
     print(f"fastshadow bench: scale preset, {n} points ({cfg.duration:g} s of load each), devices "
           f"{','.join(map(str, cfg.devices))} x queues {','.join(map(str, cfg.queues))}", flush=True)
     try:

@@ -45,7 +45,7 @@ from fastshadow.guest.qsd import StorageDaemon
 
 from . import report as rp
 from .loadgen import LoadGenError
-from .runner import cpu_seconds, machine_info, open_session, self_cpu_seconds
+from .runner import cpu_seconds, machine_info, memcpy_baseline, open_session, self_cpu_seconds
 
 SCHEMA_VERSION = 1
 SHADOW_PREFIX = "/memfd:fastshadow-shadow:"
@@ -61,10 +61,11 @@ class ScaleConfig:
     qd: int = 32
     threads: int = 0                 # --dataplane-threads (0: the proxy's default)
     bounce_per_queue: int = 16 << 20
-    bounce_sweep: list[int] = field(default_factory=lambda: [4 << 20, 16 << 20, 64 << 20])
+    bounce_sweep: list[int] = field(default_factory=lambda: [2 << 20, 16 << 20, 64 << 20])
     sweep_devices: int = 8
     sweep_queues: int = 4
-    idle_trim_ms: int = 300
+    idle_trim_ms: int = 3000
+    direct: bool = False             # also each point without the proxy (the load generator on qsd)
     proxy_args: list[str] = field(default_factory=list)
     out: Path = Path("out/bench-scale")
     workdir: Path | None = None
@@ -85,6 +86,7 @@ class Memory(msgspec.Struct):
 
 
 class Point(msgspec.Struct):
+    mode: str                      # "isolated", or "direct" (no proxy: the baseline)
     devices: int
     queues: int
     threads: int                   # data-plane threads the proxy ran
@@ -115,6 +117,7 @@ class ScaleResults(msgspec.Struct):
     settings: dict
     points: list[Point]
     sweep: list[Point]             # memory vs --bounce-per-queue
+    memcpy: rp.Memcpy | None = None  # one core's memcpy (for the projection's copy bound)
     wall_s: float = 0.0
     plots: list[str] = []
 
@@ -183,7 +186,8 @@ class ScaleProxy:
 
     def __init__(self, workdir: Path, devices: int, cfg: ScaleConfig, bounce: int, log_path: Path):
         self.socks = [workdir / f"fs{i}.sock" for i in range(devices)]
-        argv = [sys.executable, "-m", "fastshadow.cli", "proxy", "--allow-shared-uid",
+        # Requests are 4 KiB: a 1 MiB cap lets the bounce sweep go down to 2 MiB per queue.
+        argv = [sys.executable, "-m", "fastshadow.cli", "proxy", "--allow-shared-uid", "--max-request-bytes", "1M",
                 "--bounce-per-queue", str(bounce), "--idle-trim-ms", str(cfg.idle_trim_ms)]
         if cfg.threads:
             argv += ["--dataplane-threads", str(cfg.threads)]
@@ -219,50 +223,72 @@ class ScaleProxy:
 
 
 # ---- one point ----------------------------------------------------------------------------------
+def drive_all(sessions: list, how: dict, queues: int, cfg: ScaleConfig) -> list:
+    """Every session runs 4 KiB random reads at once (`how`: requests or duration); their results."""
+    results: list = [None] * len(sessions)
+    errors: list[str] = []
+
+    def drive(i: int) -> None:
+        try:
+            results[i] = sessions[i].run("read", cfg.block_size, cfg.qd, random=True, queues=queues,
+                                         seed=i + 1, stall_timeout=cfg.timeout, **how)
+        except (LoadGenError, OSError) as e:
+            errors.append(f"vm{i}: {type(e).__name__}: {e}")
+    ts = [threading.Thread(target=drive, args=(i,), name=f"scale-{i}") for i in range(len(sessions))]
+    for t in ts:
+        t.start()
+    for t in ts:
+        t.join()
+    if errors:
+        raise RuntimeError("; ".join(errors[:3]))
+    return results
+
+
 def run_point(cfg: ScaleConfig, workdir: Path, devices: int, queues: int, bounce: int, duration: float,
-              log: Callable[[str], None]) -> Point:
-    """Everything started fresh, D sessions driven at once, everything stopped."""
-    tag = f"d{devices}-q{queues}-b{rp.size_label(bounce)}"
+              log: Callable[[str], None], mode: str = "isolated") -> Point:
+    """Everything started fresh, D sessions driven at once, everything stopped.  Direct: the
+    sessions connect to qsd's exports themselves (no proxy; its figures are 0)."""
+    tag = f"{mode}-d{devices}-q{queues}-b{rp.size_label(bounce)}"
     qsd = start_qsd(workdir, devices, queues, workdir / f"qsd-{tag}.log")
     proxy = None
     sessions = []
+    none = Memory(0, 0, 0, 0, 0)
     try:
-        proxy = ScaleProxy(workdir, devices, cfg, bounce, workdir / f"proxy-{tag}.log")
-        base = proxy_memory(proxy.proc.pid)
+        if mode == "direct":
+            socks = [workdir / f"qsd{i}.sock" for i in range(devices)]
+            base = none
+        else:
+            proxy = ScaleProxy(workdir, devices, cfg, bounce, workdir / f"proxy-{tag}.log")
+            socks = proxy.socks
+            base = proxy_memory(proxy.proc.pid)
         qsize = 256
         while qsize < 3 * cfg.qd:
             qsize *= 2
-        for s in proxy.socks:
+        for s in socks:
             sessions.append(open_session(str(s), num_queues=queues, queue_size=qsize, max_qd=cfg.qd,
                                          max_block_size=cfg.block_size, timeout=cfg.timeout))
         time.sleep(0.2)            # the last SET_VRING_* reach the data plane
-        idle = proxy_memory(proxy.proc.pid)
-        results: list = [None] * devices
-        errors: list[str] = []
-
-        def drive(i: int) -> None:
-            try:
-                results[i] = sessions[i].run("read", cfg.block_size, cfg.qd, random=True, queues=queues,
-                                             duration=duration, seed=i + 1, stall_timeout=cfg.timeout)
-            except (LoadGenError, OSError) as e:
-                errors.append(f"vm{i}: {type(e).__name__}: {e}")
-        c0 = (cpu_seconds(proxy.proc.pid), cpu_seconds(qsd.pid), self_cpu_seconds())
-        ts = [threading.Thread(target=drive, args=(i,), name=f"scale-{i}") for i in range(devices)]
-        for t in ts:
-            t.start()
-        for t in ts:
-            t.join()
-        c1 = (cpu_seconds(proxy.proc.pid), cpu_seconds(qsd.pid), self_cpu_seconds())
-        if errors:
-            raise RuntimeError("; ".join(errors[:3]))
-        busy = proxy_memory(proxy.proc.pid)
-        trimmed, seen = wait_trimmed(proxy.proc.pid, idle, cfg.idle_trim_ms / 1000 * 4 + 3)
+        pid = proxy.proc.pid if proxy is not None else None
+        idle = proxy_memory(pid) if pid else none
+        # Warm-up, not measured: until every queue has walked its whole bounce area once (next-fit
+        # allocation), each request faults fresh shadow pages in, in the proxy AND in the backend
+        # (its own page tables); bench --scale measured 7 us of proxy CPU per request then, against
+        # 1.2-1.8 steady. idle_trim_ms is long enough that a session done early is not trimmed
+        # while the others finish.
+        warm = queues * (bounce // (2 * 4096) + cfg.qd) if pid else queues * cfg.qd * 8
+        log(f"  warm-up: {warm} requests per device (first touch of the bounce areas)")
+        drive_all(sessions, dict(requests=warm, duration=None), queues, cfg)
+        c0 = (cpu_seconds(pid) if pid else 0.0, cpu_seconds(qsd.pid), self_cpu_seconds())
+        results = drive_all(sessions, dict(requests=None, duration=duration), queues, cfg)
+        c1 = (cpu_seconds(pid) if pid else 0.0, cpu_seconds(qsd.pid), self_cpu_seconds())
+        busy = proxy_memory(pid) if pid else none
+        trimmed, seen = wait_trimmed(pid, idle, cfg.idle_trim_ms / 1000 * 4 + 3) if pid else (none, True)
         requests = sum(r.requests for r in results)
         seconds = max(r.seconds for r in results)
         lat = np.concatenate([r.latencies_ns for r in results])
         p50, p99 = (int(x) for x in np.percentile(lat, [50, 99])) if len(lat) else (0, 0)
         proxy_cpu = c1[0] - c0[0]
-        return Point(devices=devices, queues=queues, threads=proxy.threads(), bounce_per_queue=bounce,
+        return Point(mode=mode, devices=devices, queues=queues, threads=proxy.threads() if proxy else 0, bounce_per_queue=bounce,
                      block_size=cfg.block_size, qd=cfg.qd, duration_s=round(seconds, 4), requests=requests,
                      iops=round(requests / seconds, 1) if seconds else 0.0, lat_p50_ns=p50, lat_p99_ns=p99,
                      proxy_cpu_s=round(proxy_cpu, 3), backend_cpu_s=round(c1[1] - c0[1], 3),
@@ -285,26 +311,35 @@ def run_scale(cfg: ScaleConfig, log: Callable[[str], None] = print) -> ScaleResu
     own = cfg.workdir is None
     workdir = Path(tempfile.mkdtemp(prefix="fsscale-")) if own else cfg.workdir
     workdir.mkdir(parents=True, exist_ok=True)
-    plan = [(d, q, cfg.bounce_per_queue, cfg.duration) for d in cfg.devices for q in cfg.queues]
-    sweep_plan = [(cfg.sweep_devices, cfg.sweep_queues, b, min(cfg.duration, 0.5)) for b in cfg.bounce_sweep]
+    modes = ["isolated", "direct"] if cfg.direct else ["isolated"]
+    plan = [(m, d, q, cfg.bounce_per_queue, cfg.duration) for d in cfg.devices for q in cfg.queues for m in modes]
+    sweep_plan = [("isolated", cfg.sweep_devices, cfg.sweep_queues, b, min(cfg.duration, 0.5))
+                  for b in cfg.bounce_sweep]
     res = ScaleResults(schema=SCHEMA_VERSION, created=datetime.now(timezone.utc).isoformat(timespec="seconds"),
                        command=cfg.command, machine=machine_info(),
                        settings={"devices": cfg.devices, "queues": cfg.queues, "duration_s": cfg.duration,
                                  "block_size": cfg.block_size, "qd": cfg.qd, "threads": cfg.threads,
                                  "bounce_per_queue": cfg.bounce_per_queue, "bounce_sweep": cfg.bounce_sweep,
-                                 "idle_trim_ms": cfg.idle_trim_ms, "proxy_args": cfg.proxy_args},
+                                 "idle_trim_ms": cfg.idle_trim_ms, "proxy_args": cfg.proxy_args,
+                                 "direct": cfg.direct},
                        points=[], sweep=[])
     total = len(plan) + len(sweep_plan)
+    res.memcpy = memcpy_baseline(cold_bytes=64 << 20, cold_iters=4, hot_iters=100)
+    log(f"memcpy, one core: {res.memcpy.cold_gb_per_s:.1f} GB/s cold, {res.memcpy.hot_gb_per_s:.1f} GB/s hot")
     try:
-        for n, (d, q, b, dur) in enumerate(plan + sweep_plan, 1):
-            what = f"[{n}/{total}] {d} device(s) x {q} queue(s), bounce {rp.size_label(b)}"
+        for n, (m, d, q, b, dur) in enumerate(plan + sweep_plan, 1):
+            what = f"[{n}/{total}] {m}, {d} device(s) x {q} queue(s), bounce {rp.size_label(b)}"
             log(f"{what}: starting ({time.monotonic() - t0:.0f} s so far)")
             try:
-                p = run_point(cfg, workdir, d, q, b, dur, log)
+                p = run_point(cfg, workdir, d, q, b, dur, log, m)
             except (RuntimeError, LoadGenError, OSError) as e:
                 log(f"{what}: FAILED: {e}")
                 continue
             (res.points if n <= len(plan) else res.sweep).append(p)
+            if m == "direct":
+                log(f"{what}: {p.iops / 1e3:.1f}k IOPS, p99 {p.lat_p99_ns / 1e3:.0f} us, backend "
+                    f"{backend_us(p):.2f} CPU us/request")
+                continue
             log(f"{what}: {p.iops / 1e3:.1f}k IOPS, p99 {p.lat_p99_ns / 1e3:.0f} us, proxy "
                 f"{p.proxy_cpu_us_per_request:.2f} CPU us/request on {p.threads} thread(s), RSS/device idle "
                 f"{per_device(p, 'idle', 'rss') / 1024:.0f} KiB, shadow/device busy "
@@ -331,18 +366,28 @@ def per_device(p: Point, moment: str, what: str) -> float:
     return (getattr(m, what) - getattr(p.base, what)) / p.devices
 
 
+def backend_us(p: Point) -> float:
+    """qemu-storage-daemon's CPU µs per request over the run."""
+    return p.backend_cpu_s / p.requests * 1e6 if p.requests else 0.0
+
+
 def _kib(x: float) -> str:
     return f"{x / 1024:.0f}"
 
 
 def markdown(res: ScaleResults) -> str:
     """The scale table and the bounce sweep table, as bench/RESULTS.md quotes them."""
-    lines = ["| devices | queues | threads | IOPS | proxy CPU µs/request | p50 µs | p99 µs | RSS/device idle KiB "
+    direct = {(p.devices, p.queues): p for p in res.points if p.mode == "direct"}
+    lines = ["| devices | queues | threads | IOPS | direct IOPS | proxy CPU µs/request | backend CPU µs/request "
+             "| p50 µs | p99 µs | RSS/device idle KiB "
              "| anon/device idle KiB | shadow/device idle KiB | shadow/device busy KiB | shadow/device trimmed KiB |",
-             "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
-    for p in res.points:
+             "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    for p in (p for p in res.points if p.mode == "isolated"):
+        d = direct.get((p.devices, p.queues))
         lines.append(f"| {p.devices} | {p.queues} | {p.threads} | {p.iops / 1e3:.1f}k | "
-                     f"{p.proxy_cpu_us_per_request:.2f} | {p.lat_p50_ns / 1e3:.0f} | {p.lat_p99_ns / 1e3:.0f} | "
+                     f"{f'{d.iops / 1e3:.1f}k' if d else '-'} | "
+                     f"{p.proxy_cpu_us_per_request:.2f} | {backend_us(p):.2f} | {p.lat_p50_ns / 1e3:.0f} | "
+                     f"{p.lat_p99_ns / 1e3:.0f} | "
                      f"{_kib(per_device(p, 'idle', 'rss'))} | {_kib(per_device(p, 'idle', 'rss_anon'))} | "
                      f"{_kib(per_device(p, 'idle', 'shadow_resident'))} | "
                      f"{_kib(per_device(p, 'busy', 'shadow_resident'))} | "
@@ -357,6 +402,47 @@ def markdown(res: ScaleResults) -> str:
                      f"{_kib(per_device(p, 'busy', 'shadow_resident'))} | "
                      f"{_kib(per_device(p, 'trimmed', 'shadow_resident'))} |")
     return "\n".join(lines)
+
+
+def _median(xs: list[float]) -> float:
+    xs = sorted(xs)
+    n = len(xs)
+    return (xs[n // 2] + xs[(n - 1) // 2]) / 2 if n else 0.0
+
+
+def projection(res: ScaleResults, cores: int = 64, vms: int = 100, queues: int = 4,
+               dataplane_cores: int = 16) -> str:
+    """Part 4 of issue 12, on paper: this run's per-request costs and per-device memory applied
+    to a `cores`-core host with `vms` VMs of `queues` queues each (bench/RESULTS.md quotes it)."""
+    iso = [p for p in res.points if p.mode == "isolated"]
+    many = [p for p in iso if p.devices >= 8] or iso
+    cpu = _median([p.proxy_cpu_us_per_request for p in many])
+    backend = _median([backend_us(p) for p in many])
+    top = max(iso, key=lambda p: (p.devices, p.queues))
+    rss = per_device(top, "idle", "rss") / (1 << 20)
+    ring = top.idle.shadow_resident / (top.devices * top.queues) / 1024
+    busy_q = top.busy.shadow_resident / (top.devices * top.queues) / (1 << 20)
+    per_core = 1 / cpu                                   # M requests/s of one data-plane thread
+    total = dataplane_cores * per_core
+    idle_mib = vms * (rss + queues * ring / 1024)
+    busy_gib = vms * queues * busy_q / 1024
+    cold = res.memcpy.cold_gb_per_s if res.memcpy else 0.0
+    return (
+        f"**{cores} cores, {vms} VMs of {queues} queues, on paper** (from `bench/results/scale/results.json`). "
+        f"The proxy spends {cpu:.2f} µs of CPU per 4 KiB request (median of the {len(many)} points with 8 or "
+        f"more devices), the backend {backend:.2f} µs. A data-plane thread shares nothing with the others, so "
+        f"one carries at most {per_core * 1000:.0f}k requests/s and {dataplane_cores} of the {cores} cores "
+        f"{total:.1f}M/s, {total * 1000 / vms:.0f}k per VM when all {vms} are busy; one VM's queues are all on "
+        f"one thread, so a single VM tops out at {per_core * 1000:.0f}k/s. Memory: an idle device costs "
+        f"{rss:.2f} MiB of proxy RSS (at {top.devices} devices; the control plane's session) and {ring:.0f} KiB "
+        f"of shadow (the rings) per queue whatever --bounce-per-queue is: {idle_mib:.0f} MiB for {vms} idle "
+        f"VMs. A busy queue holds {busy_q:.1f} MiB of shadow ({top.devices} x {top.queues} here, 16 MiB "
+        f"bounce), {busy_gib:.1f} GiB if all {vms * queues} queues are busy at once, given back "
+        f"{res.settings['idle_trim_ms']} ms after each goes idle. What bounds it then: the backend's "
+        f"{backend:.2f} µs per request (more than the proxy's), the copies at large blocks (every byte crosses "
+        f"memory twice; one core copies {cold:.1f} GB/s cold here, and {dataplane_cores} cores copying at once "
+        f"share the socket's memory bandwidth, not {dataplane_cores}x that), and busy-queue residency with "
+        f"next-fit bounce allocation, which walks the whole bounce area.")
 
 
 def write_plot(res: ScaleResults, out: Path, log: Callable[[str], None] = print) -> list[str]:
@@ -377,10 +463,14 @@ def write_plot(res: ScaleResults, out: Path, log: Callable[[str], None] = print)
          lambda p: per_device(p, "idle", "rss") / 1024),
     ]
     for q in sorted({p.queues for p in res.points}):
-        pts = sorted((p for p in res.points if p.queues == q), key=lambda p: p.devices)
+        pts = sorted((p for p in res.points if p.queues == q and p.mode == "isolated"), key=lambda p: p.devices)
         xs = [p.devices for p in pts]
         for a, title, fn in panels:
             a.plot(xs, [fn(p) for p in pts], marker="o", label=f"{q} queue(s)")
+        dpts = sorted((p for p in res.points if p.queues == q and p.mode == "direct"), key=lambda p: p.devices)
+        if dpts:
+            ax[0][0].plot([p.devices for p in dpts], [p.iops / 1e3 for p in dpts], marker=".", linestyle=":",
+                          label=f"{q} queue(s), direct (no proxy)")
         ax[1][1].plot(xs, [per_device(p, "busy", "shadow_resident") / 1024 for p in pts], marker="x",
                       linestyle="--", label=f"{q} queue(s), shadow busy")
     for a, title, _ in panels:
@@ -411,6 +501,9 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     res = read_json(args.results)
     print(markdown(res))
+    if args.markdown:
+        print()
+        print(projection(res))
     if args.plot:
         write_plot(res, args.results.parent)
     return 0

@@ -20,8 +20,9 @@
  *                    split virtqueue per guest queue.
  *
  * Threading: every fsdp_dev_* / fsdp_queue_* call may come from any thread;
- * while the loop runs it is executed ON the loop thread between two batches
- * (the caller blocks until it is done), otherwise inline under the dp lock.
+ * while the loop runs it is executed ON the thread of the device's loop (the
+ * dp it was added to) between two batches (the caller blocks until it is
+ * done), otherwise inline under that dp's lock.
  * fsdp_dev_poll is refused (-EBUSY) while the loop runs.
  */
 #ifndef FSDP_H
