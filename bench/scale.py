@@ -276,7 +276,7 @@ def run_point(cfg: ScaleConfig, workdir: Path, devices: int, queues: int, bounce
         # 1.2-1.8 steady. idle_trim_ms is long enough that a session done early is not trimmed
         # while the others finish.
         warm = queues * (bounce // (2 * 4096) + cfg.qd) if pid else queues * cfg.qd * 8
-        log(f"  warm-up: {warm} requests per device (first touch of the bounce areas)")
+        log(f"  warm-up: {warm} requests per device" + (" (first touch of the bounce areas)" if pid else ""))
         drive_all(sessions, dict(requests=warm, duration=None), queues, cfg)
         c0 = (cpu_seconds(pid) if pid else 0.0, cpu_seconds(qsd.pid), self_cpu_seconds())
         results = drive_all(sessions, dict(requests=None, duration=duration), queues, cfg)

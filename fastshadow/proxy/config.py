@@ -12,6 +12,10 @@ A config file serves several devices from one process:
 
 Sizes (bounce_per_queue, max_request_bytes, stream_copy_min) are bytes or
 strings such as "16M" (fastshadow/sizes.py).
+
+Data-plane threads (top level): dataplane_threads = 4 (default: one per
+isolated device, up to the CPUs), cpus = "2-5" (loop i pinned to the i-th),
+idle_trim_ms = 2000; a device may name its thread: dataplane_thread = 1.
 """
 
 from __future__ import annotations

@@ -101,3 +101,23 @@ def test_thread_and_cpu_options_refused_in_one_line(workdir):
         r = run_cli(*base, *opts)
         assert r.returncode == 2, (opts, r.stderr)
         assert msg in r.stderr and len(r.stderr.strip().splitlines()) == 1, (opts, r.stderr)
+
+
+def test_config_file_thread_keys_and_the_default_count(workdir):
+    """The brief's default: one data-plane thread per isolated device, up to the CPUs given by
+    cpus (or the process's affinity); direct devices need none."""
+    from fastshadow.proxy.config import load_toml
+    devs = "".join(f'[[device]]\nname = "d{i}"\nlisten = "{workdir}/l{i}"\nbackend = "{workdir}/b{i}"\n'
+                   f'{"mode = " + chr(34) + "direct" + chr(34) if i == 3 else ""}\n' for i in range(4))
+    path = workdir / "p.toml"
+    path.write_text(devs)
+    cfg = load_toml(path)
+    assert cfg.thread_count() == min(3, len(os.sched_getaffinity(0)))
+    assert cfg.idle_trim_ms == 2000 and cfg.cpus is None
+    cpu = min(os.sched_getaffinity(0))
+    path.write_text(f'cpus = "{cpu}"\nidle_trim_ms = 0\n' + devs.replace('name = "d1"', 'name = "d1"\ndataplane_thread = 0'))
+    cfg = load_toml(path)
+    assert cfg.thread_count() == 1 and cfg.cpu_list() == [cpu] and cfg.idle_trim_ms == 0
+    assert cfg.device[1].dataplane_thread == 0
+    path.write_text('dataplane_threads = 5\n' + devs)
+    assert load_toml(path).thread_count() == 5
