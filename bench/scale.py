@@ -427,22 +427,24 @@ def projection(res: ScaleResults, cores: int = 64, vms: int = 100, queues: int =
     idle_mib = vms * (rss + queues * ring / 1024)
     busy_gib = vms * queues * busy_q / 1024
     cold = res.memcpy.cold_gb_per_s if res.memcpy else 0.0
+    than = "more" if backend > cpu else "less"
     return (
         f"**{cores} cores, {vms} VMs of {queues} queues, on paper** (from `bench/results/scale/results.json`). "
         f"The proxy spends {cpu:.2f} µs of CPU per 4 KiB request (median of the {len(many)} points with 8 or "
-        f"more devices), the backend {backend:.2f} µs. A data-plane thread shares nothing with the others, so "
-        f"one carries at most {per_core * 1000:.0f}k requests/s and {dataplane_cores} of the {cores} cores "
-        f"{total:.1f}M/s, {total * 1000 / vms:.0f}k per VM when all {vms} are busy; one VM's queues are all on "
-        f"one thread, so a single VM tops out at {per_core * 1000:.0f}k/s. Memory: an idle device costs "
-        f"{rss:.2f} MiB of proxy RSS (at {top.devices} devices; the control plane's session) and {ring:.0f} KiB "
-        f"of shadow (the rings) per queue whatever --bounce-per-queue is: {idle_mib:.0f} MiB for {vms} idle "
-        f"VMs. A busy queue holds {busy_q:.1f} MiB of shadow ({top.devices} x {top.queues} here, 16 MiB "
-        f"bounce), {busy_gib:.1f} GiB if all {vms * queues} queues are busy at once, given back "
-        f"{res.settings['idle_trim_ms']} ms after each goes idle. What bounds it then: the backend's "
-        f"{backend:.2f} µs per request (more than the proxy's), the copies at large blocks (every byte crosses "
-        f"memory twice; one core copies {cold:.1f} GB/s cold here, and {dataplane_cores} cores copying at once "
-        f"share the socket's memory bandwidth, not {dataplane_cores}x that), and busy-queue residency with "
-        f"next-fit bounce allocation, which walks the whole bounce area.")
+        f"more devices), the backend {backend:.2f} µs: each million requests per second costs {cpu:.2f} cores "
+        f"of fastshadow on top of the backend's {backend:.2f}. A data-plane thread shares nothing with the "
+        f"others, so one carries at most {per_core * 1000:.0f}k requests/s and {dataplane_cores} of the "
+        f"{cores} cores {total:.1f}M/s, {total * 1000 / vms:.0f}k per VM when all {vms} are busy; one VM's "
+        f"queues are all on one thread, so a single VM tops out at {per_core * 1000:.0f}k/s. Memory: an idle "
+        f"device costs {rss:.2f} MiB of proxy RSS (averaged over the {top.devices} devices of the largest point: "
+        f"the control plane's session) and {ring:.0f} KiB of shadow (the rings) per queue whatever --bounce-per-queue is: "
+        f"{idle_mib:.0f} MiB for {vms} idle VMs. A busy queue holds {busy_q:.1f} MiB of shadow (all of its "
+        f"bounce area: next-fit allocation walks it), {busy_gib:.1f} GiB if all {vms * queues} queues are busy "
+        f"at once, given back --idle-trim-ms after each goes idle ({res.settings['idle_trim_ms']} ms in this "
+        f"run). What bounds it then: the backend's {backend:.2f} µs per request ({than} than the proxy's), "
+        f"the copies at large blocks (every byte crosses memory twice; one core copied {cold:.1f} GB/s cold "
+        f"at this run's start, and {dataplane_cores} cores copying at once share the socket's memory "
+        f"bandwidth, not {dataplane_cores}x that), and busy-queue residency with next-fit bounce allocation.")
 
 
 def write_plot(res: ScaleResults, out: Path, log: Callable[[str], None] = print) -> list[str]:
@@ -459,20 +461,24 @@ def write_plot(res: ScaleResults, out: Path, log: Callable[[str], None] = print)
         (ax[0][0], "aggregate IOPS (k)", lambda p: p.iops / 1e3),
         (ax[0][1], "proxy CPU per request (µs)", lambda p: p.proxy_cpu_us_per_request),
         (ax[1][0], "p99 latency (µs)", lambda p: p.lat_p99_ns / 1e3),
-        (ax[1][1], "memory per device (KiB): RSS idle —, shadow busy --",
+        (ax[1][1], "memory per device (KiB, log): RSS idle —, shadow busy --, trimmed :",
          lambda p: per_device(p, "idle", "rss") / 1024),
     ]
-    for q in sorted({p.queues for p in res.points}):
+    for k, q in enumerate(sorted({p.queues for p in res.points})):
+        color = f"C{k}"
         pts = sorted((p for p in res.points if p.queues == q and p.mode == "isolated"), key=lambda p: p.devices)
         xs = [p.devices for p in pts]
         for a, title, fn in panels:
-            a.plot(xs, [fn(p) for p in pts], marker="o", label=f"{q} queue(s)")
+            a.plot(xs, [fn(p) for p in pts], marker="o", color=color, label=f"{q} queue(s)")
         dpts = sorted((p for p in res.points if p.queues == q and p.mode == "direct"), key=lambda p: p.devices)
         if dpts:
             ax[0][0].plot([p.devices for p in dpts], [p.iops / 1e3 for p in dpts], marker=".", linestyle=":",
-                          label=f"{q} queue(s), direct (no proxy)")
+                          color=color, label=f"{q} queue(s), direct (no proxy)")
         ax[1][1].plot(xs, [per_device(p, "busy", "shadow_resident") / 1024 for p in pts], marker="x",
-                      linestyle="--", label=f"{q} queue(s), shadow busy")
+                      linestyle="--", color=color, label=f"{q} queue(s), shadow busy")
+        ax[1][1].plot(xs, [per_device(p, "trimmed", "shadow_resident") / 1024 for p in pts], marker="+",
+                      linestyle=":", color=color, label=f"{q} queue(s), shadow after idle trim")
+    ax[1][1].set_yscale("log")
     for a, title, _ in panels:
         a.set_xscale("log", base=2)
         a.set_xlabel("devices in one proxy")
