@@ -315,3 +315,33 @@ def test_memory_before_use_does_not_grow_with_bounce_size(shared_dp, make_rig):
     fill_bounce(big, 3, 128 << 10, 4)
     wait_until(lambda: resident_bytes(big.dev) == idle, "the big device's trim")
     assert resident_bytes(small.dev) == idle
+
+
+def test_loops_stopped_and_started_with_devices_on_each(shared_dp, make_rig):
+    """All loops stop (calls run inline, the engine is driven by poll) and start again: each
+    device is served by its own loop again, requests taken while stopped complete."""
+    dp = shared_dp(threads=2)
+    rigs = [make_rig(dp=dp, name=f"d{i}") for i in range(2)]
+    dp.stop()
+    assert not dp.running and dp.thread_ids() == [0, 0]
+    pending = []
+    for r in rigs:
+        head, bufs = r.blk_read(0, 512)
+        r.poll()                                     # synchronous: published on the shadow ring
+        [req] = r.be[0].pending()
+        pending.append((r, head, bufs, req))
+    dp.start()
+    assert all(dp.thread_ids())
+    for r, head, bufs, req in pending:
+        r.serve(0, [req])
+        os.write(r.be[0].call_fd, struct.pack("<Q", 1))
+        assert wait_fd(r.call[0]) == 1
+        assert r.gq[0].take_used() == [(head, 513)]
+        r.accept_writable(bufs)
+    for r in rigs:
+        bt = BackendThread(r)
+        bt.start()
+        try:
+            roundtrip(r, 0, 2048)
+        finally:
+            bt.stop()
