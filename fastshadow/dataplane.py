@@ -435,7 +435,7 @@ class DataPlane:
         return self._dp
 
     # devices ---------------------------------------------------------------
-    def _place(self, num_queues: int, loop: int | None) -> _Loop:
+    def _place(self, loop: int | None) -> _Loop:
         """The loop for a new device: `loop` if given, else the one serving the fewest
         queues; among equals the first from the one after the last chosen."""
         if loop is not None:
@@ -473,7 +473,7 @@ class DataPlane:
         out = ffi.new("struct fsdp_dev **")
         self._live()
         with self._lock:
-            lp = self._place(num_queues, loop)
+            lp = self._place(loop)
             _check(lib.fsdp_dev_add(lp.dp, name.encode(), cfg, out), f"add device {name!r}")
             lp.queues += num_queues
             self._next = (lp.index + 1) % len(self._loops)
