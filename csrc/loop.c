@@ -92,6 +92,10 @@
  * (beyond 4 windows) halves it back.  Measured (bench --scale, 16 devices x
  * 4 queues on 2 CPUs, 300 ms): without it, sessions that waited 300 ms for
  * the CPU were trimmed mid-run and the refaults cost more than the copies.
+ * One trim per pass: freeing a 16 MiB area takes the loop a millisecond or
+ * so, and a device whose queues all went idle together must not stall the
+ * other devices of the loop for all of them at once; the others stay due and
+ * the loop comes back for them after serving the rings.
  *
  * user_data = kind (8 bits) | device id (16) | queue (8) | token (32).  The
  * token identifies the armed read of a queue; completions of reads that were
@@ -176,6 +180,7 @@ struct fsdp_dp {
     unsigned ring_flags;
     uint64_t poll_ns;                   /* current busy-poll window, <= busy_poll_us */
     bool all_due;                       /* commands ran: the next pass visits every queue */
+    unsigned trims_left;                /* trims this pass may still do (one per pass) */
     uint64_t trim_at;                   /* earliest idle-trim deadline (0: none) */
     int tid;                            /* the loop thread's tid (0: not running) */
     uint64_t trimmed_pages;             /* read by other threads (relaxed) */
@@ -554,11 +559,15 @@ static void trim_idle(struct fsdp_dp *dp, struct fsdp_queue *q, struct watch *w,
         return;
     }
     deadline = w->busy_at + window;
-    if (now < deadline) {
+    if (now < deadline || !dp->trims_left) {
+        /* Not yet, or this pass trimmed already: come back (now, if due). */
+        if (now >= deadline)
+            deadline = now;
         if (!dp->trim_at || deadline < dp->trim_at)
             dp->trim_at = deadline;
         return;
     }
+    dp->trims_left--;
     /* Nothing owns a byte of the area: its pages go back to the kernel
      * (punched out of the memfd; the next request faults in zero pages). */
     if (madvise(q->s_bounce, (size_t)q->bounce.npages * FSDP_PAGE, MADV_REMOVE) == 0)
@@ -579,6 +588,7 @@ static bool process_all(struct fsdp_dp *dp, bool *poll_mode, bool *again)
     bool trim_all = now && dp->trim_at && now >= dp->trim_at;
 
     dp->all_due = false;
+    dp->trims_left = 1;
     if (trim_all)
         dp->trim_at = 0;
     for (uint32_t d = 0; d < dp->ndevs; d++) {
