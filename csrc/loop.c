@@ -862,6 +862,12 @@ static void *loop_main(void *arg)
             }
         }
         if (again) {
+            /* Fail-safe for the due-queue rule: a reason not to sleep found
+             * outside a pass (a look at the rings that did not say which
+             * queue) must not leave that queue unvisited; a queue out of
+             * budget (q->more) is due anyway, so this costs one full pass
+             * only when a pass was cut short. */
+            dp->all_due = true;
             ts.tv_sec = 0;      /* submit, collect what is ready, don't sleep */
             ts.tv_nsec = 0;
             tsp = &ts;
