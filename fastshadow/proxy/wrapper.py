@@ -1,0 +1,273 @@
+"""`fastshadow run`: fastshadow in front of a backend it starts itself, as one program.
+
+    fastshadow run --device fs --backend-user fs-backend --backend-userns -- \\
+        /usr/lib/qemu/virtiofsd --fd=3 -o source=/srv/share
+
+A supervisor (libvirt's `<filesystem><binary path=.../>`, a systemd unit) starts one
+program; that program is fastshadow in front of the real backend:
+
+- the backend listens on a private socket: fastshadow binds it in a directory of its own
+  (mode 0700: nobody else can reach it) and passes it to the backend as an inherited fd;
+  the backend command says where that fd goes, either with `{fd}` (qemu-storage-daemon:
+  `addr.type=fd,addr.str={fd}`) or with virtiofsd's own `--fd=N` / `--socket-path=PATH`,
+  which fastshadow *takes over*: that socket becomes QEMU's side of fastshadow, and the
+  backend gets `--fd=M` on the private one instead. So the backend command is written as
+  if fastshadow were not there, and `fastshadow run ... -- virtiofsd "$@"` is usable
+  wherever virtiofsd is;
+- the backend runs as `--backend-user` (its uid, primary group and supplementary groups;
+  never root, never fastshadow's uid), set by the child before exec. The child also calls
+  listen() on the private socket after that identity change, so the SO_PEERCRED fastshadow
+  reads on each connection names the backend's pid and uid: the session's run-time
+  identity check (fastshadow/isolation.py) judges the real backend. With
+  `--backend-userns` the backend is root of a new user namespace mapped to that user only
+  (util-linux `unshare --map-root-user`): a program that wants to be root (virtiofsd: its
+  namespace or chroot sandbox, switching to the guest's uid per request) gets root inside,
+  and no capability over anything outside it, QEMU included;
+- SIGTERM and SIGINT are forwarded to the backend; fastshadow stops when the backend exits
+  (one `backend.exited` line) and exits with its status (128+N for a signal N); after a
+  forwarded stop signal it exits 0. The backend dies with fastshadow (PR_SET_PDEATHSIG).
+  It is not restarted: a virtio-fs session does not survive its backend (FUSE state),
+  virtiofsd exits when its front-end leaves, and whether to start again is the
+  supervisor's decision (libvirt: never; systemd: `Restart=`), which it makes from that
+  exit status.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import logging
+import os
+import pwd
+import shutil
+import signal
+import socket
+import subprocess
+import tempfile
+from dataclasses import dataclass, field
+
+from ..logs import kv
+
+log = logging.getLogger("fastshadow.run")
+
+#: Where the backend command takes the private socket's fd number.
+FD_PLACEHOLDER = "{fd}"
+
+_PR_SET_PDEATHSIG = 1
+
+
+class RunError(ValueError):
+    """`fastshadow run` cannot start as asked; the message says what to change."""
+
+
+@dataclass
+class BackendPlan:
+    """The backend command after fastshadow took its socket option over."""
+
+    argv: list[str]
+    #: QEMU's side, taken from the backend's own options (virtiofsd's --fd / --socket-path /
+    #: --socket-group), or None when fastshadow's own options give it.
+    listen: str | None = None
+    listen_fd: int | None = None
+    socket_group: str | None = None
+    #: the backend command asked for --print-capabilities (QEMU's backend conventions)
+    print_capabilities: bool = False
+    _fd_at: list[int] = field(default_factory=list)
+
+    def with_fd(self, fd: int) -> list[str]:
+        """The command with the private socket's fd number filled in."""
+        return [a.replace(FD_PLACEHOLDER, str(fd)) if i in self._fd_at else a for i, a in enumerate(self.argv)]
+
+
+#: virtiofsd's socket options (QEMU 7.2's C virtiofsd and the Rust one spell them alike).
+_TAKEN = ("--fd", "--socket-path", "--socket-group")
+
+
+def plan_backend(argv: list[str], own_frontend: bool) -> BackendPlan:
+    """Where the private socket goes in `argv`: `{fd}`, or virtiofsd's socket options taken over."""
+    if not argv:
+        raise RunError("no backend command: give it after --, e.g. -- /usr/lib/qemu/virtiofsd --fd=3 -o source=DIR")
+    plan = BackendPlan(argv=[argv[0]])
+    taken: dict[str, str] = {}
+    args = argv[1:]
+    i = 0
+    while i < len(args):
+        a = args[i]
+        name, eq, value = a.partition("=")
+        if name in _TAKEN and not any(FD_PLACEHOLDER in x for x in argv):
+            if not eq:
+                if i + 1 >= len(args):
+                    raise RunError(f"backend option {a} has no value")
+                i += 1
+                value = args[i]
+            if name in taken:
+                raise RunError(f"backend option {name} given twice")
+            taken[name] = value
+        elif a == "--print-capabilities":
+            plan.print_capabilities = True
+        else:
+            if FD_PLACEHOLDER in a:
+                plan._fd_at.append(len(plan.argv))
+            plan.argv.append(a)
+        i += 1
+    if plan.print_capabilities:
+        return plan
+    if "--fd" in taken and "--socket-path" in taken:
+        raise RunError("the backend command gives both --fd and --socket-path: give one")
+    if taken.get("--fd") is not None or taken.get("--socket-path") is not None:
+        if own_frontend:
+            raise RunError(f"QEMU's socket is given twice: by fastshadow's --listen/--fd and by the backend's "
+                           f"{'--fd' if '--fd' in taken else '--socket-path'}; give one")
+        if "--fd" in taken:
+            if not taken["--fd"].isdigit():
+                raise RunError(f"backend option --fd={taken['--fd']}: not a file descriptor number")
+            plan.listen_fd = int(taken["--fd"])
+        else:
+            plan.listen = taken["--socket-path"]
+        plan.socket_group = taken.get("--socket-group")
+        plan.argv.insert(1, "--fd=" + FD_PLACEHOLDER)
+        plan._fd_at.append(1)
+        return plan
+    if taken.get("--socket-group") is not None:
+        raise RunError("the backend command gives --socket-group without --fd or --socket-path")
+    if not plan._fd_at:
+        raise RunError(f"the backend command must take the socket fastshadow gives it: write {FD_PLACEHOLDER} "
+                       f"where its fd number goes (qemu-storage-daemon: addr.type=fd,addr.str={FD_PLACEHOLDER}), "
+                       f"or give virtiofsd's --fd=N or --socket-path=PATH, which fastshadow takes over")
+    if not own_frontend:
+        raise RunError("no socket for QEMU: give --listen PATH (or --fd N), or virtiofsd's --fd/--socket-path in the "
+                       "backend command")
+    return plan
+
+
+@dataclass(frozen=True)
+class BackendUser:
+    name: str
+    uid: int
+    gid: int
+    groups: tuple[int, ...]
+
+
+def backend_user(spec: str | None, allow_shared_uid: bool) -> BackendUser | None:
+    """The identity the backend runs as: a user of its own (fastshadow/isolation.py: never root,
+    never fastshadow's uid; QEMU's uid is refused by each session's check). None: as we run,
+    only with --allow-shared-uid (test beds)."""
+    me = os.geteuid()
+    if spec is None:
+        if allow_shared_uid:
+            return None
+        raise RunError("--backend-user USER is required: the backend must run as a user of its own (not root, "
+                       "not QEMU's or fastshadow's user); --allow-shared-uid runs it as fastshadow runs")
+    try:
+        pw = pwd.getpwuid(int(spec)) if spec.isdigit() else pwd.getpwnam(spec)
+    except KeyError:
+        raise RunError(f"--backend-user {spec}: no such user") from None
+    if not allow_shared_uid:
+        if pw.pw_uid == 0:
+            raise RunError(f"--backend-user {spec}: root can open QEMU's /proc/PID/fd and map guest RAM without "
+                           f"fastshadow; give a user of its own")
+        if pw.pw_uid == me:
+            raise RunError(f"--backend-user {spec}: that is fastshadow's own uid (fastshadow maps guest RAM); give "
+                           f"a user of its own")
+    if me != 0 and pw.pw_uid != me:
+        raise RunError(f"--backend-user {spec}: fastshadow runs as uid {me} and cannot switch to another user "
+                       f"(start it as root; it keeps root only to supervise the backend)")
+    return BackendUser(pw.pw_name, pw.pw_uid, pw.pw_gid, tuple(os.getgrouplist(pw.pw_name, pw.pw_gid)))
+
+
+class PrivateSocket:
+    """A unix socket bound in a 0700 directory of fastshadow's, not yet listening: the backend
+    child calls listen() after it took its own identity (so SO_PEERCRED names it)."""
+
+    def __init__(self) -> None:
+        base = os.environ.get("RUNTIME_DIRECTORY", "").split(":")[0] or None  # systemd RuntimeDirectory=
+        self.dir = tempfile.mkdtemp(prefix="fastshadow-run-", dir=base)
+        self.path = os.path.join(self.dir, "backend.sock")
+        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        self.sock.bind(self.path)
+        os.set_inheritable(self.sock.fileno(), True)
+
+    def close(self) -> None:
+        self.sock.close()
+        shutil.rmtree(self.dir, ignore_errors=True)
+
+
+def _signame(n: int) -> str:
+    try:
+        return signal.Signals(n).name
+    except ValueError:
+        return str(n)
+
+
+class BackendChild:
+    """The backend process: started as its user on the private socket, watched, stopped."""
+
+    def __init__(self, argv: list[str], user: BackendUser | None, userns: bool, private: PrivateSocket):
+        self.user = user
+        self.private = private
+        prefix = []
+        if userns:
+            unshare = shutil.which("unshare")
+            if unshare is None:
+                raise RunError("--backend-userns needs util-linux's unshare, which is not in PATH")
+            prefix = [unshare, "--user", "--map-root-user", "--"]
+        self.argv = prefix + argv
+        self.proc: subprocess.Popen | None = None
+        self.stop_signal: int | None = None
+
+    def _in_child(self) -> None:
+        # Runs after the uid/gid change, before exec: a change of credentials clears the
+        # parent-death signal, so it is set here; then listen(), as the backend.
+        ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+        signal.pthread_sigmask(signal.SIG_SETMASK, set())
+        self.private.sock.listen(16)
+
+    def start(self) -> int:
+        u = self.user
+        try:
+            self.proc = subprocess.Popen(
+                self.argv, stdin=subprocess.DEVNULL, pass_fds=[self.private.sock.fileno()],
+                user=u.uid if u else None, group=u.gid if u else None, extra_groups=list(u.groups) if u else None,
+                preexec_fn=self._in_child)
+        except OSError as e:
+            raise RunError(f"cannot start the backend {self.argv[0]}: {e.strerror or e}") from None
+        except subprocess.SubprocessError as e:
+            raise RunError(f"cannot start the backend {self.argv[0]}: {e}") from None
+        # listen() happened in the child before exec, which Popen waited for.
+        kv(log, logging.INFO, "backend.started", pid=self.proc.pid, user=u.name if u else str(os.geteuid()),
+           uid=u.uid if u else os.geteuid(), socket=self.private.path, command=" ".join(self.argv))
+        return self.proc.pid
+
+    def forward(self, signum: int) -> None:
+        self.stop_signal = signum
+        if self.proc is not None and self.proc.poll() is None:
+            try:
+                self.proc.send_signal(signum)
+            except ProcessLookupError:
+                pass
+
+    def stop(self, timeout: float = 10.0) -> None:
+        """Make sure the backend is gone: SIGTERM, then SIGKILL after `timeout`."""
+        if self.proc is None or self.proc.poll() is not None:
+            return
+        if self.stop_signal is None:
+            self.forward(signal.SIGTERM)
+        try:
+            self.proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
+
+    def exit_status(self) -> int:
+        """One `backend.exited` line; our exit status: the backend's (128+N for signal N), or 0
+        when it ended on a stop signal fastshadow forwarded."""
+        rc = self.proc.wait()
+        fields = dict(pid=self.proc.pid, status=rc if rc >= 0 else 128 - rc)
+        if rc < 0:
+            fields["signal"] = _signame(-rc)
+        if self.stop_signal is not None:
+            kv(log, logging.INFO, "backend.exited", **fields, reason=f"stopped ({_signame(self.stop_signal)})")
+            return 0
+        kv(log, logging.INFO if rc == 0 else logging.WARNING, "backend.exited", **fields,
+           action="fastshadow exits with its status (no restart: the supervisor decides)")
+        return fields["status"]
+
