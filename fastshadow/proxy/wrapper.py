@@ -211,6 +211,10 @@ class BackendChild:
                 raise RunError("--backend-userns needs util-linux's unshare, which is not in PATH")
             prefix = [unshare, "--user", "--map-root-user", "--"]
         self.argv = prefix + argv
+        # Supplementary groups: the user's, except in a user namespace of its own, where they
+        # would show as unmapped (nogroup) and cannot be dropped there (setgroups is denied
+        # in a namespace mapped by an unprivileged user; virtiofsd exits on that).
+        self.groups = [] if userns or user is None else list(user.groups)
         self.proc: subprocess.Popen | None = None
         self.stop_signal: int | None = None
 
@@ -226,7 +230,7 @@ class BackendChild:
         try:
             self.proc = subprocess.Popen(
                 self.argv, stdin=subprocess.DEVNULL, pass_fds=[self.private.sock.fileno()],
-                user=u.uid if u else None, group=u.gid if u else None, extra_groups=list(u.groups) if u else None,
+                user=u.uid if u else None, group=u.gid if u else None, extra_groups=self.groups if u else None,
                 preexec_fn=self._in_child)
         except OSError as e:
             raise RunError(f"cannot start the backend {self.argv[0]}: {e.strerror or e}") from None

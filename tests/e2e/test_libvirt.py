@@ -23,8 +23,10 @@ is the one the README shows.
 from __future__ import annotations
 
 import grp
+import hashlib
 import os
 import pwd
+import random
 import re
 import shutil
 import stat
@@ -41,13 +43,15 @@ from fastshadow.guest import parse_console
 from fastshadow.guest.daemon import wait_listening
 from fastshadow.guest.qsd import StorageDaemon
 from fastshadow.guest.testpmd import Testpmd
-from fastshadow.isolation import check_isolation
+from fastshadow.guest.virtiofsd import find_virtiofsd
+from fastshadow.isolation import check_isolation, process_tree
 
 from ..conftest import need_binary
 
 pytestmark = [pytest.mark.vm,
               pytest.mark.skipif(os.geteuid() != 0, reason="starts libvirtd and runs peers as other users: needs root")]
 
+ROOT = Path(__file__).resolve().parents[2]
 URI = "qemu:///system"
 QEMU_USER = "libvirt-qemu"
 BACKEND_USER = "fs-backend"
@@ -85,6 +89,41 @@ NIC_OVERRIDE = """\
       </qemu:frontend>
     </qemu:device>
   </qemu:override>"""
+
+# libvirt starts `binary` (contrib/fastshadow-virtiofsd: fastshadow run in front of virtiofsd)
+# as it would start virtiofsd: as root, with --fd=N (QEMU's socket) -o source=DIR,...
+FS_XML = """\
+    <filesystem type='mount' accessmode='passthrough'>
+      <driver type='virtiofs' queue='1024'/>
+      <binary path='{binary}'/>
+      <source dir='{share}'/>
+      <target dir='myfs'/>
+    </filesystem>"""
+FS_CMDLINE = 'console=ttyS0 panic=-1 fastshadow.cmd="mount -t virtiofs myfs /mnt && cp /mnt/run.sh /run.sh && sh /run.sh"'
+# Runs in the guest from a copy, so that /mnt can be unmounted at the end.
+FS_GUEST_SCRIPT = """\
+set -e
+echo FS-MOUNTED
+i=0
+while [ ! -e /mnt/go ]; do
+    i=$((i + 1))
+    [ $i -lt 600 ] || { echo "host never said go"; exit 3; }
+    usleep 100000
+done
+sha256sum /mnt/in.bin > /mnt/guest-read.sha
+dd if=/dev/urandom of=/mnt/guest.bin bs=64k count=32 2>/dev/null
+sha256sum /mnt/guest.bin > /mnt/guest-write.sha
+echo FS-WRITTEN
+i=0
+while [ ! -e /mnt/go2 ]; do
+    i=$((i + 1))
+    [ $i -lt 600 ] || { echo "host never said go2"; exit 3; }
+    usleep 100000
+done
+cd /
+umount /mnt
+echo FS-UNMOUNTED
+"""
 
 DOMAIN_XML = """\
 <domain type='qemu' xmlns:qemu='http://libvirt.org/schemas/domain/qemu/1.0'>
@@ -361,3 +400,82 @@ def test_libvirt_domain_with_isolated_vhostuser_nic(deployment):
     assert sent == received >= NET_COUNT
     assert re.search(r"FASTSHADOW-GUEST DONE boot=\d+ result=PASS", text), text[-3000:]
     d.check_proxy_log()
+
+
+def test_libvirt_domain_with_isolated_virtiofs(deployment):
+    """libvirt starts fastshadow in front of virtiofsd itself: `<binary path>` names
+    contrib/fastshadow-virtiofsd, which runs `fastshadow run` as root (libvirt's choice for
+    virtiofsd); fastshadow takes libvirt's --fd=N for QEMU's side and starts virtiofsd as
+    fs-backend, root of a user namespace of its own, on a private socket. The guest reads a
+    host file and writes one of its own, both checked byte for byte on the host; while the
+    share is mounted virtiofsd's process tree maps no guest RAM; the session passed the
+    identity check (three uids: libvirt-qemu, root for fastshadow, fs-backend)."""
+    virtiofsd = find_virtiofsd()
+    if virtiofsd is None:
+        pytest.skip("virtiofsd is not installed (setup installs qemu-system-common)")
+    need_binary("unshare")
+    d = deployment
+    script = (ROOT / "contrib" / "fastshadow-virtiofsd").read_text()
+    installed = "/usr/local/bin/fastshadow run"
+    assert installed in script and "/usr/lib/qemu/virtiofsd" in script
+    binary = d.top / "fastshadow-virtiofsd"
+    binary.write_text(script.replace(installed, f"{sys.executable} -m fastshadow.cli run")
+                      .replace("/usr/lib/qemu/virtiofsd", virtiofsd))
+    binary.chmod(0o755)
+    # The share is the backend user's: inside its user namespace only that uid is mapped.
+    share = d.top / "share"
+    share.mkdir()
+    data = random.Random(11).randbytes((4 << 20) + 4097)
+    (share / "in.bin").write_bytes(data)
+    (share / "run.sh").write_text(FS_GUEST_SCRIPT)
+    for p in (share, *share.iterdir()):
+        os.chown(p, d.backend_pw.pw_uid, d.backend_pw.pw_gid)
+
+    qemu_pid = d.create_domain(FS_XML.format(binary=binary, share=share), FS_CMDLINE)
+    d.wait_console("FS-MOUNTED", 120)
+    # libvirt's pid file of the program it started for the filesystem (alias fs0).
+    [pidfile] = [p for d in (Path("/run/libvirt/qemu"), *Path("/var/lib/libvirt/qemu").glob("domain-*"))
+                 for p in d.glob("*fs0-fs.pid")]
+    proxy_pid = int(pidfile.read_text())
+    assert proc_uids(proxy_pid)[0] == 0  # libvirt runs <binary> as root
+    tree = process_tree(proxy_pid)
+    backend = [p for p in tree if p != proxy_pid and proc_uids(p)[0] == d.backend_pw.pw_uid]
+    assert backend, f"no process of {BACKEND_USER} under fastshadow (pid {proxy_pid}): {tree}"
+    vfs_pid = min(backend)  # the one fastshadow started; virtiofsd serves from a sandboxed child
+    assert all(proc_uids(p) == [d.backend_pw.pw_uid] * 4 for p in process_tree(vfs_pid))
+    rep = check_isolation(vfs_pid, qemu_pid)
+    print("\n".join(rep.lines()))
+    assert rep.isolated and len(rep.pids) >= 2, "\n".join(rep.lines())
+
+    (share / "go").touch()
+    d.wait_console("FS-WRITTEN", 120)
+    rep = check_isolation(vfs_pid, qemu_pid)
+    assert rep.isolated, "\n".join(rep.lines())
+    (share / "go2").touch()
+    text = d.wait_console("FASTSHADOW-GUEST DONE", 120, while_running=False)
+    assert re.search(r"FASTSHADOW-GUEST DONE boot=\d+ result=PASS", text), text[-3000:]
+    assert "FS-UNMOUNTED" in text
+
+    read_sum, name = (share / "guest-read.sha").read_text().split()
+    assert name == "/mnt/in.bin" and read_sum == hashlib.sha256(data).hexdigest()
+    wrote, name = (share / "guest-write.sha").read_text().split()
+    assert name == "/mnt/guest.bin" and hashlib.sha256((share / "guest.bin").read_bytes()).hexdigest() == wrote
+    assert (share / "guest.bin").stat().st_size == 2 << 20
+    assert (share / "guest.bin").stat().st_uid == d.backend_pw.pw_uid  # the guest's root, mapped
+
+    # The guest powered off: QEMU, then virtiofsd, then fastshadow are gone (libvirt may also
+    # have sent its SIGTERM, which fastshadow forwards); one line says how the backend ended.
+    deadline = time.monotonic() + 30
+    while any(Path(f"/proc/{p}").exists() for p in (proxy_pid, vfs_pid)):
+        assert time.monotonic() < deadline, f"fastshadow {proxy_pid} or virtiofsd {vfs_pid} outlived the domain"
+        time.sleep(0.1)
+    log = Path(f"/var/log/libvirt/qemu/{DOMAIN}-fs0-virtiofsd.log").read_text(errors="replace")
+    log = log[log.rindex("backend.started"):]  # this run's lines (libvirt appends)
+    [ended] = [ln for ln in log.splitlines() if "backend.exited" in ln]
+    assert f"backend.exited pid={vfs_pid} status=0" in ended, ended
+    [ident] = [ln for ln in log.splitlines() if "isolation.identities" in ln]
+    assert (f"qemu_pid={qemu_pid} qemu_uid={d.qemu_pw.pw_uid} backend_pid={vfs_pid} "
+            f"backend_uid={d.backend_pw.pw_uid} fastshadow_uid=0") in ident, ident
+    assert "session.start dev=dev0 mode=isolated" in log
+    for bad in ("isolation.refused", "isolation.shared_uid", "session.refused", "dataplane.refused"):
+        assert bad not in log, log[-3000:]
