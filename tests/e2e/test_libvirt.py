@@ -467,7 +467,8 @@ def test_libvirt_domain_with_isolated_virtiofs(deployment):
     # have sent its SIGTERM, which fastshadow forwards); one line says how the backend ended.
     deadline = time.monotonic() + 30
     while any(Path(f"/proc/{p}").exists() for p in (proxy_pid, vfs_pid)):
-        assert time.monotonic() < deadline, f"fastshadow {proxy_pid} or virtiofsd {vfs_pid} outlived the domain"
+        if time.monotonic() > deadline:
+            raise AssertionError(f"fastshadow {proxy_pid} or virtiofsd {vfs_pid} outlived the domain")
         time.sleep(0.1)
     log = Path(f"/var/log/libvirt/qemu/{DOMAIN}-fs0-virtiofsd.log").read_text(errors="replace")
     log = log[log.rindex("backend.started"):]  # this run's lines (libvirt appends)
