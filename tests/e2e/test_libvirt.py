@@ -16,8 +16,14 @@ The guest checker writes and verifies data on the disk (the NIC: ICMP echoes of 
 bytes, every reply byte checked); while it runs, the backend's
 /proc/PID/maps and fds must hold fastshadow's shadow memory and no guest RAM
 (fastshadow.isolation.check_isolation), and the proxy must have served the session
-without --allow-shared-uid (its run-time identity check passed). The domain XML below
-is the one the README shows.
+without --allow-shared-uid (its run-time identity check passed).
+
+A third domain has a `<filesystem>` (virtio-fs) whose `<binary>` libvirt starts itself:
+contrib/fastshadow-virtiofsd, `fastshadow run` (root, as libvirt runs it) in front of
+virtiofsd (`fs-backend`, root of a user namespace of its own).
+
+Every piece of XML is read from README.md ("Deployment with libvirt"), so the README shows
+what is tested.
 """
 
 from __future__ import annotations
@@ -63,42 +69,31 @@ NET_COUNT = 500
 NET_CMDLINE = ('console=ttyS0 panic=-1 fastshadow.cmd="ip link set eth0 up && ip addr add 10.7.0.1/24 dev eth0 && '
                f'/netcheck --dst 10.7.0.2 --count {NET_COUNT} --min-ms 3000 --window 16 --min 0 --max 1472 --seed 7"')
 
-DISK_XML = """\
-    <disk type='vhostuser' device='disk'>
-      <driver name='qemu' type='raw'/>
-      <source type='unix' path='{socket}'>
-        <reconnect enabled='yes' timeout='1'/>
-      </source>
-      <target dev='vda' bus='virtio'/>
-    </disk>"""
+# The XML comes from README.md ("Deployment with libvirt"): the blocks marked
+# `<!-- test_libvirt.py: NAME -->`, with the README's example paths replaced by the test's.
+# QEMU 7.2 under TCG crashes on vhost-user-net with MSI-X, hence the README's
+# `nic-override` block (vectors=0 on libvirt's device `net0`). `<binary>` of the
+# `filesystem` block names contrib/fastshadow-virtiofsd, which libvirt starts as root as it
+# would start virtiofsd (--fd=N -o source=DIR,...).
+README = ROOT / "README.md"
 
-# QEMU 7.2 under TCG crashes on vhost-user-net with MSI-X: vectors=0 (libvirt has no
-# attribute for it; <qemu:override> sets the property on libvirt's device `net0`).
-NIC_XML = """\
-    <interface type='vhostuser'>
-      <source type='unix' path='{socket}' mode='client'>
-        <reconnect enabled='yes' timeout='1'/>
-      </source>
-      <model type='virtio'/>
-    </interface>"""
-NIC_OVERRIDE = """\
-  <qemu:override>
-    <qemu:device alias='net0'>
-      <qemu:frontend>
-        <qemu:property name='vectors' type='unsigned' value='0'/>
-      </qemu:frontend>
-    </qemu:device>
-  </qemu:override>"""
 
-# libvirt starts `binary` (contrib/fastshadow-virtiofsd: fastshadow run in front of virtiofsd)
-# as it would start virtiofsd: as root, with --fd=N (QEMU's socket) -o source=DIR,...
-FS_XML = """\
-    <filesystem type='mount' accessmode='passthrough'>
-      <driver type='virtiofs' queue='1024'/>
-      <binary path='{binary}'/>
-      <source dir='{share}'/>
-      <target dir='myfs'/>
-    </filesystem>"""
+def readme_xml(name: str, **replace: str) -> str:
+    """README block `name`, each key (an example value the README shows) replaced; every
+    key must occur, so the README and this test cannot drift apart silently."""
+    m = re.search(rf"<!-- test_libvirt\.py: {re.escape(name)} -->\n```xml\n(.*?)```", README.read_text(), re.S)
+    assert m, f"README.md has no XML block marked <!-- test_libvirt.py: {name} -->"
+    xml = m.group(1)
+    for old, new in replace.items():
+        assert old in xml, f"README block {name!r} no longer shows {old!r}"
+        xml = xml.replace(old, new)
+    return xml
+
+
+README_SOCKETS = {"blk": "/run/fastshadow/disk0.sock", "net": "/run/fastshadow/net0.sock"}
+README_CMDLINE = BLK_CMDLINE  # the README's domain shows the disk test's guest command line
+
+
 FS_CMDLINE = 'console=ttyS0 panic=-1 fastshadow.cmd="mount -t virtiofs myfs /mnt && cp /mnt/run.sh /run.sh && sh /run.sh"'
 # Runs in the guest from a copy, so that /mnt can be unmounted at the end.
 FS_GUEST_SCRIPT = """\
@@ -124,37 +119,6 @@ cd /
 umount /mnt
 echo FS-UNMOUNTED
 """
-
-DOMAIN_XML = """\
-<domain type='qemu' xmlns:qemu='http://libvirt.org/schemas/domain/qemu/1.0'>
-  <name>{name}</name>
-  <memory unit='MiB'>256</memory>
-  <vcpu>1</vcpu>
-  <memoryBacking>
-    <source type='memfd'/>
-    <access mode='shared'/>
-  </memoryBacking>
-  <os>
-    <type arch='x86_64' machine='q35'>hvm</type>
-    <kernel>{kernel}</kernel>
-    <initrd>{initrd}</initrd>
-    <cmdline>{cmdline}</cmdline>
-  </os>
-  <on_poweroff>destroy</on_poweroff>
-  <on_reboot>destroy</on_reboot>
-  <on_crash>destroy</on_crash>
-  <devices>
-{device}
-    <serial type='file'>
-      <source path='{console}'/>
-    </serial>
-    <controller type='usb' model='none'/>
-    <memballoon model='none'/>
-  </devices>
-{extra}
-</domain>
-"""
-
 
 def virsh(*args: str, timeout: float = 30, check: bool = True) -> subprocess.CompletedProcess:
     r = subprocess.run(["virsh", "-c", URI, *args], capture_output=True, text=True, timeout=timeout)
@@ -291,10 +255,16 @@ class Deployment:
         return sock
 
     def create_domain(self, device_xml: str, cmdline: str, extra: str = "") -> int:
+        """The README's domain, its `<disk>` replaced by `device_xml` and `extra` added at the end."""
+        domain = readme_xml("domain", **{"/path/to/vmlinuz": str(self.top / "kernel"),
+                                         "/path/to/initrd": str(self.top / "initrd"),
+                                         "/path/to/console.log": str(self.console),
+                                         README_CMDLINE: escape(cmdline),
+                                         "<name>fastshadow-libvirt-test</name>": f"<name>{DOMAIN}</name>"})
+        [disk] = re.findall(r"    <disk .*?</disk>\n", domain, re.S)
+        domain = domain.replace(disk, device_xml.rstrip("\n") + "\n").replace("</domain>", extra + "</domain>")
         xml = self.top / "domain.xml"
-        xml.write_text(DOMAIN_XML.format(name=DOMAIN, kernel=self.top / "kernel", initrd=self.top / "initrd",
-                                         cmdline=escape(cmdline), device=device_xml, console=self.console,
-                                         extra=extra))
+        xml.write_text(domain)
         virsh("create", str(xml), timeout=60)
         self.domain_started = True
         self.qemu_pid = int(Path(f"/run/libvirt/qemu/{DOMAIN}.pid").read_text())
@@ -368,7 +338,9 @@ def test_libvirt_domain_with_isolated_vhostuser_disk(deployment):
     os.chown(disk, d.backend_pw.pw_uid, d.backend_pw.pw_gid)
     qsd = d.start_backend(StorageDaemon(d.backend_dir / "qsd.sock", disk=disk, log_path=d.top / "qsd.log"))
     sock = d.start_proxy("blk", qsd.socket_path)
-    d.create_domain(DISK_XML.format(socket=sock), BLK_CMDLINE)
+    [disk] = re.findall(r"    <disk .*?</disk>\n", readme_xml("domain"), re.S)
+    assert README_SOCKETS["blk"] in disk
+    d.create_domain(disk.replace(README_SOCKETS["blk"], str(sock)), BLK_CMDLINE)
 
     # While the checker runs, the backend reaches the shadow region and no guest RAM.
     d.wait_console("checker[q0]: device=", 120)
@@ -387,7 +359,8 @@ def test_libvirt_domain_with_isolated_vhostuser_nic(deployment):
     d = deployment
     pmd = d.start_backend(Testpmd(d.backend_dir / "pmd.sock", log_path=d.top / "testpmd.log"))
     sock = d.start_proxy("net", pmd.socket_path)
-    d.create_domain(NIC_XML.format(socket=sock), NET_CMDLINE, extra=NIC_OVERRIDE)
+    d.create_domain(readme_xml("nic", **{README_SOCKETS["net"]: str(sock)}), NET_CMDLINE,
+                    extra=readme_xml("nic-override"))
 
     # While traffic flows, testpmd reaches the shadow region and no guest RAM.
     d.wait_console("FASTSHADOW-NET FLOWING", 120)
@@ -431,7 +404,8 @@ def test_libvirt_domain_with_isolated_virtiofs(deployment):
     for p in (share, *share.iterdir()):
         os.chown(p, d.backend_pw.pw_uid, d.backend_pw.pw_gid)
 
-    qemu_pid = d.create_domain(FS_XML.format(binary=binary, share=share), FS_CMDLINE)
+    qemu_pid = d.create_domain(readme_xml("filesystem", **{"/usr/local/libexec/fastshadow-virtiofsd": str(binary),
+                                                           "/srv/share": str(share)}), FS_CMDLINE)
     d.wait_console("FS-MOUNTED", 120)
     # libvirt's pid file of the program it started for the filesystem (alias fs0).
     [pidfile] = [p for d in (Path("/run/libvirt/qemu"), *Path("/var/lib/libvirt/qemu").glob("domain-*"))
