@@ -35,6 +35,7 @@ import pwd
 import random
 import re
 import shutil
+import signal
 import stat
 import subprocess
 import sys
@@ -62,7 +63,8 @@ URI = "qemu:///system"
 QEMU_USER = "libvirt-qemu"
 BACKEND_USER = "fs-backend"
 PROXY_USER = "fastshadow"
-DOMAIN = "fastshadow-libvirt-test"
+# A name of this run's own (libvirt's cgroups are named after the domain, across daemons).
+DOMAIN = f"fastshadow-libvirt-test-{os.getpid()}"
 
 BLK_CMDLINE = 'console=ttyS0 panic=-1 fastshadow.check="--total 8M --min 512 --max 1M" fastshadow.queues=1'
 NET_COUNT = 500
@@ -136,40 +138,78 @@ def ensure_user(name: str) -> pwd.struct_passwd:
         return pwd.getpwnam(name)
 
 
+class Libvirtd:
+    """A libvirtd (and the virtlogd it writes QEMU's logs through) of this test's own, for
+    qemu:///system, in a mount namespace where /run/libvirt, /var/lib/libvirt and
+    /var/log/libvirt are directories under `base`: other engineers' test runs on the same
+    machine, and a system libvirtd, each have theirs (sockets, pid files, domain state,
+    logs). /etc/libvirt (configuration) and /var/cache/libvirt (QEMU capabilities) are
+    shared, read as usual. No systemd needed."""
+
+    MOUNTS = ("/run/libvirt", "/var/lib/libvirt", "/var/log/libvirt")
+
+    def __init__(self, base: Path):
+        self.base = base
+        self.dirs = {m: base / m.rsplit("/", 1)[0].strip("/").replace("/", "-") for m in self.MOUNTS}
+        self.run_dir = self.dirs["/run/libvirt"]        # as libvirtd sees it: /run/libvirt
+        self.lib_dir = self.dirs["/var/lib/libvirt"]
+        self.log_dir = self.dirs["/var/log/libvirt"]
+        self.uri = f"qemu:///system?socket={self.run_dir}/libvirt-sock"
+        self.proc: subprocess.Popen | None = None
+
+    def start(self, log) -> None:
+        self.base.chmod(0o755)  # QEMU (libvirt-qemu) reaches its domain's directories below
+        for d in self.dirs.values():
+            d.mkdir()
+            d.chmod(0o755)
+        mounts = " && ".join(f"mkdir -p {m} && mount --bind {d} {m}" for m, d in self.dirs.items())
+        script = (f"set -e; {mounts}; virtlogd -p {self.base}/virtlogd.pid & "
+                  f"exec libvirtd -p {self.base}/libvirtd.pid")
+        self.proc = subprocess.Popen(["unshare", "--mount", "--propagation", "private", "sh", "-c", script],
+                                     stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
+                                     start_new_session=True)
+
+    def stop(self) -> None:
+        """libvirtd and virtlogd (its process group; the domains' QEMUs are daemonized apart)."""
+        if self.proc is None:
+            return
+        for sig, wait in ((signal.SIGTERM, 15), (signal.SIGKILL, 15)):
+            try:
+                os.killpg(self.proc.pid, sig)
+            except ProcessLookupError:
+                break
+            try:
+                self.proc.wait(wait)
+                break
+            except subprocess.TimeoutExpired:
+                continue
+        shutil.rmtree(self.base, ignore_errors=True)
+
+
 @pytest.fixture
 def libvirtd(workdir):
-    """A libvirtd for qemu:///system: the one running, else one started here (with the
-    virtlogd it writes QEMU's logs through) and stopped at the end. No systemd needed."""
+    """A libvirtd of this test's own (Libvirtd), stopped at the end; virsh() talks to it."""
+    global URI
     need_binary("libvirtd")
     need_binary("virsh")
     need_binary("virtlogd")
-    if virsh("version", check=False).returncode == 0:
-        yield None
-        return
-    procs = []
+    need_binary("unshare")
+    daemon = Libvirtd(Path(tempfile.mkdtemp(prefix="fs-libvirtd-")))
     log = open(workdir / "libvirtd.log", "wb")
+    saved, URI = URI, daemon.uri
     try:
-        for argv in (["virtlogd"], ["libvirtd"]):
-            procs.append(subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
-                                          start_new_session=True))
-        deadline = time.monotonic() + 30
+        daemon.start(log)
+        deadline = time.monotonic() + 60
         while virsh("version", check=False).returncode != 0:
-            for p in procs:
-                if p.poll() is not None:
-                    pytest.fail(f"{p.args[0]} exited with {p.returncode}: {Path(log.name).read_text()[-2000:]}")
+            if daemon.proc.poll() is not None:
+                pytest.fail(f"libvirtd exited with {daemon.proc.returncode}: {Path(log.name).read_text()[-2000:]}")
             if time.monotonic() > deadline:
-                pytest.fail(f"libvirtd not answering on {URI} within 30 s: {Path(log.name).read_text()[-2000:]}")
+                pytest.fail(f"libvirtd not answering on {URI} within 60 s: {Path(log.name).read_text()[-2000:]}")
             time.sleep(0.2)
-        yield procs[1]
+        yield daemon
     finally:
-        for p in reversed(procs):
-            if p.poll() is None:
-                p.terminate()
-                try:
-                    p.wait(15)
-                except subprocess.TimeoutExpired:
-                    p.kill()
-                    p.wait()
+        daemon.stop()
+        URI = saved
         log.close()
 
 
@@ -201,7 +241,8 @@ class Deployment:
     group), `top/run` fastshadow's; all of `top` is searchable by libvirt-qemu (pytest's
     tmp dirs are root's, mode 0700), and holds copies of the guest's kernel and initrd."""
 
-    def __init__(self, guest_image, workdir: Path):
+    def __init__(self, guest_image, workdir: Path, libvirt: Libvirtd):
+        self.libvirt = libvirt
         self.qemu_pw = pwd.getpwnam(QEMU_USER)            # created by libvirt-daemon-system
         self.socket_gid = grp.getgrnam(QEMU_USER).gr_gid
         self.backend_pw = ensure_user(BACKEND_USER)
@@ -267,7 +308,7 @@ class Deployment:
         xml.write_text(domain)
         virsh("create", str(xml), timeout=60)
         self.domain_started = True
-        self.qemu_pid = int(Path(f"/run/libvirt/qemu/{DOMAIN}.pid").read_text())
+        self.qemu_pid = int((self.libvirt.run_dir / "qemu" / f"{DOMAIN}.pid").read_text())
         assert proc_uids(self.qemu_pid) == [self.qemu_pw.pw_uid] * 4, "QEMU does not run as libvirt-qemu"
         return self.qemu_pid
 
@@ -323,7 +364,7 @@ class Deployment:
 @pytest.fixture
 def deployment(libvirtd, guest_image, workdir):
     need_binary("setpriv")
-    d = Deployment(guest_image, workdir)
+    d = Deployment(guest_image, workdir, libvirtd)
     yield d
     rc = d.close()
     assert rc in (None, 0), f"fastshadow exited with {rc}:\n" + d.proxy_log.read_text(errors="replace")[-3000:]
@@ -408,8 +449,9 @@ def test_libvirt_domain_with_isolated_virtiofs(deployment):
                                                            "/srv/share": str(share)}), FS_CMDLINE)
     d.wait_console("FS-MOUNTED", 120)
     # libvirt's pid file of the program it started for the filesystem (alias fs0).
-    [pidfile] = [p for d in (Path("/run/libvirt/qemu"), *Path("/var/lib/libvirt/qemu").glob("domain-*"))
-                 for p in d.glob("*fs0-fs.pid")]
+    lv = d.libvirt
+    [pidfile] = [p for run in (lv.run_dir / "qemu", *(lv.lib_dir / "qemu").glob("domain-*"))
+                 for p in run.glob("*fs0-fs.pid")]
     proxy_pid = int(pidfile.read_text())
     assert proc_uids(proxy_pid)[0] == 0  # libvirt runs <binary> as root
     tree = process_tree(proxy_pid)
@@ -444,7 +486,7 @@ def test_libvirt_domain_with_isolated_virtiofs(deployment):
         if time.monotonic() > deadline:
             raise AssertionError(f"fastshadow {proxy_pid} or virtiofsd {vfs_pid} outlived the domain")
         time.sleep(0.1)
-    log = Path(f"/var/log/libvirt/qemu/{DOMAIN}-fs0-virtiofsd.log").read_text(errors="replace")
+    log = (lv.log_dir / "qemu" / f"{DOMAIN}-fs0-virtiofsd.log").read_text(errors="replace")
     log = log[log.rindex("backend.started"):]  # this run's lines (libvirt appends)
     [ended] = [ln for ln in log.splitlines() if "backend.exited" in ln]
     assert f"backend.exited pid={vfs_pid} status=0" in ended, ended
