@@ -145,6 +145,7 @@ class BackendUser:
     uid: int
     gid: int
     groups: tuple[int, ...]
+    home: str = "/"
 
 
 def backend_user(spec: str | None, allow_shared_uid: bool) -> BackendUser | None:
@@ -171,7 +172,7 @@ def backend_user(spec: str | None, allow_shared_uid: bool) -> BackendUser | None
     if me != 0 and pw.pw_uid != me:
         raise RunError(f"--backend-user {spec}: fastshadow runs as uid {me} and cannot switch to another user "
                        f"(start it as root; it keeps root only to supervise the backend)")
-    return BackendUser(pw.pw_name, pw.pw_uid, pw.pw_gid, tuple(os.getgrouplist(pw.pw_name, pw.pw_gid)))
+    return BackendUser(pw.pw_name, pw.pw_uid, pw.pw_gid, tuple(os.getgrouplist(pw.pw_name, pw.pw_gid)), pw.pw_dir)
 
 
 class PrivateSocket:
@@ -189,6 +190,18 @@ class PrivateSocket:
     def close(self) -> None:
         self.sock.close()
         shutil.rmtree(self.dir, ignore_errors=True)
+
+
+#: fastshadow's own, from its supervisor: never the backend's (it would take systemd's
+#: notification socket or the listen fds' description for its own).
+_NOT_INHERITED = ("NOTIFY_SOCKET", "LISTEN_FDS", "LISTEN_PID", "LISTEN_FDNAMES", "WATCHDOG_PID", "WATCHDOG_USEC")
+
+
+def backend_environment(user: BackendUser | None) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if k not in _NOT_INHERITED}
+    if user is not None:
+        env.update(HOME=user.home, USER=user.name, LOGNAME=user.name)
+    return env
 
 
 def _signame(n: int) -> str:
@@ -230,6 +243,7 @@ class BackendChild:
         try:
             self.proc = subprocess.Popen(
                 self.argv, stdin=subprocess.DEVNULL, pass_fds=[self.private.sock.fileno()],
+                env=backend_environment(u),
                 user=u.uid if u else None, group=u.gid if u else None, extra_groups=self.groups if u else None,
                 preexec_fn=self._in_child)
         except OSError as e:

@@ -34,11 +34,11 @@ NOBODY = pwd.getpwnam("nobody")
 class Run:
     """`fastshadow run ...` as a process, its output (fastshadow's and the backend's) in a file."""
 
-    def __init__(self, workdir: Path, args: list[str], name: str = "run"):
+    def __init__(self, workdir: Path, args: list[str], name: str = "run", env: dict | None = None):
         self.log_path = workdir / f"{name}.log"
         with open(self.log_path, "wb") as out:
             self.proc = subprocess.Popen([sys.executable, "-m", "fastshadow.cli", "run", *args],
-                                         stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT)
+                                         stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT, env=env)
 
     def log(self) -> str:
         return self.log_path.read_text(errors="replace")
@@ -78,8 +78,8 @@ def user_dir():
 def runs(workdir):
     started: list[Run] = []
 
-    def start(args: list[str], name: str = "run") -> Run:
-        r = Run(workdir, args, name)
+    def start(args: list[str], name: str = "run", env: dict | None = None) -> Run:
+        r = Run(workdir, args, name, env)
         started.append(r)
         return r
     yield start
@@ -112,12 +112,15 @@ def test_run_serves_qsd_started_as_backend_user(workdir, user_dir, runs):
         f.truncate(16 << 20)
     os.chown(disk, NOBODY.pw_uid, NOBODY.pw_gid)
     sock = workdir / "fs.sock"
-    run = runs(["--listen", str(sock), "--backend-user", "nobody", "--", *qsd_command(disk)])
+    run = runs(["--listen", str(sock), "--backend-user", "nobody", "--", *qsd_command(disk)],
+               env={**os.environ, "NOTIFY_SOCKET": str(workdir / "notify.sock")})  # fastshadow's, not the backend's
     wait_listening(sock, run.proc, 20, what="fastshadow run")
     pid = run.backend_pid()
     assert proc_status(pid, "Uid") == [str(NOBODY.pw_uid)] * 4
     assert sorted(proc_status(pid, "Groups")) == sorted(str(g) for g in os.getgrouplist("nobody", NOBODY.pw_gid))
     assert proc_status(pid, "CapEff") == ["0000000000000000"]
+    env = dict(kv.split("=", 1) for kv in Path(f"/proc/{pid}/environ").read_text().split("\0") if "=" in kv)
+    assert env["USER"] == "nobody" and env["HOME"] == NOBODY.pw_dir and "NOTIFY_SOCKET" not in env
     private = Path(run.wait_log(r"socket=\S+").split("=", 1)[1])
     assert private.parent.stat().st_mode & 0o777 == 0o700 and private.parent.stat().st_uid == 0
 
