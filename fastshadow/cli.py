@@ -318,12 +318,12 @@ them, and is not restarted: fastshadow exits when it exits, with its status.
 examples:
   # libvirt's <filesystem><binary path='/usr/local/libexec/fastshadow-virtiofsd'/>:
   # that script holds (libvirt runs it with --fd=N -o source=... as root)
-  exec fastshadow run --device fs --backend-user fs-backend --backend-userns \\
-      -- /usr/lib/qemu/virtiofsd "$@"
+  exec fastshadow run --device fs --proxy-user fastshadow --backend-user fs-backend \\
+      --backend-userns -- /usr/lib/qemu/virtiofsd "$@"
 
   # a disk: QEMU connects to /run/fastshadow/disk0.sock
   fastshadow run --listen /run/fastshadow/disk0.sock --socket-group libvirt-qemu \\
-      --backend-user fs-backend -- qemu-storage-daemon \\
+      --proxy-user fastshadow --backend-user fs-backend -- qemu-storage-daemon \\
       --blockdev driver=file,node-name=d0,filename=/srv/disk0.img \\
       --export type=vhost-user-blk,id=e0,node-name=d0,addr.type=fd,addr.str={fd},writable=on
 """
@@ -338,6 +338,9 @@ def _configure_run(p: argparse.ArgumentParser) -> None:
     p.add_argument("--backend-user", metavar="USER",
                    help="run the backend as this user (name or uid), its primary and supplementary groups; "
                         "never root or fastshadow's own user (required unless --allow-shared-uid)")
+    p.add_argument("--proxy-user", metavar="USER",
+                   help="once the backend runs, fastshadow itself becomes this user (and its groups), keeping "
+                        "only CAP_KILL to stop the backend (default: stay as started; libvirt starts it as root)")
     p.add_argument("--backend-userns", action="store_true",
                    help="run the backend as root of a new user namespace mapped to --backend-user only "
                         "(unshare --map-root-user): for a backend that must be root (virtiofsd's sandbox and "
@@ -352,7 +355,7 @@ def cmd_run(args) -> int:
     from .proxy.config import ConfigError
     from .proxy.endpoints import EndpointError
     from .proxy.server import Proxy
-    from .proxy.wrapper import BackendChild, PrivateSocket, RunError, backend_user, plan_backend
+    from .proxy.wrapper import BackendChild, PrivateSocket, RunError, backend_user, become, plan_backend, proxy_user
 
     command = args.backend_command[1:] if args.backend_command[:1] == ["--"] else args.backend_command
     private = None
@@ -365,7 +368,8 @@ def cmd_run(args) -> int:
         plan = plan_backend(command, own_frontend=bool(args.devices))
         if args.print_capabilities or plan.print_capabilities:
             return print_capabilities(args.device_defaults or {}, args.devices or [])
-        user = backend_user(args.backend_user, bool(args.allow_shared_uid))
+        me = proxy_user(args.proxy_user)
+        user = backend_user(args.backend_user, bool(args.allow_shared_uid), me)
         if not args.devices:
             args.devices = [{"listen": plan.listen} if plan.listen is not None else {"listen_fd": plan.listen_fd}]
             if plan.socket_group is not None:
@@ -390,6 +394,18 @@ def cmd_run(args) -> int:
             print(f"fastshadow run: {e}", file=sys.stderr)
             return 2
         private.sock.close()  # the backend holds it now
+        if me is not None:
+            try:
+                private.give_to(me)
+                become(me)
+            except (RunError, OSError) as e:
+                print(f"fastshadow run: {e}", file=sys.stderr)
+                child.stop()
+                private.close()
+                child.exit_status()
+                return 2
+            logs.kv(logging.getLogger("fastshadow.run"), logging.INFO, "proxy.user", user=me.name, uid=me.uid,
+                    capabilities="CAP_KILL")
         try:
             proxy = Proxy(cfg)
         except (EndpointError, ConfigError) as e:

@@ -23,6 +23,8 @@ program; that program is fastshadow in front of the real backend:
   (util-linux `unshare --map-root-user`): a program that wants to be root (virtiofsd: its
   namespace or chroot sandbox, switching to the guest's uid per request) gets root inside,
   and no capability over anything outside it, QEMU included;
+- with `--proxy-user`, fastshadow then leaves root itself, keeping CAP_KILL alone (to
+  signal the backend, another uid), no_new_privs and an empty bounding set besides;
 - SIGTERM and SIGINT are forwarded to the backend; fastshadow stops when the backend exits
   (one `backend.exited` line) and exits with its status (128+N for a signal N); after a
   forwarded stop signal it exits 0. The backend dies with fastshadow (PR_SET_PDEATHSIG).
@@ -35,6 +37,7 @@ program; that program is fastshadow in front of the real backend:
 from __future__ import annotations
 
 import ctypes
+import errno
 import logging
 import os
 import pwd
@@ -148,31 +151,49 @@ class BackendUser:
     home: str = "/"
 
 
-def backend_user(spec: str | None, allow_shared_uid: bool) -> BackendUser | None:
+def lookup_user(spec: str, option: str) -> BackendUser:
+    try:
+        pw = pwd.getpwuid(int(spec)) if spec.isdigit() else pwd.getpwnam(spec)
+    except KeyError:
+        raise RunError(f"{option} {spec}: no such user") from None
+    return BackendUser(pw.pw_name, pw.pw_uid, pw.pw_gid, tuple(os.getgrouplist(pw.pw_name, pw.pw_gid)), pw.pw_dir)
+
+
+def proxy_user(spec: str | None) -> BackendUser | None:
+    """--proxy-user: the identity fastshadow takes once the backend runs (None: keep ours)."""
+    if spec is None:
+        return None
+    user = lookup_user(spec, "--proxy-user")
+    if os.geteuid() != 0:
+        raise RunError(f"--proxy-user {spec}: fastshadow runs as uid {os.geteuid()} and cannot switch users "
+                       f"(start it as root)")
+    if user.uid == 0:
+        raise RunError(f"--proxy-user {spec}: that is root; give fastshadow a user of its own")
+    return user
+
+
+def backend_user(spec: str | None, allow_shared_uid: bool, proxy: BackendUser | None = None) -> BackendUser | None:
     """The identity the backend runs as: a user of its own (fastshadow/isolation.py: never root,
-    never fastshadow's uid; QEMU's uid is refused by each session's check). None: as we run,
-    only with --allow-shared-uid (test beds)."""
-    me = os.geteuid()
+    never fastshadow's uid -- the --proxy-user's if given; QEMU's uid is refused by each
+    session's check). None: as we run, only with --allow-shared-uid (test beds)."""
+    me = proxy.uid if proxy is not None else os.geteuid()
     if spec is None:
         if allow_shared_uid:
             return None
         raise RunError("--backend-user USER is required: the backend must run as a user of its own (not root, "
                        "not QEMU's or fastshadow's user); --allow-shared-uid runs it as fastshadow runs")
-    try:
-        pw = pwd.getpwuid(int(spec)) if spec.isdigit() else pwd.getpwnam(spec)
-    except KeyError:
-        raise RunError(f"--backend-user {spec}: no such user") from None
+    pw = lookup_user(spec, "--backend-user")
     if not allow_shared_uid:
-        if pw.pw_uid == 0:
+        if pw.uid == 0:
             raise RunError(f"--backend-user {spec}: root can open QEMU's /proc/PID/fd and map guest RAM without "
                            f"fastshadow; give a user of its own")
-        if pw.pw_uid == me:
+        if pw.uid == me:
             raise RunError(f"--backend-user {spec}: that is fastshadow's own uid (fastshadow maps guest RAM); give "
                            f"a user of its own")
-    if me != 0 and pw.pw_uid != me:
-        raise RunError(f"--backend-user {spec}: fastshadow runs as uid {me} and cannot switch to another user "
-                       f"(start it as root; it keeps root only to supervise the backend)")
-    return BackendUser(pw.pw_name, pw.pw_uid, pw.pw_gid, tuple(os.getgrouplist(pw.pw_name, pw.pw_gid)), pw.pw_dir)
+    if os.geteuid() != 0 and pw.uid != os.geteuid():
+        raise RunError(f"--backend-user {spec}: fastshadow runs as uid {os.geteuid()} and cannot switch to another "
+                       f"user (start it as root, and --proxy-user to leave root once the backend runs)")
+    return pw
 
 
 class PrivateSocket:
@@ -187,9 +208,55 @@ class PrivateSocket:
         self.sock.bind(self.path)
         os.set_inheritable(self.sock.fileno(), True)
 
+    def give_to(self, user: BackendUser) -> None:
+        """fastshadow will connect as `user`: the directory and the socket become its."""
+        for path in (self.dir, self.path):
+            os.chown(path, user.uid, user.gid)
+
     def close(self) -> None:
         self.sock.close()
         shutil.rmtree(self.dir, ignore_errors=True)
+
+
+_PR_SET_KEEPCAPS = 8
+_PR_CAPBSET_DROP = 24
+_PR_SET_NO_NEW_PRIVS = 38
+CAP_KILL = 5
+_CAP_VERSION_3 = 0x20080522
+
+
+def become(user: BackendUser) -> None:
+    """fastshadow leaves root for `user` (and its groups), keeping CAP_KILL alone: enough to
+    forward SIGTERM/SIGINT to a backend of another uid, nothing to reach another process's
+    memory or files. The bounding set is emptied but for CAP_KILL and no_new_privs set, so
+    nothing it executes later regains more."""
+    libc = ctypes.CDLL(None, use_errno=True)
+
+    def check(rc: int, what: str) -> None:
+        if rc != 0:
+            err = ctypes.get_errno()
+            raise RunError(f"--proxy-user {user.name}: {what}: {os.strerror(err)}")
+    for cap in range(64):
+        if cap != CAP_KILL and libc.prctl(_PR_CAPBSET_DROP, cap, 0, 0, 0) != 0:
+            if ctypes.get_errno() == errno.EINVAL:
+                break  # past the kernel's last capability
+            check(-1, f"PR_CAPBSET_DROP {cap}")
+    check(libc.prctl(_PR_SET_KEEPCAPS, 1, 0, 0, 0), "PR_SET_KEEPCAPS")
+    os.setgroups(list(user.groups))
+    os.setresgid(user.gid, user.gid, user.gid)
+    os.setresuid(user.uid, user.uid, user.uid)
+
+    class Header(ctypes.Structure):
+        _fields_ = [("version", ctypes.c_uint32), ("pid", ctypes.c_int)]
+
+    class Data(ctypes.Structure):
+        _fields_ = [("effective", ctypes.c_uint32), ("permitted", ctypes.c_uint32),
+                    ("inheritable", ctypes.c_uint32)]
+    data = (Data * 2)()
+    data[0].effective = data[0].permitted = 1 << CAP_KILL
+    check(libc.capset(ctypes.byref(Header(_CAP_VERSION_3, 0)), data), "capset(CAP_KILL)")
+    check(libc.prctl(_PR_SET_KEEPCAPS, 0, 0, 0, 0), "PR_SET_KEEPCAPS")
+    check(libc.prctl(_PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0), "PR_SET_NO_NEW_PRIVS")
 
 
 #: fastshadow's own, from its supervisor: never the backend's (it would take systemd's

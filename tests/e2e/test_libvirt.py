@@ -423,7 +423,8 @@ def test_libvirt_domain_with_isolated_virtiofs(deployment):
     fs-backend, root of a user namespace of its own, on a private socket. The guest reads a
     host file and writes one of its own, both checked byte for byte on the host; while the
     share is mounted virtiofsd's process tree maps no guest RAM; the session passed the
-    identity check (three uids: libvirt-qemu, root for fastshadow, fs-backend)."""
+    identity check (three uids: libvirt-qemu, fastshadow -- started as root by libvirt, it
+    becomes `fastshadow` once virtiofsd runs -- and fs-backend)."""
     virtiofsd = find_virtiofsd()
     if virtiofsd is None:
         pytest.skip("virtiofsd is not installed (setup installs qemu-system-common)")
@@ -453,7 +454,8 @@ def test_libvirt_domain_with_isolated_virtiofs(deployment):
     [pidfile] = [p for run in (lv.run_dir / "qemu", *(lv.lib_dir / "qemu").glob("domain-*"))
                  for p in run.glob("*fs0-fs.pid")]
     proxy_pid = int(pidfile.read_text())
-    assert proc_uids(proxy_pid)[0] == 0  # libvirt runs <binary> as root
+    # libvirt runs <binary> as root; fastshadow left root once virtiofsd ran (--proxy-user).
+    assert proc_uids(proxy_pid) == [d.proxy_pw.pw_uid] * 4
     tree = process_tree(proxy_pid)
     backend = [p for p in tree if p != proxy_pid and proc_uids(p)[0] == d.backend_pw.pw_uid]
     assert backend, f"no process of {BACKEND_USER} under fastshadow (pid {proxy_pid}): {tree}"
@@ -492,7 +494,7 @@ def test_libvirt_domain_with_isolated_virtiofs(deployment):
     assert f"backend.exited pid={vfs_pid} status=0" in ended, ended
     [ident] = [ln for ln in log.splitlines() if "isolation.identities" in ln]
     assert (f"qemu_pid={qemu_pid} qemu_uid={d.qemu_pw.pw_uid} backend_pid={vfs_pid} "
-            f"backend_uid={d.backend_pw.pw_uid} fastshadow_uid=0") in ident, ident
+            f"backend_uid={d.backend_pw.pw_uid} fastshadow_uid={d.proxy_pw.pw_uid}") in ident, ident
     assert "session.start dev=dev0 mode=isolated" in log
     for bad in ("isolation.refused", "isolation.shared_uid", "session.refused", "dataplane.refused"):
         assert bad not in log, log[-3000:]

@@ -207,6 +207,10 @@ def test_run_takes_over_virtiofsds_socket_in_a_user_namespace(workdir, user_dir,
      "starts the backend itself"),
     (["--listen", "S", "--backend-user", "nobody", "--", "virtiofsd", "--fd=4"], "QEMU's socket is given twice"),
     (["--backend-user", "nobody", "--", "qsd", "{fd}"], "no socket for QEMU"),
+    (["--listen", "S", "--proxy-user", "nobody", "--backend-user", "nobody", "--", "qsd", "{fd}"],
+     "--backend-user nobody: that is fastshadow's own uid"),
+    (["--listen", "S", "--proxy-user", "root", "--backend-user", "nobody", "--", "qsd", "{fd}"],
+     "--proxy-user root: that is root"),
     (["--listen", "S", "--backend-user", "nobody", "--", "/no/such/backend", "{fd}"],
      "cannot start the backend /no/such/backend"),
 ])
@@ -227,3 +231,43 @@ def test_run_print_capabilities_as_the_backend_would():
                         "virtiofsd", "--print-capabilities"], capture_output=True, text=True, timeout=60)
     assert r.returncode == 0, r.stderr
     assert '"type": "fs"' in r.stdout
+
+
+def test_run_leaves_root_for_proxy_user(workdir, user_dir, runs):
+    """--proxy-user: once the backend runs, fastshadow becomes that user, with CAP_KILL alone
+    (and nothing in its bounding set besides, no_new_privs), serves the session as that uid,
+    and still stops the backend (another uid) on SIGTERM."""
+    try:
+        pw = pwd.getpwnam("fastshadow")
+    except KeyError:  # the README's deployment creates it
+        subprocess.run(["useradd", "--system", "--user-group", "--no-create-home", "--shell", "/usr/sbin/nologin",
+                        "fastshadow"], check=True)
+        pw = pwd.getpwnam("fastshadow")
+    run_dir = Path(tempfile.mkdtemp(prefix="fs-run-proxy-"))  # fastshadow's socket directory
+    try:
+        os.chown(run_dir, pw.pw_uid, pw.pw_gid)
+        sock = run_dir / "fs.sock"
+        run = runs(["--listen", str(sock), "--proxy-user", "fastshadow", "--backend-user", "nobody", "--",
+                    need_binary("qemu-storage-daemon"), "--blockdev",
+                    "driver=null-co,node-name=d0,size=67108864,read-zeroes=on", "--export",
+                    "type=vhost-user-blk,id=e0,node-name=d0,addr.type=fd,addr.str={fd},writable=on"])
+        wait_listening(sock, run.proc, 20, what="fastshadow run")
+        pid = run.backend_pid()
+        run.wait_log(r"proxy\.user user=fastshadow")
+        assert proc_status(run.proc.pid, "Uid") == [str(pw.pw_uid)] * 4
+        assert proc_status(run.proc.pid, "CapEff") == proc_status(run.proc.pid, "CapBnd") == ["0000000000000020"]
+        assert proc_status(run.proc.pid, "NoNewPrivs") == ["1"]
+        assert os.stat(sock).st_uid == pw.pw_uid
+        with BlkFront(str(sock)) as blk:
+            blk.bring_up()
+            blk.write(0, os.urandom(4096))
+            assert blk.read(0, 4096) == bytes(4096)  # null-co reads zeroes
+        ident = run.wait_log(r"isolation\.identities .*")
+        assert f"backend_pid={pid} backend_uid={NOBODY.pw_uid} fastshadow_uid={pw.pw_uid}" in ident
+        run.proc.send_signal(signal.SIGTERM)
+        assert run.wait() == 0, run.log()[-3000:]
+        assert not Path(f"/proc/{pid}").exists()
+        assert f"backend.exited pid={pid} status=0 reason=\"stopped (SIGTERM)\"" in run.log()
+        assert not sock.exists()
+    finally:
+        shutil.rmtree(run_dir, ignore_errors=True)
