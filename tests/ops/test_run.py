@@ -102,11 +102,12 @@ def qsd_command(disk: Path) -> list[str]:
             "--export", "type=vhost-user-blk,id=e0,node-name=d0,addr.type=fd,addr.str={fd},writable=on"]
 
 
-def test_run_serves_qsd_started_as_backend_user(workdir, user_dir, runs):
+@pytest.mark.parametrize("stop", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
+def test_run_serves_qsd_started_as_backend_user(workdir, user_dir, runs, stop):
     """The backend runs as --backend-user with that user's groups, on a socket in a 0700
     directory of fastshadow's; the session's identity check names it (pid and uid); data
-    written through the proxy is on the disk; SIGTERM reaches the backend, exit 0, nothing
-    left behind."""
+    written through the proxy is on the disk; SIGTERM or SIGINT reaches the backend, exit 0,
+    nothing left behind."""
     disk = user_dir / "disk.img"
     with open(disk, "wb") as f:
         f.truncate(16 << 20)
@@ -136,11 +137,12 @@ def test_run_serves_qsd_started_as_backend_user(workdir, user_dir, runs):
     assert f"backend_pid={pid} backend_uid={NOBODY.pw_uid} fastshadow_uid=0" in ident
     assert "isolation.refused" not in run.log() and "isolation.shared_uid" not in run.log()
 
-    run.proc.send_signal(signal.SIGTERM)
+    run.proc.send_signal(stop)
     assert run.wait() == 0, run.log()[-3000:]
     assert not Path(f"/proc/{pid}").exists()
+    assert f"proxy.stopping signal={stop.name} action=\"forwarded to the backend\"" in run.log()
     [ended] = [ln for ln in run.log().splitlines() if "backend.exited" in ln]
-    assert f"backend.exited pid={pid} status=0 reason=\"stopped (SIGTERM)\"" in ended  # qsd exits 0 on SIGTERM
+    assert f"backend.exited pid={pid} status=0 reason=\"stopped ({stop.name})\"" in ended  # qsd exits 0 on both
     assert not sock.exists() and not private.parent.exists()
 
 
