@@ -343,7 +343,7 @@ def _configure_run(p: argparse.ArgumentParser) -> None:
                         "only CAP_KILL to stop the backend (default: stay as started; libvirt starts it as root)")
     p.add_argument("--backend-userns", action="store_true",
                    help="run the backend as root of a new user namespace mapped to --backend-user only "
-                        "(unshare --map-root-user): for a backend that must be root (virtiofsd's sandbox and "
+                        "(as unshare --map-root-user does): for a backend that must be root (virtiofsd's sandbox and "
                         "per-request uid switch), with no capability outside that namespace")
     p.add_argument("backend_command", nargs=argparse.REMAINDER, metavar="-- COMMAND ARGS",
                    help="the backend command line")
@@ -415,6 +415,8 @@ def cmd_run(args) -> int:
             child.exit_status()
             return 2
         proxy.install_signal_handlers()  # SIGHUP ignored, as the proxy does
+        if args.backend_userns:
+            proxy.own_userns_backends.add(child.proc.pid)
 
         def on_stop(signum, frame):
             logs.kv(logging.getLogger("fastshadow.run"), logging.INFO, "proxy.stopping",

@@ -161,8 +161,11 @@ def check_isolation(backend_pid: int, qemu_pid: int) -> IsolationReport:
 # --backend-userns`, mapped to one unprivileged uid) holds every capability *there*, which
 # /proc/PID/status shows as is; over QEMU and fastshadow, in the namespace above, it holds
 # none. So its capabilities are ignored when its user namespace is shown to lie strictly
-# below both QEMU's and fastshadow's (NS_GET_PARENT, walked up from the backend's); when
-# that cannot be shown, they count. Its uid is the one SO_PEERCRED gives in fastshadow's
+# below both QEMU's and fastshadow's (NS_GET_PARENT, walked up from the backend's), or when
+# fastshadow itself created that namespace for it (`fastshadow run --backend-userns`: a
+# fresh child of fastshadow's own, which only the backend's own processes are in; reading
+# another uid's /proc/PID/ns needs ptrace rights a non-root fastshadow lacks); otherwise
+# they count. Its uid is the one SO_PEERCRED gives in fastshadow's
 # namespace (the unprivileged one it is mapped to).
 
 CAP_SETUID = 7
@@ -199,10 +202,14 @@ def effective_capabilities(pid: int) -> int | None:
     return None
 
 
-def identity_risk(qemu: PeerCred, backend: PeerCred, proxy_uid: int | None = None) -> str | None:
+def identity_risk(qemu: PeerCred, backend: PeerCred, proxy_uid: int | None = None,
+                  own_user_namespace: bool = False) -> str | None:
     """None if the backend's identity cannot open QEMU's (or fastshadow's) /proc/PID/fd,
     else why it can (see the comment above: uid 0, QEMU's or fastshadow's uid,
-    CAP_SYS_PTRACE or CAP_SETUID in its effective set)."""
+    CAP_SYS_PTRACE or CAP_SETUID in its effective set). `own_user_namespace`: the caller
+    put the backend into a fresh user namespace below its own before it listened
+    (`fastshadow run --backend-userns`), so its capabilities are known not to count even
+    where /proc/PID/ns cannot be read (fastshadow no longer root)."""
     proxy_uid = os.geteuid() if proxy_uid is None else proxy_uid
     if backend.uid == 0:
         return "the backend runs as root"
@@ -211,8 +218,8 @@ def identity_risk(qemu: PeerCred, backend: PeerCred, proxy_uid: int | None = Non
     if backend.uid == proxy_uid:
         return "the backend runs as fastshadow's uid (fastshadow maps guest RAM)"
     caps = effective_capabilities(backend.pid) if backend.pid > 0 else None
-    if caps is not None and not (user_namespace_below(backend.pid, qemu.pid)
-                                 and user_namespace_below(backend.pid, os.getpid())):
+    if caps is not None and not own_user_namespace and not (user_namespace_below(backend.pid, qemu.pid)
+                                                            and user_namespace_below(backend.pid, os.getpid())):
         held = [name for bit, name in ((CAP_SYS_PTRACE, "CAP_SYS_PTRACE"), (CAP_SETUID, "CAP_SETUID"))
                 if caps >> bit & 1]
         if held:

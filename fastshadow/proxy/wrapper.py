@@ -20,9 +20,11 @@ program; that program is fastshadow in front of the real backend:
   reads on each connection names the backend's pid and uid: the session's run-time
   identity check (fastshadow/isolation.py) judges the real backend. With
   `--backend-userns` the backend is root of a new user namespace mapped to that user only
-  (util-linux `unshare --map-root-user`): a program that wants to be root (virtiofsd: its
-  namespace or chroot sandbox, switching to the guest's uid per request) gets root inside,
-  and no capability over anything outside it, QEMU included;
+  (made as util-linux `unshare --map-root-user` makes it, before listen()): a program that
+  wants to be root (virtiofsd: its namespace or chroot sandbox, switching to the guest's
+  uid per request) gets root inside, and no capability over anything outside it, QEMU
+  included; the session's identity check is told so (a non-root fastshadow cannot read
+  another uid's /proc/PID/ns to find out);
 - with `--proxy-user`, fastshadow then leaves root itself, keeping CAP_KILL alone (to
   signal the backend, another uid), no_new_privs and an empty bounding set besides;
 - SIGTERM and SIGINT are forwarded to the backend; fastshadow stops when the backend exits
@@ -56,6 +58,8 @@ log = logging.getLogger("fastshadow.run")
 FD_PLACEHOLDER = "{fd}"
 
 _PR_SET_PDEATHSIG = 1
+_PR_SET_DUMPABLE = 4
+_CLONE_NEWUSER = 0x10000000
 
 
 class RunError(ValueError):
@@ -284,13 +288,10 @@ class BackendChild:
     def __init__(self, argv: list[str], user: BackendUser | None, userns: bool, private: PrivateSocket):
         self.user = user
         self.private = private
-        prefix = []
-        if userns:
-            unshare = shutil.which("unshare")
-            if unshare is None:
-                raise RunError("--backend-userns needs util-linux's unshare, which is not in PATH")
-            prefix = [unshare, "--user", "--map-root-user", "--"]
-        self.argv = prefix + argv
+        self.userns = userns
+        if userns and user is None:
+            raise RunError("--backend-userns needs --backend-user (the one uid the namespace maps)")
+        self.argv = argv
         # Supplementary groups: the user's, except in a user namespace of its own, where they
         # would show as unmapped (nogroup) and cannot be dropped there (setgroups is denied
         # in a namespace mapped by an unprivileged user; virtiofsd exits on that).
@@ -299,9 +300,22 @@ class BackendChild:
         self.stop_signal: int | None = None
 
     def _in_child(self) -> None:
-        # Runs after the uid/gid change, before exec: a change of credentials clears the
-        # parent-death signal, so it is set here; then listen(), as the backend.
-        ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+        # Runs after the uid/gid change, before exec. --backend-userns: a new user namespace
+        # mapping root to the backend user alone (as `unshare --map-root-user` does), made
+        # here so that it exists before listen(). A change of credentials clears the
+        # parent-death signal, so it is set after both; then listen(), as the backend.
+        libc = ctypes.CDLL(None, use_errno=True)
+        if self.userns:
+            # The uid change made this process non-dumpable, which makes /proc/self/*_map
+            # root's; exec would reset it anyway (as it does for `unshare`).
+            libc.prctl(_PR_SET_DUMPABLE, 1, 0, 0, 0)
+            if libc.unshare(_CLONE_NEWUSER) != 0:
+                raise OSError(ctypes.get_errno(), "unshare(CLONE_NEWUSER)")
+            for name, text in (("setgroups", "deny"), ("uid_map", f"0 {self.user.uid} 1"),
+                               ("gid_map", f"0 {self.user.gid} 1")):
+                with open(f"/proc/self/{name}", "w") as f:
+                    f.write(text)
+        libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
         signal.pthread_sigmask(signal.SIG_SETMASK, set())
         self.private.sock.listen(16)
 
@@ -316,10 +330,13 @@ class BackendChild:
         except OSError as e:
             raise RunError(f"cannot start the backend {self.argv[0]}: {e.strerror or e}") from None
         except subprocess.SubprocessError as e:
-            raise RunError(f"cannot start the backend {self.argv[0]}: {e}") from None
+            raise RunError(f"cannot start the backend {self.argv[0]}: {e}"
+                           + (" (--backend-userns: are unprivileged user namespaces allowed?)" if self.userns else "")
+                           ) from None
         # listen() happened in the child before exec, which Popen waited for.
         kv(log, logging.INFO, "backend.started", pid=self.proc.pid, user=u.name if u else str(os.geteuid()),
-           uid=u.uid if u else os.geteuid(), socket=self.private.path, command=" ".join(self.argv))
+           uid=u.uid if u else os.geteuid(), user_namespace=self.userns, socket=self.private.path,
+           command=" ".join(self.argv))
         return self.proc.pid
 
     def forward(self, signum: int) -> None:

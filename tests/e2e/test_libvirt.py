@@ -460,6 +460,10 @@ def test_libvirt_domain_with_isolated_virtiofs(deployment):
     backend = [p for p in tree if p != proxy_pid and proc_uids(p)[0] == d.backend_pw.pw_uid]
     assert backend, f"no process of {BACKEND_USER} under fastshadow (pid {proxy_pid}): {tree}"
     vfs_pid = min(backend)  # the one fastshadow started; virtiofsd serves from a sandboxed child
+    # libvirt's virtiofsd options reached the real virtiofsd; its --fd is the private socket's.
+    argv = Path(f"/proc/{vfs_pid}/cmdline").read_bytes().decode().split("\0")
+    assert argv[0] == virtiofsd and argv[1].startswith("--fd=") and "--thread-pool-size=4" in argv, argv
+    assert f"source={share},cache=always" in argv, argv
     assert all(proc_uids(p) == [d.backend_pw.pw_uid] * 4 for p in process_tree(vfs_pid))
     rep = check_isolation(vfs_pid, qemu_pid)
     print("\n".join(rep.lines()))
