@@ -177,9 +177,10 @@ def _configure_proxy(p: argparse.ArgumentParser) -> None:
                         "seconds whatever the backend does; requests it still holds are kept and re-published when "
                         "the ring resumes (default 2)")
     p.add_argument("--max-replays", type=int, default=1, metavar="N",
-                   help="isolated: a request is handed again to the backend at most N times (after the backend died "
-                        "with it or held it across a ring stop), then failed toward the guest with the device's "
-                        "error and logged as poisoned, so one request cannot kill a backend forever (default 1)")
+                   help="isolated: a request the backend died with is handed to a restarted backend at most N times, "
+                        "then failed toward the guest with the device's error and logged as poisoned, so one "
+                        "request cannot kill a backend forever (default 1); requests a live backend held across "
+                        "a ring stop are re-published without counting")
     p.add_argument("--bounce-per-queue", type=size_arg, default=16 << 20, metavar="SIZE",
                    help="isolated: bounce space per queue in the shadow region (default 16M)")
     p.add_argument("--backend-reconnect", choices=["auto", "on", "off"], default="auto",
