@@ -456,6 +456,9 @@ def _configure_install_descriptors(p: argparse.ArgumentParser) -> None:
                         "\"--backend /run/qsd/disk0.sock --socket-group libvirt-qemu\"")
     p.add_argument("--fastshadow", metavar="PATH",
                    help="the fastshadow command the launchers run (default: this one)")
+    p.add_argument("--virtiofsd", metavar="PATH",
+                   help="the virtiofsd the fs launcher starts through `fastshadow run` (default: /usr/lib/qemu/"
+                        "virtiofsd or /usr/libexec/virtiofsd)")
     p.add_argument("--force", action="store_true", help="replace existing files")
     p.set_defaults(func=cmd_install_descriptors)
 
@@ -464,7 +467,8 @@ def cmd_install_descriptors(args) -> int:
     from .proxy.descriptors import DescriptorError, install
     try:
         for path in install(args.dir, launcher_dir=args.launcher_dir, types=args.device,
-                            proxy_args=args.proxy_args, fastshadow=args.fastshadow, force=args.force):
+                            proxy_args=args.proxy_args, fastshadow=args.fastshadow, force=args.force,
+                            virtiofsd=args.virtiofsd):
             print(f"wrote {path}")
     except DescriptorError as e:
         print(f"fastshadow install-descriptors: {e}", file=sys.stderr)
