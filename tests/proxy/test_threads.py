@@ -121,3 +121,32 @@ def test_config_file_thread_keys_and_the_default_count(workdir):
     assert cfg.device[1].dataplane_thread == 0
     path.write_text('dataplane_threads = 5\n' + devs)
     assert load_toml(path).thread_count() == 5
+
+
+def test_backend_reconnect_on_the_second_thread(workdir, start_qsd, start_proxy):
+    """The backend of the device on thread 1 drops between two requests: the proxy reconnects and
+    replays (queue stop, shadow clear, restart: commands run by thread 1), that disk goes on with
+    its data intact on the same thread, and the disk on thread 0 is not disturbed."""
+    from .interposer import Interposer
+    for i in range(2):
+        start_qsd(str(workdir / f"qsd{i}.sock"), disk=workdir / f"disk{i}.img", size=1 << 20)
+    rec = Interposer(str(workdir / "rec.sock"), str(workdir / "qsd1.sock"))
+    proxy = start_proxy(["--dataplane-threads", "2",
+                         "--listen", str(workdir / "fs0.sock"), "--backend", str(workdir / "qsd0.sock"),
+                         "--listen", str(workdir / "fs1.sock"), "--backend", str(workdir / "rec.sock")],
+                        [str(workdir / "fs0.sock"), str(workdir / "fs1.sock")])
+    a, b, c = os.urandom(4096), os.urandom(4096), os.urandom(4096)
+    try:
+        with session(workdir, 0) as b0, session(workdir, 1) as b1:
+            proxy.wait_log(r"shadow\.created dev=dev1 .*dataplane_thread=1")
+            b0.write(8, a)
+            b1.write(8, b)
+            rec.drop()
+            proxy.wait_log(r"backend\.reconnected dev=dev1")
+            b1.write(16, c)
+            assert b1.read(8, 4096) == b and b1.read(16, 4096) == c
+            assert b0.read(8, 4096) == a
+        assert len(rec.seen) == 2
+        assert proxy.log().count("shadow.created dev=dev1") == 1      # the same device, on the same thread
+    finally:
+        rec.close()
