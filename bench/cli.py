@@ -228,6 +228,9 @@ def scale_config_from_args(args):
         bounce = [parse_size(b) for b in args.scale_bounce.split(",") if b.strip()]
     except SizeError as e:
         raise ValueError(f"--scale-bounce: {e}") from None
+    if not bounce or min(bounce) < 2 << 20:
+        raise ValueError(f"--scale-bounce {args.scale_bounce!r}: want sizes of at least 2M (one request of the "
+                         f"scale proxies' --max-request-bytes 1M and its header must fit)")
     if args.duration is not None and args.duration <= 0:
         raise ValueError(f"--duration {args.duration:g}: want seconds > 0")
     if not 0 <= args.scale_threads <= 64:
