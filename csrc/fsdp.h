@@ -182,7 +182,7 @@ struct fsdp_dev_config {
 };
 
 struct fsdp_dev_info {
-    uint32_t id;
+    uint32_t id;                 /* unique in the process while the device exists (events, probes) */
     uint32_t num_queues;
     uint32_t max_queue_size;
     int32_t shadow_fd;           /* owned by the data plane; hand to the backend */

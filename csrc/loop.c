@@ -97,7 +97,14 @@
  * other devices of the loop for all of them at once; the others stay due and
  * the loop comes back for them after serving the rings.
  *
- * user_data = kind (8 bits) | device id (16) | queue (8) | token (32).  The
+ * Device ids are the process's, not the loop's: events, USDT probes and the
+ * tracer's name table (probes.h) name a device by its id alone, so two loops
+ * must never hand out the same one (the lowest free id, so a proxy's first
+ * devices still get 0, 1, ...).  A loop's table is indexed by its own slots.
+ *
+ * user_data = kind (8 bits) | device slot in this loop (16; the device id
+ * for eventfd writes, whose completions only name it in an error event) |
+ * queue (8) | token (32).  The
  * token identifies the armed read of a queue; completions of reads that were
  * cancelled or replaced carry an old token and are ignored.  All reads land
  * in one sink owned by the dp (the value is never used), so a read still in
@@ -123,7 +130,8 @@
 #include "queue.h"
 #include "shadow.h"
 
-#define MAX_DEVS 256
+#define MAX_DEVS 256             /* devices per loop (slots) */
+#define MAX_IDS 1024            /* device ids in the process (fit user_data's 16 bits) */
 #define SQ_ENTRIES 256
 #define CQ_ENTRIES 4096
 
@@ -165,7 +173,7 @@ struct fsdp_dp {
     bool start_done;
 
     struct loop_dev devs[MAX_DEVS];
-    uint32_t ndevs;                     /* highest id + 1 */
+    uint32_t ndevs;                     /* highest slot + 1 */
 
     struct fsdp_evring ev;
 
@@ -340,31 +348,72 @@ static void run_commands(struct fsdp_dp *dp)
 /* ------------------------------------------------------------------------ */
 /* Devices in the loop.                                                       */
 
+/* The process's device ids (see the head comment); under ids_lock. */
+static pthread_mutex_t ids_lock = PTHREAD_MUTEX_INITIALIZER;
+static uint64_t ids_used[MAX_IDS / 64];
+
+/* The lowest free device id, taken; -1 if none. */
+static int id_take(void)
+{
+    int id = -1;
+
+    pthread_mutex_lock(&ids_lock);
+    for (uint32_t i = 0; i < MAX_IDS && id < 0; i++) {
+        if (!(ids_used[i / 64] >> (i % 64) & 1u)) {
+            ids_used[i / 64] |= 1ull << (i % 64);
+            id = (int)i;
+        }
+    }
+    pthread_mutex_unlock(&ids_lock);
+    return id;
+}
+
+static void id_give(uint32_t id)
+{
+    pthread_mutex_lock(&ids_lock);
+    if (id < MAX_IDS)
+        ids_used[id / 64] &= ~(1ull << (id % 64));
+    pthread_mutex_unlock(&ids_lock);
+}
+
 int dp_attach(struct fsdp_dp *dp, struct fsdp_devctx *d)
 {
-    for (uint32_t id = 0; id < MAX_DEVS; id++) {
-        if (!dp->devs[id].d) {
+    for (uint32_t slot = 0; slot < MAX_DEVS; slot++) {
+        if (!dp->devs[slot].d) {
             struct watch *w = calloc(d->num_queues, sizeof(*w));
-            if (!w)
-                return -ENOMEM;
-            dp->devs[id].d = d;
-            dp->devs[id].w = w;
-            d->id = id;
-            if (id + 1 > dp->ndevs)
-                dp->ndevs = id + 1;
+            int id = id_take();
+            if (!w || id < 0) {
+                free(w);
+                if (id >= 0)
+                    id_give((uint32_t)id);
+                return w ? -ENOSPC : -ENOMEM;
+            }
+            dp->devs[slot].d = d;
+            dp->devs[slot].w = w;
+            d->id = (uint32_t)id;
+            if (slot + 1 > dp->ndevs)
+                dp->ndevs = slot + 1;
             return 0;
         }
     }
     return -ENOSPC;
 }
 
+/* d's slot in this loop's table, or -1 (not in it).  Control paths only. */
+static int slot_of(const struct fsdp_dp *dp, const struct fsdp_devctx *d)
+{
+    for (uint32_t slot = 0; slot < dp->ndevs; slot++)
+        if (dp->devs[slot].d == d)
+            return (int)slot;
+    return -1;
+}
+
 /* The loop's record of q, or NULL if q's device is not in the table. */
 static struct watch *watch_of(struct fsdp_dp *dp, const struct fsdp_queue *q)
 {
-    struct fsdp_devctx *d = q->dev;
-    struct loop_dev *ld = d->id < MAX_DEVS ? &dp->devs[d->id] : NULL;
+    int slot = slot_of(dp, q->dev);
 
-    return ld && ld->d == d && q->idx < d->num_queues ? &ld->w[q->idx] : NULL;
+    return slot >= 0 && q->idx < q->dev->num_queues ? &dp->devs[slot].w[q->idx] : NULL;
 }
 
 static struct io_uring_sqe *get_sqe(struct fsdp_dp *dp)
@@ -379,7 +428,8 @@ static struct io_uring_sqe *get_sqe(struct fsdp_dp *dp)
     return sqe;
 }
 
-static void cancel_read(struct fsdp_dp *dp, struct fsdp_queue *q, unsigned kind, uint32_t token)
+static void cancel_read(struct fsdp_dp *dp, uint32_t slot, struct fsdp_queue *q, unsigned kind,
+                        uint32_t token)
 {
     struct io_uring_sqe *sqe;
 
@@ -388,18 +438,19 @@ static void cancel_read(struct fsdp_dp *dp, struct fsdp_queue *q, unsigned kind,
     sqe = get_sqe(dp);
     if (!sqe)
         return;   /* the stale completion will be ignored by its token */
-    io_uring_prep_cancel64(sqe, ud_make(kind, q->dev->id, q->idx, token), 0);
+    io_uring_prep_cancel64(sqe, ud_make(kind, slot, q->idx, token), 0);
     io_uring_sqe_set_data64(sqe, ud_make(K_CANCEL, 0, 0, 0));
 }
 
 void dp_kick_fd_changed(struct fsdp_dp *dp, struct fsdp_queue *q)
 {
+    int slot = slot_of(dp, q->dev);
     struct watch *w = watch_of(dp, q);
 
     if (!w)
         return;
     if (w->kick_armed) {
-        cancel_read(dp, q, K_KICK, w->kick_token);
+        cancel_read(dp, (uint32_t)slot, q, K_KICK, w->kick_token);
         w->kick_armed = false;
     }
     w->kick_failed = false;
@@ -450,9 +501,10 @@ bool dp_stop_end(struct fsdp_dp *dp, struct fsdp_queue *q, const struct fsdp_cmd
 
 void dp_detach(struct fsdp_dp *dp, struct fsdp_devctx *d)
 {
-    struct loop_dev *ld = d->id < MAX_DEVS ? &dp->devs[d->id] : NULL;
+    int slot = slot_of(dp, d);
+    struct loop_dev *ld = slot >= 0 ? &dp->devs[slot] : NULL;
 
-    if (!ld || ld->d != d)
+    if (!ld)
         return;
     for (uint32_t i = 0; i < d->num_queues; i++) {
         struct fsdp_queue *q = &d->q[i];
@@ -460,24 +512,26 @@ void dp_detach(struct fsdp_dp *dp, struct fsdp_devctx *d)
         if (w->stop)
             dp_cmd_complete(dp, finish_stop(q, w), -ENODEV);
         if (w->kick_armed)
-            cancel_read(dp, q, K_KICK, w->kick_token);
+            cancel_read(dp, (uint32_t)slot, q, K_KICK, w->kick_token);
         if (w->call_armed)
-            cancel_read(dp, q, K_CALL, w->call_token);
+            cancel_read(dp, (uint32_t)slot, q, K_CALL, w->call_token);
     }
     free(ld->w);
     ld->w = NULL;
     ld->d = NULL;
+    id_give(d->id);
 }
 
 struct fsdp_devctx *dp_take_dev(struct fsdp_dp *dp)
 {
-    for (uint32_t id = 0; id < MAX_DEVS; id++) {
-        struct loop_dev *ld = &dp->devs[id];
+    for (uint32_t slot = 0; slot < MAX_DEVS; slot++) {
+        struct loop_dev *ld = &dp->devs[slot];
         if (ld->d) {
             struct fsdp_devctx *d = ld->d;
             free(ld->w);
             ld->w = NULL;
             ld->d = NULL;
+            id_give(d->id);
             return d;
         }
     }
@@ -487,7 +541,7 @@ struct fsdp_devctx *dp_take_dev(struct fsdp_dp *dp)
 /* ------------------------------------------------------------------------ */
 /* The loop.                                                                  */
 
-static void arm_read(struct fsdp_dp *dp, int fd, unsigned kind, struct fsdp_queue *q,
+static void arm_read(struct fsdp_dp *dp, int fd, unsigned kind, uint32_t slot, struct fsdp_queue *q,
                      uint32_t *token, bool *armed)
 {
     struct io_uring_sqe *sqe = get_sqe(dp);
@@ -497,14 +551,14 @@ static void arm_read(struct fsdp_dp *dp, int fd, unsigned kind, struct fsdp_queu
     *token = ++dp->token;
     *armed = true;
     io_uring_prep_read(sqe, fd, &dp->sink, sizeof(dp->sink), 0);
-    io_uring_sqe_set_data64(sqe, ud_make(kind, q ? q->dev->id : 0, q ? q->idx : 0, *token));
+    io_uring_sqe_set_data64(sqe, ud_make(kind, slot, q ? q->idx : 0, *token));
 }
 
 static void arm_all(struct fsdp_dp *dp)
 {
     if (!dp->cmd_armed) {
         uint32_t t;
-        arm_read(dp, dp->cmd_efd, K_CMD, NULL, &t, &dp->cmd_armed);
+        arm_read(dp, dp->cmd_efd, K_CMD, 0, NULL, &t, &dp->cmd_armed);
     }
     for (uint32_t d = 0; d < dp->ndevs; d++) {
         struct fsdp_devctx *dev = dp->devs[d].d;
@@ -512,9 +566,9 @@ static void arm_all(struct fsdp_dp *dp)
             struct fsdp_queue *q = &dev->q[i];
             struct watch *w = &dp->devs[d].w[i];
             if (!w->kick_armed && !w->kick_failed && q->guest_kick_fd >= 0)
-                arm_read(dp, q->guest_kick_fd, K_KICK, q, &w->kick_token, &w->kick_armed);
+                arm_read(dp, q->guest_kick_fd, K_KICK, d, q, &w->kick_token, &w->kick_armed);
             if (!w->call_armed)
-                arm_read(dp, q->backend_call_fd, K_CALL, q, &w->call_token, &w->call_armed);
+                arm_read(dp, q->backend_call_fd, K_CALL, d, q, &w->call_token, &w->call_armed);
         }
     }
 }

@@ -32,7 +32,7 @@ device stays there until removed, so each of its calls reaches the one thread
 that owns all its queues and the hot path shares nothing between loops.
 ``event_fd`` stays one fd (an epoll set over the loops' event fds) and
 ``drain_events`` drains every loop; a queue's events come from one loop, in
-order.  Device ids are unique over the whole DataPlane.
+order.  Device ids are unique in the process (csrc/loop.c gives them out).
 """
 
 from __future__ import annotations
@@ -283,10 +283,6 @@ def _message(dev_name: str, queue: int, code: int, head: int, a: int, b: int) ->
 # Data plane and devices
 
 
-#: Device ids per loop (csrc/loop.c MAX_DEVS): the Python id is loop * this + the C id.
-_IDS_PER_LOOP = 256
-
-
 class _Loop:
     """One C loop (struct fsdp_dp): a thread, its io_uring, its devices."""
 
@@ -519,15 +515,13 @@ class DataPlane:
         lost = ffi.new("uint64_t *")
         events: list[Event] = []
         total_lost = 0
-        base = lp.index * _IDS_PER_LOOP
         while True:
             n = _check(lib.fsdp_dp_drain_events(lp.dp, buf, 256, lost), "drain events")
             total_lost += lost[0]
             for i in range(n):
                 e = buf[i]
-                dev_id = e.dev + base if e.dev < _IDS_PER_LOOP else e.dev
-                name = self._names.get(dev_id, f"dev{dev_id}")
-                events.append(Event(dev_id, name, e.queue, e.code, event_name(e.code), e.head,
+                name = self._names.get(e.dev, f"dev{e.dev}")
+                events.append(Event(e.dev, name, e.queue, e.code, event_name(e.code), e.head,
                                     e.a, e.b, _message(name, e.queue, e.code, e.head, e.a, e.b)))
             if n < 256:
                 break
@@ -555,8 +549,8 @@ class Device:
         self.loop = loop
         info = ffi.new("struct fsdp_dev_info *")
         _check(lib.fsdp_dev_info(ptr, info), "device info")
-        #: Unique in its DataPlane: loop * 256 + the loop's own device id.
-        self.id: int = loop * _IDS_PER_LOOP + info.id
+        #: Unique in the process (events, probes and the tracer name the device by it).
+        self.id: int = info.id
         self.num_queues: int = info.num_queues
         self.max_queue_size: int = info.max_queue_size
         self.shadow_fd: int = info.shadow_fd
