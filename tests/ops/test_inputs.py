@@ -142,3 +142,32 @@ def test_trace_plot_without_matplotlib_fails_before_tracing(tmp_path):
     assert_one_line(r, "--plot needs matplotlib", "fastshadow[plot]")
     r = run_cli("trace", "--pid", "1", "--json", str(tmp_path / "no" / "t.json"))
     assert_one_line(r, "--json", "does not exist")
+
+
+@pytest.mark.parametrize("args,needles", [
+    # Values the data plane cannot take (csrc/device.c: at most 64 GiB of bounce space per
+    # queue, a request's length fits used.len's 32 bits, a device name of at most 63 bytes):
+    # accepted at start they failed every session later (a traceback, or "Invalid argument").
+    (["--bounce-per-queue", "99999999T"], ["bounce_per_queue", "64 GiB"]),
+    (["--bounce-per-queue", "1T"], ["bounce_per_queue", "64 GiB"]),
+    (["--max-request-bytes", "4G", "--bounce-per-queue", "8G"], ["max_request_bytes", "4294967295"]),
+    (["--name", "n" * 64], ["name", "63 bytes"]),
+    # Timeouts that are not a number of seconds (NaN, infinite, beyond any clock): accepted
+    # at start they crashed every session (ValueError / OverflowError tracebacks).
+    (["--stop-timeout", "nan"], ["stop_timeout", "nan"]),
+    (["--reply-timeout", "inf"], ["reply_timeout", "inf"]),
+    (["--backend-timeout", "nan"], ["backend_timeout", "nan"]),
+    (["--stop-timeout", "1e300"], ["stop_timeout"]),
+    (["--stats-interval", "nan"], ["stats_interval", "nan"]),
+])
+def test_values_the_proxy_cannot_use_are_refused_at_start(args, needles):
+    assert_one_line(run_cli("proxy", "--listen", "/tmp/fs-ops-never.sock", "--backend", "/tmp/b.sock", *args),
+                    *needles)
+
+
+@pytest.mark.parametrize("value", ["3", "true", '"disk0"', "{}"])
+def test_config_device_that_is_not_a_list_of_tables_is_one_line(tmp_path, value):
+    # `device = 3` raised TypeError out of load_toml: a traceback instead of one line.
+    f = tmp_path / "p.toml"
+    f.write_text(f"device = {value}\n")
+    assert_one_line(run_cli("proxy", "--config", str(f)), "config file", "device")
