@@ -547,6 +547,20 @@ class IsolatedSession(Session):
                                     f"(GET_QUEUE_NUM or the {self.cfg.device.value} default)")
         return index
 
+    def require_eventfd(self, msg: Message, q: int) -> None:
+        """A ring notifier (kick, call, err) is an eventfd (vhost-user.rst, "Ring states"):
+        anything else is refused before the data plane polls or writes it (a /dev/null kick
+        is readable forever: the data plane would spin on it)."""
+        if msg.payload.nofd or not msg.fds:
+            return
+        try:
+            what = os.readlink(f"/proc/self/fd/{msg.fds[0]}")
+        except OSError as e:
+            what = f"unreadable ({e.strerror})"
+        if what != "anon_inode:[eventfd]":
+            msg.close_fds()
+            raise UnexpectedMessage(f"{msg.request.name} for queue {q}: its fd is {what}, not an eventfd")
+
     def on_set_vring_num(self, msg: Message) -> None:
         q, num = self.queue_index(msg.payload.index), msg.payload.num
         if num == 0 or num & (num - 1) or num > MAX_QUEUE_SIZE:
@@ -661,6 +675,7 @@ class IsolatedSession(Session):
             msg.close_fds()
             raise UnexpectedMessage(f"SET_VRING_KICK for queue {q} before its {' and '.join(missing)}: "
                                     f"the kick starts a ring, which needs its size and addresses")
+        self.require_eventfd(msg, q)
         try:
             self.dev.queue_set_guest_kick(q, None if msg.payload.nofd else msg.fds[0])
         finally:
@@ -694,6 +709,7 @@ class IsolatedSession(Session):
 
     def on_set_vring_call(self, msg: Message) -> None:
         q = self.queue_index(msg.payload.index)
+        self.require_eventfd(msg, q)
         try:
             self.dev.queue_set_guest_call(q, None if msg.payload.nofd else msg.fds[0])
         finally:
@@ -703,6 +719,7 @@ class IsolatedSession(Session):
 
     def on_set_vring_err(self, msg: Message) -> None:
         q = self.queue_index(msg.payload.index)
+        self.require_eventfd(msg, q)
         qemu_fd = None if msg.payload.nofd else os.dup(msg.fds[0])
         msg.close_fds()
         old = self.err_fds.pop(q, None)
