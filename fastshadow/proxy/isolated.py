@@ -703,6 +703,13 @@ class IsolatedSession(Session):
     def on_get_config(self, msg: Message) -> None:
         reply = self.to_backend(msg)
         if reply is not None:
+            asked = (msg.payload.offset, len(msg.payload.data))
+            got = (reply.payload.offset, len(reply.payload.data)) if isinstance(reply.payload, p.Config) else None
+            if got != asked:
+                # QEMU would fail the device on the size ("bad msg size") with no word of why.
+                told = f"{got[1]} bytes at offset {got[0]}" if got else type(reply.payload).__name__
+                raise UnexpectedMessage(f"backend answered GET_CONFIG offset {asked[0]} size {asked[1]} "
+                                        f"with {told}")
             if msg.payload.offset == 0 and isinstance(reply.payload, p.Config):
                 self.backend_config = bytes(reply.payload.data)
             self.to_qemu(reply)
