@@ -171,3 +171,30 @@ def test_config_device_that_is_not_a_list_of_tables_is_one_line(tmp_path, value)
     f = tmp_path / "p.toml"
     f.write_text(f"device = {value}\n")
     assert_one_line(run_cli("proxy", "--config", str(f)), "config file", "device")
+
+
+@pytest.mark.parametrize("args,needles", [
+    (["--duration", "nan"], ["--duration nan"]),        # was a ValueError traceback from the run planner
+    (["--timeout", "inf"], ["--timeout inf"]),
+])
+def test_bench_seconds_that_are_not_numbers_are_one_line(tmp_path, args, needles):
+    assert_one_line(run_cli("bench", "--out", str(tmp_path / "out"), *args), *needles)
+
+
+@pytest.mark.parametrize("args,needles", [
+    (["--interval", "0"], ["--interval 0"]),
+    (["--interval", "nan"], ["--interval nan"]),
+    (["--duration", "-1"], ["--duration -1"]),
+    (["--queue", "-1"], ["--queue -1"]),
+])
+def test_trace_bad_values_are_one_line_before_attaching(args, needles):
+    # They reached bcc first (a traceback when the attach failed), or a trace that never prints.
+    import os
+    assert_one_line(run_cli("trace", "--pid", str(os.getpid()), *args), *needles)
+
+
+def test_trace_of_a_process_bcc_cannot_instrument_is_one_line():
+    # bcc.USDT(pid=1) raises USDTException before any probe is enabled: it escaped as a traceback.
+    r = run_cli("trace", "--pid", "1", "--duration", "1")
+    assert r.returncode == 1 and "Traceback" not in r.stderr, r.stderr
+    assert r.stderr.startswith("fastshadow trace: "), r.stderr
