@@ -34,6 +34,8 @@ from ..sizes import SizeError, parse_size
 MAX_BOUNCE_PER_QUEUE = 64 << 30          # MAX_BOUNCE
 MAX_REQUEST_BYTES = 2**32 - 1            # used.len is 32 bits
 MAX_NAME_BYTES = 63                      # FSDP_NAME_MAX (64) with its NUL
+#: sockaddr_un's sun_path (108 bytes) with its NUL.
+MAX_SOCKET_PATH = 107
 #: The longest timeout or interval taken, in seconds (one day): the socket and select
 #: timeouts beneath refuse what no clock can reach (1e300, inf), and NaN compares false.
 MAX_SECONDS = 86400.0
@@ -158,6 +160,11 @@ class DeviceConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
             raise ConfigError(f"device {self.name!r}: listen_fd {self.listen_fd}: want a file descriptor >= 0")
         if (self.backend is None) == (self.backend_listen is None):
             raise ConfigError(f"device {self.name!r}: give exactly one of backend (connect) or backend_listen")
+        for what, path in (("listen", self.listen), ("backend", self.backend),
+                           ("backend_listen", self.backend_listen)):
+            if path is not None and len(os.fsencode(path)) > MAX_SOCKET_PATH:
+                raise ConfigError(f"device {self.name!r}: {what} {path}: a unix socket path holds at most "
+                                  f"{MAX_SOCKET_PATH} bytes, this one {len(os.fsencode(path))}")
         try:
             access = self.access()
             self.backend_access()

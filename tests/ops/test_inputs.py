@@ -198,3 +198,14 @@ def test_trace_of_a_process_bcc_cannot_instrument_is_one_line():
     r = run_cli("trace", "--pid", "1", "--duration", "1")
     assert r.returncode == 1 and "Traceback" not in r.stderr, r.stderr
     assert r.stderr.startswith("fastshadow trace: "), r.stderr
+
+
+@pytest.mark.parametrize("option", ["--listen", "--backend", "--backend-listen"])
+def test_socket_path_too_long_for_sockaddr_un_is_one_line(option):
+    # A unix socket path holds at most 107 bytes. --listen said "cannot listen on PATH: None";
+    # --backend was accepted and failed every session later.
+    long = "/tmp/" + "x" * 120 + ".sock"
+    argv = {"--listen": ["--listen", long, "--backend", "/tmp/b.sock"],
+            "--backend": ["--listen", "/tmp/fs-ops-never.sock", "--backend", long],
+            "--backend-listen": ["--listen", "/tmp/fs-ops-never.sock", "--backend-listen", long]}[option]
+    assert_one_line(run_cli("proxy", *argv), long, "107 bytes")
