@@ -252,6 +252,11 @@ class ProxyConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
                 if key in seen:
                     raise ConfigError(f"{key!r} is used by two devices")
                 seen.add(key)
+        ours = {d.listen for d in self.device} | {d.backend_listen for d in self.device}
+        for d in self.device:
+            if d.backend is not None and d.backend in ours:
+                raise ConfigError(f"device {d.name!r}: backend {d.backend} is one of fastshadow's own "
+                                  f"sockets: it would connect to itself")
 
 
 def parse_metrics_listen(text: str) -> tuple[str, int] | str:

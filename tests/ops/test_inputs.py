@@ -209,3 +209,10 @@ def test_socket_path_too_long_for_sockaddr_un_is_one_line(option):
             "--backend": ["--listen", "/tmp/fs-ops-never.sock", "--backend", long],
             "--backend-listen": ["--listen", "/tmp/fs-ops-never.sock", "--backend-listen", long]}[option]
     assert_one_line(run_cli("proxy", *argv), long, "107 bytes")
+
+
+def test_backend_that_is_our_own_listen_socket_is_one_line():
+    # fastshadow connecting to itself: accepted, then every QEMU connection went round a loop
+    # of qemu.refused / backend.lost lines until the backend timeout.
+    assert_one_line(run_cli("proxy", "--listen", "/tmp/fs-ops-self.sock", "--backend", "/tmp/fs-ops-self.sock"),
+                    "/tmp/fs-ops-self.sock", "it would connect to itself")
