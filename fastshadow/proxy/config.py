@@ -239,6 +239,8 @@ class ProxyConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
         check_seconds("stats_interval", self.stats_interval, zero=True)
         if self.stats_file is not None and not os.path.isdir(os.path.dirname(os.path.abspath(self.stats_file))):
             raise ConfigError(f"stats_file {self.stats_file}: its directory does not exist")
+        if self.stats_file is not None and os.path.isdir(self.stats_file):
+            raise ConfigError(f"stats_file {self.stats_file}: is a directory (want a file path)")
         if not self.device:
             raise ConfigError("no device configured: give --listen/--backend or a config file with [[device]]")
         if self.metrics_listen is not None:
@@ -253,6 +255,11 @@ class ProxyConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
                     raise ConfigError(f"{key!r} is used by two devices")
                 seen.add(key)
         ours = {d.listen for d in self.device} | {d.backend_listen for d in self.device}
+        if self.stats_file is not None:
+            sockets = {os.path.abspath(p) for p in ours | {self.metrics_listen} if p and "/" in p}
+            if os.path.abspath(self.stats_file) in sockets:
+                raise ConfigError(f"stats_file {self.stats_file} is one of fastshadow's own sockets: each "
+                                  f"snapshot would replace it")
         for d in self.device:
             if d.backend is not None and d.backend in ours:
                 raise ConfigError(f"device {d.name!r}: backend {d.backend} is one of fastshadow's own "

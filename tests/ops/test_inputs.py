@@ -216,3 +216,14 @@ def test_backend_that_is_our_own_listen_socket_is_one_line():
     # of qemu.refused / backend.lost lines until the backend timeout.
     assert_one_line(run_cli("proxy", "--listen", "/tmp/fs-ops-self.sock", "--backend", "/tmp/fs-ops-self.sock"),
                     "/tmp/fs-ops-self.sock", "it would connect to itself")
+
+
+def test_stats_file_that_is_a_socket_path_or_a_directory_is_one_line(tmp_path):
+    # --stats-file naming the --listen socket was accepted: the first snapshot was renamed over
+    # the socket, and QEMU could no longer reach the proxy, without a word in the log.
+    sock = str(tmp_path / "fs.sock")
+    assert_one_line(run_cli("proxy", "--listen", sock, "--backend", "/tmp/b.sock", "--stats-file", sock),
+                    "stats_file", sock)
+    # A directory: accepted, then a stats.failed warning at every interval.
+    assert_one_line(run_cli("proxy", "--listen", sock, "--backend", "/tmp/b.sock", "--stats-file", str(tmp_path)),
+                    "stats_file", "directory")
