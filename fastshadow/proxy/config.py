@@ -234,6 +234,11 @@ class ProxyConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     def validate(self) -> None:
         if self.busy_poll_us < 0 or self.stream_copy_min < 0:
             raise ConfigError("busy_poll_us and stream_copy_min must not be negative")
+        if self.busy_poll_us > 2**32 - 1:      # uint32_t in csrc/fsdp.h
+            raise ConfigError(f"busy_poll_us {self.busy_poll_us}: at most 4294967295 (microseconds)")
+        if self.stream_copy_min > MAX_REQUEST_BYTES + 1:   # no buffer is larger: streaming never happens
+            raise ConfigError(f"stream_copy_min {self.stream_copy_min}: at most {MAX_REQUEST_BYTES + 1} "
+                              f"(4 GiB: no buffer is larger; 0 turns streaming off)")
         if self.stats_interval < 0:
             raise ConfigError(f"stats_interval {self.stats_interval:g}: want seconds >= 0 (0: no stats)")
         check_seconds("stats_interval", self.stats_interval, zero=True)

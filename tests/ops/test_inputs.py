@@ -159,6 +159,10 @@ def test_trace_plot_without_matplotlib_fails_before_tracing(tmp_path):
     (["--backend-timeout", "nan"], ["backend_timeout", "nan"]),
     (["--stop-timeout", "1e300"], ["stop_timeout"]),
     (["--stats-interval", "nan"], ["stats_interval", "nan"]),
+    # Data plane fields of 32 and 64 bits (csrc/fsdp.h): an OverflowError traceback at the
+    # first isolated session.
+    (["--busy-poll-us", "99999999999999"], ["busy_poll_us", "4294967295"]),
+    (["--stream-copy-min", "99999999T"], ["stream_copy_min"]),
 ])
 def test_values_the_proxy_cannot_use_are_refused_at_start(args, needles):
     assert_one_line(run_cli("proxy", "--listen", "/tmp/fs-ops-never.sock", "--backend", "/tmp/b.sock", *args),
