@@ -70,6 +70,9 @@ def test_refused_request_completes_with_the_blk_error_status(workdir, start_qsd,
         assert_still_serves(blk)
     [line] = proxy.wait_log(r"dataplane\.refused .*request needs")
     assert f"refused request head {head}" in line
+    # Structured like every other event: the device and queue as keys (a log consumer
+    # selecting dev=dev0 lines, or --log-format json's fields, used to miss these).
+    assert re.search(r"dataplane\.refused dev=dev0 queue=0 code=REQUEST_TOO_LARGE ", line), line
 
 
 def test_request_of_exactly_the_device_limit_is_served(workdir, start_qsd, start_proxy):
