@@ -260,6 +260,10 @@ class ProxyConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
                     raise ConfigError(f"{key!r} is used by two devices")
                 seen.add(key)
         ours = {d.listen for d in self.device} | {d.backend_listen for d in self.device}
+        if self.metrics_listen is not None and "/" in self.metrics_listen and \
+                os.path.abspath(self.metrics_listen) in {os.path.abspath(p) for p in ours if p}:
+            raise ConfigError(f"metrics_listen {self.metrics_listen} is also a device socket: give it a path "
+                              f"of its own")
         if self.stats_file is not None:
             sockets = {os.path.abspath(p) for p in ours | {self.metrics_listen} if p and "/" in p}
             if os.path.abspath(self.stats_file) in sockets:

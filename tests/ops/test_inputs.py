@@ -231,3 +231,10 @@ def test_stats_file_that_is_a_socket_path_or_a_directory_is_one_line(tmp_path):
     # A directory: accepted, then a stats.failed warning at every interval.
     assert_one_line(run_cli("proxy", "--listen", sock, "--backend", "/tmp/b.sock", "--stats-file", str(tmp_path)),
                     "stats_file", "directory")
+
+
+def test_metrics_socket_that_is_a_device_socket_is_one_line(tmp_path):
+    # It said "... is served by another fastshadow (pid N, ...)", N being this very process.
+    sock = str(tmp_path / "fs.sock")
+    assert_one_line(run_cli("proxy", "--listen", sock, "--backend", "/tmp/b.sock", "--metrics-listen", sock),
+                    "metrics_listen", sock, "device socket")
