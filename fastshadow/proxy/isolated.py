@@ -332,6 +332,7 @@ class IsolatedSession(Session):
             try:
                 sock = self.reconnect()
             except OSError as e:
+                self._abort_parked(parked, "no backend came back within the backend timeout")
                 raise PeerClosed(f"{reason}; no backend came back: {e}") from None
             self.backend = Connection(sock, Channel.MAIN, receives_replies=True, name="backend")
             self._sel.register(sock, selectors.EVENT_READ, "backend")
@@ -343,6 +344,7 @@ class IsolatedSession(Session):
                 # A dying backend's listening socket can outlive its connection and take
                 # one more; or the new one left. Try again while the timeout allows.
                 if time.monotonic() - t0 >= self.cfg.backend_timeout:
+                    self._abort_parked(parked, "no backend came back within the backend timeout")
                     raise PeerClosed(f"{reason}; no backend came back: the last one left during the replay ({e})") \
                         from None
                 kv(log, logging.INFO, "backend.retry", dev=self.name, reason=f"left during the replay: {e}")
@@ -350,6 +352,21 @@ class IsolatedSession(Session):
                 time.sleep(max(0.05, self._backoff()))
         kv(log, logging.INFO, "backend.reconnected", dev=self.name, requeued=sum(parked.values()),
            queues=len(parked), seconds=f"{time.monotonic() - t0:.3f}")
+
+    def _abort_parked(self, parked: dict[int, int], why: str) -> None:
+        """The session ends without a backend: the requests fastshadow kept for the next one
+        are failed toward the guest with the device's error (one line per queue), so that
+        each ends exactly once instead of hanging the guest's I/O forever."""
+        if self.started:                      # a replay had started some again
+            self._park_queues(parked)
+        for q in sorted(parked):
+            try:
+                failed = self.dev.queue_abort(q)
+            except Exception as e:            # the queue cannot be reached: say so, end anyway
+                kv(log, logging.ERROR, "vring.abort_failed", dev=self.name, queue=q, reason=str(e))
+                continue
+            if failed:
+                kv(log, logging.WARNING, "vring.aborted", dev=self.name, queue=q, failed=failed, reason=why)
 
     def _park_queues(self, parked: dict[int, int]) -> None:
         """Stop the started queues keeping their requests (-> parked: queue -> requests kept)."""

@@ -374,3 +374,36 @@ def test_guest_memory_truncated_under_the_proxy_does_not_kill_it(workdir, start_
     with BlkFront(sock) as blk:
         blk.bring_up()
         assert_still_serves(blk)
+
+
+def test_requests_parked_for_a_backend_that_never_returns_end_with_the_device_error(
+        workdir, start_qsd, start_proxy):
+    # Found by hand with a QEMU guest: qemu-storage-daemon killed mid-I/O and not restarted.
+    # The session parked the requests in flight, waited --backend-timeout, ended, and they
+    # were never completed: the guest's I/O hung forever, and no line said requests were lost.
+    # Each must end exactly once with VIRTIO_BLK_S_IOERR (what the README promises of every
+    # request), with one line naming how many, before the session ends.
+    qsd_sock = str(workdir / "qsd.sock")
+    qsd = start_qsd(qsd_sock, disk=workdir / "disk.img", size=8 << 20, throttle_iops=1)
+    proxy = start_proxy(["--listen", str(workdir / "fs.sock"), "--backend", qsd_sock, "--mode", "isolated",
+                         "--backend-timeout", "1"], [str(workdir / "fs.sock")])
+    with BlkFront(str(workdir / "fs.sock")) as blk:
+        blk.bring_up()
+        status = {}
+        for i in range(6):
+            head, _, st = blk.request(T_OUT, 8 * i, os.urandom(4096))
+            status[head] = st
+        got = blk.wait_used(1, timeout=30)      # throttled to one at once: the rest are in flight
+        qsd.kill()
+        [lost] = proxy.wait_log(r"backend\.lost dev=dev0 .*parked=[1-9]")
+        parked = int(re.search(r"parked=(\d+)", lost).group(1))
+        proxy.wait_log(r"session\.end dev=dev0 .*no backend came back")
+        while len(dict(got)) < len(status):
+            got += blk.wait_used(1, timeout=10)
+        done = dict(got)
+        assert len(got) == len(done) == len(status), got          # each exactly once
+        results = {h: blk.mem.read(st, 1)[0] for h, st in status.items()}
+        assert sorted(results.values()).count(S_IOERR) >= parked, results
+        assert set(results.values()) <= {S_OK, S_IOERR}, results
+    [line] = proxy.wait_log(r"vring\.aborted dev=dev0 queue=0 ")
+    assert f"failed={parked} " in line, line
