@@ -355,18 +355,16 @@ class IsolatedSession(Session):
 
     def _abort_parked(self, parked: dict[int, int], why: str) -> None:
         """The session ends without a backend: the requests fastshadow kept for the next one
-        are failed toward the guest with the device's error (one line per queue), so that
-        each ends exactly once instead of hanging the guest's I/O forever."""
+        are failed toward the guest with the device's error, so that each ends exactly once
+        instead of hanging the guest's I/O forever. The data plane says so, one line per queue
+        (`dataplane.refused ... code=INFLIGHT_ABORTED`)."""
         if self.started:                      # a replay had started some again
             self._park_queues(parked)
         for q in sorted(parked):
             try:
-                failed = self.dev.queue_abort(q)
+                self.dev.queue_abort(q)
             except Exception as e:            # the queue cannot be reached: say so, end anyway
-                kv(log, logging.ERROR, "vring.abort_failed", dev=self.name, queue=q, reason=str(e))
-                continue
-            if failed:
-                kv(log, logging.WARNING, "vring.aborted", dev=self.name, queue=q, failed=failed, reason=why)
+                kv(log, logging.ERROR, "vring.abort_failed", dev=self.name, queue=q, reason=f"{why}: {e}")
 
     def _park_queues(self, parked: dict[int, int]) -> None:
         """Stop the started queues keeping their requests (-> parked: queue -> requests kept)."""

@@ -405,5 +405,5 @@ def test_requests_parked_for_a_backend_that_never_returns_end_with_the_device_er
         results = {h: blk.mem.read(st, 1)[0] for h, st in status.items()}
         assert sorted(results.values()).count(S_IOERR) >= parked, results
         assert set(results.values()) <= {S_OK, S_IOERR}, results
-    [line] = proxy.wait_log(r"vring\.aborted dev=dev0 queue=0 ")
-    assert f"failed={parked} " in line, line
+    [line] = proxy.wait_log(r"dataplane\.refused dev=dev0 queue=0 code=INFLIGHT_ABORTED ")
+    assert f"{parked} requests in flight failed toward the guest" in line, line
