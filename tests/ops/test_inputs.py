@@ -179,6 +179,10 @@ def test_config_device_that_is_not_a_list_of_tables_is_one_line(tmp_path, value)
 
 @pytest.mark.parametrize("args,needles", [
     (["--duration", "nan"], ["--duration nan"]),        # was a ValueError traceback from the run planner
+    # accepted, then every mode of the run failed (exit 1, a trial finding):
+    (["--workload", "randread:4k:100000"], ["qd 1..4096"]),
+    (["--queue-size", "3"], ["--queue-size 3", "power of 2"]),
+    (["--file-size", "0"], ["--file-size 0", "at least 1M"]),
     (["--timeout", "inf"], ["--timeout inf"]),
 ])
 def test_bench_seconds_that_are_not_numbers_are_one_line(tmp_path, args, needles):
