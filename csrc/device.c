@@ -39,6 +39,7 @@
 #include <unistd.h>
 
 #include "base.h"
+#include "hist.h"
 #include "log.h"
 #include "loop.h"
 #include "mem.h"
@@ -94,6 +95,7 @@ enum dev_op {
     CMD_ABORT,
     CMD_DISCARD,
     CMD_STATS,
+    CMD_HIST,
 };
 
 /* One command: the loop's record, which command, and its arguments.  Members
@@ -160,6 +162,9 @@ struct dev_cmd {
         struct {
             struct fsdp_queue_stats *out;
         } stats;
+        struct {
+            struct fsdp_queue_hist *out;
+        } hist;
     } arg;
 };
 
@@ -289,8 +294,10 @@ int fsdp_dev_add(struct fsdp_dp *dp, const char *name, const struct fsdp_dev_con
         rc = -ENOMEM;
         goto fail;
     }
-    for (uint32_t i = 0; i < k.num_queues; i++)
+    for (uint32_t i = 0; i < k.num_queues; i++) {
         queue_init(&dev->ctx.q[i], &dev->ctx, i);
+        dev->ctx.q[i].h.on = !dp_config(dp)->no_latency_hist;
+    }
     for (uint32_t i = 0; i < k.num_queues; i++) {
         rc = queue_open(&dev->ctx.q[i]);
         if (rc)
@@ -905,12 +912,30 @@ static int cmd_stats(struct fsdp_dp *dp, struct dev_cmd *c)
     if (!q)
         return -EINVAL;
     *c->arg.stats.out = q->st;
+    c->arg.stats.out->bounce_bytes = (uint64_t)(q->bounce.npages - q->bounce.nfree) * FSDP_PAGE;
+    c->arg.stats.out->throttled_ns += hist_throttle_now(&q->h);   /* a stall still going on */
+    return 0;
+}
+
+static int cmd_hist(struct fsdp_dp *dp, struct dev_cmd *c)
+{
+    struct fsdp_queue *q = get_q(c->dev, c->q);
+
+    if (!q)
+        return -EINVAL;
+    *c->arg.hist.out = q->h.pub;
     return 0;
 }
 
 int fsdp_queue_stats(struct fsdp_dev *dev, uint32_t q, struct fsdp_queue_stats *out)
 {
     struct dev_cmd c = {.op = CMD_STATS, .dev = dev, .q = q, .arg.stats = {.out = out}};
+    return exec(&c);
+}
+
+int fsdp_queue_hist(struct fsdp_dev *dev, uint32_t q, struct fsdp_queue_hist *out)
+{
+    struct dev_cmd c = {.op = CMD_HIST, .dev = dev, .q = q, .arg.hist = {.out = out}};
     return exec(&c);
 }
 
@@ -946,6 +971,7 @@ static int run_cmd(struct fsdp_dp *dp, struct fsdp_cmd *link)
     case CMD_ABORT:         return cmd_abort(dp, c);
     case CMD_DISCARD:       return cmd_discard(dp, c);
     case CMD_STATS:         return cmd_stats(dp, c);
+    case CMD_HIST:          return cmd_hist(dp, c);
     }
     return -EINVAL;
 }

@@ -36,6 +36,7 @@
 #include "bounce.h"
 #include "chain.h"
 #include "fail.h"
+#include "hist.h"
 #include "log.h"
 #include "mem.h"
 #include "probes.h"
@@ -373,6 +374,7 @@ static enum take_result take_one(struct fsdp_queue *q, uint32_t *steps)
         dev_event(dev, q->idx, (uint32_t)rc, head, ch.err_a, ch.err_b);
         PROBE_REQUEST_REFUSED(dev->id, q->idx, head, rc);
         q->st.refused++;
+        q->st.refused_by[(uint32_t)rc < 16u ? (uint32_t)rc : 0u]++;
         /* The device's error where the walk saw the whole chain; a broken
          * structure (loop, bad next, bad indirect) has no safe place for
          * it: len 0. */
@@ -425,6 +427,7 @@ static enum take_result take_one(struct fsdp_queue *q, uint32_t *steps)
     r->published = 1;
     r->parked = false;
 
+    hist_taken(&q->h, &r->start_ns, &r->shadowed_ns);
     uint64_t bytes = copy_in(q, shead);
     write_shadow_chain(q, shead);
     q->inflight++;
@@ -492,13 +495,17 @@ static bool intake(struct fsdp_queue *q)
             if (r == NOSPACE) {
                 /* Back-pressure: leave the entry in the guest ring;
                  * completions will free space and bring us back here. */
-                if (!q->throttled)
+                if (!q->throttled) {
                     q->st.throttled++;
+                    hist_throttle_begin(&q->h);
+                }
                 q->throttled = true;
                 return any;
             }
             if (r == BROKEN)
                 return any;
+            if (q->throttled)
+                q->st.throttled_ns += hist_throttle_end(&q->h);
             q->throttled = false;
             any = true;
             armed = false;
@@ -571,6 +578,7 @@ static void complete_one(struct fsdp_queue *q, uint32_t id, uint32_t len)
         return;
     }
     q->st.bytes_out += copied;
+    hist_completed(&q->h, r->start_ns, r->shadowed_ns);
     push_guest_used(q, r->guest_head, len);
     release_request(q, (uint16_t)id);
 }
@@ -641,6 +649,7 @@ bool queue_process(struct fsdp_queue *q)
         any |= harvest(q);
     if (!q->stopping && !q->broken && !q->backend_broken)
         any |= intake(q);
+    hist_pass_end(&q->h, q->throttled);
     publish_guest_used(q);
     publish_shadow_avail(q);
     return any;
