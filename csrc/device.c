@@ -43,6 +43,7 @@
 #include "log.h"
 #include "loop.h"
 #include "mem.h"
+#include "probes.h"
 #include "queue.h"
 #include "shadow.h"
 #include "vring.h"
@@ -228,7 +229,11 @@ static int make_shadow(struct fsdp_dev *dev)
 
 static int cmd_attach(struct fsdp_dp *dp, struct dev_cmd *c)
 {
-    return dp_attach(dp, &c->dev->ctx);
+    int rc = dp_attach(dp, &c->dev->ctx);
+
+    if (rc == 0)
+        trace_ctl_name(c->dev->ctx.id, c->dev->name);   /* for tracers: id -> name */
+    return rc;
 }
 
 int fsdp_dev_add(struct fsdp_dp *dp, const char *name, const struct fsdp_dev_config *cfg,
@@ -338,8 +343,10 @@ void fsdp_dp_free(struct fsdp_dp *dp)
     if (!dp)
         return;
     fsdp_dp_stop(dp);
-    while ((d = dp_take_dev(dp)))   /* devices never removed */
+    while ((d = dp_take_dev(dp))) {   /* devices never removed */
+        trace_ctl_name(d->id, NULL);
         dev_destroy(dev_of(d));
+    }
     dp_destroy(dp);
 }
 
@@ -371,6 +378,7 @@ static void retranslate_all(struct fsdp_dev *dev)
 static int cmd_detach(struct fsdp_dp *dp, struct dev_cmd *c)
 {
     dp_detach(dp, &c->dev->ctx);    /* a stop still waiting fails with -ENODEV */
+    trace_ctl_name(c->dev->ctx.id, NULL);
     return 0;
 }
 

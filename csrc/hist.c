@@ -9,6 +9,7 @@
  * command between two passes, like the counters.
  */
 #include "hist.h"
+#include "probes.h"
 
 static void observe(struct fsdp_qhist *h, uint32_t hop, uint64_t from, uint64_t to)
 {
@@ -44,16 +45,24 @@ static void flush(struct fsdp_qhist *h)
         } else {
             observe(h, FSDP_HOP_CALL_USED, h->seen_at, now);
             observe(h, FSDP_HOP_END_TO_END, p->start, now);
+            if (p->sampled)
+                PROBE_REQUEST_SAMPLED(p->dev, p->q, p->head, p->start, p->shadowed_at, h->seen_at, now);
         }
     }
     h->npend = 0;
 }
 
-static void pend(struct fsdp_qhist *h, uint64_t start, uint64_t *shadowed)
+static struct hist_pend *pend(struct fsdp_qhist *h, uint64_t start, uint64_t *shadowed)
 {
+    struct hist_pend *p;
+
     if (h->npend == HIST_PEND)
         flush(h);
-    h->pend[h->npend++] = (struct hist_pend){.start = start, .shadowed = shadowed};
+    p = &h->pend[h->npend++];
+    p->start = start;
+    p->shadowed = shadowed;
+    p->sampled = false;
+    return p;
 }
 
 void hist_taken(struct fsdp_qhist *h, uint64_t *start, uint64_t *shadowed)
@@ -65,8 +74,11 @@ void hist_taken(struct fsdp_qhist *h, uint64_t *start, uint64_t *shadowed)
     pend(h, *start, shadowed);
 }
 
-void hist_completed(struct fsdp_qhist *h, uint64_t start, uint64_t shadowed)
+void hist_completed(struct fsdp_qhist *h, uint64_t start, uint64_t shadowed, uint64_t seq,
+                    uint32_t dev, uint32_t q, uint16_t head)
 {
+    struct hist_pend *p;
+
     if (!h->on)
         return;
     if (!h->seen_at)
@@ -75,7 +87,14 @@ void hist_completed(struct fsdp_qhist *h, uint64_t start, uint64_t shadowed)
     if (!start)
         return;
     observe(h, FSDP_HOP_BACKEND, shadowed, h->seen_at);
-    pend(h, start, NULL);
+    p = pend(h, start, NULL);
+    if (trace_ctl_sampled(seq)) {
+        p->sampled = true;
+        p->shadowed_at = shadowed;
+        p->dev = dev;
+        p->q = q;
+        p->head = head;
+    }
 }
 
 void hist_pass_end(struct fsdp_qhist *h, bool throttled)

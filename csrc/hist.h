@@ -41,6 +41,10 @@ enum { HIST_PEND = 64 };
 struct hist_pend {
     uint64_t start;         /* its start stamp */
     uint64_t *shadowed;     /* taken: where its shadowed stamp goes; NULL: completed */
+    uint64_t shadowed_at;   /* completed and sampled (probes.h request_sampled): */
+    uint32_t dev, q;        /* ... what the probe says of it */
+    uint16_t head;
+    bool sampled;
 };
 
 struct fsdp_qhist {
@@ -91,8 +95,10 @@ static inline void hist_call(struct fsdp_qhist *h, uint64_t now)
 /* A request was taken from the guest ring: *start and (at the pass's end)
  * *shadowed get its stamps, private memory of the request's record. */
 void hist_taken(struct fsdp_qhist *h, uint64_t *start, uint64_t *shadowed);
-/* A request the backend completed was written to the guest used ring. */
-void hist_completed(struct fsdp_qhist *h, uint64_t start, uint64_t shadowed);
+/* A request the backend completed was written to the guest used ring.  `seq`
+ * (its publish order), dev, q and head: for the request_sampled probe. */
+void hist_completed(struct fsdp_qhist *h, uint64_t start, uint64_t shadowed, uint64_t seq,
+                    uint32_t dev, uint32_t q, uint16_t head);
 /* The pass of this queue ends (before publishing): stamps the requests of
  * the pass; the kick and call it consumed are forgotten (a kick is kept
  * while intake is stalled: its requests are still waiting). */
