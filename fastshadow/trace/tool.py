@@ -152,10 +152,11 @@ def output_problem(json_path: str | None, plot_path: str | None) -> str | None:
 def check_cmd() -> int:
     ok = True
     for c in environment.checks():
-        mark = "ok " if c.ok else "MISSING"
+        mark = ("warn" if c.warn else "ok ") if c.ok else "MISSING"
         print(f"[{mark:>7}] {c.name:<15} {c.detail}")
+        if not c.ok or (c.warn and c.fix):
+            print(f"{'':>10}{'fix' if not c.ok else 'note'}: {c.fix}")
         if not c.ok:
-            print(f"{'':>10}fix: {c.fix}")
             ok = False
     print("tracing is possible" if ok else "tracing is NOT possible until the above is fixed")
     return 0 if ok else 1
