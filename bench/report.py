@@ -311,6 +311,7 @@ class VariantRatio(msgspec.Struct):
     iops_rep_min: float    # the same ratio rep by rep (the modes of a rep run back to back)
     iops_rep_max: float
     cpu_per_request: float  # CPU µs per request (loadgen + proxy + backend), mode / isolated (medians)
+    proxy_cpu_per_request: float = math.nan  # the proxy's CPU µs per request alone, mode / isolated (medians)
 
 
 def variant_ratios(results: Results) -> list[VariantRatio]:
@@ -330,9 +331,16 @@ def variant_ratios(results: Results) -> list[VariantRatio]:
         med = _median(r.iops for r in by_rep.values()) / _median(r.iops for r in base.values())
         cpu = (_median(r.cpu_us_per_request for r in by_rep.values())
                / _median(r.cpu_us_per_request for r in base.values()))
+        pcpu = (_median(proxy_us_per_request(r) for r in by_rep.values())
+                / _median(proxy_us_per_request(r) for r in base.values()))
         out.append(VariantRatio(backend, wl, mode, mode in s.traced, len(paired), round(med, 4),
-                                round(min(paired), 4), round(max(paired), 4), round(cpu, 4)))
+                                round(min(paired), 4), round(max(paired), 4), round(cpu, 4), round(pcpu, 4)))
     return out
+
+
+def proxy_us_per_request(r: Run) -> float:
+    """The proxy's own CPU µs per request of one run (all its threads; 10 ms ticks)."""
+    return (r.cpu_s.proxy or 0.0) / r.requests * 1e6 if r.requests else math.nan
 
 
 def _variant_what(s: Settings, mode: str) -> str:
@@ -404,7 +412,8 @@ def table(results: Results) -> str:
         for v in vr:
             lines.append(f"  {v.backend:<5} {v.workload.label:<18} {v.mode:<12} IOPS x {v.iops:.3f} "
                          f"(per rep {v.iops_rep_min:.3f}-{v.iops_rep_max:.3f}, {v.reps} reps), "
-                         f"CPU/IO x {v.cpu_per_request:.3f}  [{_variant_what(results.settings, v.mode)}]")
+                         f"CPU/IO x {v.cpu_per_request:.3f}, proxy CPU/IO x {v.proxy_cpu_per_request:.3f}  "
+                         f"[{_variant_what(results.settings, v.mode)}]")
     noisy = [r for r in results.runs if (r.cpu_s.other or 0) > 0.1 * r.duration_s
              or (r.cpu_s.steal or 0) > 0.05 * r.duration_s]
     if noisy:
@@ -436,12 +445,13 @@ def markdown_table(results: Results) -> str:
     vr = variant_ratios(results)
     if vr:
         out.append("\n#### variants against isolated (same run)\n")
-        out.append("| backend | workload | mode | what | reps | IOPS × isolated | per rep | CPU/IO × isolated |")
-        out.append("|---|---|---|---|--:|--:|--:|--:|")
+        out.append("| backend | workload | mode | what | reps | IOPS × isolated | per rep | CPU/IO × isolated "
+                   "| proxy CPU/IO × isolated |")
+        out.append("|---|---|---|---|--:|--:|--:|--:|--:|")
         for v in vr:
             out.append(f"| {v.backend} | {v.workload.label} | {v.mode} | {_variant_what(results.settings, v.mode)} | "
                        f"{v.reps} | {v.iops:.3f} | {v.iops_rep_min:.3f} – {v.iops_rep_max:.3f} | "
-                       f"{v.cpu_per_request:.3f} |")
+                       f"{v.cpu_per_request:.3f} | {v.proxy_cpu_per_request:.3f} |")
     backends = sorted({s.backend for s in results.summary}, key=lambda b: (b != "null", b))
     for backend in backends:
         rows = [s for s in results.summary if s.backend == backend]

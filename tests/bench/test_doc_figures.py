@@ -138,3 +138,63 @@ def test_results_md_tables_are_generated_from_the_json():
     assert out.count("\n|") > 100                     # the geometric means and every workload
     assert out.strip() in (ROOT / "bench" / "RESULTS.md").read_text(), \
         "bench/RESULTS.md's tables differ from `python -m fastshadow.bench.report results.json --markdown`"
+
+
+TRACING = ROOT / "bench" / "results" / "tracing" / "results.json"
+TRACING_HIST = ROOT / "bench" / "results" / "tracing-hist" / "results.json"
+
+
+def _variant_rows(path: Path) -> dict[str, dict[str, float]]:
+    """Per mode against isolated, recomputed from the runs: median IOPS ratio, the per-rep range,
+    and the proxy's CPU µs per request ratio (medians)."""
+    raw = json.loads(path.read_text())
+    by: dict[str, dict[int, dict]] = {}
+    for r in raw["runs"]:
+        by.setdefault(r["mode"], {})[r["rep"]] = r
+    base = by["isolated"]
+
+    def med(mode, f):
+        return statistics.median(f(r) for r in by[mode].values())
+    out = {}
+    for mode in by:
+        if mode == "isolated":
+            continue
+        paired = [by[mode][k]["iops"] / base[k]["iops"] for k in by[mode] if k in base]
+        out[mode] = {
+            "iops": med(mode, lambda r: r["iops"]) / med("isolated", lambda r: r["iops"]),
+            "lo": min(paired), "hi": max(paired), "reps": len(paired),
+            "proxy": med(mode, lambda r: r["cpu_s"]["proxy"] / r["requests"])
+            / med("isolated", lambda r: r["cpu_s"]["proxy"] / r["requests"]),
+        }
+    return out
+
+
+def test_results_md_tracing_overhead_is_the_json():
+    one = _variant_rows(TRACING)
+    hist = _variant_rows(TRACING_HIST)["nohist"]
+    rows = [
+        f"| `fastshadow trace` (every probe of every request) | {one['bcc']['iops']:.3f} | "
+        f"{one['bcc']['lo']:.3f} – {one['bcc']['hi']:.3f} | {one['bcc']['proxy']:.2f} |",
+        f"| `fastshadow trace --sample 64` | {one['sampled']['iops']:.3f} | "
+        f"{one['sampled']['lo']:.3f} – {one['sampled']['hi']:.3f} | {one['sampled']['proxy']:.2f} |",
+        f"| always-on histograms (isolated ÷ `--no-latency-histograms`) | {1 / one['nohist']['iops']:.3f} | "
+        f"{1 / one['nohist']['hi']:.3f} – {1 / one['nohist']['lo']:.3f} | {1 / one['nohist']['proxy']:.2f} |",
+        f"| always-on histograms, second run ({hist['reps']} reps) | {1 / hist['iops']:.3f} | "
+        f"{1 / hist['hi']:.3f} – {1 / hist['lo']:.3f} | {1 / hist['proxy']:.2f} |",
+    ]
+    s = one["sampled"]
+    rows += [f"keeps {s['iops']:.3f} of the throughput by the median",
+             f"the proxy's CPU per request rose by {(s['proxy'] - 1) * 100:.0f} %",
+             f"{1 / one['nohist']['iops']:.3f}× and {1 / hist['iops']:.3f}× in the two runs",
+             f"proxy CPU per request ×{1 / one['nohist']['proxy']:.2f} and ×{1 / hist['proxy']:.2f}",
+             f"costs more than half the throughput ({one['bcc']['iops']:.2f}×"]
+    text = (ROOT / "bench" / "RESULTS.md").read_text()
+    missing = [r for r in rows if r not in text and r not in squash(text)]
+    assert not missing, "bench/RESULTS.md (tracing overhead) must say, from the tracing JSON:\n" + "\n".join(missing)
+    for path in (TRACING, TRACING_HIST):
+        out = subprocess.run([sys.executable, "-m", "fastshadow.bench.report", str(path), "--markdown"],
+                             capture_output=True, text=True, check=True).stdout
+        table = out.split("#### backend")[0].strip()
+        assert "variants against isolated" in table and table in text, \
+            f"bench/RESULTS.md must hold `python -m fastshadow.bench.report {path.relative_to(ROOT)} --markdown`'s " \
+            "variants table verbatim"
