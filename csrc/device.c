@@ -377,8 +377,9 @@ static void retranslate_all(struct fsdp_dev *dev)
 
 static int cmd_detach(struct fsdp_dp *dp, struct dev_cmd *c)
 {
+    /* Its name stays in the trace control block until the id is reused: a
+     * tracer still labels the events it read before the device went away. */
     dp_detach(dp, &c->dev->ctx);    /* a stop still waiting fails with -ENODEV */
-    trace_ctl_name(c->dev->ctx.id, NULL);
     return 0;
 }
 

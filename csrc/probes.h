@@ -68,8 +68,9 @@ struct fsdp_trace_ctl {
 
 extern struct fsdp_trace_ctl fastshadow_trace_ctl;
 
-/* Device id's name (NULL or "": the id is free again).  The proxy has one
- * data plane; a second one in the same process shares the table (tests). */
+/* Device id's name (NULL or "": none).  Kept after the device is removed,
+ * until the id is given to another device.  The proxy has one data plane; a
+ * second one in the same process shares the table (tests). */
 void trace_ctl_name(uint32_t id, const char *name);
 
 /* Is the request of publish order `seq` one the tracer asked for? */

@@ -222,12 +222,18 @@ class Tracer:
             self.ctl.sample_every = sample      # from now on the data plane fires request_sampled
         self.intervals: list[Interval] = []
 
-    def device_name(self, dev: int) -> str:
-        if dev not in self.names and self.ctl is not None:
+    def refresh_names(self) -> None:
+        """Learn the names of devices added since (a name stays in the block after its device is
+        removed, until its id is reused: events read later are still labelled)."""
+        if self.ctl is not None:
             try:
-                self.names = self.ctl.names()   # a device added since: look again
-            except OSError:
+                self.names.update(self.ctl.names())
+            except OSError:                     # the proxy is gone: keep what we know
                 pass
+
+    def device_name(self, dev: int) -> str:
+        if dev not in self.names:
+            self.refresh_names()
         return self.names.get(dev, str(dev))
 
     def snapshot(self, t0: int) -> Interval:
@@ -262,6 +268,7 @@ class Tracer:
               (f", 1 request in {self.sample} per queue" if self.sample > 1 else "") +
               "... Hit Ctrl-C to end.", flush=True)
         t0 = time.monotonic_ns()
+        named_at = time.monotonic()
         try:
             while not stop["now"]:
                 left = None if duration is None else duration - (time.monotonic() - started)
@@ -271,6 +278,9 @@ class Tracer:
                 end = time.monotonic() + nap
                 while not stop["now"] and time.monotonic() < end:
                     time.sleep(min(0.1, max(0.0, end - time.monotonic())))
+                    if time.monotonic() - named_at >= 1.0:
+                        self.refresh_names()    # a device may come and go within one interval
+                        named_at = time.monotonic()
                 if any(p is not None and not os.path.exists(f"/proc/{p}") for p in (self.pid, self.driver_pid)):
                     stop["now"] = True  # the traced process is gone: print what we have and end
                 iv = self.snapshot(t0)
