@@ -35,28 +35,37 @@
 
 #include "base.h"
 
-enum { HIST_PEND = 64 };
+enum { HIST_PEND = 64, HIST_SAMPLED = 8 };
 
-/* A request of this pass waiting for the pass's end stamp. */
-struct hist_pend {
-    uint64_t start;         /* its start stamp */
-    uint64_t *shadowed;     /* taken: where its shadowed stamp goes; NULL: completed */
-    uint64_t shadowed_at;   /* completed and sampled (probes.h request_sampled): */
-    uint32_t dev, q;        /* ... what the probe says of it */
+/* A sampled request of this pass (probes.h request_sampled), until its used stamp. */
+struct hist_sampled {
+    uint64_t start, shadowed;
+    uint32_t dev, q;
     uint16_t head;
-    bool sampled;
 };
 
+/*
+ * Per pass, every request TAKEN shares its start stamp (the kick seen
+ * before the pass, or the pass's begin: both fixed during a pass) and its
+ * shadowed stamp (the pass's end), and every request COMPLETED shares its
+ * seen and used stamps: so kick_to_shadowed and call_to_used are one bucket
+ * per pass, counted n times.  Only backend (its own shadowed stamp) and
+ * end_to_end (its own start) are per request.  That is what keeps the
+ * per-request cost to two folds and two stores (csrc/bench/hist_instructions.py).
+ */
 struct fsdp_qhist {
     struct fsdp_queue_hist pub;     /* the counts (fsdp.h) */
     bool on;                        /* false: keep nothing (--no-latency-histograms) */
     uint64_t kick_at;               /* first guest kick seen since the last pass, 0: none */
     uint64_t call_at;               /* first backend call seen since the last pass, 0: none */
     uint64_t pass_at;               /* this pass's begin stamp, 0: not read yet */
-    uint64_t seen_at;               /* this pass's "seen back" stamp, 0: not decided yet */
+    uint64_t start_at;              /* start stamp of the requests taken in this pass, 0: none yet */
+    uint64_t seen_at;               /* seen stamp of the requests completed in this pass, 0: none yet */
     uint64_t throttled_at;          /* intake stalled since (back-pressure), 0: not stalled */
-    uint32_t npend;
-    struct hist_pend pend[HIST_PEND];
+    uint32_t ntaken, ndone, nsampled;
+    uint64_t *taken[HIST_PEND];     /* where each taken request's shadowed stamp goes */
+    uint64_t done_start[HIST_PEND]; /* each completed request's start stamp */
+    struct hist_sampled sampled[HIST_SAMPLED];
 };
 
 /* CLOCK_MONOTONIC in ns (vDSO: no system call). */
@@ -92,13 +101,59 @@ static inline void hist_call(struct fsdp_qhist *h, uint64_t now)
         h->call_at = now;
 }
 
-/* A request was taken from the guest ring: *start and (at the pass's end)
- * *shadowed get its stamps, private memory of the request's record. */
-void hist_taken(struct fsdp_qhist *h, uint64_t *start, uint64_t *shadowed);
-/* A request the backend completed was written to the guest used ring.  `seq`
- * (its publish order), dev, q and head: for the request_sampled probe. */
-void hist_completed(struct fsdp_qhist *h, uint64_t start, uint64_t shadowed, uint64_t seq,
-                    uint32_t dev, uint32_t q, uint16_t head);
+/* Out of line, once per pass or per HIST_PEND requests (hist.c). */
+void hist_flush(struct fsdp_qhist *h);
+uint64_t hist_pass_stamp(struct fsdp_qhist *h);
+void hist_sample(struct fsdp_qhist *h, uint64_t start, uint64_t shadowed, uint32_t dev, uint32_t q,
+                 uint16_t head);
+
+/* One duration into hop's histogram, n times. */
+static inline void hist_observe(struct fsdp_qhist *h, uint32_t hop, uint64_t from, uint64_t to, uint64_t n)
+{
+    /* A stamp after the end (a request re-published after a backend
+     * restart keeps its first stamps; clocks never go back) counts as 0. */
+    uint64_t ns = to > from ? to - from : 0;
+
+    h->pub.count[hop][hist_slot(ns)] += n;
+    h->pub.sum_ns[hop] += ns * n;
+}
+
+/* A request was taken from the guest ring: *start now and *shadowed at the
+ * pass's end get its stamps (private memory of the request's record). */
+static inline void hist_taken(struct fsdp_qhist *h, uint64_t *start, uint64_t *shadowed)
+{
+    if (!h->on)
+        return;
+    if (!h->start_at)
+        h->start_at = h->kick_at ? h->kick_at : hist_pass_stamp(h);
+    if (h->ntaken == HIST_PEND)
+        hist_flush(h);
+    *start = h->start_at;
+    *shadowed = 0;
+    h->taken[h->ntaken++] = shadowed;
+}
+
+/* A request the backend completed was written to the guest used ring.
+ * `sampled` (trace_ctl_sampled of its publish order): also fire
+ * request_sampled for it at the pass's end. */
+static inline void hist_completed(struct fsdp_qhist *h, uint64_t start, uint64_t shadowed, bool sampled,
+                                  uint32_t dev, uint32_t q, uint16_t head)
+{
+    if (!h->on)
+        return;
+    if (!h->seen_at)
+        h->seen_at = h->call_at ? h->call_at : hist_pass_stamp(h);
+    /* Taken before the histograms were on for it (start 0): not timed. */
+    if (!start)
+        return;
+    hist_observe(h, FSDP_HOP_BACKEND, shadowed, h->seen_at, 1);
+    if (h->ndone == HIST_PEND)
+        hist_flush(h);
+    h->done_start[h->ndone++] = start;
+    if (sampled)
+        hist_sample(h, start, shadowed, dev, q, head);
+}
+
 /* The pass of this queue ends (before publishing): stamps the requests of
  * the pass; the kick and call it consumed are forgotten (a kick is kept
  * while intake is stalled: its requests are still waiting). */

@@ -578,7 +578,8 @@ static void complete_one(struct fsdp_queue *q, uint32_t id, uint32_t len)
         return;
     }
     q->st.bytes_out += copied;
-    hist_completed(&q->h, r->start_ns, r->shadowed_ns, r->seq, q->dev->id, q->idx, r->guest_head);
+    hist_completed(&q->h, r->start_ns, r->shadowed_ns, trace_ctl_sampled(r->seq), q->dev->id, q->idx,
+                   r->guest_head);
     push_guest_used(q, r->guest_head, len);
     release_request(q, (uint16_t)id);
 }
