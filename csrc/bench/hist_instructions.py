@@ -11,7 +11,10 @@ histograms' stamps and folds are all in it).  Not counted: the loop thread's
 one stamp per drain of kick/call completions (csrc/loop.c), absent in the
 synchronous engine: one clock read per wake-up, shared by every request of it.
 
-    python csrc/bench/hist_instructions.py [requests]     # from the repository root; needs valgrind
+    python csrc/bench/hist_instructions.py [requests] [--json FILE]   # from the repository root; needs valgrind
+
+--json writes {"requests", "instructions_on", "instructions_off"} (totals of
+fsdp_dev_poll) for bench/RESULTS.md to quote (tests/bench/test_doc_figures.py).
 
 Not part of the extension or the wheel (csrc/bench/).
 """
@@ -69,6 +72,11 @@ def main(argv: list[str]) -> int:
     if argv[:1] == ["--drive"]:
         drive(argv[1] == "on", int(argv[2]))
         return 0
+    json_path = None
+    if "--json" in argv:
+        i = argv.index("--json")
+        json_path = argv[i + 1]
+        argv = argv[:i] + argv[i + 2:]
     n = int(argv[0]) if argv else 2048
     n -= n % PER_RIG
     on, off = poll_instructions(True, n), poll_instructions(False, n)
@@ -76,6 +84,12 @@ def main(argv: list[str]) -> int:
     print(f"  histograms on : {on / n:8.1f} instructions per request")
     print(f"  histograms off: {off / n:8.1f} instructions per request")
     print(f"  cost          : {(on - off) / n:8.1f} instructions per request = {100 * (on - off) / off:.2f} %")
+    if json_path:
+        import json
+        with open(json_path, "w") as f:
+            json.dump({"requests": n, "instructions_on": on, "instructions_off": off,
+                       "what": "fsdp_dev_poll inclusive, callgrind, 4 KiB blk reads, 32 per batch"}, f, indent=1)
+            f.write("\n")
     return 0
 
 

@@ -141,7 +141,7 @@ def test_results_md_tables_are_generated_from_the_json():
 
 
 TRACING = ROOT / "bench" / "results" / "tracing" / "results.json"
-TRACING_HIST = ROOT / "bench" / "results" / "tracing-hist" / "results.json"
+HIST_INSTRUCTIONS = ROOT / "bench" / "results" / "tracing" / "hist_instructions.json"
 
 
 def _variant_rows(path: Path) -> dict[str, dict[str, float]]:
@@ -171,30 +171,35 @@ def _variant_rows(path: Path) -> dict[str, dict[str, float]]:
 
 def test_results_md_tracing_overhead_is_the_json():
     one = _variant_rows(TRACING)
-    hist = _variant_rows(TRACING_HIST)["nohist"]
+    b, s, s4, h = one["bcc"], one["sampled"], one["sampled256"], one["nohist"]
+    ins = json.loads(HIST_INSTRUCTIONS.read_text())
+    on, off, n = ins["instructions_on"] / ins["requests"], ins["instructions_off"] / ins["requests"], ins["requests"]
     rows = [
-        f"| `fastshadow trace` (every probe of every request) | {one['bcc']['iops']:.3f} | "
-        f"{one['bcc']['lo']:.3f} – {one['bcc']['hi']:.3f} | {one['bcc']['proxy']:.2f} |",
-        f"| `fastshadow trace --sample 64` | {one['sampled']['iops']:.3f} | "
-        f"{one['sampled']['lo']:.3f} – {one['sampled']['hi']:.3f} | {one['sampled']['proxy']:.2f} |",
-        f"| always-on histograms (isolated ÷ `--no-latency-histograms`) | {1 / one['nohist']['iops']:.3f} | "
-        f"{1 / one['nohist']['hi']:.3f} – {1 / one['nohist']['lo']:.3f} | {1 / one['nohist']['proxy']:.2f} |",
-        f"| always-on histograms, second run ({hist['reps']} reps) | {1 / hist['iops']:.3f} | "
-        f"{1 / hist['hi']:.3f} – {1 / hist['lo']:.3f} | {1 / hist['proxy']:.2f} |",
+        f"| `fastshadow trace` (every probe of every request) | {b['iops']:.3f} | {b['lo']:.3f} – {b['hi']:.3f} | "
+        f"{b['proxy']:.2f} |",
+        f"| `fastshadow trace --sample 64` | {s['iops']:.3f} | {s['lo']:.3f} – {s['hi']:.3f} | {s['proxy']:.2f} |",
+        f"| `fastshadow trace --sample 256` | {s4['iops']:.3f} | {s4['lo']:.3f} – {s4['hi']:.3f} | {s4['proxy']:.2f} |",
+        f"| always-on histograms (isolated ÷ `--no-latency-histograms`) | {1 / h['iops']:.3f} | "
+        f"{1 / h['hi']:.3f} – {1 / h['lo']:.3f} | {1 / h['proxy']:.2f} |",
+        f"costs more than half the throughput ({b['iops']:.2f}×",
+        f"keeps {s['iops']:.3f} of the throughput by the median",
+        f"the proxy's CPU per request ×{s['proxy']:.2f}",
+        f"`--sample 256`: {s4['iops']:.3f} and ×{s4['proxy']:.2f}",
+        f"{1 / h['iops']:.3f}× by the median, the proxy's CPU per request ×{1 / h['proxy']:.2f}",
+        f"{on:.0f} instructions per request with the histograms and {off:.0f} without ({n} requests): "
+        f"+{on - off:.0f}, {100 * (on - off) / off:.1f} %",
+        f"{len(json.loads(TRACING.read_text())['runs'])} runs",
     ]
-    s = one["sampled"]
-    rows += [f"keeps {s['iops']:.3f} of the throughput by the median",
-             f"the proxy's CPU per request rose by {(s['proxy'] - 1) * 100:.0f} %",
-             f"{1 / one['nohist']['iops']:.3f}× and {1 / hist['iops']:.3f}× in the two runs",
-             f"proxy CPU per request ×{1 / one['nohist']['proxy']:.2f} and ×{1 / hist['proxy']:.2f}",
-             f"costs more than half the throughput ({one['bcc']['iops']:.2f}×"]
+    iso_us = statistics.median(r["cpu_s"]["proxy"] / r["requests"] * 1e6
+                               for r in json.loads(TRACING.read_text())["runs"] if r["mode"] == "isolated")
+    rows.append(f"(isolated: {iso_us:.2f} µs per request), one trap costs the proxy about "
+                f"{(s4['proxy'] - 1) * iso_us * 256:.0f} µs on this VM")
     text = (ROOT / "bench" / "RESULTS.md").read_text()
     missing = [r for r in rows if r not in text and r not in squash(text)]
     assert not missing, "bench/RESULTS.md (tracing overhead) must say, from the tracing JSON:\n" + "\n".join(missing)
-    for path in (TRACING, TRACING_HIST):
-        out = subprocess.run([sys.executable, "-m", "fastshadow.bench.report", str(path), "--markdown"],
-                             capture_output=True, text=True, check=True).stdout
-        table = out.split("#### backend")[0].strip()
-        assert "variants against isolated" in table and table in text, \
-            f"bench/RESULTS.md must hold `python -m fastshadow.bench.report {path.relative_to(ROOT)} --markdown`'s " \
-            "variants table verbatim"
+    out = subprocess.run([sys.executable, "-m", "fastshadow.bench.report", str(TRACING), "--markdown"],
+                         capture_output=True, text=True, check=True).stdout
+    table = out.split("#### backend")[0].strip()
+    assert "variants against isolated" in table and table in text, \
+        "bench/RESULTS.md must hold `python -m fastshadow.bench.report bench/results/tracing/results.json " \
+        "--markdown`'s variants table verbatim"
