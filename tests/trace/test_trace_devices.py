@@ -43,6 +43,15 @@ def two_devices(workdir, start_qsd, start_proxy):
     return proxy, stats
 
 
+def completed(stats_path) -> dict[str, int]:
+    """{device: requests completed} of the proxy's stats file ({} until its first write)."""
+    try:
+        snap = json.loads(stats_path.read_text())
+    except (OSError, ValueError):   # not written yet (replaced atomically, never partial)
+        return {}
+    return {d["name"]: sum(q["stats"]["completed"] for q in d["queues"]) for d in snap["devices"]}
+
+
 def sessions(workdir):
     from fastshadow.bench.loadgen import Session
     return [Session(str(workdir / f"fs{i}.sock"), num_queues=2, max_qd=8, max_block_size=4096) for i in range(2)]
@@ -105,9 +114,7 @@ def test_sampled_trace_follows_one_request_in_n(workdir, two_devices):
         # Every request_sampled hit was counted before its request completed (the probe fires before
         # the pass publishes the used index); the stats file says the proxy completed them all.
         while True:
-            st = json.loads((workdir / "stats.json").read_text())
-            done = sum(q["stats"]["completed"] for d in st["devices"] for q in d["queues"])
-            if done == N0 + N1 or time.monotonic() > deadline:
+            if sum(completed(workdir / "stats.json").values()) == N0 + N1 or time.monotonic() > deadline:
                 break
             time.sleep(0.1)
         proc.send_signal(signal.SIGINT)
@@ -136,9 +143,7 @@ def test_from_stats_without_bcc(workdir, two_devices):
         import time
         deadline = time.monotonic() + 30
         while True:
-            st = json.loads(stats.read_text())
-            done = {d["name"]: sum(q["stats"]["completed"] for q in d["queues"]) for d in st["devices"]}
-            if done == {"dev0": N0, "dev1": N1} or time.monotonic() > deadline:
+            if completed(stats) == {"dev0": N0, "dev1": N1} or time.monotonic() > deadline:
                 break
             time.sleep(0.05)
         r = subprocess.run([sys.executable, "-m", "fastshadow.cli", "trace", "--from-stats", str(stats),
