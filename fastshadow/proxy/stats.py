@@ -2,8 +2,9 @@
 
 Every interval, for each device: whether a front-end is connected, how many
 sessions it served, and for isolated devices the data plane's counters of
-every queue QEMU configured (requests, bytes each way, refusals, throttling,
-notifications, requests in flight). One `stats` log line per device carries
+every queue QEMU configured (requests, bytes each way, refusals and their
+reasons, throttling and back-pressure time, bounce bytes in use,
+notifications, requests in flight) and its latency histograms. One `stats` log line per device carries
 the totals and the rates since the previous line; the file, when asked for,
 holds the whole snapshot as JSON (msgspec), replaced atomically, so a
 monitoring agent can read it at any time.
@@ -156,7 +157,9 @@ class StatsReporter(threading.Thread):
                               inflight=d.total("inflight"), refused=d.total("refused"),
                               throttled=d.total("throttled"), req_per_s=rate("requests"),
                               mb_in_per_s=rate("bytes_in", 1e6), mb_out_per_s=rate("bytes_out", 1e6),
-                              failed=d.total("failed"), poisoned=d.total("poisoned"))
+                              failed=d.total("failed"), poisoned=d.total("poisoned"),
+                              bounce_kib=d.total("bounce_bytes") // 1024,
+                              backpressure_ms=round(d.total("throttled_ns") / 1e6, 1))
                 self._prev[d.name] = (now, d)
             if d.mode != "direct":
                 fields.update(backend_reconnects=d.backend_reconnects, isolation=d.isolation)

@@ -69,7 +69,9 @@ def configure(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", metavar="NAME", help="only this device (its --name in the proxy)")
     p.add_argument("--sample", type=int, default=1, metavar="N",
                    help="follow 1 request in N per queue, chosen by the data plane, through every hop from one "
-                        "probe (default 1: every probe of every request, the most detailed and the costliest)")
+                        "probe with the data plane's own stamps (needs its latency histograms: not with a proxy "
+                        "started with --no-latency-histograms); default 1: every probe of every request, the most "
+                        "detailed and the costliest")
     p.add_argument("--from-stats", metavar="FILE",
                    help="print the latency histograms the data plane keeps itself, from a proxy's --stats-file "
                         "(no bcc, no root, no kernel headers); with --duration: what that time added")

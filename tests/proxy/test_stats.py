@@ -72,6 +72,7 @@ def test_stats_file_and_log_lines(workdir, start_qsd, start_proxy):
         assert snap["interval_s"] == 0.2 and snap["uptime_s"] > 0
     lines = proxy.wait_log(r"info stats dev=dev0 mode=isolated connected=True sessions=1 queues=1 requests=2 ")
     assert re.search(r"req_per_s=(-|[\d.]+) mb_in_per_s=(-|[\d.]+) mb_out_per_s=(-|[\d.]+)", lines[0]), lines[0]
+    assert re.search(r" bounce_kib=\d+ backpressure_ms=[\d.]+( |$)", lines[0]), lines[0]
     proxy.wait_log(r"info stats dev=dev1 mode=direct connected=False sessions=0$")
     # The front-end left: the device shows it.
     read_stats(stats, lambda s: not device(s, "dev0")["connected"])
