@@ -41,6 +41,9 @@ BPF_HASH(first_shadowed, struct qkey, u64, 1024);
 BPF_HASH(last_call, struct qkey, u64, 1024);
 BPF_HASH(first_completed, struct qkey, u64, 1024);
 BPF_HASH(start, struct rkey, u64, 65536);
+/* Shared between CPUs (atomic increments): a BPF_PERCPU_HASH with .increment()
+ * was tried and bcc 0.26 returned no entries from it here; the counters below
+ * are per-CPU. */
 BPF_HISTOGRAM(hist, struct hkey, 4096);
 /* Per-CPU: a counter is never contended between CPUs (summed by the loader). */
 BPF_PERCPU_ARRAY(counts, u64, C_MAX);
