@@ -19,7 +19,7 @@
  * call_to_used, end_to_end) with no per-queue state at all.
  *
  * QUEUE_FILTER and DEVICE_FILTER are replaced by the loader (empty, or a
- * test on q / dev).
+ * test on q / on dev against the dev_filter map).
  * Requests are keyed by (device, queue, guest head): a head is unique while
  * the request is in flight, which is exactly the span measured.
  */
@@ -45,6 +45,9 @@ BPF_HASH(start, struct rkey, u64, 65536);
  * was tried and bcc 0.26 returned no entries from it here; the counters below
  * are per-CPU. */
 BPF_HISTOGRAM(hist, struct hkey, 4096);
+/* --device: the wanted device's id + 1, set and kept up to date by the loader
+ * (DEVICE_FILTER); 0: not connected yet, nothing passes. */
+BPF_ARRAY(dev_filter, u32, 1);
 /* Per-CPU: a counter is never contended between CPUs (summed by the loader). */
 BPF_PERCPU_ARRAY(counts, u64, C_MAX);
 

@@ -66,7 +66,8 @@ def configure(p: argparse.ArgumentParser) -> None:
     p.add_argument("--duration", type=float, help="stop after this many seconds (default: until Ctrl-C)")
     p.add_argument("--interval", type=float, default=5.0, help="seconds between printed histograms (default 5)")
     p.add_argument("--queue", type=int, help="only this queue index")
-    p.add_argument("--device", metavar="NAME", help="only this device (its --name in the proxy)")
+    p.add_argument("--device", metavar="NAME", help="only this device (its --name in the proxy); waited for if "
+                                                     "not connected yet, followed across sessions")
     p.add_argument("--sample", type=int, default=1, metavar="N",
                    help="follow 1 request in N per queue, chosen by the data plane, through every hop from one "
                         "probe with the data plane's own stamps (needs its latency histograms: not with a proxy "
@@ -91,14 +92,19 @@ READ_DQ = """{ u32 dev_ = 0, q_ = 0;
       QUEUE_FILTER DEVICE_FILTER }"""
 
 
-def bpf_text(queue: int | None, device_id: int | None = None) -> str:
+#: --device: the wanted device's data-plane id + 1 is in map dev_filter (0: not there yet, drop all). A map,
+#: not a constant: the device may connect after the tracer starts, or come back with another id.
+DEVICE_FILTER = """{ u32 z_ = 0; u32 *w_ = dev_filter.lookup(&z_);
+      if (!w_ || *w_ != dev_ + 1) return 0; }"""
+
+
+def bpf_text(queue: int | None, device: bool = False) -> str:
     """The BPF program with its placeholders filled (no option branches in kernel code)."""
     import re
     text = environment.probe_program().read_text()
     text = re.sub(r"READ_DQ\((\w+)\);", lambda m: READ_DQ.replace("K.", m.group(1) + "."), text)
     qf = f"if (q_ != {int(queue)}) return 0;" if queue is not None else ""
-    df = f"if (dev_ != {int(device_id)}) return 0;" if device_id is not None else ""
-    return text.replace("QUEUE_FILTER", qf).replace("DEVICE_FILTER", df)
+    return text.replace("QUEUE_FILTER", qf).replace("DEVICE_FILTER", DEVICE_FILTER if device else "")
 
 
 def run(args) -> int:
@@ -184,7 +190,7 @@ class Tracer:
         self.pid, self.driver_pid, self.queue, self.device, self.sample = pid, driver_pid, queue, device, sample
         self.ctl = None
         self.names: dict[int, str] = {}
-        device_id = None
+        self.device_id: int | None = None
         if pid is not None:
             from .ctl import TraceControl, TraceControlError
             try:
@@ -193,13 +199,6 @@ class Tracer:
             except TraceControlError as e:
                 if device is not None or sample > 1:
                     raise TraceError(f"--device/--sample need the proxy's trace control block: {e}") from None
-            if device is not None:
-                ids = [i for i, n in self.names.items() if n == device]
-                if not ids:
-                    raise TraceError(f"process {pid} has no isolated device named {device!r} now (devices: "
-                                     f"{', '.join(sorted(self.names.values())) or 'none'}); a device's data plane "
-                                     "exists while a front-end is connected")
-                device_id = ids[0]
         contexts = []
         if pid is not None:
             u = bcc.USDT(pid=pid)
@@ -219,19 +218,39 @@ class Tracer:
             except Exception as e:
                 raise TraceError(f"process {driver_pid} has no fastshadow_loadgen probes ({e})") from None
             contexts.append(d)
-        self.bpf = bcc.BPF(text=bpf_text(queue, device_id), usdt_contexts=contexts)
+        self.bpf = bcc.BPF(text=bpf_text(queue, device is not None), usdt_contexts=contexts)
+        self.follow_device()
         if self.ctl is not None and sample > 1:
             self.ctl.sample_every = sample      # from now on the data plane fires request_sampled
         self.intervals: list[Interval] = []
 
     def refresh_names(self) -> None:
         """Learn the names of devices added since (a name stays in the block after its device is
-        removed, until its id is reused: events read later are still labelled)."""
+        removed, until its id is reused: events read later are still labelled); with --device,
+        point the BPF filter at the device's current id."""
         if self.ctl is not None:
             try:
-                self.names.update(self.ctl.names())
+                now = self.ctl.names()
             except OSError:                     # the proxy is gone: keep what we know
-                pass
+                return
+            self.names.update(now)
+            if self.device is not None:
+                ids = [i for i, n in sorted(now.items()) if n == self.device]
+                self._filter(ids[0] if ids else None)
+
+    def follow_device(self) -> None:
+        if self.device is not None:
+            self._filter(None)                  # nothing passes until the name is found
+            self.refresh_names()
+
+    def _filter(self, dev: int | None) -> None:
+        if dev == self.device_id and dev is not None:
+            return
+        table = self.bpf["dev_filter"]
+        table[table.Key(0)] = table.Leaf(0 if dev is None else dev + 1)
+        if dev is not None and getattr(self, "intervals", None) is not None:
+            print(f"device {self.device}: data-plane id {dev}, traced from now on", flush=True)
+        self.device_id = dev
 
     def device_name(self, dev: int) -> str:
         if dev not in self.names:
@@ -265,7 +284,10 @@ class Tracer:
         started = time.monotonic()
         who = [f"fastshadow pid {self.pid}"] if self.pid else []
         who += [f"load generator pid {self.driver_pid}"] if self.driver_pid else []
-        print("Tracing " + " and ".join(who) + (f", device {self.device}" if self.device is not None else "") +
+        waiting = self.device is not None and self.device_id is None
+        print("Tracing " + " and ".join(who) +
+              (f", device {self.device}" + (" (not connected yet: waiting for it)" if waiting else "")
+               if self.device is not None else "") +
               (f", queue {self.queue}" if self.queue is not None else "") +
               (f", 1 request in {self.sample} per queue" if self.sample > 1 else "") +
               "... Hit Ctrl-C to end.", flush=True)
@@ -280,7 +302,7 @@ class Tracer:
                 end = time.monotonic() + nap
                 while not stop["now"] and time.monotonic() < end:
                     time.sleep(min(0.1, max(0.0, end - time.monotonic())))
-                    if time.monotonic() - named_at >= 1.0:
+                    if time.monotonic() - named_at >= 0.5:
                         self.refresh_names()    # a device may come and go within one interval
                         named_at = time.monotonic()
                 if any(p is not None and not os.path.exists(f"/proc/{p}") for p in (self.pid, self.driver_pid)):

@@ -134,6 +134,32 @@ def test_sampled_trace_follows_one_request_in_n(workdir, two_devices):
     assert "events:" not in text.split("whole run")[0]             # --quiet: no interval printed
 
 
+def test_device_traced_from_when_it_connects(workdir, two_devices):
+    """--device for a device not connected yet: the tracer waits for its name, then follows its id
+    (a map the BPF program reads, not a constant compiled in); the other device is never counted."""
+    import signal
+    import time
+    proxy, _ = two_devices
+    every = 4
+    proc, out = start_trace(workdir, "--pid", str(proxy.pid), "--device", "dev1", "--sample", str(every))
+    assert "device dev1 (not connected yet: waiting for it)" in (workdir / "trace.out").read_text()
+    s0, s1 = sessions(workdir)
+    with s0, s1:
+        deadline = time.monotonic() + 30
+        while "device dev1: data-plane id" not in (workdir / "trace.out").read_text():
+            assert proc.poll() is None and time.monotonic() < deadline, (workdir / "trace.out").read_text()
+            time.sleep(0.05)
+        assert s0.run("read", 4096, 8, requests=N0, queues=2).requests == N0
+        assert s1.run("read", 4096, 8, requests=N1, queues=2).requests == N1
+        proc.send_signal(signal.SIGINT)         # every hit was counted before its request completed
+        assert proc.wait(30) == 0
+        out.close()
+    from fastshadow.trace.tool import load_json
+    run = load_json(str(workdir / "trace.json"))
+    assert run.totals().get("request_sampled") == N1 // 2 // every * 2
+    assert {d for d, _ in by_device(run)} == {"dev1"}
+
+
 def test_from_stats_without_bcc(workdir, two_devices):
     _, stats = two_devices
     s0, s1 = sessions(workdir)
