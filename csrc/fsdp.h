@@ -153,6 +153,9 @@ struct fsdp_queue_stats {
  * fsdp_dp_config.no_latency_hist).  Per queue and hop, log2 buckets of
  * microseconds: bucket 0 counts durations below 1 us, bucket s (1..31)
  * durations in [2^(s-1), 2^s) us; the last one also everything longer.
+ * Timed: every request the backend completed (one sample per hop; a request
+ * still in flight has only its kick_to_shadowed sample); not timed: refused
+ * requests, and those failed toward the guest (lying backend, abort, poison).
  */
 enum {
     FSDP_HOP_KICK_SHADOWED = 0,   /* guest kick seen -> request shadowed (copied, published) */
