@@ -36,6 +36,16 @@
 
 #include <sys/sdt.h>
 
+#ifdef FSDP_NO_PROBES
+/* Measurement builds only (csrc/build_ffi.py, FASTSHADOW_NO_PROBES=1). */
+#undef DTRACE_PROBE2
+#undef DTRACE_PROBE4
+#undef DTRACE_PROBE7
+#define DTRACE_PROBE2(p, n, a, b) ((void)0)
+#define DTRACE_PROBE4(p, n, a, b, c, d) ((void)0)
+#define DTRACE_PROBE7(p, n, a, b, c, d, e, f, g) ((void)0)
+#endif
+
 #define PROBE_GUEST_KICK(dev, q) DTRACE_PROBE2(fastshadow, guest_kick, dev, q)
 #define PROBE_REQUEST_SHADOWED(dev, q, head, bytes) \
     DTRACE_PROBE4(fastshadow, request_shadowed, dev, q, head, bytes)

@@ -13,6 +13,14 @@ synchronous engine: one clock read per wake-up, shared by every request of it.
 
     python csrc/bench/hist_instructions.py [requests] [--json FILE]   # from the repository root; needs valgrind
 
+What the USDT probes cost while no tracer is attached (each is a nop), the same
+way, with one build that has them and one that has not (the histograms on in both):
+
+    python csrc/bench/hist_instructions.py --single instructions_probes 2048 --json FILE
+    touch csrc/probes.h && FASTSHADOW_NO_PROBES=1 bash scripts/setup   # (setup rebuilds on csrc/ changes)
+    python csrc/bench/hist_instructions.py --single instructions_no_probes 2048 --json FILE
+    touch csrc/probes.h && bash scripts/setup              # the normal build again
+
 --json writes {"requests", "instructions_on", "instructions_off"} (totals of
 fsdp_dev_poll) for bench/RESULTS.md to quote (tests/bench/test_doc_figures.py).
 
@@ -77,8 +85,26 @@ def main(argv: list[str]) -> int:
         i = argv.index("--json")
         json_path = argv[i + 1]
         argv = argv[:i] + argv[i + 2:]
+    single = None
+    if "--single" in argv:
+        i = argv.index("--single")
+        single = argv[i + 1]
+        argv = argv[:i] + argv[i + 2:]
     n = int(argv[0]) if argv else 2048
     n -= n % PER_RIG
+    if single is not None:
+        total = poll_instructions(True, n)
+        print(f"{single}: {total / n:.1f} instructions per request ({n} requests, histograms on)")
+        if json_path:
+            import json
+            data = json.load(open(json_path)) if os.path.exists(json_path) else {}
+            if data.get("requests", n) != n:
+                raise SystemExit(f"{json_path} holds counts of {data['requests']} requests, not {n}")
+            data.update({"requests": n, single: total})
+            with open(json_path, "w") as f:
+                json.dump(data, f, indent=1)
+                f.write("\n")
+        return 0
     on, off = poll_instructions(True, n), poll_instructions(False, n)
     print(f"{n} requests of 4 KiB, {BATCH} per batch, synchronous engine (fsdp_dev_poll, inclusive):")
     print(f"  histograms on : {on / n:8.1f} instructions per request")

@@ -189,6 +189,8 @@ def test_results_md_tracing_overhead_is_the_json():
         f"{on:.0f} instructions per request with the histograms and {off:.0f} without ({n} requests): "
         f"+{on - off:.0f}, {100 * (on - off) / off:.1f} %",
         f"{len(json.loads(TRACING.read_text())['runs'])} runs",
+        f"(each a nop): {(ins['instructions_probes'] - ins['instructions_no_probes']) / n:.1f} instructions per "
+        f"request, {100 * (ins['instructions_probes'] - ins['instructions_no_probes']) / ins['instructions_no_probes']:.1f} %",
     ]
     iso_us = statistics.median(r["cpu_s"]["proxy"] / r["requests"] * 1e6
                                for r in json.loads(TRACING.read_text())["runs"] if r["mode"] == "isolated")
