@@ -150,6 +150,6 @@ def plot(run: TraceRun, path: str) -> None:
     axes[-1, 0].set_xlabel(f"latency, {UNIT} (bucket [lo, hi): {BUCKET_RULE})")
     sampled = f", 1 request in {run.sample_every}" if run.sample_every > 1 else ""
     fig.suptitle(f"fastshadow notification latency, pid {run.pid or run.driver_pid}{sampled}")
-    fig.tight_layout()
+    fig.tight_layout(rect=(0, 0, 1, 1 - 0.45 / (2.4 * n)))   # room for the title above the first panel
     fig.savefig(path, dpi=110)
     plt.close(fig)
