@@ -7,6 +7,8 @@ of every probe). The tracer finds the symbol in the extension's dynamic symbol
 table (``readelf``, binutils), the extension's load address in
 ``/proc/PID/maps``, and reads and writes the block through ``/proc/PID/mem``
 (root, as attaching the probes is). No control socket, nothing to restart.
+The sample rate is one per proxy: two sampling tracers of one proxy share it
+(the last one started sets it, the first one to end sets it back to 0).
 """
 
 from __future__ import annotations
