@@ -12,8 +12,9 @@ from __future__ import annotations
 
 import msgspec
 
-HOPS = ["kick_to_shadowed", "shadowed_to_kick", "call_to_completed", "completed_to_call", "end_to_end",
-        "driver_end_to_end", "backend", "call_to_used"]
+#: In the order they are printed: a request's path, then end to end.
+HOPS = ["kick_to_shadowed", "shadowed_to_kick", "backend", "call_to_completed", "call_to_used", "completed_to_call",
+        "end_to_end", "driver_end_to_end"]
 HOP_TITLES = {
     "kick_to_shadowed": "guest kick -> request shadowed",
     "shadowed_to_kick": "request shadowed -> backend kicked",

@@ -205,3 +205,20 @@ def test_results_md_tracing_overhead_is_the_json():
     assert "variants against isolated" in table and table in text, \
         "bench/RESULTS.md must hold `python -m fastshadow.bench.report bench/results/tracing/results.json " \
         "--markdown`'s variants table verbatim"
+
+
+MINUTE = ROOT / "bench" / "results" / "tracing-minute" / "results.json"
+
+
+def test_results_md_one_device_for_a_minute_is_the_json():
+    m = _variant_rows(MINUTE)["minute"]
+    row = (f"| one device traced for 60 s (`--device bench-minute --sample 256`) | {m['iops']:.3f} | "
+           f"{m['lo']:.3f} – {m['hi']:.3f} | {m['proxy']:.2f} |")
+    text = (ROOT / "bench" / "RESULTS.md").read_text()
+    assert row in text, f"bench/RESULTS.md must say, from {MINUTE.relative_to(ROOT)}:\n{row}"
+    assert f"{m['reps']} reps of 60 s" in squash(text)
+    iops = [r["iops"] for r in json.loads(MINUTE.read_text())["runs"]]
+    assert f"{min(iops) / 1e3:.0f}-{max(iops) / 1e3:.0f}k IOPS" in squash(text)
+    # The tracer's own output at exit, kept next to the JSON.
+    sampled = re.search(r"request_sampled=(\d+)", (MINUTE.parent / "trace.txt").read_text()).group(1)
+    assert f"{sampled} sampled requests" in squash(text)
