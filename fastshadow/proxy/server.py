@@ -79,6 +79,10 @@ class Device:
         except BaseException:
             self.close()
             raise
+
+    def check_backend(self) -> None:
+        """One warning if the backend socket is not there yet (the proxy keeps waiting for it)."""
+        cfg = self.cfg
         if cfg.backend is not None:
             problem = backend_socket_problem(cfg.backend)
             if problem is not None:
@@ -264,6 +268,9 @@ class Proxy:
         except Exception:
             self.close()
             raise
+        # Only once start-up cannot fail: a refused start is its one error line, nothing before.
+        for d in self.devices:
+            d.check_backend()
 
     def make_session(self, cfg: DeviceConfig, qemu_sock: socket.socket, backend_sock: socket.socket,
                      reconnect=None) -> Session:
