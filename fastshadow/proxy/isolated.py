@@ -291,6 +291,11 @@ class IsolatedSession(Session):
         except OSError:
             pass
 
+    def frontend_failed(self, reason: str) -> None:
+        """The front-end can no longer be served (a data-plane verdict, from another thread):
+        the session ends (both connections shut; the session thread logs session.end)."""
+        self.abort(f"the front-end broke its guest memory: {reason}")
+
     def _backoff(self) -> float:
         """Seconds to wait before reconnecting: doubles with each loss within the last 10 s
         (a backend that dies again at once is not hammered), from 0 up to 2 s."""
