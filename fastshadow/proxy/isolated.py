@@ -378,6 +378,10 @@ class IsolatedSession(Session):
         except feat.FeatureRefused as e:
             raise UnexpectedMessage(str(e)) from None
         was_logging, previous, self.qemu_features = self.log_all, self.qemu_features, msg.payload.value
+        if msg.payload.value & VirtioFeature.ACCESS_PLATFORM and not (previous or 0) & VirtioFeature.ACCESS_PLATFORM:
+            kv(log, logging.INFO, "feature.provided", dev=self.name, feature="ACCESS_PLATFORM",
+               what="the data plane accesses guest memory by the platform's rules (vIOMMU IOTLB if QEMU sends "
+                    "one); the backend's shadow ring is plain memory and never gets the bit")
         if self.log_all != was_logging:
             kv(log, logging.INFO, "migration.logging", dev=self.name, on=self.log_all,
                what="the data plane marks every guest page it writes in QEMU's dirty log")
