@@ -37,11 +37,12 @@
 #include "chain.h"
 #include "fail.h"
 #include "log.h"
+#include "iotlb.h"
 #include "mem.h"
 #include "probes.h"
 #include "vring.h"
 
-enum take_result { TAKEN, REFUSED, NOSPACE, BROKEN };
+enum take_result { TAKEN, REFUSED, NOSPACE, BROKEN, IOTLB_WAIT };
 
 /* ------------------------------------------------------------------------ */
 /* Guest used ring: push, publish, and the call decision.                     */
@@ -52,10 +53,21 @@ static bool use_stream(const struct fsdp_queue *q, uint64_t len)
     return q->dev->stream_min && len >= q->dev->stream_min;
 }
 
-/* Guest bytes [gpa, gpa + len) were written: mark them in the dirty log. */
+static void log_gpa(void *arg, uint64_t gpa, uint64_t len)
+{
+    struct fsdp_queue *q = arg;
+    q->st.log_pages += log_write(&q->dev->log, q->dev->events, q->dev->id, q->idx, gpa, len);
+}
+
+/* Guest bytes [gpa, gpa + len) were written: mark them in the dirty log.
+ * With the device IOTLB on the range is an IOVA range: the log is of
+ * guest-physical pages, so each translated piece is marked. */
 static void log_guest(struct fsdp_queue *q, uint64_t gpa, uint64_t len)
 {
-    q->st.log_pages += log_write(&q->dev->log, q->dev->events, q->dev->id, q->idx, gpa, len);
+    if (q->dev->mem.iotlb && q->dev->mem.iotlb->on)
+        mem_for_each_gpa(&q->dev->mem, gpa, len, log_gpa, q);
+    else
+        log_gpa(q, gpa, len);
 }
 
 /* A write of len bytes at offset off of the guest used ring was made. */
@@ -325,6 +337,32 @@ static bool alloc_per_segment(struct fsdp_queue *q, uint32_t n)
     return true;
 }
 
+/*
+ * The chain at head names an IOVA the device IOTLB has no translation for
+ * (ch->err_a, access ch->err_b).  Ask QEMU once (the control plane sends
+ * VHOST_IOTLB_MISS on the back-end channel and, once QEMU has answered,
+ * calls fsdp_queue_iotlb_answered): false, the entry stays in the guest ring.
+ * If QEMU answered and it is still missing: walk again with misses refused,
+ * so the chain is refused like any bad one (the device's error where the
+ * walk can place it): true, *ch holds that walk.
+ */
+static bool iotlb_wait(struct fsdp_queue *q, uint16_t head, struct fsdp_chain *ch, uint32_t *steps)
+{
+    struct fsdp_devctx *dev = q->dev;
+    struct fsdp_iotlb *t = dev->mem.iotlb;
+    int ask = iotlb_missed(t, q->idx, ch->err_a);
+
+    if (ask == FSDP_EV_IOTLB_MISS)
+        dev_event(dev, q->idx, FSDP_EV_IOTLB_MISS, head, ch->err_a, ch->err_b);
+    if (ask != FSDP_EV_IOVA_UNMAPPED)
+        return false;
+    t->refuse_misses = true;
+    chain_walk(&dev->mem, q->g_desc, q->num, head, dev->max_request_bytes, q->scratch, q->ind, ch);
+    t->refuse_misses = false;
+    *steps += ch->steps;
+    return true;
+}
+
 static enum take_result take_one(struct fsdp_queue *q, uint32_t *steps)
 {
     struct fsdp_devctx *dev = q->dev;
@@ -347,6 +385,13 @@ static enum take_result take_one(struct fsdp_queue *q, uint32_t *steps)
     rc = chain_walk(&dev->mem, q->g_desc, q->num, head, dev->max_request_bytes,
                     q->scratch, q->ind, &ch);
     *steps = ch.steps;
+    if (rc == FSDP_EV_IOTLB_MISS) {
+        if (!iotlb_wait(q, head, &ch, steps))
+            return IOTLB_WAIT;
+        rc = (int)ch.err;
+    }
+    if (dev->mem.iotlb && dev->mem.iotlb->on)
+        iotlb_settled(dev->mem.iotlb, q->idx);
     if (rc == 0 && q->idx >= dev->failure_first_queue &&
         (ch.readable < dev->min_readable || ch.writable < dev->min_writable)) {
         /* Too short for the device's request layout: a backend would read
@@ -497,8 +542,8 @@ static bool intake(struct fsdp_queue *q)
                 q->throttled = true;
                 return any;
             }
-            if (r == BROKEN)
-                return any;
+            if (r == BROKEN || r == IOTLB_WAIT)
+                return any;     /* IOTLB_WAIT: fsdp_queue_iotlb_answered brings us back */
             q->throttled = false;
             any = true;
             armed = false;

@@ -56,6 +56,8 @@ struct fsdp_queue {
     bool addr_set;
     uint8_t *g_desc, *g_avail, *g_used;   /* translated; valid if rings_ok */
     bool rings_ok;
+    bool start_pending;     /* started while its IOVA rings did not translate yet (queue.c) */
+    uint32_t start_flags;
     uint16_t last_avail;    /* next guest avail entry to take */
     uint16_t used_idx;      /* our guest used idx */
     uint16_t signalled_used;

@@ -178,6 +178,10 @@ def _configure_proxy(p: argparse.ArgumentParser) -> None:
                    help="isolated: a request is handed again to the backend at most N times (after the backend died "
                         "with it or held it across a ring stop), then failed toward the guest with the device's "
                         "error and logged as poisoned, so one request cannot kill a backend forever (default 1)")
+    p.add_argument("--iotlb-max-entries", type=int, default=65536, metavar="N",
+                   help="isolated, vIOMMU guests: keep at most N IOVA translations per device; QEMU's "
+                        "IOTLB updates past it are refused with one log line (default 65536: 256 MiB of "
+                        "4 KiB pages mapped at once)")
     p.add_argument("--bounce-per-queue", type=size_arg, default=16 << 20, metavar="SIZE",
                    help="isolated: bounce space per queue in the shadow region (default 16M)")
     p.add_argument("--backend-reconnect", choices=["auto", "on", "off"], default="auto",
@@ -246,6 +250,7 @@ def build_proxy_config(args):
             reply_timeout=args.reply_timeout,
             stop_timeout=args.stop_timeout,
             max_replays=args.max_replays,
+            iotlb_max_entries=args.iotlb_max_entries,
             max_request_bytes=args.max_request_bytes,
             bounce_per_queue=args.bounce_per_queue,
             backend_reconnect=args.backend_reconnect,

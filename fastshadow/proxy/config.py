@@ -104,6 +104,10 @@ class DeviceConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     #: Isolated mode: how often one request is handed again to a backend (after the backend
     #: died with it, or held it across a ring stop) before it is failed toward the guest.
     max_replays: int = 1
+    #: Isolated mode, vIOMMU guests: the most IOVA translations fastshadow keeps per device
+    #: (VHOST_USER_IOTLB_MSG updates past it are refused, one line): bounds the memory a
+    #: front-end can make it use. Page-sized entries: 65536 cover 256 MiB of mapped buffers.
+    iotlb_max_entries: int = 65536
     #: Isolated mode: the largest request data (buffer bytes, the device's request header and
     #: status excluded) accepted from the guest. None: 4 MiB, or what the device advertises
     #: if more (blk: seg_max x size_max).
@@ -158,6 +162,9 @@ class DeviceConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
             raise ConfigError(f"device {self.name!r}: stop_timeout must be positive (seconds)")
         if not 0 <= self.max_replays <= 100:
             raise ConfigError(f"device {self.name!r}: max_replays {self.max_replays}: want 0 to 100")
+        if not 1 <= self.iotlb_max_entries <= 1 << 20:
+            raise ConfigError(f"device {self.name!r}: iotlb_max_entries {self.iotlb_max_entries}: "
+                              f"want 1 to {1 << 20}")
         if self.backend_timeout <= 0 or self.reply_timeout <= 0:
             raise ConfigError(f"device {self.name!r}: timeouts must be positive")
         cap = DEFAULT_REQUEST_DATA if self.max_request_bytes is None else self.max_request_bytes

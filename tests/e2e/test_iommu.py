@@ -33,7 +33,7 @@ def run_blk(guest_image, workdir, start_qsd, start_proxy, **vm_options):
     qsd = start_qsd(str(workdir / "qsd.sock"), disk=workdir / "disk.img", num_queues=2)
     rec = Interposer(str(workdir / "rec.sock"), str(workdir / "qsd.sock"))
     proxy = start_proxy(["--listen", str(workdir / "fs.sock"), "--backend", str(workdir / "rec.sock"),
-                         "--mode", "isolated"], [str(workdir / "fs.sock")])
+                         "--mode", "isolated", "--log-level", "debug"], [str(workdir / "fs.sock")])
     watch = IsolationWatch(rec)
     try:
         with GuestVM(guest_image, blk_socket=str(workdir / "fs.sock"), blk_num_queues=2, smp=2, cmdline=CHECK,
@@ -80,3 +80,10 @@ def test_blk_iommu_platform_without_viommu(guest_image, workdir, start_qsd, star
     # No vIOMMU: QEMU keeps the bit from the vhost device (vhost_dev_set_features) and sends no
     # IOTLB traffic; addresses are guest-physical and the backend's features never had it.
     assert "IOTLB" not in log
+
+
+def test_blk_intel_iommu(guest_image, workdir, start_qsd, start_proxy):
+    """q35 + intel-iommu with a device IOTLB, the guest with intel_iommu=on: every ring and
+    descriptor address fastshadow sees is an IOVA, translated through its own IOTLB."""
+    _, log = run_blk(guest_image, workdir, start_qsd, start_proxy, viommu="intel")
+    assert "iotlb" in log
