@@ -9,13 +9,13 @@ buffers a request named is checked unchanged (the harness's canary model)."""
 from __future__ import annotations
 
 import os
+import select
 import socket
 import struct
 import threading
 
 from fastshadow.protocol import Channel, Connection
 from fastshadow.protocol import payloads as p
-from fastshadow.protocol.frontend import BackendRefused
 from fastshadow.protocol.messages import BackendReq, FrontendReq, Message
 
 from ..dataplane.harness import Buf
@@ -61,12 +61,14 @@ class Viommu:
     def update(self, iova_page: int) -> None:
         """VHOST_IOTLB_UPDATE of one page (QEMU's uaddr: its user address of the gpa)."""
         gpa = iova_page - IOVA_BASE
-        self.blk.fe.call(FrontendReq.IOTLB_MSG, p.IotlbMsg(iova_page, PAGE, self.blk.mem.uaddr(gpa),
-                                                           self.perm(iova_page), p.IOTLB_UPDATE))
+        reply = self.blk.fe.call(FrontendReq.IOTLB_MSG, p.IotlbMsg(iova_page, PAGE, self.blk.mem.uaddr(gpa),
+                                                                   self.perm(iova_page), p.IOTLB_UPDATE))
+        assert reply.payload.value == 0, f"update of {iova_page:#x} refused"
 
     def invalidate(self, iova: int, size: int) -> None:
         with self.lock:
-            self.blk.fe.call(FrontendReq.IOTLB_MSG, p.IotlbMsg(iova, size, 0, 0, p.IOTLB_INVALIDATE))
+            reply = self.blk.fe.call(FrontendReq.IOTLB_MSG, p.IotlbMsg(iova, size, 0, 0, p.IOTLB_INVALIDATE))
+        assert reply.payload.value == 0
 
     def _serve(self) -> None:
         try:
@@ -176,3 +178,95 @@ def test_device_write_to_read_only_iova_is_refused(workdir, start_qsd, start_pro
         finish(blk, vi, rec)
     [line] = proxy.wait_log(r"dataplane\.refused .*mapped without the access the device needs")
     assert f"iova {blk.iova(buf):#x}" in line
+
+
+def test_invalidation_while_a_request_is_in_flight_is_never_written_through(workdir, start_qsd, start_proxy):
+    """A read request is published to the backend; before the backend runs it, the guest
+    unmaps its data buffer (VHOST_IOTLB_INVALIDATE, acked). The completion must not write
+    through the old translation: the request fails with the device's error, the page that
+    was behind the IOVA keeps its bytes, and the queue runs on."""
+    start_qsd(str(workdir / "qsd.sock"), disk=workdir / "disk.img", size=8 << 20)
+    gate = os.eventfd(0, os.EFD_CLOEXEC)     # the backend's kick: we decide when it sees one
+    kicks: list[int] = []                    # the proxy's kick fd toward the backend
+
+    def hold_kicks(msg: Message):
+        if msg.request == FrontendReq.SET_VRING_KICK and msg.fds:
+            kicks.append(msg.fds.pop())
+            return Message(msg.request, msg.payload, [os.dup(gate)], msg.flags)
+        return msg
+
+    rec = Interposer(str(workdir / "rec.sock"), str(workdir / "qsd.sock"), request_hook=hold_kicks)
+    sock = str(workdir / "fs.sock")
+    proxy = start_proxy(["--listen", sock, "--backend", str(workdir / "rec.sock"), "--mode", "isolated"], [sock])
+    blk = BlkFront(sock, viommu=True)
+    vi = Viommu(blk)
+    try:
+        with vi.lock:
+            blk.bring_up(backend_channel=vi.proxy_end.fileno())
+        [proxy_kick] = kicks
+
+        def pass_kicks():
+            while select.select([proxy_kick], [], [], 0)[0]:
+                os.eventfd_read(proxy_kick)
+                os.eventfd_write(gate, 1)
+
+        head, _, _ = blk.request(T_OUT, 16, b"\x5a" * 4096)
+        wait_readable(proxy_kick)                 # published on the shadow ring
+        pass_kicks()
+        assert blk.wait_used(1) == [(head, 1)]
+        # The request under test: a read into a page holding a canary.
+        buf = blk.mem.alloc(4096, align=4096)
+        blk.mem.write(buf, b"\xc3" * 4096)
+        hdr, st = blk.mem.alloc(16), blk.mem.alloc(1)
+        blk.mem.write(hdr, struct.pack("<IIQ", T_IN, 0, 16))
+        head = blk.q.add([Buf(blk.iova(hdr), 16), Buf(blk.iova(buf), 4096, writable=True),
+                          Buf(blk.iova(st), 1, writable=True)])
+        os.eventfd_write(blk.kick, 1)
+        wait_readable(proxy_kick)                 # walked, translated, published: in flight
+        vi.unmapped.add(vi.page_of(buf))
+        vi.invalidate(vi.page_of(buf), PAGE)      # acked: from now on the old translation is gone
+        pass_kicks()                              # the backend runs it and completes it
+        assert blk.wait_used(1) == [(head, 1)]
+        assert status_of(blk, st) == VIRTIO_BLK_S_IOERR
+        assert blk.mem.read(buf, 4096) == b"\xc3" * 4096   # not a byte through the stale mapping
+        head, _, _ = blk.request(T_IN, 16, 4096)        # the queue runs on
+        wait_readable(proxy_kick)
+        pass_kicks()
+        assert blk.wait_used(1) == [(head, 4096 + 1)]
+    finally:
+        finish(blk, vi, rec)
+        os.close(gate)
+    [line] = proxy.wait_log(r"dataplane\.refused .*unmapped before completion")
+    assert f"{blk.iova(buf):#x}" in line
+
+
+def test_iotlb_flood_is_bounded_and_refused_with_one_line(workdir, start_qsd, start_proxy):
+    """QEMU (or a confused front-end) sends more translations than --iotlb-max-entries: the
+    table stops at the cap, each update past it gets a failing ack, one log line says why,
+    and once QEMU invalidates (here: a global flush, size 0) the device works again."""
+    proxy, blk, vi, rec, _ = start(workdir, start_qsd, start_proxy, "--iotlb-max-entries", "64")
+    try:
+        blk.write(0, b"\x11" * 4096)
+        accepted = refused = 0
+        for i in range(300):
+            iova = IOVA_BASE + blk.mem.size + i * PAGE   # pages the guest never uses
+            with vi.lock:
+                reply = blk.fe.call(FrontendReq.IOTLB_MSG, p.IotlbMsg(iova, PAGE, blk.mem.uaddr(0), 3, p.IOTLB_UPDATE))
+            if reply.payload.value == 0:
+                accepted += 1
+            else:
+                refused += 1
+        assert accepted + refused == 300 and 0 < accepted < 64 and refused > 200
+        vi.invalidate(0, 0)                              # QEMU's global flush: size 0 means everything
+        data = os.urandom(8192)
+        blk.write(8, data)                                # misses refill the table
+        assert blk.read(8, len(data)) == data
+    finally:
+        finish(blk, vi, rec)
+    lines = proxy.wait_log(r"request\.refused dev=dev0 req=IOTLB_MSG")
+    assert len(lines) == 1 and "--iotlb-max-entries" in lines[0], lines
+    assert "session.refused" not in proxy.log()
+
+
+def wait_readable(fd: int, timeout: float = 20) -> None:
+    assert select.select([fd], [], [], timeout)[0], f"fd {fd} not readable within {timeout} s"
