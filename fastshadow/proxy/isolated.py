@@ -451,10 +451,14 @@ class IsolatedSession(Session):
             if why is not None:
                 kv(log, logging.WARNING, "iotlb.miss_unanswered", dev=self.name, queue=q, iova=hex(iova),
                    perm=perm, reason=why)
+            dev = self.dev
+            if dev is None:
+                return      # the session ended meanwhile
             try:
-                self.dev.queue_iotlb_answered(q, iova)   # the queue goes on (or refuses what is still missing)
-            except (DataPlaneError, AttributeError):
-                return   # the session ended meanwhile
+                dev.queue_iotlb_answered(q, iova)   # the queue goes on (or refuses what is still missing)
+            except DataPlaneError as e:
+                kv(log, logging.WARNING, "iotlb.miss_unanswered", dev=self.name, queue=q, iova=hex(iova),
+                   reason=f"the data plane did not take the answer: {e}")
 
     def _ask_qemu(self, iova: int, perm: int) -> str | None:
         """VHOST_USER_BACKEND_IOTLB_MSG, type VHOST_IOTLB_MISS, on QEMU's back-end channel; QEMU
