@@ -35,6 +35,7 @@ from fastshadow.protocol import payloads as p
 from fastshadow.protocol.errors import PeerClosed, VhostUserError
 from fastshadow.protocol.features import ProtocolFeature, VirtioFeature
 from fastshadow.protocol.frontend import Frontend
+from fastshadow.protocol.messages import FrontendReq
 
 from ._loadgen import ffi, lib
 
@@ -52,6 +53,9 @@ VIRTIO_BLK_F_MQ = 1 << 12
 WANTED_PROTOCOL = ProtocolFeature.MQ | ProtocolFeature.REPLY_ACK | ProtocolFeature.CONFIG
 #: Bytes of virtio_blk_config read with GET_CONFIG (capacity .. num_queues and a bit).
 CONFIG_SIZE = 60
+#: iotlb sessions: at most this many IOTLB entries (page-sized while the memory allows), half
+#: of fastshadow's default --iotlb-max-entries.
+IOTLB_MAX_UPDATES = 32768
 
 
 class LoadGenError(RuntimeError):
@@ -134,8 +138,12 @@ class Session:
 
     def __init__(self, socket_path: str, *, num_queues: int = 1, queue_size: int = 256, max_qd: int = 32,
                  max_block_size: int = 1 << 20, event_idx: bool = True, timeout: float = 10.0,
-                 span_bytes: int | None = None):
+                 span_bytes: int | None = None, iotlb: bool = False):
         self.socket_path = str(socket_path)
+        #: Play QEMU with a vIOMMU: ACCESS_PLATFORM set, ring addresses are IOVAs (IOVA == the load
+        #: generator's gpa), and its whole memory is sent as IOTLB updates before the rings start
+        #: (IOTLB_ENTRY bytes each), so no miss is taken: what is measured is the translation.
+        self.iotlb = iotlb
         self.num_queues = num_queues
         self.queue_size = queue_size
         self.max_qd = max_qd
@@ -232,6 +240,10 @@ class Session:
             want |= VirtioFeature.RING_EVENT_IDX
         if self.num_queues > 1:
             want |= VIRTIO_BLK_F_MQ
+        if self.iotlb:
+            if not offered & VirtioFeature.ACCESS_PLATFORM:
+                raise SetupError("iotlb: the peer does not offer VIRTIO_F_ACCESS_PLATFORM")
+            want |= VirtioFeature.ACCESS_PLATFORM
         self.features = offered & want
         self._call("SET_FEATURES", fe.set_features, self.features)
 
@@ -242,15 +254,32 @@ class Session:
         uaddr = lib.lg_mem_uaddr(self._lg)
         self._call("SET_MEM_TABLE", fe.set_mem_table, [p.MemoryRegion(0, size, uaddr, 0)],
                    [lib.lg_mem_fd(self._lg)])
+        ring_base = 0 if self.iotlb else uaddr     # IOVA == gpa under the played vIOMMU
+        if self.iotlb:
+            self._map_all(size, uaddr)
         for q, info in enumerate(infos):
             self._call("SET_VRING_NUM", fe.set_vring_num, q, self.queue_size)
             self._call("SET_VRING_BASE", fe.set_vring_base, q, 0)
-            self._call("SET_VRING_ADDR", fe.set_vring_addr, q, uaddr + info.desc_gpa, uaddr + info.used_gpa,
-                       uaddr + info.avail_gpa)
+            self._call("SET_VRING_ADDR", fe.set_vring_addr, q, ring_base + info.desc_gpa,
+                       ring_base + info.used_gpa, ring_base + info.avail_gpa)
             self._call("SET_VRING_KICK", fe.set_vring_kick, q, info.kick_fd)
         if self.features & VirtioFeature.PROTOCOL_FEATURES:
             for q in range(self.num_queues):
                 self._call("SET_VRING_ENABLE", fe.set_vring_enable, q, True)
+
+    def _map_all(self, size: int, uaddr: int) -> None:
+        """VHOST_IOTLB_UPDATE for the whole memory, IOVA == gpa: 4 KiB entries (as intel-iommu's
+        translations of a Linux guest's buffers are) unless that makes more than
+        IOTLB_MAX_UPDATES, then the next power of two."""
+        entry = 4096
+        while size > entry * IOTLB_MAX_UPDATES:
+            entry *= 2
+        for iova in range(0, size, entry):
+            reply = self.fe.call(FrontendReq.IOTLB_MSG, p.IotlbMsg(iova, min(entry, size - iova),
+                                                                   uaddr + iova, 3, p.IOTLB_UPDATE))
+            if reply.payload.value != 0:
+                raise SetupError(f"iotlb: the proxy refused the translation of iova {iova:#x}")
+        self.sent.append("IOTLB_MSG")
 
     def queue_info(self, q: int):
         info = ffi.new("struct lg_queue_info *")

@@ -156,8 +156,23 @@ int iotlb_update(struct fsdp_iotlb *t, uint64_t iova, uint64_t size, uint64_t ua
 int iotlb_lookup(const struct fsdp_iotlb *t, uint64_t iova, uint32_t perm, uint64_t *uaddr,
                  uint64_t *avail)
 {
+    return iotlb_lookup_run(t, iova, perm, 0, uaddr, avail);
+}
+
+/*
+ * The hot path's lookup: with want > 0, following entries that continue both
+ * the IOVA and the user address (a Linux guest maps a physically contiguous
+ * buffer page by page, each page its own entry) with the access are joined,
+ * up to want bytes: one piece, one copy, instead of one per page.  Measured
+ * with `fastshadow bench --modes isolated,isolated-iotlb`: 4 KiB pieces cost
+ * 40 % of 1 MiB read throughput before the join.
+ */
+int iotlb_lookup_run(const struct fsdp_iotlb *t, uint64_t iova, uint32_t perm, uint64_t want,
+                     uint64_t *uaddr, uint64_t *avail)
+{
     uint32_t i = first_after(t, iova);
     const struct fsdp_iotlb_entry *e;
+    uint64_t run;
 
     if (i == t->n || t->e[i].iova > iova)
         return FSDP_EV_IOTLB_MISS;
@@ -165,7 +180,16 @@ int iotlb_lookup(const struct fsdp_iotlb *t, uint64_t iova, uint32_t perm, uint6
     if ((e->perm & perm) != perm)
         return FSDP_EV_IOVA_PERM;
     *uaddr = e->uaddr + (iova - e->iova);
-    *avail = e->size - (iova - e->iova);
+    run = e->size - (iova - e->iova);
+    while (run < want && ++i < t->n) {
+        const struct fsdp_iotlb_entry *next = &t->e[i];
+        if (next->iova != e->iova + e->size || next->uaddr != e->uaddr + e->size ||
+            (next->perm & perm) != perm)
+            break;
+        run += next->size;
+        e = next;
+    }
+    *avail = run;
     return 0;
 }
 

@@ -47,6 +47,10 @@ uint32_t iotlb_invalidate(struct fsdp_iotlb *t, uint64_t iova, uint64_t size);
  * FSDP_EV_IOVA_PERM (the entry lacks perm). */
 int iotlb_lookup(const struct fsdp_iotlb *t, uint64_t iova, uint32_t perm, uint64_t *uaddr,
                  uint64_t *avail);
+/* As iotlb_lookup; with want > 0, *avail also covers the following entries
+ * that continue both the IOVA and the user address with perm, up to want. */
+int iotlb_lookup_run(const struct fsdp_iotlb *t, uint64_t iova, uint32_t perm, uint64_t want,
+                     uint64_t *uaddr, uint64_t *avail);
 /* Queue q missed at iova: FSDP_EV_IOTLB_MISS (ask QEMU: emit the event),
  * 0 (asked already: wait), FSDP_EV_IOVA_UNMAPPED (QEMU answered and the page
  * is still missing: refuse). */

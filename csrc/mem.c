@@ -129,7 +129,7 @@ static inline int piece_at(struct fsdp_mem *m, uint64_t addr, uint64_t len, uint
 
     if (m->iotlb && m->iotlb->on) {
         uint64_t uaddr;
-        int rc = iotlb_lookup(m->iotlb, addr, perm, &uaddr, &avail);
+        int rc = iotlb_lookup_run(m->iotlb, addr, perm, len, &uaddr, &avail);
         if (rc) {
             m->iotlb->miss_at = addr;
             m->iotlb->miss_perm = perm;
