@@ -7,6 +7,8 @@ from __future__ import annotations
 import errno
 import random
 
+import struct
+
 import pytest
 
 from fastshadow.dataplane import IOTLB_RO, IOTLB_WO, DataPlane, DataPlaneError, InvalidRequest, NoSpace
@@ -117,3 +119,42 @@ def test_malformed_updates_are_refused(dev, iova, size, uaddr, perm):
     with pytest.raises(InvalidRequest):
         dev.iotlb_update(iova, size, uaddr, perm)
     assert dev.iotlb_entries() == 0
+
+
+# -- the data path through the IOTLB ------------------------------------------------
+
+SHIFT = 1 << 20     # IOVA = gpa + SHIFT: an IOVA read as a gpa would name other pages
+
+
+def iotlb_rig(make_rig):
+    """A started queue whose rings and buffers are IOVAs, every page of test RAM mapped."""
+    rig = make_rig(start=False)
+    rig.dev.iotlb_enable(True, 4096)
+    for gpa in range(0, rig.mem.size, PAGE):
+        rig.dev.iotlb_update(gpa + SHIFT, PAGE, rig.mem.uaddr(gpa), IOTLB_RO | IOTLB_WO)
+    g = rig.gq[0]
+    rig.dev.queue_set_addr(0, g.desc + SHIFT, g.avail + SHIFT, g.used + SHIFT)
+    rig.start(0)
+    return rig
+
+
+def test_dirty_log_marks_guest_physical_pages_not_iovas(make_rig):
+    from .harness import Buf
+    from .test_log import Log, pages, serve_all, used_ring_pages
+    rig = iotlb_rig(make_rig)
+    log = Log(rig.mem.size // PAGE // 8 + SHIFT // PAGE // 8 + 64)
+    try:
+        rig.dev.set_log_base(log.fd, log.size, log.offset)
+        rig.dev.set_logging(True)
+        g = rig.gq[0]
+        rig.dev.queue_set_log_used(0, g.used + SHIFT)      # QEMU sends the used ring's IOVA
+        hdr, data, st = rig.mem.alloc(16), rig.mem.alloc(3 * PAGE, align=PAGE), rig.mem.alloc(1)
+        rig.mem.write(hdr, struct.pack("<IIQ", 0, 0, 7))
+        head = g.add([Buf(hdr + SHIFT, 16), Buf(data + SHIFT, 3 * PAGE, True), Buf(st + SHIFT, 1, True)])
+        assert serve_all(rig) == [(head, 3 * PAGE + 1)]
+        rig.mem.accept(data, 3 * PAGE)
+        rig.mem.accept(st, 1)
+        assert log.pages() == pages(data, 3 * PAGE) | pages(st, 1) | used_ring_pages(rig, 0, 0)
+        assert log.outside_untouched()
+    finally:
+        log.close()
