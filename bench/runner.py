@@ -276,7 +276,8 @@ class Testbed:
                 continue
             px = ProxyProcess(mode, self.dir / f"fs-{self.backend}-{mode}.sock", self.qsd_sock,
                               self.dir / f"proxy-{self.backend}-{mode}.log",
-                              self.cfg.proxy_args + self.cfg.variants.get(mode, []),
+                              self.cfg.proxy_args + self.cfg.variants.get(mode, [])
+                              + (["--iotlb-keep-completed"] if mode == "isolated-iotlb" else []),
                               "isolated" if mode in ("isolated", "isolated-iotlb") or mode in self.cfg.variants
                               else "direct")
             px.start()

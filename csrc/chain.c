@@ -115,6 +115,8 @@ int chain_walk(struct fsdp_mem *m, const uint8_t *table, uint32_t num, uint16_t 
                 return refuse(out, rc == FSDP_EV_IOTLB_MISS ? FSDP_EV_IOVA_UNMAPPED : (uint32_t)rc,
                               d.addr, d.len);
             out->steps += d.len / 16u;
+            out->ind_addr = d.addr;
+            out->ind_len = d.len;
             t = ind;
             tsize = d.len / 16u;
             idx = 0;

@@ -947,7 +947,7 @@ static int cmd_iotlb_enable(struct fsdp_dp *dp, struct dev_cmd *c)
     return 0;
 }
 
-int fsdp_dev_iotlb_enable(struct fsdp_dev *dev, int on, uint32_t cap)
+int fsdp_dev_iotlb_enable(struct fsdp_dev *dev, int on, uint32_t cap, int keep_completed)
 {
     struct fsdp_iotlb nt = {0};
     struct dev_cmd c = {.op = CMD_IOTLB_ENABLE, .dev = dev, .arg.iotlb_enable = {.iotlb = &nt}};
@@ -958,6 +958,7 @@ int fsdp_dev_iotlb_enable(struct fsdp_dev *dev, int on, uint32_t cap)
             return -EINVAL;
         rc = iotlb_init(&nt, cap);     /* allocated here, not on the loop */
         nt.on = true;
+        nt.keep_completed = keep_completed != 0;
     }
     if (!rc)
         rc = exec(&c);

@@ -236,13 +236,17 @@ int fsdp_dev_set_logging(struct fsdp_dev *dev, int on);
 /* Device IOTLB (VIRTIO_F_ACCESS_PLATFORM with a vIOMMU; vhost-user.rst
  * "IOMMU support"): while on, ring and buffer addresses are IOVAs,
  * translated through the translations QEMU sent (VHOST_USER_IOTLB_MSG), at
- * most cap of them (1..FSDP_IOTLB_MAX_ENTRIES).  Turning it on or off
+ * most cap of them (1..FSDP_IOTLB_MAX_ENTRIES).  Unless keep_completed, the
+ * translations of the pages a request named are forgotten when it is done
+ * (a Linux guest in lazy invalidation mode reuses IOVAs QEMU 7.2 never
+ * invalidates); keep_completed trusts the guest's invalidations instead
+ * (strict-mode guests, or guests whose concurrent requests share IOVA pages).  Turning it on or off
  * forgets every translation.  Update: 0, -EINVAL, -ENOSPC (cap reached);
  * invalidate: entries removed or cut (>= 0).  Both take effect before they
  * return: no access after an invalidation uses the old translation (a request
  * in flight whose writable buffer lost its translation is failed toward the
  * guest at completion, FSDP_EV_COPYBACK_UNMAPPED). */
-int fsdp_dev_iotlb_enable(struct fsdp_dev *dev, int on, uint32_t cap);
+int fsdp_dev_iotlb_enable(struct fsdp_dev *dev, int on, uint32_t cap, int keep_completed);
 int fsdp_dev_iotlb_update(struct fsdp_dev *dev, uint64_t iova, uint64_t size, uint64_t uaddr,
                           uint32_t perm);
 int fsdp_dev_iotlb_invalidate(struct fsdp_dev *dev, uint64_t iova, uint64_t size);

@@ -28,6 +28,7 @@ struct fsdp_iotlb {
     uint64_t miss_at;       /* the last lookup that failed (mem.c): IOVA ... */
     uint32_t miss_perm;     /* ... and the access it needed */
     bool refuse_misses;     /* chain walk: a miss is a bad buffer (QEMU answered) */
+    bool keep_completed;    /* keep a completed request's translations (shadow.c iotlb_forget) */
 };
 
 int iotlb_init(struct fsdp_iotlb *t, uint32_t cap);

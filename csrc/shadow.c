@@ -291,14 +291,56 @@ uint32_t queue_notify(struct fsdp_queue *q, const struct fsdp_batch *batch)
 /* ------------------------------------------------------------------------ */
 /* Intake: guest avail -> shadow.                                             */
 
+/*
+ * A request is done with: forget the device IOTLB's translations of the pages
+ * it named (unless the proxy runs with --iotlb-keep-completed).  A Linux guest unmaps them right after the completion, and in its
+ * default lazy mode (iommu.strict=0) the invalidation that tells the device
+ * comes late or, through QEMU 7.2, not at all, while the IOVA is soon mapped
+ * again to another page: a translation kept past the request would read or
+ * write the old page (seen: indirect tables read from pages the guest had
+ * reused).  A device IOTLB may drop any entry at any time; the next request
+ * on those pages asks QEMU again.  Pages are whole IOVA pages (a mapping is
+ * page-granular); another live buffer on the same page only costs a miss.
+ */
+static bool on_ring_page(const struct fsdp_queue *q, uint64_t page)
+{
+    const uint64_t at[3] = {q->desc_uaddr, q->avail_uaddr, q->used_uaddr};
+    const uint64_t len[3] = {16ull * q->num, 6 + 2ull * q->num, 6 + 8ull * q->num};
+
+    for (int i = 0; i < 3; i++)
+        if (page < at[i] + len[i] && at[i] < page + FSDP_PAGE)
+            return true;
+    return false;
+}
+
+static void iotlb_forget(struct fsdp_queue *q, uint64_t addr, uint64_t len)
+{
+    struct fsdp_iotlb *t = q->dev->mem.iotlb;
+    uint64_t first, end;
+
+    if (!t || !t->on || t->keep_completed || !len || len > UINT64_MAX - addr)
+        return;
+    first = addr & ~(uint64_t)(FSDP_PAGE - 1);
+    end = addr + len;
+    end = end > UINT64_MAX - (FSDP_PAGE - 1) ? UINT64_MAX : FSDP_ALIGN_UP(end, FSDP_PAGE);
+    /* The queue's own rings stay (a guest that puts buffers on a ring page
+     * would otherwise lose the ring's translation at every completion). */
+    for (uint64_t page = first; page < end && page >= first; page += FSDP_PAGE)
+        if (!on_ring_page(q, page))
+            iotlb_invalidate(t, page, FSDP_PAGE);
+}
+
 void release_request(struct fsdp_queue *q, uint16_t head)
 {
     struct fsdp_req *r = &q->req[head];
     uint16_t s = head;
 
+    iotlb_forget(q, r->ind_addr, r->ind_len);
+    r->ind_len = 0;
     for (uint16_t i = 0; i < r->ndesc; i++) {
         struct fsdp_sdesc *sd = &q->sd[s];
         uint16_t next = sd->next;
+        iotlb_forget(q, sd->gpa, sd->len);
         if (sd->own_npages)
             bounce_free(&q->bounce, sd->own_page, sd->own_npages);
         sd->own_npages = 0;
@@ -422,6 +464,9 @@ static enum take_result take_one(struct fsdp_queue *q, uint32_t *steps)
          * structure (loop, bad next, bad indirect) has no safe place for
          * it: len 0. */
         complete_failed(q, head, q->scratch, ch.complete ? ch.n : 0);
+        iotlb_forget(q, ch.ind_addr, ch.ind_len);
+        for (uint32_t i = 0; i < ch.n; i++)
+            iotlb_forget(q, q->scratch[i].gpa, q->scratch[i].len);
         q->last_avail++;
         return REFUSED;
     }
@@ -467,6 +512,8 @@ static enum take_result take_one(struct fsdp_queue *q, uint32_t *steps)
     r->readable = ch.readable;
     r->seq = q->seq++;
     r->gidx = q->last_avail;
+    r->ind_addr = ch.ind_addr;
+    r->ind_len = ch.ind_len;
     r->published = 1;
     r->parked = false;
 

@@ -39,6 +39,8 @@ struct fsdp_req {
     uint16_t sidx;          /* shadow avail position it was last published at */
     uint32_t published;     /* backends it was handed to (poison bound: max_replays) */
     bool parked;            /* never taken by the stopped backend: not waited for */
+    uint64_t ind_addr;      /* its indirect table (device IOTLB: forgotten at release) */
+    uint32_t ind_len;
 };
 
 struct fsdp_devctx;

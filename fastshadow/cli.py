@@ -185,6 +185,11 @@ def _configure_proxy(p: argparse.ArgumentParser) -> None:
                    help="isolated, vIOMMU guests: keep at most N IOVA translations per device; QEMU's "
                         "IOTLB updates past it are refused with one log line (default 65536: 256 MiB of "
                         "4 KiB pages mapped at once)")
+    p.add_argument("--iotlb-keep-completed", action="store_true",
+                   help="isolated, vIOMMU guests: keep the IOVA translations of completed requests, trusting "
+                        "the guest's invalidations (guests in strict mode, iommu.strict=1, or whose concurrent "
+                        "requests share IOVA pages); by default they are forgotten, which is safe with Linux's "
+                        "lazy invalidation but makes every request ask QEMU for its pages")
     p.add_argument("--bounce-per-queue", type=size_arg, default=16 << 20, metavar="SIZE",
                    help="isolated: bounce space per queue in the shadow region (default 16M)")
     p.add_argument("--backend-reconnect", choices=["auto", "on", "off"], default="auto",
@@ -254,6 +259,7 @@ def build_proxy_config(args):
             stop_timeout=args.stop_timeout,
             max_replays=args.max_replays,
             iotlb_max_entries=args.iotlb_max_entries,
+            iotlb_keep_completed=args.iotlb_keep_completed,
             max_request_bytes=args.max_request_bytes,
             bounce_per_queue=args.bounce_per_queue,
             backend_reconnect=args.backend_reconnect,

@@ -484,11 +484,13 @@ class Device:
         _check(lib.fsdp_dev_reset(self._live()), f"{self.name}: reset")
 
     # device IOTLB (vIOMMU) -------------------------------------------------------
-    def iotlb_enable(self, on: bool, cap: int = 0) -> None:
+    def iotlb_enable(self, on: bool, cap: int = 0, keep_completed: bool = False) -> None:
         """VIRTIO_F_ACCESS_PLATFORM with a vIOMMU: ring and buffer addresses are IOVAs from now
         on, translated through at most `cap` translations (1..IOTLB_MAX_ENTRIES); off: they are
-        guest-physical (rings: QEMU user addresses).  Either way every translation is forgotten."""
-        _check(lib.fsdp_dev_iotlb_enable(self._live(), 1 if on else 0, cap),
+        guest-physical (rings: QEMU user addresses).  Either way every translation is forgotten.
+        keep_completed: keep a completed request's translations (trust the guest's
+        invalidations) instead of forgetting them (fsdp.h)."""
+        _check(lib.fsdp_dev_iotlb_enable(self._live(), 1 if on else 0, cap, 1 if keep_completed else 0),
                f"{self.name}: device IOTLB {'on, at most ' + str(cap) + ' entries' if on else 'off'}")
 
     def iotlb_update(self, iova: int, size: int, uaddr: int, perm: int) -> None:

@@ -108,6 +108,10 @@ class DeviceConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     #: (VHOST_USER_IOTLB_MSG updates past it are refused, one line): bounds the memory a
     #: front-end can make it use. Page-sized entries: 65536 cover 256 MiB of mapped buffers.
     iotlb_max_entries: int = 65536
+    #: Isolated mode, vIOMMU guests: keep a completed request's IOVA translations, trusting the
+    #: guest's invalidations, instead of forgetting them (the default, safe for Linux guests in
+    #: lazy invalidation mode; it makes every request ask QEMU for its pages).
+    iotlb_keep_completed: bool = False
     #: Isolated mode: the largest request data (buffer bytes, the device's request header and
     #: status excluded) accepted from the guest. None: 4 MiB, or what the device advertises
     #: if more (blk: seg_max x size_max).

@@ -387,7 +387,7 @@ class IsolatedSession(Session):
             return
         self.iotlb_on = on
         if self.dev is not None:
-            self.dev.iotlb_enable(on, self.cfg.iotlb_max_entries)
+            self.dev.iotlb_enable(on, self.cfg.iotlb_max_entries, self.cfg.iotlb_keep_completed)
         kv(log, logging.INFO, "iotlb.enabled" if on else "iotlb.disabled", dev=self.name,
            max_entries=self.cfg.iotlb_max_entries,
            what="ring and buffer addresses are IOVAs, translated by fastshadow's own device IOTLB; "
@@ -597,7 +597,7 @@ class IsolatedSession(Session):
             if self.log_all:
                 self.dev.set_logging(True)
             if self.iotlb_on:
-                self.dev.iotlb_enable(True, self.cfg.iotlb_max_entries)
+                self.dev.iotlb_enable(True, self.cfg.iotlb_max_entries, self.cfg.iotlb_keep_completed)
         return self.dev
 
     def send_backend_table(self) -> None:

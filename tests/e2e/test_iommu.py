@@ -85,13 +85,15 @@ def test_blk_iommu_platform_without_viommu(guest_image, workdir, start_qsd, star
     assert "IOTLB" not in log
 
 
-def test_blk_intel_iommu(guest_image, workdir, start_qsd, start_proxy):
+@pytest.mark.parametrize("strict", [False, True], ids=["lazy", "strict"])
+def test_blk_intel_iommu(strict, guest_image, workdir, start_qsd, start_proxy):
     """q35 + intel-iommu with a device IOTLB, the guest with intel_iommu=on: every ring and
     descriptor address fastshadow sees is an IOVA, translated through its own IOTLB (QEMU's
     updates, answers to fastshadow's misses, and invalidations); qemu-storage-daemon sees a
-    plain shadow ring. The guest runs iommu.strict=1: see the README's vIOMMU limits (Linux's
-    default lazy invalidation is not handled yet)."""
+    plain shadow ring. Both of Linux's invalidation policies: lazy (its default: the
+    invalidation of an unmapped IOVA comes late, or through QEMU 7.2 not at all, so
+    fastshadow forgets a request's translations when it completes) and strict."""
     result, log = run_blk(guest_image, workdir, start_qsd, start_proxy, viommu="intel",
-                          extra_cmdline={"iommu.strict": "1"})
+                          extra_cmdline={"iommu.strict": "1" if strict else "0"})
     assert "iotlb.enabled" in log
     assert "iotlb.miss_unanswered" not in log, log[-3000:]
