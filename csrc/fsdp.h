@@ -124,9 +124,11 @@ enum fsdp_event_code {
     FSDP_EV_EVENTS_LOST = 50,             /* a = count (synthesised by the reader) */
     FSDP_EV_LOOP_ERROR = 51,              /* a = -errno from io_uring */
     FSDP_EV_LOG_OUT_OF_RANGE = 52,        /* a = gpa, b = log bytes; once per log */
+    FSDP_EV_GUEST_MEMORY_LOST = 53,       /* a = gpa, b = size of the region whose file the
+                                             front-end shrank (SIGBUS caught): device stopped */
     /* Not a refusal: the queue waits for a translation QEMU must send
      * (VHOST_IOTLB_MISS), then fsdp_queue_iotlb_answered. */
-    FSDP_EV_IOTLB_MISS = 53,              /* a = iova, b = access (FSDP_IOTLB_*) */
+    FSDP_EV_IOTLB_MISS = 54,              /* a = iova, b = access (FSDP_IOTLB_*) */
 };
 
 struct fsdp_event {
