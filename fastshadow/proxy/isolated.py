@@ -42,7 +42,6 @@ from __future__ import annotations
 import logging
 import os
 import selectors
-import queue
 import socket
 import stat
 import threading
@@ -168,7 +167,10 @@ class IsolatedSession(Session):
         #: vhost device without a vIOMMU, hw/virtio/vhost.c vhost_dev_set_features).
         self.iotlb_on = False
         self._iotlb_full = False      # an update was refused for the cap (logged once per episode)
-        self._misses: queue.Queue | None = None   # (queue, iova, perm) for the miss thread
+        #: (queue, iova, perm) for the miss thread, under its condition. Not queue.Queue: under
+        #: `fastshadow run --proxy-user` no stdlib module can be imported after the drop.
+        self._misses: list[tuple[int, int, int]] | None = None
+        self._misses_cond = threading.Condition()
         self.handlers = {
             FrontendReq.GET_FEATURES: self.on_get_features,
             FrontendReq.SET_FEATURES: self.on_set_features,
@@ -458,18 +460,25 @@ class IsolatedSession(Session):
         events thread; the asking happens in a thread of the session's own, since QEMU answers
         with an update on the main socket (handled by the session thread) before it acks."""
         kv(log, logging.DEBUG, "iotlb.miss", dev=self.name, queue=q, iova=hex(iova), perm=perm)
-        if self._misses is None:
-            self._misses = queue.Queue()
-            threading.Thread(target=self._ask_misses, args=(self._misses,), name=f"iotlb-{self.name}",
-                             daemon=True).start()
-        self._misses.put((q, iova, perm))
+        with self._misses_cond:
+            if self._misses is None:
+                self._misses = []
+                threading.Thread(target=self._ask_misses, name=f"iotlb-{self.name}", daemon=True).start()
+            self._misses.append((q, iova, perm))
+            self._misses_cond.notify()
 
-    def _ask_misses(self, misses: queue.Queue) -> None:
+    def _next_miss(self) -> tuple[int, int, int] | None:
+        with self._misses_cond:
+            if not self._misses:
+                self._misses_cond.wait(timeout=0.5)
+            return self._misses.pop(0) if self._misses else None
+
+    def _ask_misses(self) -> None:
         while not self.closing:
-            try:
-                q, iova, perm = misses.get(timeout=0.5)
-            except queue.Empty:
+            miss = self._next_miss()
+            if miss is None:
                 continue
+            q, iova, perm = miss
             why = self._ask_qemu(iova, perm)
             if why is not None:
                 kv(log, logging.WARNING, "iotlb.miss_unanswered", dev=self.name, queue=q, iova=hex(iova),
