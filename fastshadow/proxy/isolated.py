@@ -666,10 +666,11 @@ class IsolatedSession(Session):
             if not self._has_region(r):
                 # The codec checked the region itself; here: against the table it joins.
                 for other in self.mem_regions.values():
-                    if r.overlaps(other):
+                    if (space := r.overlaps(other)) is not None:
                         raise UnexpectedMessage(
                             f"ADD_MEM_REG region gpa {r.guest_phys_addr:#x} size {r.memory_size:#x} overlaps "
-                            f"the guest memory region {other.guest_phys_addr:#x}+{other.memory_size:#x}")
+                            f"the guest memory region {other.guest_phys_addr:#x}+{other.memory_size:#x} in "
+                            f"{space} addresses")
                 check_fd_backs(msg.request.name, region)
                 self.device().add_mem_region(region)
         finally:
