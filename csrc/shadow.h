@@ -42,6 +42,8 @@ struct fsdp_req {
     bool parked;            /* never taken by the stopped backend: not waited for */
     uint64_t start_ns;      /* latency stamps (hist.h): started, shadowed; 0: not timed */
     uint64_t shadowed_ns;
+    uint64_t ind_addr;      /* its indirect table (device IOTLB: forgotten at release) */
+    uint32_t ind_len;
 };
 
 struct fsdp_devctx;
@@ -59,6 +61,8 @@ struct fsdp_queue {
     bool addr_set;
     uint8_t *g_desc, *g_avail, *g_used;   /* translated; valid if rings_ok */
     bool rings_ok;
+    bool start_pending;     /* started while its IOVA rings did not translate yet (queue.c) */
+    uint32_t start_flags;
     bool mem_lost;          /* guest memory shrunk under us (guard.c): stopped for good */
     uint32_t guard_seen;    /* guard_faults() when last checked */
     uint16_t last_avail;    /* next guest avail entry to take */
