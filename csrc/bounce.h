@@ -7,11 +7,19 @@
 
 #include "chain.h"
 
+/* Freed runs of up to BOUNCE_CACHE_SIZES pages are kept per size, last freed
+ * first out (bounce.c), up to BOUNCE_CACHE_DEPTH of each size. */
+#define BOUNCE_CACHE_SIZES 16u
+#define BOUNCE_CACHE_DEPTH 256u
+
 struct fsdp_bounce {
     uint32_t npages;
-    uint32_t nfree;
+    uint32_t nfree;         /* free pages, cached runs included */
     uint32_t cursor;        /* next-fit start */
-    uint64_t *bitmap;       /* 1 = used */
+    uint64_t *bitmap;       /* 1 = used or cached */
+    uint32_t cached;        /* pages held in the per-size caches */
+    uint32_t *cache;        /* [size - 1][BOUNCE_CACHE_DEPTH]: first pages, LIFO */
+    uint16_t ncache[BOUNCE_CACHE_SIZES];
 };
 
 int bounce_init(struct fsdp_bounce *b, uint32_t npages);
