@@ -110,7 +110,7 @@ def measure(requests: int, qd: int, batch: int, block: int, op: str, keep: Path 
 
 def table(res: dict, top: int = 25) -> str:
     lines = ["| function | Ir/req | L1 miss/req | LL miss/req |", "|---|--:|--:|--:|"]
-    for fn, v in list(res["functions"].items())[:top]:
+    for fn, v in [kv for kv in res["functions"].items() if kv[1]["Ir"] >= 0.5][:top]:
         lines.append(f"| `{fn}` | {v['Ir']:.1f} | {v['L1m']:.2f} | {v['LLm']:.2f} |")
     t = res["total"]
     lines.append(f"| **total** | **{t['Ir']:.1f}** | **{t['L1m']:.2f}** | **{t['LLm']:.2f}** |")

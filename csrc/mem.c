@@ -130,13 +130,14 @@ static struct fsdp_region *find_gpa(struct fsdp_mem *m, uint64_t gpa)
         }                                                                     \
     } while (0)
 
-int mem_check_range(struct fsdp_mem *m, uint64_t gpa, uint64_t len)
+int mem_check_range_split(struct fsdp_mem *m, uint64_t gpa, uint64_t len)
 {
     FOR_EACH_PIECE(m, gpa, len, host, take, (void)host);
     return 0;
 }
 
-int mem_copy_from_guest(struct fsdp_mem *m, void *dst, uint64_t gpa, uint64_t len, bool stream)
+int mem_copy_from_guest_split(struct fsdp_mem *m, void *dst, uint64_t gpa, uint64_t len,
+                              bool stream)
 {
     uint8_t *d = dst;
     FOR_EACH_PIECE(m, gpa, len, host, take, {
@@ -146,8 +147,8 @@ int mem_copy_from_guest(struct fsdp_mem *m, void *dst, uint64_t gpa, uint64_t le
     return 0;
 }
 
-int mem_copy_to_guest(struct fsdp_mem *m, uint64_t gpa, const void *src, uint64_t len,
-                      bool stream)
+int mem_copy_to_guest_split(struct fsdp_mem *m, uint64_t gpa, const void *src, uint64_t len,
+                            bool stream)
 {
     const uint8_t *s = src;
     FOR_EACH_PIECE(m, gpa, len, host, take, {
