@@ -53,8 +53,10 @@ static bool use_stream(const struct fsdp_queue *q, uint64_t len)
 }
 
 /* Guest bytes [gpa, gpa + len) were written: mark them in the dirty log. */
-static void log_guest(struct fsdp_queue *q, uint64_t gpa, uint64_t len)
+static inline void log_guest(struct fsdp_queue *q, uint64_t gpa, uint64_t len)
 {
+    if (!q->dev->log.on)
+        return;     /* not migrating: the common case, no call */
     q->st.log_pages += log_write(&q->dev->log, q->dev->events, q->dev->id, q->idx, gpa, len);
 }
 
@@ -166,6 +168,27 @@ void fail_request(struct fsdp_queue *q, uint16_t head)
 /* ------------------------------------------------------------------------ */
 /* Shadow ring: publish, and the kick decision.                               */
 
+/* One shadow descriptor, written field by field into the shadow table. */
+static inline void put_shadow_desc(struct fsdp_queue *q, uint16_t s, uint64_t off, uint32_t len,
+                                   uint16_t flags, uint16_t next)
+{
+    uint8_t *p = q->s_desc + 16u * s;
+
+    vr_store64(p, FSDP_SHADOW_GPA_BASE + q->s_bounce_off + off);
+    vr_store32(p + 8, len);
+    vr_store16(p + 12, flags);
+    vr_store16(p + 14, next);
+}
+
+/* The avail entry of shadow head (published by the next pass). */
+static inline void put_shadow_avail(struct fsdp_queue *q, uint16_t head)
+{
+    vr_store16(q->s_avail + AVAIL_RING(q->s_avail_idx % q->num), head);
+    q->req[head].sidx = q->s_avail_idx;
+    q->s_avail_idx++;
+    q->s_num_added++;
+}
+
 void write_shadow_chain(struct fsdp_queue *q, uint16_t head)
 {
     uint16_t s = head;
@@ -173,20 +196,12 @@ void write_shadow_chain(struct fsdp_queue *q, uint16_t head)
 
     for (uint16_t i = 0; i < n; i++) {
         struct fsdp_sdesc *sd = &q->sd[s];
-        uint8_t *p = q->s_desc + 16u * s;
-        uint16_t flags = sd->flags;
-        if (i + 1u < n)
-            flags |= VRING_DESC_F_NEXT;
-        vr_store64(p, FSDP_SHADOW_GPA_BASE + q->s_bounce_off + sd->off);
-        vr_store32(p + 8, sd->len);
-        vr_store16(p + 12, flags);
-        vr_store16(p + 14, i + 1u < n ? sd->next : 0);
+        bool last = i + 1u == n;
+        put_shadow_desc(q, s, sd->off, sd->len, sd->flags | (last ? 0 : VRING_DESC_F_NEXT),
+                        last ? 0 : sd->next);
         s = sd->next;
     }
-    vr_store16(q->s_avail + AVAIL_RING(q->s_avail_idx % q->num), head);
-    q->req[head].sidx = q->s_avail_idx;
-    q->s_avail_idx++;
-    q->s_num_added++;
+    put_shadow_avail(q, head);
 }
 
 /* Copy the readable guest bytes of a request into its bounce space.  The
@@ -391,10 +406,18 @@ static enum take_result take_one(struct fsdp_queue *q, uint32_t *steps)
         fragmented = true;
     }
 
-    /* Shadow descriptors: the top n of the free stack, linked privately. */
+    /* Shadow descriptors: the top n of the free stack, linked privately.
+     * One pass per descriptor does what copy_in and write_shadow_chain do
+     * for a re-published request: the private record, the shadow
+     * descriptor, and the copy of a readable buffer. */
+    uint64_t bytes = 0;
 #define SIDX(i) (q->freelist[q->nfree - 1u - (i)])
+    uint16_t shead = SIDX(0);
     for (uint32_t i = 0; i < n; i++) {
-        struct fsdp_sdesc *sd = &q->sd[SIDX(i)];
+        uint16_t s = SIDX(i);
+        uint16_t next = i + 1 < n ? SIDX(i + 1) : 0;
+        struct fsdp_sdesc *sd = &q->sd[s];
+        const struct fsdp_seg *g = &q->scratch[i];
         if (fragmented) {
             sd->own_page = (uint32_t)q->offs[i];
             sd->own_npages = (uint32_t)(q->offs[i] >> 32);
@@ -403,13 +426,20 @@ static enum take_result take_one(struct fsdp_queue *q, uint32_t *steps)
             sd->own_npages = 0;
             sd->off = (uint64_t)first * FSDP_PAGE + q->offs[i];
         }
-        sd->gpa = q->scratch[i].gpa;
-        sd->len = q->scratch[i].len;
-        sd->flags = q->scratch[i].flags;
-        sd->next = i + 1 < n ? SIDX(i + 1) : 0;
-        q->sstate[SIDX(i)] = i ? SD_BODY : SD_HEAD;
+        sd->gpa = g->gpa;
+        sd->len = g->len;
+        sd->flags = g->flags;
+        sd->next = next;
+        q->sstate[s] = i ? SD_BODY : SD_HEAD;
+        put_shadow_desc(q, s, sd->off, g->len,
+                        g->flags | (i + 1 < n ? VRING_DESC_F_NEXT : 0), next);
+        /* Validated by chain_walk against the current memory table, and
+         * never 0 bytes long. */
+        if (!(g->flags & VRING_DESC_F_WRITE) &&
+            mem_copy_from_guest(&dev->mem, q->s_bounce + sd->off, g->gpa, g->len,
+                                use_stream(q, g->len)) == 0)
+            bytes += g->len;
     }
-    uint16_t shead = SIDX(0);
 #undef SIDX
     q->nfree -= n;
 
@@ -425,8 +455,7 @@ static enum take_result take_one(struct fsdp_queue *q, uint32_t *steps)
     r->published = 1;
     r->parked = false;
 
-    uint64_t bytes = copy_in(q, shead);
-    write_shadow_chain(q, shead);
+    put_shadow_avail(q, shead);
     q->inflight++;
     q->st.inflight = q->inflight;
     q->st.requests++;
@@ -515,8 +544,10 @@ static uint32_t copy_back(struct fsdp_queue *q, uint16_t head, uint32_t len)
 {
     uint16_t s = head;
     uint32_t left = len;
+    uint16_t n = q->req[head].ndesc;    /* once: the copies below may alias nothing of ours,
+                                           but the compiler cannot know */
 
-    for (uint16_t i = 0; i < q->req[head].ndesc && left; i++) {
+    for (uint16_t i = 0; i < n && left; i++) {
         struct fsdp_sdesc *sd = &q->sd[s];
         if (sd->flags & VRING_DESC_F_WRITE) {
             uint32_t take = sd->len < left ? sd->len : left;
