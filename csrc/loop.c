@@ -483,6 +483,9 @@ static bool process_all(struct fsdp_dp *dp, bool *poll_mode, bool *again)
             struct fsdp_queue *q = &dev->q[i];
             struct watch *w = &dp->devs[d].w[i];
             if (q->started) {
+                /* While the loop spins after work it sees the rings itself:
+                 * no event idx arming per pass (queue_arm before sleeping). */
+                q->defer_arm = dp->cfg.busy_poll_us && dp->poll_ns;
                 any |= queue_process(q);
                 if (q->guest_kick_fd < 0 || w->kick_failed)
                     *poll_mode = true;
@@ -502,6 +505,20 @@ static bool process_all(struct fsdp_dp *dp, bool *poll_mode, bool *again)
         }
     }
     return any;
+}
+
+/* Before sleeping: arm the notifications the passes deferred (queue_arm).
+ * True if some ring got work meanwhile: run a pass instead of sleeping. */
+static bool arm_deferred(struct fsdp_dp *dp)
+{
+    bool work = false;
+
+    for (uint32_t d = 0; d < dp->ndevs; d++) {
+        struct fsdp_devctx *dev = dp->devs[d].d;
+        for (uint32_t i = 0; dev && i < dev->num_queues; i++)
+            work |= queue_arm(&dev->q[i]);
+    }
+    return work;
 }
 
 /* The queue a completion is about, and the loop's record of it (NULL if gone). */
@@ -718,11 +735,16 @@ static void *loop_main(void *arg)
             idle_from = now_ns();
             if (dp->poll_ns && busy_poll(dp, idle_from + dp->poll_ns)) {
                 idle_from = 0;                   /* caught: the window stays */
-                io_uring_get_events(&dp->ring);  /* run deferred task work */
-                drain_cqes(dp);
+                /* No io_uring_get_events here: while the rings are busy the
+                 * spin sees them directly, and the completions it would
+                 * collect (our eventfd writes, a kick read) wait for the
+                 * next sleep, which runs them; one syscall per caught spin
+                 * saved.  Commands are seen through cmd_pending. */
                 continue;
             }
         }
+        if (!again && arm_deferred(dp))
+            again = true;       /* work arrived while arming: look before sleeping */
         if (again) {
             ts.tv_sec = 0;      /* submit, collect what is ready, don't sleep */
             ts.tv_nsec = 0;

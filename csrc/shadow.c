@@ -465,6 +465,27 @@ static enum take_result take_one(struct fsdp_queue *q, uint32_t *steps)
     return TAKEN;
 }
 
+/* Ask the guest for a kick at its next avail entry (event idx); the caller
+ * looks at the avail idx again afterwards: the driver may have published
+ * after our load but before seeing the new avail_event. */
+static void arm_guest_kick(struct fsdp_queue *q)
+{
+    vr_store16(q->g_used + USED_AVAIL_EVENT(q->num), q->last_avail);
+    log_used(q, USED_AVAIL_EVENT(q->num), 2);
+    /* Full fence: the avail_event store must be visible before the idx
+     * re-load (store->load ordering). */
+    vr_mb();
+}
+
+/* Ask the backend for a call at its next completion (event idx); the caller
+ * looks at the used idx again afterwards, as above. */
+static void arm_backend_call(struct fsdp_queue *q)
+{
+    vr_store16(q->s_avail + AVAIL_USED_EVENT(q->num), q->s_last_used);
+    /* Full fence: store used_event, then load idx. */
+    vr_mb();
+}
+
 /*
  * Work budget of one pass over one queue.  A guest can make every chain cost
  * up to num descriptor reads (a loop is only detected after num steps), and
@@ -496,15 +517,12 @@ static bool intake(struct fsdp_queue *q)
             break;
         }
         if (n == 0) {
-            if (!q->guest_event_idx || armed)
+            /* defer_arm: the loop keeps polling this ring, a kick would
+             * only cost the guest a syscall and us a wakeup; queue_arm
+             * asks for one before the loop sleeps. */
+            if (!q->guest_event_idx || armed || q->defer_arm)
                 break;
-            /* Ask for a kick at the next entry, then look again: the driver
-             * may have published after our load but before seeing the new
-             * avail_event.  Full fence: the avail_event store must be
-             * visible before the idx re-load (store->load ordering). */
-            vr_store16(q->g_used + USED_AVAIL_EVENT(q->num), q->last_avail);
-            log_used(q, USED_AVAIL_EVENT(q->num), 2);
-            vr_mb();
+            arm_guest_kick(q);
             armed = true;
             continue;
         }
@@ -618,13 +636,9 @@ static bool harvest(struct fsdp_queue *q)
         uint16_t n = (uint16_t)(used - q->s_last_used);
 
         if (n == 0) {
-            if (!q->backend_event_idx || armed)
-                break;
-            /* Ask for a call at the next completion and look again (the
-             * backend may have completed after our load but before seeing
-             * used_event).  Full fence: store used_event, then load idx. */
-            vr_store16(q->s_avail + AVAIL_USED_EVENT(q->num), q->s_last_used);
-            vr_mb();
+            if (!q->backend_event_idx || armed || q->defer_arm)
+                break;      /* defer_arm: as in intake */
+            arm_backend_call(q);
             armed = true;
             continue;
         }
@@ -689,4 +703,23 @@ bool queue_has_work(struct fsdp_queue *q)
         vr_load16(q->g_avail + AVAIL_IDX) != q->last_avail)
         return true;
     return false;
+}
+
+bool queue_arm(struct fsdp_queue *q)
+{
+    bool work = false;
+
+    if (!q->defer_arm || !q->started || !q->rings_ok || q->backend_broken)
+        return false;
+    /* What intake and harvest would have armed at the end of a pass, with
+     * the same re-check after each fence. */
+    if (q->backend_event_idx) {
+        arm_backend_call(q);
+        work |= vr_load16_acquire(q->s_used + USED_IDX) != q->s_last_used;
+    }
+    if (q->guest_event_idx && !q->stopping && !q->broken && !q->throttled) {
+        arm_guest_kick(q);
+        work |= vr_load16_acquire(q->g_avail + AVAIL_IDX) != q->last_avail;
+    }
+    return work;
 }

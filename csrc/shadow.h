@@ -81,6 +81,9 @@ struct fsdp_queue {
     bool need_backend_kick, need_guest_call;
     bool guest_used_dirty;  /* used entries pushed, idx not yet published */
     bool more;              /* a pass ran out of budget: come back without sleeping */
+    bool defer_arm;         /* set by the loop while it busy-polls: passes leave the
+                               event idx fields alone, queue_arm sets them before
+                               the loop sleeps */
     uint64_t seq;
 
     /* private bookkeeping, sized by num */
@@ -141,6 +144,10 @@ static inline void dev_event(const struct fsdp_devctx *d, uint32_t q, uint32_t c
 bool queue_process(struct fsdp_queue *q);
 /* True if the rings hold work (used by busy-poll; read-only). */
 bool queue_has_work(struct fsdp_queue *q);
+/* Before the loop sleeps on a queue whose passes ran with defer_arm: ask the
+ * guest for a kick and the backend for a call at their next entry (event
+ * idx), then look again.  True if work arrived meanwhile: don't sleep. */
+bool queue_arm(struct fsdp_queue *q);
 
 /* The loop's batch of outgoing eventfd writes: add(arg, q, fd) queues one,
  * sent with the loop's next submit. */
