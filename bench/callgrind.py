@@ -11,7 +11,9 @@ per request:
 - ``L1m``: L1 data misses, reads + writes (D1mr + D1mw);
 - ``LLm``: last-level data misses, reads + writes (DLmr + DLmw), with the
   simulated last level sized as this machine's L2 (512 KiB, 8-way): a miss
-  there goes to the shared L3 or memory.
+  there goes to the shared L3 or memory;
+- ``cyc``: kcachegrind's cycle estimate, Ir + 10 L1m + 100 LLm: what decides
+  whether the copy (which the bounce cannot avoid) or the rest dominates.
 
 The numbers are exact and repeatable (no wall clock): the way to decide a
 change of the hot path on a noisy shared machine. Wall-clock effects stay the
@@ -43,10 +45,11 @@ LL = "524288,8,64"     # this machine's L2 per core (lscpu: 1 MiB over 2 instanc
 EVENTS = ("Ir", "L1m", "LLm")
 
 
-def build(out: Path) -> Path:
+def build(out: Path, csrc: Path = CSRC) -> Path:
+    """hotpath.c of this tree against the data plane of csrc (another checkout's: a before/after)."""
     exe = out / "hotpath"
-    srcs = [str(CSRC / "bench" / "hotpath.c"), *sorted(str(p) for p in CSRC.glob("*.c"))]
-    subprocess.run(["gcc", *CFLAGS, f"-I{CSRC}", "-o", str(exe), *srcs, "-luring", "-lpthread"],
+    srcs = [str(CSRC / "bench" / "hotpath.c"), *sorted(str(p) for p in csrc.glob("*.c"))]
+    subprocess.run(["gcc", *CFLAGS, f"-I{csrc}", "-o", str(exe), *srcs, "-luring", "-lpthread"],
                    check=True)
     return exe
 
@@ -79,10 +82,11 @@ def parse_annotate(text: str) -> tuple[list[str], dict[str, list[int]]]:
     return events, funcs
 
 
-def measure(requests: int, qd: int, batch: int, block: int, op: str, keep: Path | None) -> dict:
+def measure(requests: int, qd: int, batch: int, block: int, op: str, keep: Path | None,
+            csrc: Path = CSRC) -> dict:
     with tempfile.TemporaryDirectory(prefix="fastshadow-cg-") as tmp:
         out = Path(tmp)
-        exe = build(out)
+        exe = build(out, csrc)
         cg = out / "callgrind.out"
         run = subprocess.run(
             ["valgrind", "--tool=callgrind", "--cache-sim=yes", f"--LL={LL}",
@@ -108,12 +112,18 @@ def measure(requests: int, qd: int, batch: int, block: int, op: str, keep: Path 
             "functions": dict(sorted(per.items(), key=lambda kv: -kv[1]["Ir"]))}
 
 
+def cycles(v: dict) -> float:
+    """kcachegrind's cycle estimate (CEst) of one row."""
+    return v["Ir"] + 10 * v["L1m"] + 100 * v["LLm"]
+
+
 def table(res: dict, top: int = 25) -> str:
-    lines = ["| function | Ir/req | L1 miss/req | LL miss/req |", "|---|--:|--:|--:|"]
+    lines = ["| function | Ir/req | L1 miss/req | LL miss/req | cyc/req |", "|---|--:|--:|--:|--:|"]
     for fn, v in [kv for kv in res["functions"].items() if kv[1]["Ir"] >= 0.5][:top]:
-        lines.append(f"| `{fn}` | {v['Ir']:.1f} | {v['L1m']:.2f} | {v['LLm']:.2f} |")
+        lines.append(f"| `{fn}` | {v['Ir']:.1f} | {v['L1m']:.2f} | {v['LLm']:.2f} | {cycles(v):.0f} |")
     t = res["total"]
-    lines.append(f"| **total** | **{t['Ir']:.1f}** | **{t['L1m']:.2f}** | **{t['LLm']:.2f}** |")
+    lines.append(f"| **total** | **{t['Ir']:.1f}** | **{t['L1m']:.2f}** | **{t['LLm']:.2f}** | "
+                 f"**{cycles(t):.0f}** |")
     return "\n".join(lines)
 
 
@@ -128,14 +138,16 @@ def compare(before: dict, after: dict, top: int = 25) -> str:
         if max(b["Ir"], a["Ir"]) < 0.5:
             continue
         rows.append((max(b["Ir"], a["Ir"]), f"| `{fn}` | {b['Ir']:.1f} | {a['Ir']:.1f} | "
-                     f"{b['L1m']:.2f} | {a['L1m']:.2f} | {b['LLm']:.2f} | {a['LLm']:.2f} |"))
+                     f"{b['L1m']:.2f} | {a['L1m']:.2f} | {b['LLm']:.2f} | {a['LLm']:.2f} | "
+                     f"{cycles(b):.0f} | {cycles(a):.0f} |"))
     rows.sort(key=lambda r: -r[0])
     tb, ta = before["total"], after["total"]
     return "\n".join(
-        ["| function | Ir/req before | after | L1 miss/req before | after | LL miss/req before | after |",
-         "|---|--:|--:|--:|--:|--:|--:|", *[r for _, r in rows[:top]],
+        ["| function | Ir/req before | after | L1 miss/req before | after | LL miss/req before | after "
+         "| cyc/req before | after |",
+         "|---|--:|--:|--:|--:|--:|--:|--:|--:|", *[r for _, r in rows[:top]],
          f"| **total** | **{tb['Ir']:.1f}** | **{ta['Ir']:.1f}** | **{tb['L1m']:.2f}** | **{ta['L1m']:.2f}** | "
-         f"**{tb['LLm']:.2f}** | **{ta['LLm']:.2f}** |"])
+         f"**{tb['LLm']:.2f}** | **{ta['LLm']:.2f}** | **{cycles(tb):.0f}** | **{cycles(ta):.0f}** |"])
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -148,6 +160,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--op", choices=("read", "write"), default="read")
     p.add_argument("--label", default="run", help="JSON file name in --out")
     p.add_argument("--out", type=Path, help="directory for <label>.json")
+    p.add_argument("--csrc", type=Path, default=CSRC,
+                   help="the data plane sources to measure (default: this tree's; another checkout's "
+                        "csrc/ for a before/after)")
     p.add_argument("--keep", type=Path, help="directory to keep callgrind.out in (callgrind_annotate)")
     p.add_argument("--compare", nargs=2, type=Path, metavar=("BEFORE", "AFTER"),
                    help="print the before/after Markdown table of two JSON files and exit")
@@ -156,7 +171,7 @@ def main(argv: list[str] | None = None) -> int:
         b, c = (json.loads(x.read_text()) for x in a.compare)
         print(compare(b, c))
         return 0
-    res = measure(a.requests, a.qd, a.batch or a.qd, a.block, a.op, a.keep)
+    res = measure(a.requests, a.qd, a.batch or a.qd, a.block, a.op, a.keep, a.csrc.resolve())
     res["label"] = a.label
     print(json.dumps(res["workload"]))
     print(table(res))
