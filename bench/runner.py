@@ -205,10 +205,11 @@ class ProxyProcess:
         shared = ["--allow-shared-uid"] if proxy_mode == "isolated" else []
         # A variant's "@PYTHON" first argument: another checkout's interpreter, so that two
         # builds of the data plane are compared interleaved in one run (bench/README.md).
-        python = sys.executable
+        # -P: not the working directory's fastshadow (python -m puts it first on sys.path).
+        python = [sys.executable]
         if extra and extra[0].startswith("@"):
-            python, extra = extra[0][1:], extra[1:]
-        self.argv = [python, "-m", "fastshadow.cli", "proxy", "--listen", str(listen),
+            python, extra = [extra[0][1:], "-P"], extra[1:]
+        self.argv = [*python, "-m", "fastshadow.cli", "proxy", "--listen", str(listen),
                      "--backend", str(backend), "--mode", proxy_mode, *shared,
                      "--name", f"bench-{mode}", *extra]
         self.proc: subprocess.Popen | None = None
