@@ -138,3 +138,54 @@ def test_results_md_tables_are_generated_from_the_json():
     assert out.count("\n|") > 100                     # the geometric means and every workload
     assert out.strip() in (ROOT / "bench" / "RESULTS.md").read_text(), \
         "bench/RESULTS.md's tables differ from `python -m fastshadow.bench.report results.json --markdown`"
+
+
+# Issue 12 (per-request cost): the callgrind before/after tables and the interleaved runs of
+# this tree against the code before it (`--variant base="@PYTHON"`), quoted in bench/RESULTS.md.
+CALLGRIND = ROOT / "bench" / "results" / "callgrind"
+ISSUE12 = ROOT / "bench" / "results" / "issue12"
+
+
+def test_results_md_callgrind_tables_are_the_json():
+    text = (ROOT / "bench" / "RESULTS.md").read_text()
+    full = subprocess.run([sys.executable, "-m", "fastshadow.bench.callgrind", "--compare",
+                           str(CALLGRIND / "before-qd32.json"), str(CALLGRIND / "after-qd32.json")],
+                          capture_output=True, text=True, check=True).stdout.strip()
+    assert full in text, "bench/RESULTS.md must hold `python -m fastshadow.bench.callgrind --compare " \
+                         "before-qd32.json after-qd32.json` verbatim"
+    missing = []
+    for label in ("qd32-b4", "qd1", "qd32-write"):
+        b, a = (json.loads((CALLGRIND / f"{w}-{label}.json").read_text())["total"] for w in ("before", "after"))
+
+        def cyc(t):
+            return t["Ir"] + 10 * t["L1m"] + 100 * t["LLm"]
+        row = (f"| {label} | {b['Ir']:.0f} | {a['Ir']:.0f} | {b['L1m']:.1f} | {a['L1m']:.1f} | "
+               f"{b['LLm']:.1f} | {a['LLm']:.1f} | {cyc(b):.0f} | {cyc(a):.0f} |")
+        if row not in text:
+            missing.append(row)
+    assert not missing, "bench/RESULTS.md (issue 12, other workloads) must say:\n" + "\n".join(missing)
+
+
+def issue12_row(path: Path, label: str) -> str:
+    """One placement's 4 KiB randread QD32 figures: IOPS per mode, ratios, proxy CPU µs per request."""
+    runs = json.loads(path.read_text())["runs"]
+
+    def pick(mode):
+        return [r for r in runs if r["mode"] == mode and r["workload"]["bs"] == 4 * KiB
+                and r["workload"]["qd"] == 32]
+    iops = {m: statistics.median(r["iops"] for r in pick(m)) for m in ("direct", "isolated", "base")}
+    px = {m: statistics.median(r["cpu_s"]["proxy"] / r["requests"] * 1e6 for r in pick(m))
+          for m in ("isolated", "base")}
+    other = statistics.median(r["cpu_s"]["other"] / r["duration_s"] for r in runs)
+    return (f"| {label} | {iops['direct'] / 1e3:.0f}k | {iops['base'] / 1e3:.0f}k | {iops['isolated'] / 1e3:.0f}k | "
+            f"{iops['base'] / iops['direct']:.2f} | {iops['isolated'] / iops['direct']:.2f} | "
+            f"{px['base']:.2f} | {px['isolated']:.2f} | {other:.2f} |")
+
+
+def test_results_md_issue12_runs_are_the_json():
+    text = (ROOT / "bench" / "RESULTS.md").read_text()
+    rows = [issue12_row(ISSUE12 / "free" / "results.json", "`split-free-proxy`"),
+            issue12_row(ISSUE12 / "split" / "results.json", "`split`")]
+    missing = [r for r in rows if r not in text]
+    assert not missing, "bench/RESULTS.md (issue 12) must say, from bench/results/issue12/*/results.json:\n" + \
+        "\n".join(missing)
