@@ -69,7 +69,7 @@ static void log_used(struct fsdp_queue *q, uint64_t off, uint64_t len)
 
 void push_guest_used(struct fsdp_queue *q, uint16_t head, uint32_t len)
 {
-    size_t off = USED_RING(q->used_idx % q->num);
+    size_t off = USED_RING(ring_slot(q, q->used_idx));
     uint8_t *e = q->g_used + off;
 
     vr_store32(e, head);
@@ -183,7 +183,7 @@ static inline void put_shadow_desc(struct fsdp_queue *q, uint16_t s, uint64_t of
 /* The avail entry of shadow head (published by the next pass). */
 static inline void put_shadow_avail(struct fsdp_queue *q, uint16_t head)
 {
-    vr_store16(q->s_avail + AVAIL_RING(q->s_avail_idx % q->num), head);
+    vr_store16(q->s_avail + AVAIL_RING(ring_slot(q, q->s_avail_idx)), head);
     q->req[head].sidx = q->s_avail_idx;
     q->s_avail_idx++;
     q->s_num_added++;
@@ -351,7 +351,7 @@ static enum take_result take_one(struct fsdp_queue *q, uint32_t *steps)
     bool fragmented = false;
     int rc;
 
-    head = vr_load16(q->g_avail + AVAIL_RING(q->last_avail % q->num));
+    head = vr_load16(q->g_avail + AVAIL_RING(ring_slot(q, q->last_avail)));
     if (head >= q->num) {
         /* A head outside the table: the ring itself is corrupt. */
         dev_event(dev, q->idx, FSDP_EV_BAD_HEAD, head, head, q->num);
@@ -663,7 +663,7 @@ static bool harvest(struct fsdp_queue *q)
             n = (uint16_t)budget;
         budget -= n;
         for (uint16_t i = 0; i < n; i++) {
-            const uint8_t *e = q->s_used + USED_RING(q->s_last_used % q->num);
+            const uint8_t *e = q->s_used + USED_RING(ring_slot(q, q->s_last_used));
             uint32_t id = vr_load32(e);          /* each read once */
             uint32_t len = vr_load32(e + 4);
             q->s_last_used++;
