@@ -20,7 +20,7 @@
  * a 2-page slab) then cycles through as many slabs as it has requests in
  * flight, which stay in the CPU's cache, where next-fit walked the whole
  * area (16 MiB by default) and every copy into the bounce area missed down
- * to memory (bench/RESULTS.md: 74 -> 2 L2 misses per 4 KiB request, with
+ * to memory (bench/RESULTS.md: 75 -> 4 L2 misses per 4 KiB request, with
  * no bitmap work at all).  Cached pages stay marked used in the bitmap and
  * counted free in nfree; when the bitmap has no run left, the caches are
  * given back to it and the search runs again, so caching never refuses an
