@@ -134,39 +134,13 @@ static void uncache_all(struct fsdp_bounce *b)
     b->cached = 0;
 }
 
-/* A run of exactly n pages freed earlier, last freed first, or -1. */
-static int64_t cache_pop(struct fsdp_bounce *b, uint32_t n)
-{
-    uint32_t s = n - 1;
-
-    if (s >= BOUNCE_CACHE_SIZES || !b->ncache[s])
-        return -1;
-    b->cached -= n;
-    return b->cache[s * BOUNCE_CACHE_DEPTH + --b->ncache[s]];
-}
-
-static bool cache_push(struct fsdp_bounce *b, uint32_t first, uint32_t n)
-{
-    uint32_t s = n - 1;
-
-    if (s >= BOUNCE_CACHE_SIZES || b->ncache[s] >= BOUNCE_CACHE_DEPTH)
-        return false;
-    b->cache[s * BOUNCE_CACHE_DEPTH + b->ncache[s]++] = first;
-    b->cached += n;
-    return true;
-}
-
-int64_t bounce_alloc(struct fsdp_bounce *b, uint32_t n)
+/* bounce_alloc without a kept run of that size (the pops are inline, bounce.h). */
+int64_t bounce_alloc_run(struct fsdp_bounce *b, uint32_t n)
 {
     int64_t r;
 
     if (n == 0 || n > b->nfree)
         return -1;
-    r = cache_pop(b, n);
-    if (r >= 0) {
-        b->nfree -= n;     /* still marked used in the bitmap */
-        return r;
-    }
     r = find_run(b, b->cursor, b->npages, n);
     if (r < 0)
         r = find_run(b, 0, b->npages, n);
@@ -184,12 +158,12 @@ int64_t bounce_alloc(struct fsdp_bounce *b, uint32_t n)
     return r;
 }
 
-void bounce_free(struct fsdp_bounce *b, uint32_t first, uint32_t n)
+/* bounce_free of a run not kept for reuse (the pushes are inline, bounce.h). */
+void bounce_free_run(struct fsdp_bounce *b, uint32_t first, uint32_t n)
 {
     if (n == 0 || first >= b->npages || n > b->npages - first)
         return;   /* private bookkeeping is never wrong; be defensive anyway */
-    if (!cache_push(b, first, n))
-        mark(b, first, n, false);
+    mark(b, first, n, false);
     b->nfree += n;
 }
 

@@ -298,19 +298,22 @@ void release_request(struct fsdp_queue *q, uint16_t head)
 {
     struct fsdp_req *r = &q->req[head];
     uint16_t s = head;
+    uint16_t n = r->ndesc;      /* once: the stores below could alias it for the compiler */
 
-    for (uint16_t i = 0; i < r->ndesc; i++) {
+    for (uint16_t i = 0; i < n; i++) {
         struct fsdp_sdesc *sd = &q->sd[s];
         uint16_t next = sd->next;
-        if (sd->own_npages)
+        if (sd->own_npages) {   /* a fragmented request's segment (alloc_per_segment) */
             bounce_free(&q->bounce, sd->own_page, sd->own_npages);
-        sd->own_npages = 0;
-        /* A completed head stays SD_DONE until reused, so that a second
-         * completion of it is told apart from a made-up id. */
-        q->sstate[s] = (s == head) ? SD_DONE : SD_FREE;
+            sd->own_npages = 0;
+        }
+        q->sstate[s] = SD_FREE;
         q->freelist[q->nfree++] = s;
         s = next;
     }
+    /* A completed head stays SD_DONE until reused, so that a second
+     * completion of it is told apart from a made-up id. */
+    q->sstate[head] = SD_DONE;
     if (r->slab_npages)
         bounce_free(&q->bounce, r->slab_page, r->slab_npages);
     r->slab_npages = 0;
