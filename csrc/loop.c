@@ -735,11 +735,8 @@ static void *loop_main(void *arg)
             idle_from = now_ns();
             if (dp->poll_ns && busy_poll(dp, idle_from + dp->poll_ns)) {
                 idle_from = 0;                   /* caught: the window stays */
-                /* No io_uring_get_events here: while the rings are busy the
-                 * spin sees them directly, and the completions it would
-                 * collect (our eventfd writes, a kick read) wait for the
-                 * next sleep, which runs them; one syscall per caught spin
-                 * saved.  Commands are seen through cmd_pending. */
+                io_uring_get_events(&dp->ring);  /* run deferred task work */
+                drain_cqes(dp);
                 continue;
             }
         }
