@@ -154,7 +154,7 @@ def test_results_md_callgrind_tables_are_the_json():
     assert full in text, "bench/RESULTS.md must hold `python -m fastshadow.bench.callgrind --compare " \
                          "before-qd32.json after-qd32.json` verbatim"
     missing = []
-    for label in ("qd32-b4", "qd1", "qd32-write"):
+    for label in ("qd32-b4", "qd1", "qd32-write", "1m-qd8"):
         b, a = (json.loads((CALLGRIND / f"{w}-{label}.json").read_text())["total"] for w in ("before", "after"))
 
         def cyc(t):
@@ -189,3 +189,35 @@ def test_results_md_issue12_runs_are_the_json():
     missing = [r for r in rows if r not in text]
     assert not missing, "bench/RESULTS.md (issue 12) must say, from bench/results/issue12/*/results.json:\n" + \
         "\n".join(missing)
+
+
+def perf_stat(path: Path) -> dict[str, float]:
+    """`perf stat` output: {event name without its group: count}."""
+    out = {}
+    for ln in path.read_text().splitlines():
+        m = re.match(r"\s*([\d,.]+)\s+(?:msec\s+)?([\w:-]+)", ln)
+        if m:
+            out[m.group(2).split(":")[-1]] = float(m.group(1).replace(",", ""))
+    return out
+
+
+def test_results_md_issue12_syscalls_are_the_measurement():
+    rows = {"syscalls": [], "io_uring_enter": [], "switches": [], "clock": []}
+    for place in ("free", "split"):
+        d = ISSUE12 / "syscalls" / place
+        runs = json.loads((d / "results.json").read_text())["runs"]
+        for mode in ("base", "isolated"):
+            n = sum(r["requests"] for r in runs if r["mode"] == mode)
+            st = perf_stat(d / f"{place}.{mode}.perfstat")
+            rows["syscalls"].append(f"{st['sys_enter'] / n:.3f}")
+            rows["io_uring_enter"].append(f"{st['sys_enter_io_uring_enter'] / n:.3f}")
+            rows["switches"].append(f"{st['sched_switch'] / n:.3f}")
+            rows["clock"].append(f"{st['task-clock'] * 1e3 / n:.2f}")
+    want = [f"| syscalls | {' | '.join(rows['syscalls'])} |",
+            f"| of which `io_uring_enter` | {' | '.join(rows['io_uring_enter'])} |",
+            f"| context switches | {' | '.join(rows['switches'])} |",
+            f"| task-clock µs (all threads, whole run) | {' | '.join(rows['clock'])} |"]
+    text = (ROOT / "bench" / "RESULTS.md").read_text()
+    missing = [r for r in want if r not in text]
+    assert not missing, "bench/RESULTS.md (issue 12 syscalls) must say:\n" + "\n".join(missing)
+
