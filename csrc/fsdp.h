@@ -50,6 +50,9 @@ enum {
 enum {
     FSDP_QF_GUEST_EVENT_IDX = 1,    /* VIRTIO_RING_F_EVENT_IDX on the guest ring */
     FSDP_QF_BACKEND_EVENT_IDX = 2,  /* ... and on the shadow ring */
+    FSDP_QF_BACKEND_LOST = 4,       /* the backend that held the kept requests died with
+                                       them: their re-publication counts toward
+                                       max_replays (a ring stop it survived does not) */
 };
 
 /* How a refused or failed request is completed toward the guest

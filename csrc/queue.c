@@ -263,24 +263,28 @@ static int cmp_seq(const void *a, const void *b, void *arg)
 }
 
 /*
- * A kept request at a start: published again, unless that would make more
- * than 1 + max_replays publications.  A request after whose publication the
- * backend dies (or which it holds across stops) again and again may be what
- * kills it: it is failed toward the guest as poison instead of taking every
- * restarted backend down with it (DESIGN.md section 7, no replay storms).
+ * A kept request at a start: published again.  A request after whose
+ * publication the backend dies again and again may be what kills it: once
+ * its backend died with it 1 + max_replays times, it is failed toward the
+ * guest as poison instead of taking every restarted backend down with it
+ * (DESIGN.md section 7, no replay storms).  Only deaths count (`lost`): a
+ * request a live backend held across a ring stop (VM stop, migration) is no
+ * sign of poison, and failing it would make isolated mode less available
+ * than direct mode, where the backend simply keeps it.
  */
-static void republish_or_fail(struct fsdp_queue *q, uint16_t head)
+static void republish_or_fail(struct fsdp_queue *q, uint16_t head, bool lost)
 {
     struct fsdp_req *r = &q->req[head];
 
     r->parked = false;
-    if (r->published >= 1u + q->dev->max_replays) {
+    if (lost && r->published >= 1u + q->dev->max_replays) {
         dev_event(q->dev, q->idx, FSDP_EV_REQUEST_POISONED, r->guest_head, r->published, 0);
         q->st.poisoned++;
         fail_request(q, head);
         return;
     }
-    r->published++;
+    if (lost)
+        r->published++;
     q->st.bytes_in += copy_in(q, head);
     write_shadow_chain(q, head);
 }
@@ -321,7 +325,7 @@ static int do_start(struct fsdp_queue *q, uint32_t flags)
         qsort_r(heads, k, sizeof(*heads), cmp_seq, q);
         q->parked = 0;
         for (uint32_t i = 0; i < k; i++)
-            republish_or_fail(q, heads[i]);
+            republish_or_fail(q, heads[i], flags & FSDP_QF_BACKEND_LOST);
     }
     q->started = true;
     return 0;

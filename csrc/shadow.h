@@ -37,7 +37,7 @@ struct fsdp_req {
     uint64_t seq;           /* publish order, for re-publishing */
     uint16_t gidx;          /* guest avail position it was taken from */
     uint16_t sidx;          /* shadow avail position it was last published at */
-    uint32_t published;     /* times handed to a backend (poison bound: max_replays) */
+    uint32_t published;     /* backends it was handed to (poison bound: max_replays) */
     bool parked;            /* never taken by the stopped backend: not waited for */
 };
 

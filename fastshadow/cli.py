@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import logging
 import signal
 import sys
 
@@ -51,6 +52,7 @@ _PER_DEVICE = ("backend", "backend_listen", "mode", "device", "name", "socket_mo
 #: neither the tracer, the benchmark, the demo nor the test guest (ARCHITECTURE.md).
 COMMANDS = {
     "proxy": "run the vhost-user proxy",
+    "run": "run fastshadow in front of a backend it starts as another user (one program for libvirt or systemd)",
     "install-descriptors": "write QEMU vhost-user backend descriptors (JSON) for fastshadow, one per device type",
     "demo": "boot a tiny VM whose disk goes through fastshadow and verify its I/O",
     "trace": "trace notification latency inside a running fastshadow (bcc, root)",
@@ -175,9 +177,10 @@ def _configure_proxy(p: argparse.ArgumentParser) -> None:
                         "seconds whatever the backend does; requests it still holds are kept and re-published when "
                         "the ring resumes (default 2)")
     p.add_argument("--max-replays", type=int, default=1, metavar="N",
-                   help="isolated: a request is handed again to the backend at most N times (after the backend died "
-                        "with it or held it across a ring stop), then failed toward the guest with the device's "
-                        "error and logged as poisoned, so one request cannot kill a backend forever (default 1)")
+                   help="isolated: a request the backend died with is handed to a restarted backend at most N times, "
+                        "then failed toward the guest with the device's error and logged as poisoned, so one "
+                        "request cannot kill a backend forever (default 1); requests a live backend held across "
+                        "a ring stop are re-published without counting")
     p.add_argument("--bounce-per-queue", type=size_arg, default=16 << 20, metavar="SIZE",
                    help="isolated: bounce space per queue in the shadow region (default 16M)")
     p.add_argument("--backend-reconnect", choices=["auto", "on", "off"], default="auto",
@@ -305,6 +308,139 @@ def print_capabilities(defaults: dict, devices: list[dict]) -> int:
     return 0
 
 
+RUN_EPILOG = """\
+The backend command follows --. It takes the private socket fastshadow gives it
+either where {fd} is written, or through virtiofsd's own --fd=N/--socket-path=PATH,
+which fastshadow takes over as QEMU's socket (the backend then gets --fd=M): so
+`fastshadow run ... -- virtiofsd "$@"` works wherever virtiofsd is started.
+The backend runs as --backend-user, is sent SIGTERM/SIGINT when fastshadow gets
+them, and is not restarted: fastshadow exits when it exits, with its status.
+
+examples:
+  # libvirt's <filesystem><binary path='/usr/local/libexec/fastshadow-virtiofsd'/>:
+  # that script holds (libvirt runs it with --fd=N -o source=... as root)
+  exec fastshadow run --device fs --proxy-user fastshadow --backend-user fs-backend \\
+      --backend-userns -- /usr/lib/qemu/virtiofsd "$@"
+
+  # a disk: QEMU connects to /run/fastshadow/disk0.sock
+  fastshadow run --listen /run/fastshadow/disk0.sock --socket-group libvirt-qemu \\
+      --proxy-user fastshadow --backend-user fs-backend -- qemu-storage-daemon \\
+      --blockdev driver=file,node-name=d0,filename=/srv/disk0.img \\
+      --export type=vhost-user-blk,id=e0,node-name=d0,addr.type=fd,addr.str={fd},writable=on
+"""
+
+
+def _configure_run(p: argparse.ArgumentParser) -> None:
+    _configure_proxy(p)
+    p.description = ("Start a vhost-user backend as a user of its own on a private socket and serve QEMU in "
+                     "front of it (isolated by default), as one program: for libvirt's <binary path> of a "
+                     "<filesystem> or a systemd unit. Proxy options as for `fastshadow proxy`, one device.")
+    p.epilog = RUN_EPILOG
+    p.add_argument("--backend-user", metavar="USER",
+                   help="run the backend as this user (name or uid), its primary and supplementary groups; "
+                        "never root or fastshadow's own user (required unless --allow-shared-uid)")
+    p.add_argument("--proxy-user", metavar="USER",
+                   help="once the backend runs, fastshadow itself becomes this user (and its groups), keeping "
+                        "only CAP_KILL to stop the backend (default: stay as started; libvirt starts it as root)")
+    p.add_argument("--backend-userns", action="store_true",
+                   help="run the backend as root of a new user namespace mapped to --backend-user only "
+                        "(as unshare --map-root-user does): for a backend that must be root (virtiofsd's sandbox and "
+                        "per-request uid switch), with no capability outside that namespace")
+    p.add_argument("backend_command", nargs=argparse.REMAINDER, metavar="-- COMMAND ARGS",
+                   help="the backend command line")
+    p.set_defaults(func=cmd_run)
+
+
+def cmd_run(args) -> int:
+    from . import logs
+    from .proxy.config import ConfigError
+    from .proxy.endpoints import EndpointError
+    from .proxy.server import Proxy
+    from .proxy.wrapper import BackendChild, PrivateSocket, RunError, backend_user, become, plan_backend, proxy_user
+
+    command = args.backend_command[1:] if args.backend_command[:1] == ["--"] else args.backend_command
+    private = None
+    try:
+        given = {k for d in (args.devices or []) for k in d} | set(args.device_defaults or {})
+        if args.config or given & {"backend", "backend_listen"}:
+            raise RunError("fastshadow run starts the backend itself: no --backend, --backend-listen or --config")
+        if len(args.devices or []) > 1:
+            raise RunError("one device per fastshadow run")
+        plan = plan_backend(command, own_frontend=bool(args.devices))
+        if args.print_capabilities or plan.print_capabilities:
+            return print_capabilities(args.device_defaults or {}, args.devices or [])
+        me = proxy_user(args.proxy_user)
+        user = backend_user(args.backend_user, bool(args.allow_shared_uid), me)
+        if not args.devices:
+            args.devices = [{"listen": plan.listen} if plan.listen is not None else {"listen_fd": plan.listen_fd}]
+            if plan.socket_group is not None:
+                args.devices[0].setdefault("socket_group", plan.socket_group)
+        private = PrivateSocket()
+        args.devices[0]["backend"] = private.path
+        cfg = build_proxy_config(args)
+        child = BackendChild(plan.with_fd(private.sock.fileno()), user, args.backend_userns, private)
+    except (RunError, ConfigError) as e:
+        if private is not None:
+            private.close()
+        print(f"fastshadow run: {e}", file=sys.stderr)
+        return 2
+    logs.setup(args.log_level, cfg.log_format)
+    held = {signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGCHLD}
+    signal.pthread_sigmask(signal.SIG_BLOCK, held)  # as in cmd_proxy; the child unblocks its own
+    try:
+        try:
+            child.start()
+        except RunError as e:
+            private.close()
+            print(f"fastshadow run: {e}", file=sys.stderr)
+            return 2
+        private.sock.close()  # the backend holds it now
+        if me is not None:
+            try:
+                private.give_to(me)
+                become(me)
+            except (RunError, OSError) as e:
+                print(f"fastshadow run: {e}", file=sys.stderr)
+                child.stop()
+                private.close()
+                child.exit_status()
+                return 2
+            logs.kv(logging.getLogger("fastshadow.run"), logging.INFO, "proxy.user", user=me.name, uid=me.uid,
+                    capabilities="CAP_KILL")
+        try:
+            proxy = Proxy(cfg)
+        except (EndpointError, ConfigError) as e:
+            print(f"fastshadow run: {getattr(e, 'strerror', None) or e}", file=sys.stderr)
+            child.stop()
+            private.close()
+            child.exit_status()
+            return 2
+        proxy.install_signal_handlers()  # SIGHUP ignored, as the proxy does
+        if args.backend_userns:
+            proxy.own_userns_backends.add(child.proc.pid)
+
+        def on_stop(signum, frame):
+            logs.kv(logging.getLogger("fastshadow.run"), logging.INFO, "proxy.stopping",
+                    signal=signal.Signals(signum).name, action="forwarded to the backend")
+            child.forward(signum)
+            proxy.stop()
+
+        def on_child(signum, frame):
+            if child.proc.poll() is not None:
+                proxy.stop()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(sig, on_stop)
+        signal.signal(signal.SIGCHLD, on_child)
+    finally:
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, held)
+    if child.proc.poll() is not None:
+        proxy.stop()
+    proxy.serve_forever()
+    child.stop()
+    private.close()
+    return child.exit_status()
+
+
 def _configure_install_descriptors(p: argparse.ArgumentParser) -> None:
     from .proxy.descriptors import DESCRIPTOR_HELP
     p.description = DESCRIPTOR_HELP
@@ -320,6 +456,9 @@ def _configure_install_descriptors(p: argparse.ArgumentParser) -> None:
                         "\"--backend /run/qsd/disk0.sock --socket-group libvirt-qemu\"")
     p.add_argument("--fastshadow", metavar="PATH",
                    help="the fastshadow command the launchers run (default: this one)")
+    p.add_argument("--virtiofsd", metavar="PATH",
+                   help="the virtiofsd the fs launcher starts through `fastshadow run` (default: /usr/lib/qemu/"
+                        "virtiofsd or /usr/libexec/virtiofsd)")
     p.add_argument("--force", action="store_true", help="replace existing files")
     p.set_defaults(func=cmd_install_descriptors)
 
@@ -328,7 +467,8 @@ def cmd_install_descriptors(args) -> int:
     from .proxy.descriptors import DescriptorError, install
     try:
         for path in install(args.dir, launcher_dir=args.launcher_dir, types=args.device,
-                            proxy_args=args.proxy_args, fastshadow=args.fastshadow, force=args.force):
+                            proxy_args=args.proxy_args, fastshadow=args.fastshadow, force=args.force,
+                            virtiofsd=args.virtiofsd):
             print(f"wrote {path}")
     except DescriptorError as e:
         print(f"fastshadow install-descriptors: {e}", file=sys.stderr)
@@ -355,6 +495,8 @@ def _configure(name: str, p: argparse.ArgumentParser) -> None:
     """Give subcommand `name`'s parser its options and ``func``; its module is imported only now."""
     if name == "proxy":
         _configure_proxy(p)
+    elif name == "run":
+        _configure_run(p)
     elif name == "install-descriptors":
         _configure_install_descriptors(p)
     elif name == "demo":

@@ -524,13 +524,18 @@ class Device:
         _check(lib.fsdp_queue_shadow_addrs(self._live(), q, d, a, u), self._q("shadow addresses", q))
         return d[0], a[0], u[0]
 
-    def queue_start(self, q: int, *, event_idx: bool, backend_event_idx: bool | None = None) -> None:
+    def queue_start(self, q: int, *, event_idx: bool, backend_event_idx: bool | None = None,
+                    backend_lost: bool = False) -> None:
         """Start the queue.  event_idx: VIRTIO_RING_F_EVENT_IDX negotiated (both
-        sides unless backend_event_idx says otherwise)."""
+        sides unless backend_event_idx says otherwise).  backend_lost: the backend that
+        held the kept requests died with them, so their re-publication counts toward
+        max_replays (a request past it is failed as poison); after a ring stop the
+        backend survived, kept requests are re-published without counting."""
         if backend_event_idx is None:
             backend_event_idx = event_idx
         flags = (lib.FSDP_QF_GUEST_EVENT_IDX if event_idx else 0) | (
-            lib.FSDP_QF_BACKEND_EVENT_IDX if backend_event_idx else 0)
+            lib.FSDP_QF_BACKEND_EVENT_IDX if backend_event_idx else 0) | (
+            lib.FSDP_QF_BACKEND_LOST if backend_lost else 0)
         _check(lib.fsdp_queue_start(self._live(), q, flags), self._q("start", q))
 
     def queue_pause(self, q: int) -> None:

@@ -155,6 +155,18 @@ def check_isolation(backend_pid: int, qemu_pid: int) -> IsolationReport:
 # whose process tree holds other identities; capabilities it can regain by executing a
 # file-capability binary. Yama's ptrace_scope does not help either way: it restricts
 # PTRACE_ATTACH only, and /proc/<pid>/fd is a READ access it never checks.
+#
+# User namespaces: a capability counts only in the holder's user namespace and the ones
+# below it. A backend that is root of a user namespace of its own (`fastshadow run
+# --backend-userns`, mapped to one unprivileged uid) holds every capability *there*, which
+# /proc/PID/status shows as is; over QEMU and fastshadow, in the namespace above, it holds
+# none. So its capabilities are ignored when its user namespace is shown to lie strictly
+# below both QEMU's and fastshadow's (NS_GET_PARENT, walked up from the backend's), or when
+# fastshadow itself created that namespace for it (`fastshadow run --backend-userns`: a
+# fresh child of fastshadow's own, which only the backend's own processes are in; reading
+# another uid's /proc/PID/ns needs ptrace rights a non-root fastshadow lacks); otherwise
+# they count. Its uid is the one SO_PEERCRED gives in fastshadow's
+# namespace (the unprivileged one it is mapped to).
 
 CAP_SETUID = 7
 CAP_SYS_PTRACE = 19
@@ -190,10 +202,14 @@ def effective_capabilities(pid: int) -> int | None:
     return None
 
 
-def identity_risk(qemu: PeerCred, backend: PeerCred, proxy_uid: int | None = None) -> str | None:
+def identity_risk(qemu: PeerCred, backend: PeerCred, proxy_uid: int | None = None,
+                  own_user_namespace: bool = False) -> str | None:
     """None if the backend's identity cannot open QEMU's (or fastshadow's) /proc/PID/fd,
     else why it can (see the comment above: uid 0, QEMU's or fastshadow's uid,
-    CAP_SYS_PTRACE or CAP_SETUID in its effective set)."""
+    CAP_SYS_PTRACE or CAP_SETUID in its effective set). `own_user_namespace`: the caller
+    put the backend into a fresh user namespace below its own before it listened
+    (`fastshadow run --backend-userns`), so its capabilities are known not to count even
+    where /proc/PID/ns cannot be read (fastshadow no longer root)."""
     proxy_uid = os.geteuid() if proxy_uid is None else proxy_uid
     if backend.uid == 0:
         return "the backend runs as root"
@@ -202,9 +218,41 @@ def identity_risk(qemu: PeerCred, backend: PeerCred, proxy_uid: int | None = Non
     if backend.uid == proxy_uid:
         return "the backend runs as fastshadow's uid (fastshadow maps guest RAM)"
     caps = effective_capabilities(backend.pid) if backend.pid > 0 else None
-    if caps is not None:
+    if caps is not None and not own_user_namespace and not (user_namespace_below(backend.pid, qemu.pid)
+                                                            and user_namespace_below(backend.pid, os.getpid())):
         held = [name for bit, name in ((CAP_SYS_PTRACE, "CAP_SYS_PTRACE"), (CAP_SETUID, "CAP_SETUID"))
                 if caps >> bit & 1]
         if held:
             return f"the backend holds {' and '.join(held)}"
     return None
+
+
+_NS_GET_PARENT = 0xB702  # _IO(0xb7, 0x2), linux/nsfs.h
+
+
+def user_namespace_below(pid: int, other: int) -> bool:
+    """True if `pid`'s user namespace is a strict descendant of `other`'s, so that no
+    capability `pid` holds applies to `other` (False when it is the same, an ancestor,
+    unrelated, or cannot be read)."""
+    import fcntl
+    try:
+        target = os.stat(f"/proc/{other}/ns/user")
+        fd = os.open(f"/proc/{pid}/ns/user", os.O_RDONLY | os.O_CLOEXEC)
+    except OSError:
+        return False
+    try:
+        st = os.fstat(fd)
+        if (st.st_dev, st.st_ino) == (target.st_dev, target.st_ino):
+            return False
+        while True:
+            try:
+                parent = fcntl.ioctl(fd, _NS_GET_PARENT)
+            except OSError:  # EPERM: the top of what we can see, without meeting `other`'s
+                return False
+            os.close(fd)
+            fd = parent
+            st = os.fstat(fd)
+            if (st.st_dev, st.st_ino) == (target.st_dev, target.st_ino):
+                return True
+    finally:
+        os.close(fd)

@@ -15,6 +15,13 @@ descriptor points at a small launcher script written next to it, which runs
 `fastshadow proxy --device TYPE [the options given at install time] "$@"`:
 what the installer passed (e.g. `--backend /run/qsd/disk0.sock`) applies to
 the device that QEMU's `--socket-path`/`--fd` then starts.
+
+virtio-fs is different: libvirt takes the first `fs` descriptor for every
+`<filesystem>` without a `<binary>` and runs its binary with virtiofsd's own
+options (`--fd=N -o source=DIR,...`, src/qemu/qemu_vhost_user.c and
+qemu_virtiofs.c), so the fs launcher runs `fastshadow run --device fs
+[options] -- VIRTIOFSD "$@"`: fastshadow in front of a virtiofsd it starts
+itself (the options must then say --backend-user, not --backend).
 """
 
 from __future__ import annotations
@@ -33,12 +40,17 @@ Write one QEMU vhost-user backend descriptor (DIR/50-fastshadow-TYPE.json) and
 one launcher script (fastshadow-vhost-user-TYPE, the descriptor's binary) per
 device type. The launcher runs `fastshadow proxy --device TYPE ARGS "$@"`: QEMU
 or libvirt adds --socket-path=PATH or --fd=N (or --print-capabilities), and ARGS
-(--proxy-args) say where the real backend is.
+(--proxy-args) say where the real backend is. The fs launcher instead runs
+`fastshadow run --device fs ARGS -- VIRTIOFSD "$@"`: libvirt starts it for every
+<filesystem> without <binary>, with virtiofsd's options, and fastshadow starts
+virtiofsd behind itself (ARGS: --backend-user USER, --backend-userns, ...).
 
 examples:
   fastshadow install-descriptors /usr/share/qemu/vhost-user --launcher-dir /usr/libexec/fastshadow
   fastshadow install-descriptors /etc/qemu/vhost-user --device blk \\
       --proxy-args "--backend /run/qsd/disk0.sock"
+  fastshadow install-descriptors /etc/qemu/vhost-user --device fs \\
+      --proxy-args "--proxy-user fastshadow --backend-user fs-backend --backend-userns"
 """
 
 
@@ -84,6 +96,19 @@ def default_command() -> list[str]:
     return [sys.executable, "-m", "fastshadow.cli"]
 
 
+#: Where virtiofsd lives: QEMU 7.2's C one (Debian 12), the Rust one (Debian 13, Fedora).
+VIRTIOFSD_CANDIDATES = ("/usr/lib/qemu/virtiofsd", "/usr/libexec/virtiofsd", "virtiofsd")
+
+
+def fs_launcher_text(command: list[str], proxy_args: list[str], virtiofsd: str) -> str:
+    argv = " ".join(shlex.quote(a) for a in [*command, "run", "--device", "fs", *proxy_args, "--", virtiofsd])
+    return ("#!/bin/sh\n"
+            "# virtio-fs through fastshadow: libvirt runs this with virtiofsd's options (--fd=N -o source=DIR,...)\n"
+            "# or --print-capabilities; fastshadow takes --fd=N and starts virtiofsd with the rest.\n"
+            "# Written by `fastshadow install-descriptors`.\n"
+            f"exec {argv} \"$@\"\n")
+
+
 def launcher_text(device: str, command: list[str], proxy_args: list[str]) -> str:
     kind = devices.kind(device)
     argv = " ".join(shlex.quote(a) for a in [*command, "proxy", "--device", kind.name, *proxy_args])
@@ -96,7 +121,7 @@ def launcher_text(device: str, command: list[str], proxy_args: list[str]) -> str
 
 def install(dir: str | os.PathLike, *, launcher_dir: str | os.PathLike | None = None,
             types: list[str] | None = None, proxy_args: str = "", fastshadow: str | None = None,
-            force: bool = False) -> list[Path]:
+            force: bool = False, virtiofsd: str | None = None) -> list[Path]:
     """Write the descriptors and launchers; returns the paths written."""
     out = Path(dir)
     ldir = Path(launcher_dir) if launcher_dir is not None else out
@@ -121,11 +146,24 @@ def install(dir: str | os.PathLike, *, launcher_dir: str | os.PathLike | None = 
         if found is None:
             raise DescriptorError(f"--fastshadow {command[0]!r}: not found on PATH (give an absolute path)")
         command[0] = found
+    if any(k.name == "fs" for k in kinds):
+        if {"--backend", "--backend-listen"} & {a.split("=", 1)[0] for a in extra}:
+            raise DescriptorError("fs: libvirt runs the fs descriptor's binary with virtiofsd's options, so it starts "
+                                  "virtiofsd itself through `fastshadow run`: give --proxy-args '--backend-user USER "
+                                  "...' for it, not --backend (install fs apart with --device fs, or leave it out)")
+        found = next(filter(None, (shutil.which(c) for c in ([virtiofsd] if virtiofsd else VIRTIOFSD_CANDIDATES))),
+                     None)
+        if found is None:
+            raise DescriptorError(f"fs: virtiofsd {'%r ' % virtiofsd if virtiofsd else ''}not found (--virtiofsd PATH; "
+                                  f"Debian: qemu-system-common or virtiofsd)")
+        virtiofsd = os.path.abspath(found)
     plan = []
     for kind in kinds:
         launcher = (ldir / f"fastshadow-vhost-user-{kind.name}").absolute()
         desc = out / f"50-fastshadow-{kind.name}.json"
-        plan += [(launcher, launcher_text(kind.name, command, extra), 0o755),
+        text = (fs_launcher_text(command, extra, virtiofsd) if kind.name == "fs"
+                else launcher_text(kind.name, command, extra))
+        plan += [(launcher, text, 0o755),
                  (desc, json.dumps(descriptor(kind.name, str(launcher)), indent=2) + "\n", 0o644)]
     if not force:
         existing = [str(p) for p, _, _ in plan if p.exists()]

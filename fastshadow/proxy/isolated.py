@@ -151,6 +151,9 @@ class IsolatedSession(Session):
         self.vring_bases: dict[int, int] = {}  # queue -> QEMU's last SET_VRING_BASE
         #: Queues stopped while the backend held requests: queue -> (ring addresses, avail index answered).
         self.stopped_with_kept: dict[int, tuple] = {}
+        # Queues whose kept requests' backend died with them since their last start: the
+        # next start counts the re-publication toward --max-replays (poison).
+        self.lost_with_requests: set[int] = set()
         #: The backend's device configuration space (GET_CONFIG from offset 0), for its limits.
         self.backend_config = b""
         self.handlers = {
@@ -320,12 +323,11 @@ class IsolatedSession(Session):
         time.sleep(delay)
         event_idx = bool(self.neg.features & VirtioFeature.RING_EVENT_IDX)
 
-        def start_queue(q: int) -> None:
+        def start_parked(q: int) -> None:
             # As in on_set_vring_kick: a fresh shadow ring (parked requests re-published)
             # before the backend gets the kick fd that starts its side.
             if q in parked:
-                self.dev.queue_start(q, event_idx=event_idx)
-                self.started.add(q)
+                self.start_queue(q, event_idx)
         while True:
             self._sel.unregister(self.backend.sock)
             self.backend.close()
@@ -337,7 +339,7 @@ class IsolatedSession(Session):
             self._sel.register(sock, selectors.EVENT_READ, "backend")
             try:
                 replay(self.record, lambda m, expect: self.to_backend(m, expect_reply=expect),
-                       before_kick=start_queue, new_channel=lambda: self._new_relay(self.relay.take_qemu_side()))
+                       before_kick=start_parked, new_channel=lambda: self._new_relay(self.relay.take_qemu_side()))
                 break
             except PeerClosed as e:
                 # A dying backend's listening socket can outlive its connection and take
@@ -359,8 +361,16 @@ class IsolatedSession(Session):
                 parked[q] = 0
             except DrainTimeout as e:
                 parked[q] = e.inflight
+                self.lost_with_requests.add(q)
             self.dev.queue_clear_shadow(q)  # a new backend must read fresh ring indices
         self.started.clear()
+
+    def start_queue(self, q: int, event_idx: bool) -> None:
+        """Start ring q in the data plane; kept requests are re-published, counted toward
+        --max-replays only if their backend died with them (DESIGN.md section 7)."""
+        self.dev.queue_start(q, event_idx=event_idx, backend_lost=q in self.lost_with_requests)
+        self.lost_with_requests.discard(q)
+        self.started.add(q)
 
     # -- features ------------------------------------------------------------------
     def on_get_features(self, msg: Message) -> None:
@@ -596,8 +606,8 @@ class IsolatedSession(Session):
 
         Requests the backend still holds at the deadline stay owned by the data
         plane: re-published when the ring starts again (each re-publication counts
-        toward --max-replays, after which the request is failed toward the guest as
-        poisoned), or dropped untouched if the guest re-initialises the ring."""
+        toward --max-replays only when the backend dies with it), or dropped untouched
+        if the guest re-initialises the ring."""
         q = self.queue_index(msg.payload.index)
         deadline = time.monotonic() + self.cfg.stop_timeout
         # Order matters: stop shadowing first, so that the backend's answer (its
@@ -622,7 +632,7 @@ class IsolatedSession(Session):
             kv(log, logging.WARNING, "vring.held", dev=self.name, queue=q, kept=e.inflight,
                reason=f"the backend still held {e.inflight} requests after {self.cfg.stop_timeout:g} s "
                       f"(--stop-timeout); kept by fastshadow: re-published if the ring resumes "
-                      f"(at most {self.cfg.max_replays} times, then failed toward the guest), dropped "
+                      f"(as often as it is held: only backend deaths count toward --max-replays), dropped "
                       f"untouched if the guest re-initialises the ring")
         if kept:
             self.stopped_with_kept[q] = (self.vring_addrs.get(q), idx)
@@ -671,9 +681,7 @@ class IsolatedSession(Session):
             self.drop_stale_requests(q, "the ring was set up anew (other addresses or base) since it stopped "
                                         "with these requests kept")
         # The kick fd starts the ring (vhost-user "Ring states").
-        event_idx = bool(self.neg.features & VirtioFeature.RING_EVENT_IDX)
-        self.dev.queue_start(q, event_idx=event_idx)
-        self.started.add(q)
+        self.start_queue(q, bool(self.neg.features & VirtioFeature.RING_EVENT_IDX))
         kick, _ = self.dev.queue_backend_fds(q)
         self.to_backend_as(msg, p.VringFd.make(q), [os.dup(kick)])
 

@@ -208,7 +208,7 @@ class IdentityCheck:
         d.qemu_cred, d.backend_cred = self.qemu, backend
         peers = dict(qemu_pid=self.qemu.pid, qemu_uid=self.qemu.uid, backend_pid=backend.pid,
                      backend_uid=backend.uid, fastshadow_uid=os.geteuid())
-        risk = identity_risk(self.qemu, backend)
+        risk = identity_risk(self.qemu, backend, own_user_namespace=backend.pid in d.proxy.own_userns_backends)
         if risk is None:
             d.isolation = "enforced"
             kv(log, logging.INFO, "isolation.identities", dev=d.cfg.name, **peers)
@@ -240,6 +240,8 @@ class Proxy:
         self.metrics = None
         self.started_at = time.monotonic()
         self._served = False
+        #: Backend pids `fastshadow run --backend-userns` put into a user namespace of their own.
+        self.own_userns_backends: set[int] = set()
         try:
             passed = systemd.listen_fds()
             for dcfg in cfg.device:

@@ -388,8 +388,9 @@ class Rig:
             if start:
                 self.start(q)
 
-    def start(self, q: int = 0) -> None:
-        self.dev.queue_start(q, event_idx=self.event_idx, backend_event_idx=self.backend_event_idx)
+    def start(self, q: int = 0, backend_lost: bool = False) -> None:
+        self.dev.queue_start(q, event_idx=self.event_idx, backend_event_idx=self.backend_event_idx,
+                             backend_lost=backend_lost)
 
     def close(self) -> None:
         for b in self.be:

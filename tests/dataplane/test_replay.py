@@ -1,5 +1,6 @@
 """Kept requests across backend deaths and ring stops (DESIGN.md section 7): re-published
-at each start up to 1 + max_replays publications, then failed as poison; restarting
+at each start; once their backend died with them 1 + max_replays times they are failed as
+poison (ring stops a live backend survived do not count); restarting
 with kept requests never fails (same SET_VRING_NUM, ADDR, BASE); discard drops them
 without touching guest memory; requests given back or dropped are unknown ids from
 then on."""
@@ -25,7 +26,7 @@ def backend_dies(rig, q=0):
         rig.dev.queue_stop(q, timeout_ms=0)
     rig.dev.queue_clear_shadow(q)
     rig.be[q].restart()
-    rig.start(q)
+    rig.start(q, backend_lost=True)
 
 
 @pytest.mark.parametrize("max_replays", [0, 1, 3])
@@ -56,6 +57,48 @@ def test_poison_after_max_replays(make_rig, max_replays):
     rig.poll()
     assert rig.gq[0].take_used() == []
     assert [e.name for e in rig.events()] in (["USED_DOUBLE_COMPLETION"], ["USED_UNKNOWN_ID"])
+
+
+def held_across_a_stop(rig, q=0):
+    """A live backend still holds the request when the ring stops (drain timeout); the ring
+    starts again on the same backend (QEMU's VM stop/cont, a migration that failed)."""
+    with pytest.raises(DrainTimeout) as ei:
+        rig.dev.queue_stop(q, timeout_ms=0)
+    rig.dev.queue_set_base(q, ei.value.avail_idx)
+    rig.dev.queue_clear_shadow(q)
+    rig.be[q].restart()
+    rig.start(q)
+
+
+def test_held_across_many_stops_is_never_poisoned(make_rig):
+    """Direct mode's backend keeps such a request for as long as it likes; isolated mode
+    must not fail it only because the VM was stopped and resumed more than max_replays
+    times meanwhile (found: a request held across two stop/cont cycles got IOERR)."""
+    rig = make_rig(num=NUM, failure=Failure.BLK_STATUS, max_replays=1)
+    head, bufs = rig.blk_read(0, 128)
+    rig.poll()
+    assert len(rig.be[0].pending()) == 1
+    for _ in range(4):
+        held_across_a_stop(rig)
+        [r] = rig.be[0].pending()                        # re-published, uncounted
+    assert rig.events() == [] and rig.dev.stats(0).poisoned == 0
+    w = rig.serve(0, [r])
+    rig.poll()
+    assert rig.gq[0].take_used() == [(head, 129)]
+    rig.mem.expect_write(bufs[1].gpa, w[r.head][:128])
+    rig.mem.expect_write(bufs[2].gpa, w[r.head][128:])
+    # held across stops, then the backend dies with it twice: the deaths alone count
+    h2, b2 = rig.blk_read(0, 64)
+    rig.poll()
+    rig.be[0].pending()
+    held_across_a_stop(rig)
+    backend_dies(rig)
+    assert len(rig.be[0].pending()) == 1 and rig.dev.stats(0).poisoned == 0
+    backend_dies(rig)
+    assert rig.be[0].pending() == [] and rig.gq[0].take_used() == [(h2, 1)]
+    rig.mem.expect_write(b2[2].gpa, b"\x01")              # VIRTIO_BLK_S_IOERR
+    [ev] = rig.events()
+    assert ev.name == "REQUEST_POISONED" and ev.head == h2
 
 
 def test_completed_after_a_replay_is_not_poisoned(make_rig):

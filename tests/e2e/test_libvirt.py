@@ -16,17 +16,26 @@ The guest checker writes and verifies data on the disk (the NIC: ICMP echoes of 
 bytes, every reply byte checked); while it runs, the backend's
 /proc/PID/maps and fds must hold fastshadow's shadow memory and no guest RAM
 (fastshadow.isolation.check_isolation), and the proxy must have served the session
-without --allow-shared-uid (its run-time identity check passed). The domain XML below
-is the one the README shows.
+without --allow-shared-uid (its run-time identity check passed).
+
+A third domain has a `<filesystem>` (virtio-fs) whose `<binary>` libvirt starts itself:
+contrib/fastshadow-virtiofsd, `fastshadow run` (root, as libvirt runs it) in front of
+virtiofsd (`fs-backend`, root of a user namespace of its own).
+
+Every piece of XML is read from README.md ("Deployment with libvirt"), so the README shows
+what is tested.
 """
 
 from __future__ import annotations
 
 import grp
+import hashlib
 import os
 import pwd
+import random
 import re
 import shutil
+import signal
 import stat
 import subprocess
 import sys
@@ -41,81 +50,77 @@ from fastshadow.guest import parse_console
 from fastshadow.guest.daemon import wait_listening
 from fastshadow.guest.qsd import StorageDaemon
 from fastshadow.guest.testpmd import Testpmd
-from fastshadow.isolation import check_isolation
+from fastshadow.guest.virtiofsd import find_virtiofsd
+from fastshadow.isolation import check_isolation, process_tree
 
 from ..conftest import need_binary
 
 pytestmark = [pytest.mark.vm,
               pytest.mark.skipif(os.geteuid() != 0, reason="starts libvirtd and runs peers as other users: needs root")]
 
+ROOT = Path(__file__).resolve().parents[2]
 URI = "qemu:///system"
 QEMU_USER = "libvirt-qemu"
 BACKEND_USER = "fs-backend"
 PROXY_USER = "fastshadow"
-DOMAIN = "fastshadow-libvirt-test"
+# A name of this run's own (libvirt's cgroups are named after the domain, across daemons).
+DOMAIN = f"fastshadow-libvirt-test-{os.getpid()}"
 
 BLK_CMDLINE = 'console=ttyS0 panic=-1 fastshadow.check="--total 8M --min 512 --max 1M" fastshadow.queues=1'
 NET_COUNT = 500
 NET_CMDLINE = ('console=ttyS0 panic=-1 fastshadow.cmd="ip link set eth0 up && ip addr add 10.7.0.1/24 dev eth0 && '
                f'/netcheck --dst 10.7.0.2 --count {NET_COUNT} --min-ms 3000 --window 16 --min 0 --max 1472 --seed 7"')
 
-DISK_XML = """\
-    <disk type='vhostuser' device='disk'>
-      <driver name='qemu' type='raw'/>
-      <source type='unix' path='{socket}'>
-        <reconnect enabled='yes' timeout='1'/>
-      </source>
-      <target dev='vda' bus='virtio'/>
-    </disk>"""
+# The XML comes from README.md ("Deployment with libvirt"): the blocks marked
+# `<!-- test_libvirt.py: NAME -->`, with the README's example paths replaced by the test's.
+# QEMU 7.2 under TCG crashes on vhost-user-net with MSI-X, hence the README's
+# `nic-override` block (vectors=0 on libvirt's device `net0`). `<binary>` of the
+# `filesystem` block names contrib/fastshadow-virtiofsd, which libvirt starts as root as it
+# would start virtiofsd (--fd=N -o source=DIR,...).
+README = ROOT / "README.md"
 
-# QEMU 7.2 under TCG crashes on vhost-user-net with MSI-X: vectors=0 (libvirt has no
-# attribute for it; <qemu:override> sets the property on libvirt's device `net0`).
-NIC_XML = """\
-    <interface type='vhostuser'>
-      <source type='unix' path='{socket}' mode='client'>
-        <reconnect enabled='yes' timeout='1'/>
-      </source>
-      <model type='virtio'/>
-    </interface>"""
-NIC_OVERRIDE = """\
-  <qemu:override>
-    <qemu:device alias='net0'>
-      <qemu:frontend>
-        <qemu:property name='vectors' type='unsigned' value='0'/>
-      </qemu:frontend>
-    </qemu:device>
-  </qemu:override>"""
 
-DOMAIN_XML = """\
-<domain type='qemu' xmlns:qemu='http://libvirt.org/schemas/domain/qemu/1.0'>
-  <name>{name}</name>
-  <memory unit='MiB'>256</memory>
-  <vcpu>1</vcpu>
-  <memoryBacking>
-    <source type='memfd'/>
-    <access mode='shared'/>
-  </memoryBacking>
-  <os>
-    <type arch='x86_64' machine='q35'>hvm</type>
-    <kernel>{kernel}</kernel>
-    <initrd>{initrd}</initrd>
-    <cmdline>{cmdline}</cmdline>
-  </os>
-  <on_poweroff>destroy</on_poweroff>
-  <on_reboot>destroy</on_reboot>
-  <on_crash>destroy</on_crash>
-  <devices>
-{device}
-    <serial type='file'>
-      <source path='{console}'/>
-    </serial>
-    <controller type='usb' model='none'/>
-    <memballoon model='none'/>
-  </devices>
-{extra}
-</domain>
+def readme_xml(name: str, **replace: str) -> str:
+    """README block `name`, each key (an example value the README shows) replaced; every
+    key must occur, so the README and this test cannot drift apart silently."""
+    m = re.search(rf"<!-- test_libvirt\.py: {re.escape(name)} -->\n```xml\n(.*?)```", README.read_text(), re.S)
+    assert m, f"README.md has no XML block marked <!-- test_libvirt.py: {name} -->"
+    xml = m.group(1)
+    for old, new in replace.items():
+        assert old in xml, f"README block {name!r} no longer shows {old!r}"
+        xml = xml.replace(old, new)
+    return xml
+
+
+README_SOCKETS = {"blk": "/run/fastshadow/disk0.sock", "net": "/run/fastshadow/net0.sock"}
+README_CMDLINE = BLK_CMDLINE  # the README's domain shows the disk test's guest command line
+
+
+FS_CMDLINE = 'console=ttyS0 panic=-1 fastshadow.cmd="mount -t virtiofs myfs /mnt && cp /mnt/run.sh /run.sh && sh /run.sh"'
+# Runs in the guest from a copy, so that /mnt can be unmounted at the end.
+FS_GUEST_SCRIPT = """\
+set -e
+echo FS-MOUNTED
+i=0
+while [ ! -e /mnt/go ]; do
+    i=$((i + 1))
+    [ $i -lt 600 ] || { echo "host never said go"; exit 3; }
+    usleep 100000
+done
+sha256sum /mnt/in.bin > /mnt/guest-read.sha
+dd if=/dev/urandom of=/mnt/guest.bin bs=64k count=32 2>/dev/null
+sha256sum /mnt/guest.bin > /mnt/guest-write.sha
+echo FS-WRITTEN
+i=0
+while [ ! -e /mnt/go2 ]; do
+    i=$((i + 1))
+    [ $i -lt 600 ] || { echo "host never said go2"; exit 3; }
+    usleep 100000
+done
+cd /
+umount /mnt
+echo FS-UNMOUNTED
 """
-
 
 def virsh(*args: str, timeout: float = 30, check: bool = True) -> subprocess.CompletedProcess:
     r = subprocess.run(["virsh", "-c", URI, *args], capture_output=True, text=True, timeout=timeout)
@@ -133,40 +138,78 @@ def ensure_user(name: str) -> pwd.struct_passwd:
         return pwd.getpwnam(name)
 
 
+class Libvirtd:
+    """A libvirtd (and the virtlogd it writes QEMU's logs through) of this test's own, for
+    qemu:///system, in a mount namespace where /run/libvirt, /var/lib/libvirt and
+    /var/log/libvirt are directories under `base`: other engineers' test runs on the same
+    machine, and a system libvirtd, each have theirs (sockets, pid files, domain state,
+    logs). /etc/libvirt (configuration) and /var/cache/libvirt (QEMU capabilities) are
+    shared, read as usual. No systemd needed."""
+
+    MOUNTS = ("/run/libvirt", "/var/lib/libvirt", "/var/log/libvirt")
+
+    def __init__(self, base: Path):
+        self.base = base
+        self.dirs = {m: base / m.rsplit("/", 1)[0].strip("/").replace("/", "-") for m in self.MOUNTS}
+        self.run_dir = self.dirs["/run/libvirt"]        # as libvirtd sees it: /run/libvirt
+        self.lib_dir = self.dirs["/var/lib/libvirt"]
+        self.log_dir = self.dirs["/var/log/libvirt"]
+        self.uri = f"qemu:///system?socket={self.run_dir}/libvirt-sock"
+        self.proc: subprocess.Popen | None = None
+
+    def start(self, log) -> None:
+        self.base.chmod(0o755)  # QEMU (libvirt-qemu) reaches its domain's directories below
+        for d in self.dirs.values():
+            d.mkdir()
+            d.chmod(0o755)
+        mounts = " && ".join(f"mkdir -p {m} && mount --bind {d} {m}" for m, d in self.dirs.items())
+        script = (f"set -e; {mounts}; virtlogd -p {self.base}/virtlogd.pid & "
+                  f"exec libvirtd -p {self.base}/libvirtd.pid")
+        self.proc = subprocess.Popen(["unshare", "--mount", "--propagation", "private", "sh", "-c", script],
+                                     stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
+                                     start_new_session=True)
+
+    def stop(self) -> None:
+        """libvirtd and virtlogd (its process group; the domains' QEMUs are daemonized apart)."""
+        if self.proc is None:
+            return
+        for sig, wait in ((signal.SIGTERM, 15), (signal.SIGKILL, 15)):
+            try:
+                os.killpg(self.proc.pid, sig)
+            except ProcessLookupError:
+                break
+            try:
+                self.proc.wait(wait)
+                break
+            except subprocess.TimeoutExpired:
+                continue
+        shutil.rmtree(self.base, ignore_errors=True)
+
+
 @pytest.fixture
 def libvirtd(workdir):
-    """A libvirtd for qemu:///system: the one running, else one started here (with the
-    virtlogd it writes QEMU's logs through) and stopped at the end. No systemd needed."""
+    """A libvirtd of this test's own (Libvirtd), stopped at the end; virsh() talks to it."""
+    global URI
     need_binary("libvirtd")
     need_binary("virsh")
     need_binary("virtlogd")
-    if virsh("version", check=False).returncode == 0:
-        yield None
-        return
-    procs = []
+    need_binary("unshare")
+    daemon = Libvirtd(Path(tempfile.mkdtemp(prefix="fs-libvirtd-")))
     log = open(workdir / "libvirtd.log", "wb")
+    saved, URI = URI, daemon.uri
     try:
-        for argv in (["virtlogd"], ["libvirtd"]):
-            procs.append(subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
-                                          start_new_session=True))
-        deadline = time.monotonic() + 30
+        daemon.start(log)
+        deadline = time.monotonic() + 60
         while virsh("version", check=False).returncode != 0:
-            for p in procs:
-                if p.poll() is not None:
-                    pytest.fail(f"{p.args[0]} exited with {p.returncode}: {Path(log.name).read_text()[-2000:]}")
+            if daemon.proc.poll() is not None:
+                pytest.fail(f"libvirtd exited with {daemon.proc.returncode}: {Path(log.name).read_text()[-2000:]}")
             if time.monotonic() > deadline:
-                pytest.fail(f"libvirtd not answering on {URI} within 30 s: {Path(log.name).read_text()[-2000:]}")
+                pytest.fail(f"libvirtd not answering on {URI} within 60 s: {Path(log.name).read_text()[-2000:]}")
             time.sleep(0.2)
-        yield procs[1]
+        yield daemon
     finally:
-        for p in reversed(procs):
-            if p.poll() is None:
-                p.terminate()
-                try:
-                    p.wait(15)
-                except subprocess.TimeoutExpired:
-                    p.kill()
-                    p.wait()
+        daemon.stop()
+        URI = saved
         log.close()
 
 
@@ -198,7 +241,8 @@ class Deployment:
     group), `top/run` fastshadow's; all of `top` is searchable by libvirt-qemu (pytest's
     tmp dirs are root's, mode 0700), and holds copies of the guest's kernel and initrd."""
 
-    def __init__(self, guest_image, workdir: Path):
+    def __init__(self, guest_image, workdir: Path, libvirt: Libvirtd):
+        self.libvirt = libvirt
         self.qemu_pw = pwd.getpwnam(QEMU_USER)            # created by libvirt-daemon-system
         self.socket_gid = grp.getgrnam(QEMU_USER).gr_gid
         self.backend_pw = ensure_user(BACKEND_USER)
@@ -252,13 +296,19 @@ class Deployment:
         return sock
 
     def create_domain(self, device_xml: str, cmdline: str, extra: str = "") -> int:
+        """The README's domain, its `<disk>` replaced by `device_xml` and `extra` added at the end."""
+        domain = readme_xml("domain", **{"/path/to/vmlinuz": str(self.top / "kernel"),
+                                         "/path/to/initrd": str(self.top / "initrd"),
+                                         "/path/to/console.log": str(self.console),
+                                         README_CMDLINE: escape(cmdline),
+                                         "<name>fastshadow-libvirt-test</name>": f"<name>{DOMAIN}</name>"})
+        [disk] = re.findall(r"    <disk .*?</disk>\n", domain, re.S)
+        domain = domain.replace(disk, device_xml.rstrip("\n") + "\n").replace("</domain>", extra + "</domain>")
         xml = self.top / "domain.xml"
-        xml.write_text(DOMAIN_XML.format(name=DOMAIN, kernel=self.top / "kernel", initrd=self.top / "initrd",
-                                         cmdline=escape(cmdline), device=device_xml, console=self.console,
-                                         extra=extra))
+        xml.write_text(domain)
         virsh("create", str(xml), timeout=60)
         self.domain_started = True
-        self.qemu_pid = int(Path(f"/run/libvirt/qemu/{DOMAIN}.pid").read_text())
+        self.qemu_pid = int((self.libvirt.run_dir / "qemu" / f"{DOMAIN}.pid").read_text())
         assert proc_uids(self.qemu_pid) == [self.qemu_pw.pw_uid] * 4, "QEMU does not run as libvirt-qemu"
         return self.qemu_pid
 
@@ -314,7 +364,7 @@ class Deployment:
 @pytest.fixture
 def deployment(libvirtd, guest_image, workdir):
     need_binary("setpriv")
-    d = Deployment(guest_image, workdir)
+    d = Deployment(guest_image, workdir, libvirtd)
     yield d
     rc = d.close()
     assert rc in (None, 0), f"fastshadow exited with {rc}:\n" + d.proxy_log.read_text(errors="replace")[-3000:]
@@ -329,7 +379,9 @@ def test_libvirt_domain_with_isolated_vhostuser_disk(deployment):
     os.chown(disk, d.backend_pw.pw_uid, d.backend_pw.pw_gid)
     qsd = d.start_backend(StorageDaemon(d.backend_dir / "qsd.sock", disk=disk, log_path=d.top / "qsd.log"))
     sock = d.start_proxy("blk", qsd.socket_path)
-    d.create_domain(DISK_XML.format(socket=sock), BLK_CMDLINE)
+    [disk] = re.findall(r"    <disk .*?</disk>\n", readme_xml("domain"), re.S)
+    assert README_SOCKETS["blk"] in disk
+    d.create_domain(disk.replace(README_SOCKETS["blk"], str(sock)), BLK_CMDLINE)
 
     # While the checker runs, the backend reaches the shadow region and no guest RAM.
     d.wait_console("checker[q0]: device=", 120)
@@ -348,7 +400,8 @@ def test_libvirt_domain_with_isolated_vhostuser_nic(deployment):
     d = deployment
     pmd = d.start_backend(Testpmd(d.backend_dir / "pmd.sock", log_path=d.top / "testpmd.log"))
     sock = d.start_proxy("net", pmd.socket_path)
-    d.create_domain(NIC_XML.format(socket=sock), NET_CMDLINE, extra=NIC_OVERRIDE)
+    d.create_domain(readme_xml("nic", **{README_SOCKETS["net"]: str(sock)}), NET_CMDLINE,
+                    extra=readme_xml("nic-override"))
 
     # While traffic flows, testpmd reaches the shadow region and no guest RAM.
     d.wait_console("FASTSHADOW-NET FLOWING", 120)
@@ -361,3 +414,91 @@ def test_libvirt_domain_with_isolated_vhostuser_nic(deployment):
     assert sent == received >= NET_COUNT
     assert re.search(r"FASTSHADOW-GUEST DONE boot=\d+ result=PASS", text), text[-3000:]
     d.check_proxy_log()
+
+
+def test_libvirt_domain_with_isolated_virtiofs(deployment):
+    """libvirt starts fastshadow in front of virtiofsd itself: `<binary path>` names
+    contrib/fastshadow-virtiofsd, which runs `fastshadow run` as root (libvirt's choice for
+    virtiofsd); fastshadow takes libvirt's --fd=N for QEMU's side and starts virtiofsd as
+    fs-backend, root of a user namespace of its own, on a private socket. The guest reads a
+    host file and writes one of its own, both checked byte for byte on the host; while the
+    share is mounted virtiofsd's process tree maps no guest RAM; the session passed the
+    identity check (three uids: libvirt-qemu, fastshadow -- started as root by libvirt, it
+    becomes `fastshadow` once virtiofsd runs -- and fs-backend)."""
+    virtiofsd = find_virtiofsd()
+    if virtiofsd is None:
+        pytest.skip("virtiofsd is not installed (setup installs qemu-system-common)")
+    need_binary("unshare")
+    d = deployment
+    script = (ROOT / "contrib" / "fastshadow-virtiofsd").read_text()
+    installed = "/usr/local/bin/fastshadow run"
+    assert installed in script and "/usr/lib/qemu/virtiofsd" in script
+    binary = d.top / "fastshadow-virtiofsd"
+    binary.write_text(script.replace(installed, f"{sys.executable} -m fastshadow.cli run")
+                      .replace("/usr/lib/qemu/virtiofsd", virtiofsd))
+    binary.chmod(0o755)
+    # The share is the backend user's: inside its user namespace only that uid is mapped.
+    share = d.top / "share"
+    share.mkdir()
+    data = random.Random(11).randbytes((4 << 20) + 4097)
+    (share / "in.bin").write_bytes(data)
+    (share / "run.sh").write_text(FS_GUEST_SCRIPT)
+    for p in (share, *share.iterdir()):
+        os.chown(p, d.backend_pw.pw_uid, d.backend_pw.pw_gid)
+
+    qemu_pid = d.create_domain(readme_xml("filesystem", **{"/usr/local/libexec/fastshadow-virtiofsd": str(binary),
+                                                           "/srv/share": str(share)}), FS_CMDLINE)
+    d.wait_console("FS-MOUNTED", 120)
+    # libvirt's pid file of the program it started for the filesystem (alias fs0).
+    lv = d.libvirt
+    [pidfile] = [p for run in (lv.run_dir / "qemu", *(lv.lib_dir / "qemu").glob("domain-*"))
+                 for p in run.glob("*fs0-fs.pid")]
+    proxy_pid = int(pidfile.read_text())
+    # libvirt runs <binary> as root; fastshadow left root once virtiofsd ran (--proxy-user).
+    assert proc_uids(proxy_pid) == [d.proxy_pw.pw_uid] * 4
+    tree = process_tree(proxy_pid)
+    backend = [p for p in tree if p != proxy_pid and proc_uids(p)[0] == d.backend_pw.pw_uid]
+    assert backend, f"no process of {BACKEND_USER} under fastshadow (pid {proxy_pid}): {tree}"
+    vfs_pid = min(backend)  # the one fastshadow started; virtiofsd serves from a sandboxed child
+    # libvirt's virtiofsd options reached the real virtiofsd; its --fd is the private socket's.
+    argv = Path(f"/proc/{vfs_pid}/cmdline").read_bytes().decode().split("\0")
+    assert argv[0] == virtiofsd and argv[1].startswith("--fd=") and "--thread-pool-size=4" in argv, argv
+    assert f"source={share},cache=always" in argv, argv
+    assert all(proc_uids(p) == [d.backend_pw.pw_uid] * 4 for p in process_tree(vfs_pid))
+    rep = check_isolation(vfs_pid, qemu_pid)
+    print("\n".join(rep.lines()))
+    assert rep.isolated and len(rep.pids) >= 2, "\n".join(rep.lines())
+
+    (share / "go").touch()
+    d.wait_console("FS-WRITTEN", 120)
+    rep = check_isolation(vfs_pid, qemu_pid)
+    assert rep.isolated, "\n".join(rep.lines())
+    (share / "go2").touch()
+    text = d.wait_console("FASTSHADOW-GUEST DONE", 120, while_running=False)
+    assert re.search(r"FASTSHADOW-GUEST DONE boot=\d+ result=PASS", text), text[-3000:]
+    assert "FS-UNMOUNTED" in text
+
+    read_sum, name = (share / "guest-read.sha").read_text().split()
+    assert name == "/mnt/in.bin" and read_sum == hashlib.sha256(data).hexdigest()
+    wrote, name = (share / "guest-write.sha").read_text().split()
+    assert name == "/mnt/guest.bin" and hashlib.sha256((share / "guest.bin").read_bytes()).hexdigest() == wrote
+    assert (share / "guest.bin").stat().st_size == 2 << 20
+    assert (share / "guest.bin").stat().st_uid == d.backend_pw.pw_uid  # the guest's root, mapped
+
+    # The guest powered off: QEMU, then virtiofsd, then fastshadow are gone (libvirt may also
+    # have sent its SIGTERM, which fastshadow forwards); one line says how the backend ended.
+    deadline = time.monotonic() + 30
+    while any(Path(f"/proc/{p}").exists() for p in (proxy_pid, vfs_pid)):
+        if time.monotonic() > deadline:
+            raise AssertionError(f"fastshadow {proxy_pid} or virtiofsd {vfs_pid} outlived the domain")
+        time.sleep(0.1)
+    log = (lv.log_dir / "qemu" / f"{DOMAIN}-fs0-virtiofsd.log").read_text(errors="replace")
+    log = log[log.rindex("backend.started"):]  # this run's lines (libvirt appends)
+    [ended] = [ln for ln in log.splitlines() if "backend.exited" in ln]
+    assert f"backend.exited pid={vfs_pid} status=0" in ended, ended
+    [ident] = [ln for ln in log.splitlines() if "isolation.identities" in ln]
+    assert (f"qemu_pid={qemu_pid} qemu_uid={d.qemu_pw.pw_uid} backend_pid={vfs_pid} "
+            f"backend_uid={d.backend_pw.pw_uid} fastshadow_uid={d.proxy_pw.pw_uid}") in ident, ident
+    assert "session.start dev=dev0 mode=isolated" in log
+    for bad in ("isolation.refused", "isolation.shared_uid", "session.refused", "dataplane.refused"):
+        assert bad not in log, log[-3000:]

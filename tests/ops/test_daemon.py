@@ -87,8 +87,13 @@ def test_print_capabilities(device, qemu_type):
 
 def test_install_descriptors(tmp_path):
     r = subprocess.run([sys.executable, "-m", "fastshadow.cli", "install-descriptors", str(tmp_path / "d"),
-                        "--launcher-dir", str(tmp_path / "bin"), "--device", "blk", "--device", "fs",
+                        "--launcher-dir", str(tmp_path / "bin"), "--device", "blk",
                         "--proxy-args", "--backend /run/qsd/disk0.sock --socket-group kvm"],
+                       capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0, r.stderr
+    r = subprocess.run([sys.executable, "-m", "fastshadow.cli", "install-descriptors", str(tmp_path / "d"),
+                        "--launcher-dir", str(tmp_path / "bin"), "--device", "fs", "--virtiofsd", "/bin/true",
+                        "--proxy-args", "--backend-user fs-backend --backend-userns"],
                        capture_output=True, text=True, timeout=60)
     assert r.returncode == 0, r.stderr
     blk = json.loads((tmp_path / "d" / "50-fastshadow-blk.json").read_text())
@@ -106,6 +111,18 @@ def test_install_descriptors(tmp_path):
                             "--launcher-dir", str(tmp_path / "bin"), "--device", "blk"],
                            capture_output=True, text=True, timeout=60)
     assert again.returncode == 2 and len(again.stderr.strip().splitlines()) == 1 and "--force" in again.stderr
+    # libvirt runs the fs descriptor's binary with virtiofsd's options: fastshadow run in front
+    # of virtiofsd (here /bin/true), and --backend makes no sense for it.
+    fs_launcher = (tmp_path / "bin" / "fastshadow-vhost-user-fs").read_text()
+    assert "run --device fs --backend-user fs-backend --backend-userns -- /bin/true \"$@\"" in fs_launcher, fs_launcher
+    caps = subprocess.run([str(tmp_path / "bin" / "fastshadow-vhost-user-fs"), "--print-capabilities"],
+                          capture_output=True, text=True, timeout=60)
+    assert caps.returncode == 0 and json.loads(caps.stdout) == {"type": "fs", "features": []}
+    mixed = subprocess.run([sys.executable, "-m", "fastshadow.cli", "install-descriptors", str(tmp_path / "m"),
+                            "--device", "fs", "--proxy-args", "--backend /run/qsd/disk0.sock"],
+                           capture_output=True, text=True, timeout=60)
+    assert mixed.returncode == 2 and len(mixed.stderr.strip().splitlines()) == 1, mixed.stderr
+    assert "not --backend" in mixed.stderr
     gpu = subprocess.run([sys.executable, "-m", "fastshadow.cli", "install-descriptors", str(tmp_path / "g"),
                           "--device", "gpu"], capture_output=True, text=True, timeout=60)
     assert gpu.returncode == 2 and "isolated mode cannot serve it" in gpu.stderr

@@ -14,7 +14,8 @@ import subprocess
 
 import pytest
 
-from fastshadow.isolation import PeerCred, effective_capabilities, identity_risk, peer_credentials
+from fastshadow.isolation import (CAP_SYS_PTRACE, PeerCred, effective_capabilities, identity_risk, peer_credentials,
+                                  user_namespace_below)
 from fastshadow.protocol import PeerClosed
 
 from ..proxy.blkfront import BlkFront
@@ -133,6 +134,31 @@ def test_capabilities_are_seen():
             subprocess.run(["sleep", "0.02"])
         risk = identity_risk(PeerCred(1, 107, 107), PeerCred(p.pid, NOBODY.pw_uid, NOBODY.pw_gid), proxy_uid=0)
         assert risk == "the backend holds CAP_SYS_PTRACE", risk
+    finally:
+        p.kill()
+        p.wait()
+
+
+@pytest.mark.skipif(shutil.which("unshare") is None, reason="unshare (util-linux) is missing")
+def test_capabilities_of_a_user_namespace_below_do_not_count():
+    """Root of a user namespace of its own (fastshadow run --backend-userns) shows every
+    capability in /proc/PID/status, held over that namespace only: not QEMU's, not ours."""
+    p = subprocess.Popen(["setpriv", f"--reuid={NOBODY.pw_uid}", f"--regid={NOBODY.pw_gid}", "--clear-groups",
+                          "unshare", "--user", "--map-root-user", "sleep", "30"])
+    try:
+        for _ in range(100):
+            if os.readlink(f"/proc/{p.pid}/exe").endswith("/sleep"):
+                break
+            subprocess.run(["sleep", "0.02"])
+        assert effective_capabilities(p.pid) >> CAP_SYS_PTRACE & 1
+        assert user_namespace_below(p.pid, os.getpid()) and not user_namespace_below(os.getpid(), p.pid)
+        assert not user_namespace_below(os.getpid(), os.getpid())
+        # QEMU: this process (root, the initial user namespace); fastshadow: this process too.
+        assert identity_risk(PeerCred(os.getpid(), 107, 107), PeerCred(p.pid, NOBODY.pw_uid, NOBODY.pw_gid),
+                             proxy_uid=0) is None
+        # A QEMU in the backend's own user namespace would be within its capabilities' reach.
+        risk = identity_risk(PeerCred(p.pid, 107, 107), PeerCred(p.pid, NOBODY.pw_uid, NOBODY.pw_gid), proxy_uid=0)
+        assert risk == "the backend holds CAP_SYS_PTRACE and CAP_SETUID", risk
     finally:
         p.kill()
         p.wait()
