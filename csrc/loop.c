@@ -48,7 +48,10 @@
  *   4. queue one eventfd write per backend to kick / guest to call;
  *   5. optional busy-poll on the rings, for an adaptive window of at most
  *      busy_poll_us (see busy_poll);
- *   6. submit everything (re-arms + writes) as ONE batch and wait for one
+ *   6. before sleeping, ask for the kicks and calls the passes did not ask
+ *      for while the loop was spinning (event idx; queue_arm): a ring that
+ *      got work meanwhile means no sleep;
+ *   7. submit everything (re-arms + writes) as ONE batch and wait for one
  *      completion (with a timeout if some queue has no kick fd and must be
  *      polled), then drain all completions with one cq_advance.
  *
