@@ -20,7 +20,7 @@
  *            --toggle-collect=queue_notify ./hotpath ...
  * and divide by the requests printed at the end.
  *
- *   gcc -O2 -g -Icsrc -o hotpath csrc/bench/hotpath.c csrc/*.c -luring -lpthread
+ *   gcc -O2 -g -Icsrc -o hotpath csrc/bench/hotpath.c csrc/[a-z]*.c -luring -lpthread
  *   ./hotpath [requests] [qd] [batch] [block] [read|write]
  */
 #define _GNU_SOURCE
