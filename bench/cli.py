@@ -9,6 +9,7 @@ own: ``python -m fastshadow.bench.cli --quick``.
 from __future__ import annotations
 
 import argparse
+import math
 import shlex
 import sys
 from pathlib import Path
@@ -166,7 +167,7 @@ def config_from_args(args):
     if not out.exists() and not _creatable(out):
         raise ValueError(f"--out {out}: cannot create it")
     for name, value in (("--duration", args.duration), ("--timeout", args.timeout)):
-        if value is not None and value <= 0:
+        if value is not None and not (math.isfinite(value) and value > 0):   # NaN compares false
             raise ValueError(f"{name} {value:g}: want seconds > 0")
     for name, value in (("--requests", args.requests), ("--reps", args.reps)):
         if value is not None and value < 1:

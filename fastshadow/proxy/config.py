@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import enum
 import grp
+import math
 import os
 import tomllib
 from pathlib import Path
@@ -26,6 +27,26 @@ import msgspec
 
 from ..devices import DEFAULT_REQUEST_DATA, DeviceType, kind
 from ..sizes import SizeError, parse_size
+
+
+#: Limits of the data plane (csrc/device.c, csrc/fsdp.h), checked at start so that a value it
+#: cannot take is one line and exit 2, not a failure of every session later.
+MAX_BOUNCE_PER_QUEUE = 64 << 30          # MAX_BOUNCE
+MAX_REQUEST_BYTES = 2**32 - 1            # used.len is 32 bits
+MAX_NAME_BYTES = 63                      # FSDP_NAME_MAX (64) with its NUL
+#: sockaddr_un's sun_path (108 bytes) with its NUL.
+MAX_SOCKET_PATH = 107
+#: The longest timeout or interval taken, in seconds (one day): the socket and select
+#: timeouts beneath refuse what no clock can reach (1e300, inf), and NaN compares false.
+MAX_SECONDS = 86400.0
+
+
+def check_seconds(what: str, value: float, *, zero: bool = False) -> None:
+    """A number of seconds: finite, positive (or zero when `zero`), at most MAX_SECONDS."""
+    low_ok = value >= 0 if zero else value > 0
+    if not (math.isfinite(value) and low_ok and value <= MAX_SECONDS):
+        raise ConfigError(f"{what} {value:g}: want seconds {'>= 0' if zero else '> 0'} and at most "
+                          f"{MAX_SECONDS:g}")
 
 
 class Mode(str, enum.Enum):
@@ -139,6 +160,11 @@ class DeviceConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
             raise ConfigError(f"device {self.name!r}: listen_fd {self.listen_fd}: want a file descriptor >= 0")
         if (self.backend is None) == (self.backend_listen is None):
             raise ConfigError(f"device {self.name!r}: give exactly one of backend (connect) or backend_listen")
+        for what, path in (("listen", self.listen), ("backend", self.backend),
+                           ("backend_listen", self.backend_listen)):
+            if path is not None and len(os.fsencode(path)) > MAX_SOCKET_PATH:
+                raise ConfigError(f"device {self.name!r}: {what} {path}: a unix socket path holds at most "
+                                  f"{MAX_SOCKET_PATH} bytes, this one {len(os.fsencode(path))}")
         try:
             access = self.access()
             self.backend_access()
@@ -154,12 +180,22 @@ class DeviceConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
         if self.backend_reconnect not in ("auto", "on", "off"):
             raise ConfigError(f"device {self.name!r}: backend_reconnect must be auto, on or off, "
                               f"not {self.backend_reconnect!r}")
-        if self.stop_timeout <= 0:
-            raise ConfigError(f"device {self.name!r}: stop_timeout must be positive (seconds)")
+        try:
+            for what in ("stop_timeout", "backend_timeout", "reply_timeout"):
+                check_seconds(what, getattr(self, what))
+        except ConfigError as e:
+            raise ConfigError(f"device {self.name!r}: {e}") from None
         if not 0 <= self.max_replays <= 100:
             raise ConfigError(f"device {self.name!r}: max_replays {self.max_replays}: want 0 to 100")
-        if self.backend_timeout <= 0 or self.reply_timeout <= 0:
-            raise ConfigError(f"device {self.name!r}: timeouts must be positive")
+        if len(self.name.encode()) > MAX_NAME_BYTES:
+            raise ConfigError(f"device {self.name!r}: name is {len(self.name.encode())} bytes, at most "
+                              f"{MAX_NAME_BYTES} bytes")
+        if self.bounce_per_queue > MAX_BOUNCE_PER_QUEUE:
+            raise ConfigError(f"device {self.name!r}: bounce_per_queue ({self.bounce_per_queue}) is over the "
+                              f"data plane's limit of 64 GiB per queue")
+        if self.max_request_bytes is not None and self.max_request_bytes > MAX_REQUEST_BYTES:
+            raise ConfigError(f"device {self.name!r}: max_request_bytes ({self.max_request_bytes}) is over "
+                              f"{MAX_REQUEST_BYTES} (a request's length must fit used.len's 32 bits)")
         cap = DEFAULT_REQUEST_DATA if self.max_request_bytes is None else self.max_request_bytes
         if cap <= 0 or self.bounce_per_queue < cap + kind(self.device).request_overhead:
             raise ConfigError(f"device {self.name!r}: bounce_per_queue ({self.bounce_per_queue}) must hold at "
@@ -198,10 +234,18 @@ class ProxyConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     def validate(self) -> None:
         if self.busy_poll_us < 0 or self.stream_copy_min < 0:
             raise ConfigError("busy_poll_us and stream_copy_min must not be negative")
+        if self.busy_poll_us > 2**32 - 1:      # uint32_t in csrc/fsdp.h
+            raise ConfigError(f"busy_poll_us {self.busy_poll_us}: at most 4294967295 (microseconds)")
+        if self.stream_copy_min > MAX_REQUEST_BYTES + 1:   # no buffer is larger: streaming never happens
+            raise ConfigError(f"stream_copy_min {self.stream_copy_min}: at most {MAX_REQUEST_BYTES + 1} "
+                              f"(4 GiB: no buffer is larger; 0 turns streaming off)")
         if self.stats_interval < 0:
             raise ConfigError(f"stats_interval {self.stats_interval:g}: want seconds >= 0 (0: no stats)")
+        check_seconds("stats_interval", self.stats_interval, zero=True)
         if self.stats_file is not None and not os.path.isdir(os.path.dirname(os.path.abspath(self.stats_file))):
             raise ConfigError(f"stats_file {self.stats_file}: its directory does not exist")
+        if self.stats_file is not None and os.path.isdir(self.stats_file):
+            raise ConfigError(f"stats_file {self.stats_file}: is a directory (want a file path)")
         if not self.device:
             raise ConfigError("no device configured: give --listen/--backend or a config file with [[device]]")
         if self.metrics_listen is not None:
@@ -215,6 +259,20 @@ class ProxyConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
                 if key in seen:
                     raise ConfigError(f"{key!r} is used by two devices")
                 seen.add(key)
+        ours = {d.listen for d in self.device} | {d.backend_listen for d in self.device}
+        if self.metrics_listen is not None and "/" in self.metrics_listen and \
+                os.path.abspath(self.metrics_listen) in {os.path.abspath(p) for p in ours if p}:
+            raise ConfigError(f"metrics_listen {self.metrics_listen} is also a device socket: give it a path "
+                              f"of its own")
+        if self.stats_file is not None:
+            sockets = {os.path.abspath(p) for p in ours | {self.metrics_listen} if p and "/" in p}
+            if os.path.abspath(self.stats_file) in sockets:
+                raise ConfigError(f"stats_file {self.stats_file} is one of fastshadow's own sockets: each "
+                                  f"snapshot would replace it")
+        for d in self.device:
+            if d.backend is not None and d.backend in ours:
+                raise ConfigError(f"device {d.name!r}: backend {d.backend} is one of fastshadow's own "
+                                  f"sockets: it would connect to itself")
 
 
 def parse_metrics_listen(text: str) -> tuple[str, int] | str:
@@ -250,7 +308,9 @@ def load_toml(path: str | Path) -> ProxyConfig:
     except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError) as e:
         raise ConfigError(f"cannot read config file {path}: {e}") from e
     _sizes(raw, "")
-    for i, d in enumerate(raw.get("device") or []):
+    devices = raw.get("device")
+    # Anything but a list of tables is msgspec's to name (`device = 3`: "Expected `array`").
+    for i, d in enumerate(devices if isinstance(devices, list) else []):
         if isinstance(d, dict):
             _sizes(d, f"device {d.get('name', i)!r}: ")
     try:

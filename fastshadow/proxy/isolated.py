@@ -334,6 +334,7 @@ class IsolatedSession(Session):
             try:
                 sock = self.reconnect()
             except OSError as e:
+                self._abort_parked(parked, "no backend came back within the backend timeout")
                 raise PeerClosed(f"{reason}; no backend came back: {e}") from None
             self.backend = Connection(sock, Channel.MAIN, receives_replies=True, name="backend")
             self._sel.register(sock, selectors.EVENT_READ, "backend")
@@ -345,6 +346,7 @@ class IsolatedSession(Session):
                 # A dying backend's listening socket can outlive its connection and take
                 # one more; or the new one left. Try again while the timeout allows.
                 if time.monotonic() - t0 >= self.cfg.backend_timeout:
+                    self._abort_parked(parked, "no backend came back within the backend timeout")
                     raise PeerClosed(f"{reason}; no backend came back: the last one left during the replay ({e})") \
                         from None
                 kv(log, logging.INFO, "backend.retry", dev=self.name, reason=f"left during the replay: {e}")
@@ -352,6 +354,19 @@ class IsolatedSession(Session):
                 time.sleep(max(0.05, self._backoff()))
         kv(log, logging.INFO, "backend.reconnected", dev=self.name, requeued=sum(parked.values()),
            queues=len(parked), seconds=f"{time.monotonic() - t0:.3f}")
+
+    def _abort_parked(self, parked: dict[int, int], why: str) -> None:
+        """The session ends without a backend: the requests fastshadow kept for the next one
+        are failed toward the guest with the device's error, so that each ends exactly once
+        instead of hanging the guest's I/O forever. The data plane says so, one line per queue
+        (`dataplane.refused ... code=INFLIGHT_ABORTED`)."""
+        if self.started:                      # a replay had started some again
+            self._park_queues(parked)
+        for q in sorted(parked):
+            try:
+                self.dev.queue_abort(q)
+            except Exception as e:            # the queue cannot be reached: say so, end anyway
+                kv(log, logging.ERROR, "vring.abort_failed", dev=self.name, queue=q, reason=f"{why}: {e}")
 
     def _park_queues(self, parked: dict[int, int]) -> None:
         """Stop the started queues keeping their requests (-> parked: queue -> requests kept)."""
@@ -557,6 +572,20 @@ class IsolatedSession(Session):
                                     f"(GET_QUEUE_NUM or the {self.cfg.device.value} default)")
         return index
 
+    def require_eventfd(self, msg: Message, q: int) -> None:
+        """A ring notifier (kick, call, err) is an eventfd (vhost-user.rst, "Ring states"):
+        anything else is refused before the data plane polls or writes it (a /dev/null kick
+        is readable forever: the data plane would spin on it)."""
+        if msg.payload.nofd or not msg.fds:
+            return
+        try:
+            what = os.readlink(f"/proc/self/fd/{msg.fds[0]}")
+        except OSError as e:
+            what = f"unreadable ({e.strerror})"
+        if what != "anon_inode:[eventfd]":
+            msg.close_fds()
+            raise UnexpectedMessage(f"{msg.request.name} for queue {q}: its fd is {what}, not an eventfd")
+
     def on_set_vring_num(self, msg: Message) -> None:
         q, num = self.queue_index(msg.payload.index), msg.payload.num
         if num == 0 or num & (num - 1) or num > MAX_QUEUE_SIZE:
@@ -671,6 +700,7 @@ class IsolatedSession(Session):
             msg.close_fds()
             raise UnexpectedMessage(f"SET_VRING_KICK for queue {q} before its {' and '.join(missing)}: "
                                     f"the kick starts a ring, which needs its size and addresses")
+        self.require_eventfd(msg, q)
         try:
             self.dev.queue_set_guest_kick(q, None if msg.payload.nofd else msg.fds[0])
         finally:
@@ -696,12 +726,20 @@ class IsolatedSession(Session):
     def on_get_config(self, msg: Message) -> None:
         reply = self.to_backend(msg)
         if reply is not None:
+            asked = (msg.payload.offset, len(msg.payload.data))
+            got = (reply.payload.offset, len(reply.payload.data)) if isinstance(reply.payload, p.Config) else None
+            if got != asked:
+                # QEMU would fail the device on the size ("bad msg size") with no word of why.
+                told = f"{got[1]} bytes at offset {got[0]}" if got else type(reply.payload).__name__
+                raise UnexpectedMessage(f"backend answered GET_CONFIG offset {asked[0]} size {asked[1]} "
+                                        f"with {told}")
             if msg.payload.offset == 0 and isinstance(reply.payload, p.Config):
                 self.backend_config = bytes(reply.payload.data)
             self.to_qemu(reply)
 
     def on_set_vring_call(self, msg: Message) -> None:
         q = self.queue_index(msg.payload.index)
+        self.require_eventfd(msg, q)
         try:
             self.dev.queue_set_guest_call(q, None if msg.payload.nofd else msg.fds[0])
         finally:
@@ -711,6 +749,7 @@ class IsolatedSession(Session):
 
     def on_set_vring_err(self, msg: Message) -> None:
         q = self.queue_index(msg.payload.index)
+        self.require_eventfd(msg, q)
         qemu_fd = None if msg.payload.nofd else os.dup(msg.fds[0])
         msg.close_fds()
         old = self.err_fds.pop(q, None)

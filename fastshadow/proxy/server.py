@@ -298,7 +298,8 @@ class Proxy:
                 kv(log, logging.DEBUG, "dataplane.events_stopped", reason=str(e))
                 return
             for ev in events:
-                kv(log, logging.WARNING, "request.poisoned" if ev.poisoned else "dataplane.refused", detail=ev.message)
+                kv(log, logging.WARNING, "request.poisoned" if ev.poisoned else "dataplane.refused", dev=ev.dev_name,
+                   queue=ev.queue, code=ev.name, detail=ev.message)
                 if ev.backend_failed:
                     self._backend_failed(ev)
 

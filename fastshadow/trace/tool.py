@@ -81,7 +81,7 @@ def run(args) -> int:
     if args.pid is None and args.driver_pid is None:
         print("fastshadow trace: --pid is required (or --driver-pid, or --check)", file=sys.stderr)
         return 2
-    problem = output_problem(args.json, args.plot)
+    problem = value_problem(args) or output_problem(args.json, args.plot)
     if problem is not None:  # said now, not after the whole trace
         print(f"fastshadow trace: {problem}", file=sys.stderr)
         return 2
@@ -93,6 +93,17 @@ def run(args) -> int:
         return 1
     return tracer.loop(duration=args.duration, interval=args.interval, json_path=args.json, plot_path=args.plot,
                        quiet=args.quiet)
+
+
+def value_problem(args) -> str | None:
+    """Why --interval, --duration or --queue cannot be used (None: they can), said before attaching."""
+    import math
+    for opt, value in (("--interval", args.interval), ("--duration", args.duration)):
+        if value is not None and not (math.isfinite(value) and value > 0):   # NaN compares false
+            return f"{opt} {value:g}: want seconds > 0"
+    if args.queue is not None and args.queue < 0:
+        return f"--queue {args.queue}: want a queue index >= 0"
+    return None
 
 
 def output_problem(json_path: str | None, plot_path: str | None) -> str | None:
@@ -135,8 +146,8 @@ class Tracer:
         self.pid, self.driver_pid, self.queue = pid, driver_pid, queue
         contexts = []
         if pid is not None:
-            u = bcc.USDT(pid=pid)
             try:
+                u = bcc.USDT(pid=pid)       # raises itself for a process it cannot instrument
                 for probe in PROBES:
                     u.enable_probe(probe=probe, fn_name=f"on_{probe}")
             except Exception as e:
@@ -145,8 +156,8 @@ class Tracer:
                                  "load generator with --driver-pid)") from None
             contexts.append(u)
         if driver_pid is not None:
-            d = bcc.USDT(pid=driver_pid)
             try:
+                d = bcc.USDT(pid=driver_pid)
                 d.enable_probe(probe="submit", fn_name="on_driver_submit")
                 d.enable_probe(probe="complete", fn_name="on_driver_complete")
             except Exception as e:

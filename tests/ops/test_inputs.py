@@ -142,3 +142,99 @@ def test_trace_plot_without_matplotlib_fails_before_tracing(tmp_path):
     assert_one_line(r, "--plot needs matplotlib", "fastshadow[plot]")
     r = run_cli("trace", "--pid", "1", "--json", str(tmp_path / "no" / "t.json"))
     assert_one_line(r, "--json", "does not exist")
+
+
+@pytest.mark.parametrize("args,needles", [
+    # Values the data plane cannot take (csrc/device.c: at most 64 GiB of bounce space per
+    # queue, a request's length fits used.len's 32 bits, a device name of at most 63 bytes):
+    # accepted at start they failed every session later (a traceback, or "Invalid argument").
+    (["--bounce-per-queue", "99999999T"], ["bounce_per_queue", "64 GiB"]),
+    (["--bounce-per-queue", "1T"], ["bounce_per_queue", "64 GiB"]),
+    (["--max-request-bytes", "4G", "--bounce-per-queue", "8G"], ["max_request_bytes", "4294967295"]),
+    (["--name", "n" * 64], ["name", "63 bytes"]),
+    # Timeouts that are not a number of seconds (NaN, infinite, beyond any clock): accepted
+    # at start they crashed every session (ValueError / OverflowError tracebacks).
+    (["--stop-timeout", "nan"], ["stop_timeout", "nan"]),
+    (["--reply-timeout", "inf"], ["reply_timeout", "inf"]),
+    (["--backend-timeout", "nan"], ["backend_timeout", "nan"]),
+    (["--stop-timeout", "1e300"], ["stop_timeout"]),
+    (["--stats-interval", "nan"], ["stats_interval", "nan"]),
+    # Data plane fields of 32 and 64 bits (csrc/fsdp.h): an OverflowError traceback at the
+    # first isolated session.
+    (["--busy-poll-us", "99999999999999"], ["busy_poll_us", "4294967295"]),
+    (["--stream-copy-min", "99999999T"], ["stream_copy_min"]),
+])
+def test_values_the_proxy_cannot_use_are_refused_at_start(args, needles):
+    assert_one_line(run_cli("proxy", "--listen", "/tmp/fs-ops-never.sock", "--backend", "/tmp/b.sock", *args),
+                    *needles)
+
+
+@pytest.mark.parametrize("value", ["3", "true", '"disk0"', "{}"])
+def test_config_device_that_is_not_a_list_of_tables_is_one_line(tmp_path, value):
+    # `device = 3` raised TypeError out of load_toml: a traceback instead of one line.
+    f = tmp_path / "p.toml"
+    f.write_text(f"device = {value}\n")
+    assert_one_line(run_cli("proxy", "--config", str(f)), "config file", "device")
+
+
+@pytest.mark.parametrize("args,needles", [
+    (["--duration", "nan"], ["--duration nan"]),        # was a ValueError traceback from the run planner
+    (["--timeout", "inf"], ["--timeout inf"]),
+])
+def test_bench_seconds_that_are_not_numbers_are_one_line(tmp_path, args, needles):
+    assert_one_line(run_cli("bench", "--out", str(tmp_path / "out"), *args), *needles)
+
+
+@pytest.mark.parametrize("args,needles", [
+    (["--interval", "0"], ["--interval 0"]),
+    (["--interval", "nan"], ["--interval nan"]),
+    (["--duration", "-1"], ["--duration -1"]),
+    (["--queue", "-1"], ["--queue -1"]),
+])
+def test_trace_bad_values_are_one_line_before_attaching(args, needles):
+    # They reached bcc first (a traceback when the attach failed), or a trace that never prints.
+    import os
+    assert_one_line(run_cli("trace", "--pid", str(os.getpid()), *args), *needles)
+
+
+def test_trace_of_a_process_bcc_cannot_instrument_is_one_line():
+    # bcc.USDT(pid=1) raises USDTException before any probe is enabled: it escaped as a traceback.
+    r = run_cli("trace", "--pid", "1", "--duration", "1")
+    assert r.returncode == 1 and "Traceback" not in r.stderr, r.stderr
+    assert r.stderr.startswith("fastshadow trace: "), r.stderr
+
+
+@pytest.mark.parametrize("option", ["--listen", "--backend", "--backend-listen"])
+def test_socket_path_too_long_for_sockaddr_un_is_one_line(option):
+    # A unix socket path holds at most 107 bytes. --listen said "cannot listen on PATH: None";
+    # --backend was accepted and failed every session later.
+    long = "/tmp/" + "x" * 120 + ".sock"
+    argv = {"--listen": ["--listen", long, "--backend", "/tmp/b.sock"],
+            "--backend": ["--listen", "/tmp/fs-ops-never.sock", "--backend", long],
+            "--backend-listen": ["--listen", "/tmp/fs-ops-never.sock", "--backend-listen", long]}[option]
+    assert_one_line(run_cli("proxy", *argv), long, "107 bytes")
+
+
+def test_backend_that_is_our_own_listen_socket_is_one_line():
+    # fastshadow connecting to itself: accepted, then every QEMU connection went round a loop
+    # of qemu.refused / backend.lost lines until the backend timeout.
+    assert_one_line(run_cli("proxy", "--listen", "/tmp/fs-ops-self.sock", "--backend", "/tmp/fs-ops-self.sock"),
+                    "/tmp/fs-ops-self.sock", "it would connect to itself")
+
+
+def test_stats_file_that_is_a_socket_path_or_a_directory_is_one_line(tmp_path):
+    # --stats-file naming the --listen socket was accepted: the first snapshot was renamed over
+    # the socket, and QEMU could no longer reach the proxy, without a word in the log.
+    sock = str(tmp_path / "fs.sock")
+    assert_one_line(run_cli("proxy", "--listen", sock, "--backend", "/tmp/b.sock", "--stats-file", sock),
+                    "stats_file", sock)
+    # A directory: accepted, then a stats.failed warning at every interval.
+    assert_one_line(run_cli("proxy", "--listen", sock, "--backend", "/tmp/b.sock", "--stats-file", str(tmp_path)),
+                    "stats_file", "directory")
+
+
+def test_metrics_socket_that_is_a_device_socket_is_one_line(tmp_path):
+    # It said "... is served by another fastshadow (pid N, ...)", N being this very process.
+    sock = str(tmp_path / "fs.sock")
+    assert_one_line(run_cli("proxy", "--listen", sock, "--backend", "/tmp/b.sock", "--metrics-listen", sock),
+                    "metrics_listen", sock, "device socket")

@@ -16,6 +16,7 @@ import pytest
 from fastshadow.protocol import payloads as p
 from fastshadow.protocol.messages import FrontendReq as R
 
+from ..dataplane.harness import GuestQueue
 from .blkfront import BlkFront
 
 
@@ -93,6 +94,23 @@ def fd_shorter_than_region(blk):
         os.close(fd)
 
 
+def not_an_eventfd(request):
+    """QEMU's ring notifiers are eventfds (vhost-user.rst, "Ring states"). /dev/null passed as
+    a kick fd was taken: the data plane's poll found it readable forever and spun a CPU
+    (over a million guest_kicks a second) on a ring nobody kicked."""
+    def run(blk):
+        blk.negotiate()
+        blk.fe.set_vring_num(0, 64)
+        q = blk.q = GuestQueue(blk.mem, 64)
+        blk.fe.set_vring_addr(0, blk.mem.uaddr(q.desc), blk.mem.uaddr(q.used), blk.mem.uaddr(q.avail))
+        fd = os.open("/dev/null", os.O_RDWR | os.O_CLOEXEC)
+        try:
+            getattr(blk.fe, request)(0, fd)
+        finally:
+            os.close(fd)
+    return run
+
+
 CASES = {
     "ring-outside-memory": (addr_outside, r"SET_VRING_ADDR for queue 0: desc 0x123400000000, avail 0x123400002000 "
                                           r"or used 0x123400001000 \(QEMU addresses\) is not inside the guest memory"),
@@ -113,6 +131,12 @@ CASES = {
                                                      r"0x100000\+0x100000\)"),
     "add-overlapping-region": (add_overlapping_region, r"ADD_MEM_REG region gpa 0x80000 size 0x100000 overlaps the "
                                                        r"guest memory region 0x0\+0x100000"),
+    "kick-not-eventfd": (not_an_eventfd("set_vring_kick"), r"SET_VRING_KICK for queue 0: its fd is "
+                                                           r"/dev/null, not an eventfd"),
+    "call-not-eventfd": (not_an_eventfd("set_vring_call"), r"SET_VRING_CALL for queue 0: its fd is "
+                                                           r"/dev/null, not an eventfd"),
+    "err-not-eventfd": (not_an_eventfd("set_vring_err"), r"SET_VRING_ERR for queue 0: its fd is "
+                                                         r"/dev/null, not an eventfd"),
     "fd-too-short": (fd_shorter_than_region, r"SET_MEM_TABLE region gpa 0x0 size 0x100000: its fd holds 0x1000 "
                                              r"bytes, the region needs 0x100000"),
 }

@@ -67,3 +67,15 @@ def test_shadow_memory_table_refused(lying):
     [line] = proxy.wait_log(r"session\.refused dev=dev0")
     assert 'reason="UnexpectedMessage: backend refused the shadow memory table (ack 1)"' in line, line
     proxy.wait_log(r"shadow\.freed dev=dev0")
+
+
+def test_config_reply_of_another_size(lying):
+    """GET_CONFIG: the backend answers 4 bytes where QEMU asked for 8 (or another offset).
+    It was relayed as is, without a line: QEMU then fails the device on "bad msg size"
+    with nothing in fastshadow's log naming the backend."""
+    proxy, sock = lying(replacing(R.GET_CONFIG, lambda r: r.reply(
+        p.Config(r.payload.offset, r.payload.flags, bytes(r.payload.data)[:4]))))
+    with BlkFront(sock, timeout=5) as blk, pytest.raises(Exception):
+        blk.negotiate()
+    [line] = proxy.wait_log(r"session\.refused dev=dev0")
+    assert "backend answered GET_CONFIG offset 0 size 8 with 4 bytes at offset 0" in line, line
