@@ -221,3 +221,24 @@ def test_results_md_issue12_syscalls_are_the_measurement():
     missing = [r for r in want if r not in text]
     assert not missing, "bench/RESULTS.md (issue 12 syscalls) must say:\n" + "\n".join(missing)
 
+
+
+def test_results_md_issue12_full_run_is_the_json():
+    d = Data(ISSUE12 / "full" / "results.json")
+    runs = d.raw["runs"]
+
+    def px(bs, qd):
+        return statistics.median(r["cpu_s"]["proxy"] / r["requests"] * 1e6 for r in runs
+                                 if r["backend"] == "null" and r["mode"] == "isolated" and
+                                 r["workload"]["rw"] == "randread" and r["workload"]["bs"] == bs and
+                                 r["workload"]["qd"] == qd and r["workload"].get("queues", 1) == 1)
+    q32 = [d.get(m, "randread", 4 * KiB, 32)["iops"] / 1e3 for m in ("direct", "proxy-direct", "isolated")]
+    gm = {b: geomean(d.iops_ratios(b, "isolated")) for b in ("null", "file")}
+    other = statistics.median(r["cpu_s"]["other"] / r["duration_s"] for r in runs)
+    want = [f"| 4 KiB randread QD32 (null) | {q32[0]:.0f}k | {q32[1]:.0f}k | {q32[2]:.0f}k | "
+            f"{q32[2] / q32[0]:.2f} | {px(4 * KiB, 32):.2f} µs |",
+            f"geometric mean of isolated ÷ direct IOPS: {gm['null']:.2f} on `null`, {gm['file']:.2f} on `file`",
+            f"{len(runs)} runs, {d.raw['wall_s']:.0f} s, other work busy {other:.2f} CPUs (median)"]
+    text = squash((ROOT / "bench" / "RESULTS.md").read_text())
+    missing = [w for w in want if squash(w) not in text]
+    assert not missing, "bench/RESULTS.md (issue 12 full run) must say:\n" + "\n".join(missing)
