@@ -157,8 +157,12 @@ def config_from_args(args):
     modes += [v for v in variants if v not in modes]
     workloads = [parse_workload(w) for w in args.workload] if args.workload else list(preset.workloads)
     for w in workloads:
-        if w.bs < 512 or w.bs % 512 or w.bs > 1 << 20 or not 1 <= w.queues <= 4 or w.qd < 1:
-            raise ValueError(f"workload {w.label}: block size 512 B..1 MiB (multiple of 512), 1-4 queues, qd >= 1")
+        if w.bs < 512 or w.bs % 512 or w.bs > 1 << 20 or not 1 <= w.queues <= 4 or not 1 <= w.qd <= 4096:
+            raise ValueError(f"workload {w.label}: block size 512 B..1 MiB (multiple of 512), 1-4 queues, "
+                             f"qd 1..4096")
+    # virtio 1.x 2.7 (split virtqueues): the queue size is a power of 2, at most 32768
+    if not 2 <= args.queue_size <= 32768 or args.queue_size & (args.queue_size - 1):
+        raise ValueError(f"--queue-size {args.queue_size}: want a power of 2 from 2 to 32768")
     duration = args.duration if args.duration is not None else (None if args.requests else preset.duration)
     out = Path(args.out)
     if out.exists() and not out.is_dir():
@@ -176,6 +180,8 @@ def config_from_args(args):
         file_size = parse_size(args.file_size)
     except ValueError as e:
         raise ValueError(f"--file-size: {e}") from None
+    if file_size < 1 << 20 or file_size % 512:
+        raise ValueError(f"--file-size {args.file_size}: want at least 1M, a multiple of 512 bytes")
     return Config(
         preset=preset.name if not args.workload else f"{preset.name}+custom",
         modes=modes, backends=list(dict.fromkeys(args.backends or preset.backends)), workloads=workloads,

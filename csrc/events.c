@@ -152,6 +152,8 @@ static const struct code_desc codes[] = {
     {FSDP_EV_INFLIGHT_ABORTED, "INFLIGHT_ABORTED", "requests in flight failed toward the guest"},
     {FSDP_EV_EVENTS_LOST, "EVENTS_LOST", "event records lost (event ring full)"},
     {FSDP_EV_LOOP_ERROR, "LOOP_ERROR", "io_uring operation failed"},
+    {FSDP_EV_GUEST_MEMORY_LOST, "GUEST_MEMORY_LOST",
+     "a guest memory file was shrunk under the proxy (SIGBUS caught): device stopped"},
     {FSDP_EV_LOG_OUT_OF_RANGE, "LOG_OUT_OF_RANGE",
      "guest page beyond the dirty log's size: not logged (log smaller than guest memory)"},
 };

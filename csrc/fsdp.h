@@ -112,6 +112,8 @@ enum fsdp_event_code {
     FSDP_EV_EVENTS_LOST = 50,             /* a = count (synthesised by the reader) */
     FSDP_EV_LOOP_ERROR = 51,              /* a = -errno from io_uring */
     FSDP_EV_LOG_OUT_OF_RANGE = 52,        /* a = gpa, b = log bytes; once per log */
+    FSDP_EV_GUEST_MEMORY_LOST = 53,       /* a = gpa, b = size of the region whose file the
+                                             front-end shrank (SIGBUS caught): device stopped */
 };
 
 struct fsdp_event {

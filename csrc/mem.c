@@ -3,7 +3,7 @@
  *
  * Owns: the mapping of guest regions, the memory table (struct fsdp_mem),
  * gpa and uaddr translation, copies to and from guest memory.
- * Calls: copy, base.
+ * Calls: guard, copy, base.
  *
  * The data plane maps every guest RAM region itself (MAP_SHARED, read/write)
  * and keeps the pointer; the caller's fd is not kept.  Guest-physical ranges
@@ -21,6 +21,7 @@
 #include "mem.h"
 #include "base.h"
 #include "copy.h"
+#include "guard.h"
 
 int mem_map_region(const struct fsdp_mem_region *in, struct fsdp_region *out)
 {
@@ -47,6 +48,13 @@ int mem_map_region(const struct fsdp_mem_region *in, struct fsdp_region *out)
              (off_t)(in->mmap_offset - slack));
     if (p == MAP_FAILED)
         return -errno;
+    /* The front-end may shrink the file later: a SIGBUS then must not kill
+     * the proxy (guard.c). */
+    int rc = guard_add(p, (size_t)len);
+    if (rc < 0) {
+        munmap(p, (size_t)len);
+        return rc;
+    }
     out->gpa = in->gpa;
     out->size = in->size;
     out->uaddr = in->uaddr;
@@ -58,9 +66,16 @@ int mem_map_region(const struct fsdp_mem_region *in, struct fsdp_region *out)
 
 void mem_unmap_region(struct fsdp_region *r)
 {
-    if (r->map_base)
+    if (r->map_base) {
+        guard_remove(r->map_base);
         munmap(r->map_base, r->map_len);
+    }
     memset(r, 0, sizeof(*r));
+}
+
+bool mem_region_lost(const struct fsdp_region *r)
+{
+    return r->map_base && guard_lost(r->map_base);
 }
 
 void mem_sort(struct fsdp_region *r, uint32_t n)

@@ -24,6 +24,9 @@ struct fsdp_mem {
 
 int mem_map_region(const struct fsdp_mem_region *in, struct fsdp_region *out);
 void mem_unmap_region(struct fsdp_region *r);
+/* True if the front-end shrank the region's file under us and it now reads
+ * as zeros (guard.c). */
+bool mem_region_lost(const struct fsdp_region *r);
 int mem_validate_table(const struct fsdp_region *r, uint32_t n);
 void mem_sort(struct fsdp_region *r, uint32_t n);
 /* The slow paths of the three below: any range, split across regions. */

@@ -36,6 +36,7 @@
 #include "bounce.h"
 #include "chain.h"
 #include "fail.h"
+#include "guard.h"
 #include "log.h"
 #include "mem.h"
 #include "probes.h"
@@ -678,17 +679,54 @@ static bool harvest(struct fsdp_queue *q)
     return any;
 }
 
+/*
+ * The front-end shrank a file of guest RAM (or the dirty log) under us: the
+ * guard replaced it with zeros (guard.c), so what this pass read from it is
+ * not the guest's.  The queue stops for good: nothing more is published to
+ * the backend, no more intake; one GUEST_MEMORY_LOST event per device, on
+ * which the control plane ends the session.  Checked only when the process's
+ * fault count moved: one load per pass otherwise.
+ */
+static bool memory_lost(struct fsdp_queue *q)
+{
+    struct fsdp_devctx *d = q->dev;
+    const struct fsdp_region *lost = NULL;
+
+    q->guard_seen = guard_faults();
+    if (q->mem_lost)
+        return true;
+    for (uint32_t i = 0; i < d->mem.n && !lost; i++)
+        if (mem_region_lost(&d->mem.r[i]))
+            lost = &d->mem.r[i];
+    if (!lost && mem_region_lost(&d->log.map))
+        lost = &d->log.map;
+    if (!lost)
+        return false;
+    q->mem_lost = q->broken = true;
+    q->more = false;
+    /* One event per device, whichever of its queues (threads) sees it first. */
+    if (!__atomic_exchange_n(&d->mem_lost_reported, true, __ATOMIC_RELAXED))
+        dev_event(d, q->idx, FSDP_EV_GUEST_MEMORY_LOST, 0, lost->gpa, lost->size);
+    return true;
+}
+
 bool queue_process(struct fsdp_queue *q)
 {
     bool any = false;
 
     q->more = false;
-    if (!q->started || !q->rings_ok)
+    if (!q->started || !q->rings_ok || q->mem_lost)
         return false;
     if (!q->backend_broken)
         any |= harvest(q);
+    /* After each half: a copy-back that faulted must not let intake read the
+     * zeroed ring (a made-up AVAIL_IDX_JUMP). */
+    if (__builtin_expect(guard_faults() != q->guard_seen, 0) && memory_lost(q))
+        return any;
     if (!q->stopping && !q->broken && !q->backend_broken)
         any |= intake(q);
+    if (__builtin_expect(guard_faults() != q->guard_seen, 0) && memory_lost(q))
+        return any;
     publish_guest_used(q);
     publish_shadow_avail(q);
     return any;
@@ -696,7 +734,7 @@ bool queue_process(struct fsdp_queue *q)
 
 bool queue_has_work(struct fsdp_queue *q)
 {
-    if (!q->started || !q->rings_ok || q->backend_broken)
+    if (!q->started || !q->rings_ok || q->backend_broken || q->mem_lost)
         return false;
     if (q->more)
         return true;

@@ -57,6 +57,8 @@ struct fsdp_queue {
     bool addr_set;
     uint8_t *g_desc, *g_avail, *g_used;   /* translated; valid if rings_ok */
     bool rings_ok;
+    bool mem_lost;          /* guest memory shrunk under us (guard.c): stopped for good */
+    uint32_t guard_seen;    /* guard_faults() when last checked */
     uint16_t last_avail;    /* next guest avail entry to take */
     uint16_t used_idx;      /* our guest used idx */
     uint16_t signalled_used;
@@ -130,6 +132,7 @@ struct fsdp_devctx {
     uint64_t slot_size;         /* ring_reserve + bounce: queue q's slot at q * slot_size */
     uint32_t num_queues;
     struct fsdp_queue *q;
+    bool mem_lost_reported;     /* GUEST_MEMORY_LOST said (any queue's thread) */
 };
 
 /* The ring slot of free-running index idx.  A mask when num is a power of

@@ -300,8 +300,9 @@ def print_capabilities(defaults: dict, devices: list[dict]) -> int:
     """QEMU's backend program conventions: the capabilities of the --device type as JSON."""
     from .proxy.descriptors import capabilities
     device = next((d["device"] for d in devices if "device" in d), defaults.get("device", "blk"))
+    mode = next((d["mode"] for d in devices if "mode" in d), defaults.get("mode", "isolated"))
     try:
-        print(capabilities(device))
+        print(capabilities(device, mode=str(getattr(mode, "value", mode))))
     except ValueError as e:
         print(f"fastshadow proxy: {e}", file=sys.stderr)
         return 2
@@ -514,7 +515,8 @@ def main(argv: list[str] | None = None) -> int:
     if argv[:1] == ["proxy"] and "--print-capabilities" in argv:
         # QEMU's backend program conventions: other options "should be ignored", so an option
         # the proxy does not know (virtiofsd's, say) must not turn this into an error.
-        return print_capabilities({"device": _option_value(argv, "--device") or "blk"}, [])
+        return print_capabilities({"device": _option_value(argv, "--device") or "blk",
+                                   "mode": _option_value(argv, "--mode") or "isolated"}, [])
     parser = OneLineParser(prog="fastshadow", description=__doc__)
     parser.add_argument("--version", action="version", version=f"fastshadow {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)

@@ -190,6 +190,11 @@ class Event(msgspec.Struct, frozen=True):
         return self.code == lib.FSDP_EV_REQUEST_POISONED
 
     @property
+    def frontend_failed(self) -> bool:
+        """The front-end shrank a guest memory file under the proxy: that session must end."""
+        return self.code == lib.FSDP_EV_GUEST_MEMORY_LOST
+
+    @property
     def backend_failed(self) -> bool:
         """The data plane no longer trusts this device's backend: the control plane must drop it."""
         return self.code == lib.FSDP_EV_BACKEND_FAILED
@@ -250,6 +255,9 @@ _DETAIL = {
     lib.FSDP_EV_LOOP_ERROR: lambda a, b: f"io_uring operation failed: {os.strerror(-_s64(a))}",
     lib.FSDP_EV_LOG_OUT_OF_RANGE: lambda a, b: f"write to guest page at gpa {a:#x} is beyond the {b}-byte dirty log "
                                                f"(QEMU's log is smaller than guest memory): not logged",
+    lib.FSDP_EV_GUEST_MEMORY_LOST: lambda a, b: f"the file behind guest memory at gpa {a:#x} ({b} bytes) was shrunk "
+                                                f"under the proxy (SIGBUS caught, the region now reads as zeros): "
+                                                f"device stopped, session ended",
 }
 
 

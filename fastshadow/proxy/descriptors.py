@@ -69,10 +69,16 @@ def qemu_type(device: str) -> str:
     return kind.qemu_type
 
 
-def capabilities(device: str) -> str:
+def capabilities(device: str, mode: str = "isolated") -> str:
     """`--print-capabilities`: {"type": ..., "features": [...]} (VHostUserBackendCapabilities).
     The features the schema defines (block: read-only, blk-file; gpu: render-node, virgl; input:
-    evdev-path, no-grab) are options of the real backend, not of fastshadow: none is claimed."""
+    evdev-path, no-grab) are options of the real backend, not of fastshadow: none is claimed.
+    ValueError for a type fastshadow would refuse in `mode` (gpu, balloon when isolated): QEMU
+    must not be told it can use it."""
+    kind = devices.kind(device) if device in devices.names() else None
+    if kind is not None and mode == "isolated" and kind.refused:
+        raise ValueError(f"--device {kind.name} is refused in isolated mode ({kind.refused}); "
+                         f"--mode direct forwards it without isolation")
     return json.dumps({"type": qemu_type(device), "features": []}, indent=2)
 
 

@@ -291,6 +291,11 @@ class IsolatedSession(Session):
         except OSError:
             pass
 
+    def frontend_failed(self, reason: str) -> None:
+        """The front-end can no longer be served (a data-plane verdict, from another thread):
+        the session ends (both connections shut; the session thread logs session.end)."""
+        self.abort(f"the front-end broke its guest memory: {reason}")
+
     def _backoff(self) -> float:
         """Seconds to wait before reconnecting: doubles with each loss within the last 10 s
         (a backend that dies again at once is not hammered), from 0 up to 2 s."""
@@ -532,10 +537,11 @@ class IsolatedSession(Session):
             if not self._has_region(r):
                 # The codec checked the region itself; here: against the table it joins.
                 for other in self.mem_regions.values():
-                    if r.overlaps(other):
+                    if (space := r.overlaps(other)) is not None:
                         raise UnexpectedMessage(
                             f"ADD_MEM_REG region gpa {r.guest_phys_addr:#x} size {r.memory_size:#x} overlaps "
-                            f"the guest memory region {other.guest_phys_addr:#x}+{other.memory_size:#x}")
+                            f"the guest memory region {other.guest_phys_addr:#x}+{other.memory_size:#x} in "
+                            f"{space} addresses")
                 check_fd_backs(msg.request.name, region)
                 self.device().add_mem_region(region)
         finally:

@@ -79,6 +79,10 @@ class Device:
         except BaseException:
             self.close()
             raise
+
+    def check_backend(self) -> None:
+        """One warning if the backend socket is not there yet (the proxy keeps waiting for it)."""
+        cfg = self.cfg
         if cfg.backend is not None:
             problem = backend_socket_problem(cfg.backend)
             if problem is not None:
@@ -264,6 +268,9 @@ class Proxy:
         except Exception:
             self.close()
             raise
+        # Only once start-up cannot fail: a refused start is its one error line, nothing before.
+        for d in self.devices:
+            d.check_backend()
 
     def make_session(self, cfg: DeviceConfig, qemu_sock: socket.socket, backend_sock: socket.socket,
                      reconnect=None) -> Session:
@@ -300,16 +307,20 @@ class Proxy:
             for ev in events:
                 kv(log, logging.WARNING, "request.poisoned" if ev.poisoned else "dataplane.refused", dev=ev.dev_name,
                    queue=ev.queue, code=ev.name, detail=ev.message)
-                if ev.backend_failed:
-                    self._backend_failed(ev)
+                if ev.backend_failed or ev.frontend_failed:
+                    self._peer_failed(ev)
 
-    def _backend_failed(self, ev) -> None:
+    def _peer_failed(self, ev) -> None:
         """The data plane no longer trusts a device's backend (its shadow used ring is beyond
-        repair): that session drops the backend, then reconnects and replays where it may."""
+        repair: that session drops the backend, then reconnects and replays where it may) or
+        its front-end (guest memory shrunk under the proxy: that session ends)."""
         for d in self.devices:
             s = d.session
             if s is not None and getattr(s, "dev", None) is not None and s.dev.id == ev.dev:
-                s.backend_failed(ev.message)
+                if ev.frontend_failed:
+                    s.frontend_failed(ev.message)
+                else:
+                    s.backend_failed(ev.message)
 
     def snapshot(self):
         """The counters of every device now (stats.ProxySnapshot): what the stats line, the

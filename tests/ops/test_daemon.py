@@ -126,3 +126,15 @@ def test_install_descriptors(tmp_path):
     gpu = subprocess.run([sys.executable, "-m", "fastshadow.cli", "install-descriptors", str(tmp_path / "g"),
                           "--device", "gpu"], capture_output=True, text=True, timeout=60)
     assert gpu.returncode == 2 and "isolated mode cannot serve it" in gpu.stderr
+
+
+@pytest.mark.parametrize("device", ["gpu", "balloon"])
+def test_print_capabilities_of_a_type_isolated_mode_refuses(device):
+    """QEMU must not be told a type can be served that every isolated session would then
+    refuse (found by a new user's trial: gpu was advertised); --mode direct serves it."""
+    cmd = [sys.executable, "-m", "fastshadow.cli", "proxy", "--device", device, "--print-capabilities"]
+    r = subprocess.run(cmd, capture_output=True, text=True, timeout=60)
+    assert r.returncode == 2 and r.stdout == "" and len(r.stderr.splitlines()) == 1
+    assert f"--device {device} is refused in isolated mode" in r.stderr
+    r = subprocess.run(cmd + ["--mode", "direct"], capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0 and json.loads(r.stdout)["type"] == {"gpu": "gpu", "balloon": "balloon"}[device]

@@ -349,8 +349,6 @@ def test_feature_gated_request_without_its_feature_is_refused(workdir, start_qsd
     assert "backend.lost" not in proxy.log() and qsd.returncode is None
 
 
-@pytest.mark.xfail(strict=True, reason="not fixed: the data plane's copies take SIGBUS on guest RAM a front-end "
-                                        "truncated after SET_MEM_TABLE, and the whole proxy process dies")
 def test_guest_memory_truncated_under_the_proxy_does_not_kill_it(workdir, start_qsd, start_proxy):
     # A front-end (QEMU compromised, or a memory-backend-file someone truncates) shrinks the
     # guest RAM file after SET_MEM_TABLE, then posts a read whose data buffer lies in the cut
@@ -370,7 +368,11 @@ def test_guest_memory_truncated_under_the_proxy_does_not_kill_it(workdir, start_
         os.ftruncate(mem.fd, mem.region_size + buf)
         post(blk, [Buf(hdr, 16), Buf(buf, 4096, writable=True), Buf(st, 1, writable=True)])
         select.select([blk.call], [], [], 2)       # the data plane copies back (or dies) here
-    assert proxy.alive(), f"the proxy died ({proxy.proc.returncode}):\n{proxy.log()[-2000:]}"
+        assert proxy.alive(), f"the proxy died ({proxy.proc.returncode}):\n{proxy.log()[-2000:]}"
+        [line] = proxy.wait_log(r"dataplane\.refused dev=dev0 .*code=GUEST_MEMORY_LOST")
+        assert "gpa 0x0 " in line, line          # region 0 (gpa 0) holds the cut buffer
+        proxy.wait_log(r"session\.end dev=dev0 reason=.*front-end broke its guest memory")
+    assert proxy.alive()
     with BlkFront(sock) as blk:
         blk.bring_up()
         assert_still_serves(blk)
