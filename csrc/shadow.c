@@ -750,8 +750,8 @@ bool queue_arm(struct fsdp_queue *q)
 {
     bool work = false;
 
-    if (!q->defer_arm || !q->started || !q->rings_ok || q->backend_broken)
-        return false;
+    if (!q->defer_arm || !q->started || !q->rings_ok || q->backend_broken || q->mem_lost)
+        return false;   /* mem_lost: stopped for good, its rings read as zeros */
     /* What intake and harvest would have armed at the end of a pass, with
      * the same re-check after each fence. */
     if (q->backend_event_idx) {
