@@ -144,15 +144,16 @@ def _creatable(path: Path) -> bool:
 
 
 def config_from_args(args):
-    from . import MODES
+    from . import MODES, OPTIONAL_MODES
     from fastshadow.sizes import parse_size
     from .runner import PRESETS, Config
     preset = PRESETS[args.preset or "quick"]
     variants = parse_variants(args.variant)
     modes = [m.strip() for m in args.modes.split(",") if m.strip()]
-    bad = [m for m in modes if m not in MODES and m not in variants]
+    bad = [m for m in modes if m not in MODES + OPTIONAL_MODES and m not in variants]
     if bad or not modes:
-        raise ValueError(f"unknown mode(s) {', '.join(bad) or '(none)'}: choose from {', '.join(MODES)} "
+        raise ValueError(f"unknown mode(s) {', '.join(bad) or '(none)'}: choose from "
+                         f"{', '.join(MODES + OPTIONAL_MODES)} "
                          f"or a --variant")
     modes += [v for v in variants if v not in modes]
     workloads = [parse_workload(w) for w in args.workload] if args.workload else list(preset.workloads)

@@ -289,8 +289,10 @@ class Testbed:
                 continue
             px = ProxyProcess(mode, self.dir / f"fs-{self.backend}-{mode}.sock", self.qsd_sock,
                               self.dir / f"proxy-{self.backend}-{mode}.log",
-                              _proxy_extra(self.cfg.proxy_args, self.cfg.variants.get(mode, [])),
-                              "isolated" if mode == "isolated" or mode in self.cfg.variants else "direct")
+                              _proxy_extra(self.cfg.proxy_args, self.cfg.variants.get(mode, []))
+                              + (["--iotlb-keep-completed"] if mode == "isolated-iotlb" else []),
+                              "isolated" if mode in ("isolated", "isolated-iotlb") or mode in self.cfg.variants
+                              else "direct")
             px.start()
             pin_process(px.pid, self.place.proxy)
             self.proxies[mode] = px
@@ -381,7 +383,8 @@ def run_once(tb: Testbed, mode: str, wl: Workload, cfg: Config, *, duration: flo
              requests: int | None, seed: int) -> tuple[RunResult, rp.Cpu]:
     """One session: set up, drive `wl`, tear down. CPU is measured around the I/O only."""
     with open_session(str(tb.socket(mode)), num_queues=wl.queues, queue_size=_queue_size(cfg, wl), max_qd=wl.qd,
-                      max_block_size=wl.bs, event_idx=cfg.event_idx, timeout=cfg.setup_timeout) as s:
+                      max_block_size=wl.bs, event_idx=cfg.event_idx, timeout=cfg.setup_timeout,
+                      iotlb=mode == "isolated-iotlb") as s:
         qsd_pid, proxy_pid = tb.pids(mode)
         others = tb.other_pids(mode)
         m0 = machine_cpu_seconds()

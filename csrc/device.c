@@ -39,6 +39,7 @@
 #include <unistd.h>
 
 #include "base.h"
+#include "iotlb.h"
 #include "log.h"
 #include "loop.h"
 #include "mem.h"
@@ -57,6 +58,7 @@ struct fsdp_dev {
     struct fsdp_dev_config cfg;
     int shadow_fd;
     uint64_t shadow_size;
+    struct fsdp_iotlb iotlb;    /* ctx.mem.iotlb points here (kept across table swaps) */
 };
 
 static struct fsdp_dev *dev_of(struct fsdp_devctx *d)
@@ -94,6 +96,12 @@ enum dev_op {
     CMD_ABORT,
     CMD_DISCARD,
     CMD_STATS,
+    CMD_IOTLB_ENABLE,
+    CMD_IOTLB_UPDATE,
+    CMD_IOTLB_INVALIDATE,
+    CMD_IOTLB_ENTRIES,
+    CMD_IOTLB_ANSWERED,
+    CMD_IOTLB_TRANSLATE,
 };
 
 /* One command: the loop's record, which command, and its arguments.  Members
@@ -114,6 +122,14 @@ struct dev_cmd {
             uint64_t gpa, size;
             struct fsdp_region *out;       /* out: the region, to unmap */
         } remove_region;
+        struct {
+            struct fsdp_iotlb *iotlb;      /* in: the new table; out: the replaced one */
+        } iotlb_enable;
+        struct {
+            uint64_t iova, size, uaddr;
+            uint32_t perm;
+            uint64_t *out;                 /* translate: uaddr, avail */
+        } iotlb_msg;
         struct {
             struct fsdp_log *log;          /* in: the new log; out: the replaced one */
         } set_log_base;
@@ -192,6 +208,7 @@ static void dev_destroy(struct fsdp_dev *dev)
     for (uint32_t i = 0; i < dev->ctx.mem.n; i++)
         mem_unmap_region(&dev->ctx.mem.r[i]);
     log_unmap(&dev->ctx.log);
+    iotlb_free(&dev->iotlb);
     if (dev->ctx.shadow)
         munmap(dev->ctx.shadow, dev->shadow_size);
     if (dev->shadow_fd >= 0)
@@ -260,6 +277,7 @@ int fsdp_dev_add(struct fsdp_dp *dp, const char *name, const struct fsdp_dev_con
         return -ENOMEM;
     dev->dp = dp;
     dev->ctx.events = dp_events(dp);
+    dev->ctx.mem.iotlb = &dev->iotlb;   /* off until fsdp_dev_iotlb_enable */
     dev->ctx.max_request_bytes = k.max_request_bytes;
     dev->ctx.failure = k.failure;
     dev->ctx.failure_first_queue = k.failure_first_queue;
@@ -386,6 +404,7 @@ static int cmd_set_mem(struct fsdp_dp *dp, struct dev_cmd *c)
     c->dev->ctx.mem = *nm;
     *nm = tmp;          /* the old table goes back to the caller to unmap */
     c->dev->ctx.mem.last = 0;
+    c->dev->ctx.mem.iotlb = &c->dev->iotlb;
     retranslate_all(c->dev);
     return 0;
 }
@@ -494,6 +513,7 @@ static int cmd_reset(struct fsdp_dp *dp, struct dev_cmd *c)
     struct fsdp_dev *dev = c->dev;
 
     dev->ctx.log.on = false;   /* features are renegotiated after a reset */
+    iotlb_clear(&dev->iotlb);   /* ... and QEMU sends the IOTLB anew */
     for (uint32_t i = 0; i < dev->ctx.num_queues; i++) {
         struct fsdp_queue *q = &dev->ctx.q[i];
         dp_stop_end(dp, q, NULL, 0);
@@ -915,6 +935,126 @@ int fsdp_queue_stats(struct fsdp_dev *dev, uint32_t q, struct fsdp_queue_stats *
 }
 
 /* ------------------------------------------------------------------------ */
+/* Device IOTLB (iotlb.c): vIOMMU translations QEMU sends.                    */
+
+static int cmd_iotlb_enable(struct fsdp_dp *dp, struct dev_cmd *c)
+{
+    struct fsdp_iotlb *nt = c->arg.iotlb_enable.iotlb, old = c->dev->iotlb;
+
+    c->dev->iotlb = *nt;
+    *nt = old;          /* the replaced table goes back to the caller to free */
+    retranslate_all(c->dev);
+    return 0;
+}
+
+int fsdp_dev_iotlb_enable(struct fsdp_dev *dev, int on, uint32_t cap, int keep_completed)
+{
+    struct fsdp_iotlb nt = {0};
+    struct dev_cmd c = {.op = CMD_IOTLB_ENABLE, .dev = dev, .arg.iotlb_enable = {.iotlb = &nt}};
+    int rc = 0;
+
+    if (on) {
+        if (cap > FSDP_IOTLB_MAX_ENTRIES)
+            return -EINVAL;
+        rc = iotlb_init(&nt, cap);     /* allocated here, not on the loop */
+        nt.on = true;
+        nt.keep_completed = keep_completed != 0;
+    }
+    if (!rc)
+        rc = exec(&c);
+    iotlb_free(&nt);
+    return rc;
+}
+
+static int cmd_iotlb_update(struct fsdp_dp *dp, struct dev_cmd *c)
+{
+    int rc;
+
+    if (!c->dev->iotlb.on)
+        return -EPERM;
+    rc = iotlb_update(&c->dev->iotlb, c->arg.iotlb_msg.iova, c->arg.iotlb_msg.size,
+                      c->arg.iotlb_msg.uaddr, c->arg.iotlb_msg.perm);
+    if (!rc)
+        retranslate_all(c->dev);    /* rings waiting for it start; a replaced one moves */
+    return rc;
+}
+
+int fsdp_dev_iotlb_update(struct fsdp_dev *dev, uint64_t iova, uint64_t size, uint64_t uaddr,
+                          uint32_t perm)
+{
+    struct dev_cmd c = {.op = CMD_IOTLB_UPDATE, .dev = dev,
+                        .arg.iotlb_msg = {.iova = iova, .size = size, .uaddr = uaddr, .perm = perm}};
+    return exec(&c);
+}
+
+/* On the loop, between two passes: once it returns, no access uses the old
+ * translation.  Requests in flight keep IOVAs, not host pointers: their
+ * copy-back translates again and fails the request if the buffer is gone. */
+static int cmd_iotlb_invalidate(struct fsdp_dp *dp, struct dev_cmd *c)
+{
+    uint32_t n;
+
+    if (!c->dev->iotlb.on)
+        return -EPERM;
+    n = iotlb_invalidate(&c->dev->iotlb, c->arg.iotlb_msg.iova, c->arg.iotlb_msg.size);
+    if (n)
+        retranslate_all(c->dev);    /* a ring that lost its translation waits (miss) */
+    return (int)n;
+}
+
+int fsdp_dev_iotlb_invalidate(struct fsdp_dev *dev, uint64_t iova, uint64_t size)
+{
+    struct dev_cmd c = {.op = CMD_IOTLB_INVALIDATE, .dev = dev,
+                        .arg.iotlb_msg = {.iova = iova, .size = size}};
+    return exec(&c);
+}
+
+int fsdp_dev_iotlb_entries(struct fsdp_dev *dev)
+{
+    struct dev_cmd c = {.op = CMD_IOTLB_ENTRIES, .dev = dev};
+    return exec(&c);
+}
+
+static int cmd_iotlb_translate(struct fsdp_dp *dp, struct dev_cmd *c)
+{
+    int rc = iotlb_lookup(&c->dev->iotlb, c->arg.iotlb_msg.iova, c->arg.iotlb_msg.perm,
+                          c->arg.iotlb_msg.out, c->arg.iotlb_msg.out + 1);
+    return rc == FSDP_EV_IOTLB_MISS ? -ENOENT : rc == FSDP_EV_IOVA_PERM ? -EACCES : 0;
+}
+
+int fsdp_dev_iotlb_translate(struct fsdp_dev *dev, uint64_t iova, uint32_t perm, uint64_t *uaddr,
+                             uint64_t *avail)
+{
+    uint64_t out[2] = {0, 0};
+    struct dev_cmd c = {.op = CMD_IOTLB_TRANSLATE, .dev = dev,
+                        .arg.iotlb_msg = {.iova = iova, .perm = perm, .out = out}};
+    int rc = exec(&c);
+
+    *uaddr = out[0];
+    *avail = out[1];
+    return rc;
+}
+
+static int cmd_iotlb_answered(struct fsdp_dp *dp, struct dev_cmd *c)
+{
+    struct fsdp_queue *q = get_q(c->dev, c->q);
+
+    if (!q)
+        return -EINVAL;
+    iotlb_answered(&c->dev->iotlb, c->q, c->arg.iotlb_msg.iova);
+    if (q->addr_set && !q->rings_ok)
+        queue_translate_rings(q, true);
+    /* A chain that waited is walked again by the loop's next pass. */
+    return 0;
+}
+
+int fsdp_queue_iotlb_answered(struct fsdp_dev *dev, uint32_t q, uint64_t iova)
+{
+    struct dev_cmd c = {.op = CMD_IOTLB_ANSWERED, .dev = dev, .q = q, .arg.iotlb_msg = {.iova = iova}};
+    return exec(&c);
+}
+
+/* ------------------------------------------------------------------------ */
 /* Dispatch (on the loop, or inline).                                         */
 
 static int run_cmd(struct fsdp_dp *dp, struct fsdp_cmd *link)
@@ -946,6 +1086,12 @@ static int run_cmd(struct fsdp_dp *dp, struct fsdp_cmd *link)
     case CMD_ABORT:         return cmd_abort(dp, c);
     case CMD_DISCARD:       return cmd_discard(dp, c);
     case CMD_STATS:         return cmd_stats(dp, c);
+    case CMD_IOTLB_ENABLE:  return cmd_iotlb_enable(dp, c);
+    case CMD_IOTLB_UPDATE:  return cmd_iotlb_update(dp, c);
+    case CMD_IOTLB_INVALIDATE: return cmd_iotlb_invalidate(dp, c);
+    case CMD_IOTLB_ENTRIES: return (int)c->dev->iotlb.n;
+    case CMD_IOTLB_ANSWERED: return cmd_iotlb_answered(dp, c);
+    case CMD_IOTLB_TRANSLATE: return cmd_iotlb_translate(dp, c);
     }
     return -EINVAL;
 }

@@ -35,7 +35,7 @@
 /* FSDP_C_ONLY_END */
 
 /* Bumped whenever this interface changes; checked at import. */
-#define FSDP_ABI_VERSION 3
+#define FSDP_ABI_VERSION 4
 int fsdp_abi_version(void);
 
 /* Limits and flags (enums so that cffi sees them as constants too). */
@@ -44,6 +44,14 @@ enum {
     FSDP_MAX_QUEUE_SIZE = 32768,
     FSDP_MAX_QUEUES = 64,
     FSDP_NAME_MAX = 64,
+};
+
+/* Device IOTLB access permissions (struct vhost_iotlb_msg perm:
+ * VHOST_ACCESS_RO = 1, VHOST_ACCESS_WO = 2, VHOST_ACCESS_RW = 3). */
+enum {
+    FSDP_IOTLB_RO = 1,              /* the device may read */
+    FSDP_IOTLB_WO = 2,              /* the device may write */
+    FSDP_IOTLB_MAX_ENTRIES = 1048576, /* the largest cap fsdp_dev_iotlb_enable takes */
 };
 
 /* fsdp_queue_start flags. */
@@ -93,6 +101,10 @@ enum fsdp_event_code {
     FSDP_EV_REQUEST_TOO_LARGE = 9,        /* a = bytes, b = cap */
     FSDP_EV_ZERO_LENGTH = 10,             /* a = chain position of the 0-length descriptor */
     FSDP_EV_BAD_LAYOUT = 11,              /* a = readable bytes, b = writable bytes */
+    FSDP_EV_IOVA_UNMAPPED = 12,           /* a = iova, b = len: QEMU answered the miss
+                                             without a translation */
+    FSDP_EV_IOVA_PERM = 13,               /* a = iova, b = len: the mapping lacks the
+                                             access (a device write to a read-only IOVA) */
     /* A corrupt guest ring: the queue is broken and stops. */
     FSDP_EV_BAD_HEAD = 16,                /* a = head, b = queue size */
     FSDP_EV_AVAIL_IDX_JUMP = 17,          /* a = avail idx, b = last avail idx */
@@ -114,6 +126,9 @@ enum fsdp_event_code {
     FSDP_EV_LOG_OUT_OF_RANGE = 52,        /* a = gpa, b = log bytes; once per log */
     FSDP_EV_GUEST_MEMORY_LOST = 53,       /* a = gpa, b = size of the region whose file the
                                              front-end shrank (SIGBUS caught): device stopped */
+    /* Not a refusal: the queue waits for a translation QEMU must send
+     * (VHOST_IOTLB_MISS), then fsdp_queue_iotlb_answered. */
+    FSDP_EV_IOTLB_MISS = 54,              /* a = iova, b = access (FSDP_IOTLB_*) */
 };
 
 struct fsdp_event {
@@ -220,6 +235,29 @@ int fsdp_dev_reset(struct fsdp_dev *dev);
  * fd < 0 unmaps), and whether writes are logged (VHOST_F_LOG_ALL). */
 int fsdp_dev_set_log_base(struct fsdp_dev *dev, int fd, uint64_t size, uint64_t offset);
 int fsdp_dev_set_logging(struct fsdp_dev *dev, int on);
+/* Device IOTLB (VIRTIO_F_ACCESS_PLATFORM with a vIOMMU; vhost-user.rst
+ * "IOMMU support"): while on, ring and buffer addresses are IOVAs,
+ * translated through the translations QEMU sent (VHOST_USER_IOTLB_MSG), at
+ * most cap of them (1..FSDP_IOTLB_MAX_ENTRIES).  Unless keep_completed, the
+ * translations of the pages a request named are forgotten when it is done
+ * (a Linux guest in lazy invalidation mode reuses IOVAs QEMU 7.2 never
+ * invalidates); keep_completed trusts the guest's invalidations instead
+ * (strict-mode guests, or guests whose concurrent requests share IOVA pages).  Turning it on or off
+ * forgets every translation.  Update: 0, -EINVAL, -ENOSPC (cap reached);
+ * invalidate: entries removed or cut (>= 0).  Both take effect before they
+ * return: no access after an invalidation uses the old translation (a request
+ * in flight whose writable buffer lost its translation is failed toward the
+ * guest at completion, FSDP_EV_COPYBACK_UNMAPPED). */
+int fsdp_dev_iotlb_enable(struct fsdp_dev *dev, int on, uint32_t cap, int keep_completed);
+int fsdp_dev_iotlb_update(struct fsdp_dev *dev, uint64_t iova, uint64_t size, uint64_t uaddr,
+                          uint32_t perm);
+int fsdp_dev_iotlb_invalidate(struct fsdp_dev *dev, uint64_t iova, uint64_t size);
+int fsdp_dev_iotlb_entries(struct fsdp_dev *dev);
+/* The table's translation of iova for an access perm: 0 with *uaddr and
+ * *avail (bytes of the entry from iova on), or -ENOENT (no entry), -EACCES
+ * (the entry lacks perm). For tests and diagnostics. */
+int fsdp_dev_iotlb_translate(struct fsdp_dev *dev, uint64_t iova, uint32_t perm, uint64_t *uaddr,
+                             uint64_t *avail);
 /* Synchronous engine pass over every started queue (loop not running). */
 int fsdp_dev_poll(struct fsdp_dev *dev, uint32_t *out_flags);
 
@@ -274,5 +312,10 @@ int fsdp_queue_discard(struct fsdp_dev *dev, uint32_t q);
  * addresses reads fresh indices (libvhost-user reads used->idx then). */
 int fsdp_queue_clear_shadow(struct fsdp_dev *dev, uint32_t q);
 int fsdp_queue_stats(struct fsdp_dev *dev, uint32_t q, struct fsdp_queue_stats *out);
+/* QEMU answered queue q's FSDP_EV_IOTLB_MISS at iova (its update, if any,
+ * is installed): the queue takes up where it waited; a page still missing is
+ * refused (FSDP_EV_IOVA_UNMAPPED), never asked twice in a row.  The answer to
+ * an older miss of the queue is ignored. */
+int fsdp_queue_iotlb_answered(struct fsdp_dev *dev, uint32_t q, uint64_t iova);
 
 #endif

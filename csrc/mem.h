@@ -8,6 +8,7 @@
 
 #include "base.h"
 #include "copy.h"
+#include "iotlb.h"
 
 struct fsdp_region {
     uint64_t gpa, size, uaddr;
@@ -20,6 +21,10 @@ struct fsdp_mem {
     uint32_t n;
     uint32_t last;          /* index of the last region hit (lookup cache) */
     struct fsdp_region r[FSDP_MAX_MEM_REGIONS];   /* sorted by gpa, disjoint */
+    /* The device's IOTLB (owned by device.c, kept across table swaps).  While
+     * it is on, every address given to the functions below except uaddrs is
+     * an IOVA, translated through it (with the access's permission) first. */
+    struct fsdp_iotlb *iotlb;
 };
 
 int mem_map_region(const struct fsdp_mem_region *in, struct fsdp_region *out);
@@ -39,13 +44,15 @@ int mem_copy_to_guest_split(struct fsdp_mem *m, uint64_t gpa, const void *src, u
 /* Host pointer of [gpa, gpa+len) if it lies whole in the region hit last,
  * else NULL (the caller takes the slow path).  Inline: nearly every buffer
  * of a request lies in the same region as the one before it, and this is
- * three compares instead of a call, a loop and a second lookup per piece. */
+ * three compares instead of a call, a loop and a second lookup per piece.
+ * Never with the IOTLB on: the address is an IOVA then, translated (with
+ * its permission) only by the slow path. */
 static inline uint8_t *mem_last_hit(const struct fsdp_mem *m, uint64_t gpa, uint64_t len)
 {
     const struct fsdp_region *r;
     uint64_t off;
 
-    if (m->last >= m->n)
+    if ((m->iotlb && m->iotlb->on) || m->last >= m->n)
         return NULL;
     r = &m->r[m->last];
     off = gpa - r->gpa;     /* unsigned: huge when gpa < r->gpa */
@@ -87,5 +94,19 @@ static inline int mem_copy_to_guest(struct fsdp_mem *m, uint64_t gpa, const void
 
 /* Host pointer of [uaddr, uaddr+len) if it lies within one region. */
 uint8_t *mem_uaddr_to_host(struct fsdp_mem *m, uint64_t uaddr, uint64_t len);
+/* As mem_check_range, for an access that writes (else reads) the range: with
+ * the IOTLB on also FSDP_EV_IOTLB_MISS (iotlb->miss_iova/perm say where) and
+ * FSDP_EV_IOVA_PERM. */
+int mem_check_access(struct fsdp_mem *m, uint64_t addr, uint64_t len, bool write);
+/* Host pointer of a guest ring [addr, addr+len): addr is QEMU's user address,
+ * or an IOVA with the IOTLB on (then the range must translate to one
+ * contiguous run of user addresses, with perm).  NULL if not; a missing
+ * translation leaves FSDP_EV_IOTLB_MISS in *why (else 0). */
+uint8_t *mem_ring_to_host(struct fsdp_mem *m, uint64_t addr, uint64_t len, uint32_t perm, int *why);
+/* Calls fn(arg, gpa, n) for each guest-physical piece of the written range
+ * [addr, addr+len) (dirty logging: an IOVA range is not a gpa range).
+ * Pieces that do not translate are skipped. */
+void mem_for_each_gpa(struct fsdp_mem *m, uint64_t addr, uint64_t len,
+                      void (*fn)(void *arg, uint64_t gpa, uint64_t n), void *arg);
 
 #endif

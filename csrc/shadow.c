@@ -38,11 +38,12 @@
 #include "fail.h"
 #include "guard.h"
 #include "log.h"
+#include "iotlb.h"
 #include "mem.h"
 #include "probes.h"
 #include "vring.h"
 
-enum take_result { TAKEN, REFUSED, NOSPACE, BROKEN };
+enum take_result { TAKEN, REFUSED, NOSPACE, BROKEN, IOTLB_WAIT };
 
 /* ------------------------------------------------------------------------ */
 /* Guest used ring: push, publish, and the call decision.                     */
@@ -53,12 +54,23 @@ static bool use_stream(const struct fsdp_queue *q, uint64_t len)
     return q->dev->stream_min && len >= q->dev->stream_min;
 }
 
-/* Guest bytes [gpa, gpa + len) were written: mark them in the dirty log. */
+static void log_gpa(void *arg, uint64_t gpa, uint64_t len)
+{
+    struct fsdp_queue *q = arg;
+    q->st.log_pages += log_write(&q->dev->log, q->dev->events, q->dev->id, q->idx, gpa, len);
+}
+
+/* Guest bytes [gpa, gpa + len) were written: mark them in the dirty log.
+ * With the device IOTLB on the range is an IOVA range: the log is of
+ * guest-physical pages, so each translated piece is marked. */
 static inline void log_guest(struct fsdp_queue *q, uint64_t gpa, uint64_t len)
 {
     if (!q->dev->log.on)
         return;     /* not migrating: the common case, no call */
-    q->st.log_pages += log_write(&q->dev->log, q->dev->events, q->dev->id, q->idx, gpa, len);
+    if (q->dev->mem.iotlb && q->dev->mem.iotlb->on)
+        mem_for_each_gpa(&q->dev->mem, gpa, len, log_gpa, q);
+    else
+        log_gpa(q, gpa, len);
 }
 
 /* A write of len bytes at offset off of the guest used ring was made. */
@@ -295,15 +307,57 @@ uint32_t queue_notify(struct fsdp_queue *q, const struct fsdp_batch *batch)
 /* ------------------------------------------------------------------------ */
 /* Intake: guest avail -> shadow.                                             */
 
+/*
+ * A request is done with: forget the device IOTLB's translations of the pages
+ * it named (unless the proxy runs with --iotlb-keep-completed).  A Linux guest unmaps them right after the completion, and in its
+ * default lazy mode (iommu.strict=0) the invalidation that tells the device
+ * comes late or, through QEMU 7.2, not at all, while the IOVA is soon mapped
+ * again to another page: a translation kept past the request would read or
+ * write the old page (seen: indirect tables read from pages the guest had
+ * reused).  A device IOTLB may drop any entry at any time; the next request
+ * on those pages asks QEMU again.  Pages are whole IOVA pages (a mapping is
+ * page-granular); another live buffer on the same page only costs a miss.
+ */
+static bool on_ring_page(const struct fsdp_queue *q, uint64_t page)
+{
+    const uint64_t at[3] = {q->desc_uaddr, q->avail_uaddr, q->used_uaddr};
+    const uint64_t len[3] = {16ull * q->num, 6 + 2ull * q->num, 6 + 8ull * q->num};
+
+    for (int i = 0; i < 3; i++)
+        if (page < at[i] + len[i] && at[i] < page + FSDP_PAGE)
+            return true;
+    return false;
+}
+
+static void iotlb_forget(struct fsdp_queue *q, uint64_t addr, uint64_t len)
+{
+    struct fsdp_iotlb *t = q->dev->mem.iotlb;
+    uint64_t first, end;
+
+    if (!t || !t->on || t->keep_completed || !len || len > UINT64_MAX - addr)
+        return;
+    first = addr & ~(uint64_t)(FSDP_PAGE - 1);
+    end = addr + len;
+    end = end > UINT64_MAX - (FSDP_PAGE - 1) ? UINT64_MAX : FSDP_ALIGN_UP(end, FSDP_PAGE);
+    /* The queue's own rings stay (a guest that puts buffers on a ring page
+     * would otherwise lose the ring's translation at every completion). */
+    for (uint64_t page = first; page < end && page >= first; page += FSDP_PAGE)
+        if (!on_ring_page(q, page))
+            iotlb_invalidate(t, page, FSDP_PAGE);
+}
+
 void release_request(struct fsdp_queue *q, uint16_t head)
 {
     struct fsdp_req *r = &q->req[head];
     uint16_t s = head;
     uint16_t n = r->ndesc;      /* once: the stores below could alias it for the compiler */
 
+    iotlb_forget(q, r->ind_addr, r->ind_len);
+    r->ind_len = 0;
     for (uint16_t i = 0; i < n; i++) {
         struct fsdp_sdesc *sd = &q->sd[s];
         uint16_t next = sd->next;
+        iotlb_forget(q, sd->gpa, sd->len);
         if (sd->own_npages) {   /* a fragmented request's segment (alloc_per_segment) */
             bounce_free(&q->bounce, sd->own_page, sd->own_npages);
             sd->own_npages = 0;
@@ -344,6 +398,32 @@ static bool alloc_per_segment(struct fsdp_queue *q, uint32_t n)
     return true;
 }
 
+/*
+ * The chain at head names an IOVA the device IOTLB has no translation for
+ * (ch->err_a, access ch->err_b).  Ask QEMU once (the control plane sends
+ * VHOST_IOTLB_MISS on the back-end channel and, once QEMU has answered,
+ * calls fsdp_queue_iotlb_answered): false, the entry stays in the guest ring.
+ * If QEMU answered and it is still missing: walk again with misses refused,
+ * so the chain is refused like any bad one (the device's error where the
+ * walk can place it): true, *ch holds that walk.
+ */
+static bool iotlb_wait(struct fsdp_queue *q, uint16_t head, struct fsdp_chain *ch, uint32_t *steps)
+{
+    struct fsdp_devctx *dev = q->dev;
+    struct fsdp_iotlb *t = dev->mem.iotlb;
+    int ask = iotlb_missed(t, q->idx, ch->err_a);
+
+    if (ask == FSDP_EV_IOTLB_MISS)
+        dev_event(dev, q->idx, FSDP_EV_IOTLB_MISS, head, ch->err_a, ch->err_b);
+    if (ask != FSDP_EV_IOVA_UNMAPPED)
+        return false;
+    t->refuse_misses = true;
+    chain_walk(&dev->mem, q->g_desc, q->num, head, dev->max_request_bytes, q->scratch, q->ind, ch);
+    t->refuse_misses = false;
+    *steps += ch->steps;
+    return true;
+}
+
 static enum take_result take_one(struct fsdp_queue *q, uint32_t *steps)
 {
     struct fsdp_devctx *dev = q->dev;
@@ -366,6 +446,13 @@ static enum take_result take_one(struct fsdp_queue *q, uint32_t *steps)
     rc = chain_walk(&dev->mem, q->g_desc, q->num, head, dev->max_request_bytes,
                     q->scratch, q->ind, &ch);
     *steps = ch.steps;
+    if (rc == FSDP_EV_IOTLB_MISS) {
+        if (!iotlb_wait(q, head, &ch, steps))
+            return IOTLB_WAIT;
+        rc = (int)ch.err;
+    }
+    if (dev->mem.iotlb && dev->mem.iotlb->on)
+        iotlb_settled(dev->mem.iotlb, q->idx);
     if (rc == 0 && q->idx >= dev->failure_first_queue &&
         (ch.readable < dev->min_readable || ch.writable < dev->min_writable)) {
         /* Too short for the device's request layout: a backend would read
@@ -396,6 +483,9 @@ static enum take_result take_one(struct fsdp_queue *q, uint32_t *steps)
          * structure (loop, bad next, bad indirect) has no safe place for
          * it: len 0. */
         complete_failed(q, head, q->scratch, ch.complete ? ch.n : 0);
+        iotlb_forget(q, ch.ind_addr, ch.ind_len);
+        for (uint32_t i = 0; i < ch.n; i++)
+            iotlb_forget(q, q->scratch[i].gpa, q->scratch[i].len);
         q->last_avail++;
         return REFUSED;
     }
@@ -456,6 +546,8 @@ static enum take_result take_one(struct fsdp_queue *q, uint32_t *steps)
     r->readable = ch.readable;
     r->seq = q->seq++;
     r->gidx = q->last_avail;
+    r->ind_addr = ch.ind_addr;
+    r->ind_len = ch.ind_len;
     r->published = 1;
     r->parked = false;
 
@@ -548,8 +640,8 @@ static bool intake(struct fsdp_queue *q)
                 q->throttled = true;
                 return any;
             }
-            if (r == BROKEN)
-                return any;
+            if (r == BROKEN || r == IOTLB_WAIT)
+                return any;     /* IOTLB_WAIT: fsdp_queue_iotlb_answered brings us back */
             q->throttled = false;
             any = true;
             armed = false;
@@ -746,6 +838,16 @@ bool queue_has_work(struct fsdp_queue *q)
     return false;
 }
 
+/* Intake stopped at an entry whose IOVA QEMU has not translated yet: the
+ * entry stays in the guest ring, so its avail idx says nothing new until
+ * fsdp_queue_iotlb_answered (a command) brings the loop back. */
+static bool iotlb_waiting(const struct fsdp_queue *q)
+{
+    const struct fsdp_iotlb *t = q->dev->mem.iotlb;
+
+    return t && t->on && q->idx < FSDP_MAX_QUEUES && t->state[q->idx] == IOTLB_WAITING;
+}
+
 bool queue_arm(struct fsdp_queue *q)
 {
     bool work = false;
@@ -758,7 +860,8 @@ bool queue_arm(struct fsdp_queue *q)
         arm_backend_call(q);
         work |= vr_load16_acquire(q->s_used + USED_IDX) != q->s_last_used;
     }
-    if (q->guest_event_idx && !q->stopping && !q->broken && !q->throttled) {
+    if (q->guest_event_idx && !q->stopping && !q->broken && !q->throttled &&
+        !iotlb_waiting(q)) {
         arm_guest_kick(q);
         work |= vr_load16_acquire(q->g_avail + AVAIL_IDX) != q->last_avail;
     }

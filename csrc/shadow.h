@@ -39,6 +39,8 @@ struct fsdp_req {
     uint16_t sidx;          /* shadow avail position it was last published at */
     uint32_t published;     /* backends it was handed to (poison bound: max_replays) */
     bool parked;            /* never taken by the stopped backend: not waited for */
+    uint64_t ind_addr;      /* its indirect table (device IOTLB: forgotten at release) */
+    uint32_t ind_len;
 };
 
 struct fsdp_devctx;
@@ -57,6 +59,8 @@ struct fsdp_queue {
     bool addr_set;
     uint8_t *g_desc, *g_avail, *g_used;   /* translated; valid if rings_ok */
     bool rings_ok;
+    bool start_pending;     /* started while its IOVA rings did not translate yet (queue.c) */
+    uint32_t start_flags;
     bool mem_lost;          /* guest memory shrunk under us (guard.c): stopped for good */
     uint32_t guard_seen;    /* guard_faults() when last checked */
     uint16_t last_avail;    /* next guest avail entry to take */

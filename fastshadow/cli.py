@@ -181,6 +181,15 @@ def _configure_proxy(p: argparse.ArgumentParser) -> None:
                         "then failed toward the guest with the device's error and logged as poisoned, so one "
                         "request cannot kill a backend forever (default 1); requests a live backend held across "
                         "a ring stop are re-published without counting")
+    p.add_argument("--iotlb-max-entries", type=int, default=65536, metavar="N",
+                   help="isolated, vIOMMU guests: keep at most N IOVA translations per device; QEMU's "
+                        "IOTLB updates past it are refused with one log line (default 65536: 256 MiB of "
+                        "4 KiB pages mapped at once)")
+    p.add_argument("--iotlb-keep-completed", action="store_true",
+                   help="isolated, vIOMMU guests: keep the IOVA translations of completed requests, trusting "
+                        "the guest's invalidations (guests in strict mode, iommu.strict=1, or whose concurrent "
+                        "requests share IOVA pages); by default they are forgotten, which is safe with Linux's "
+                        "lazy invalidation but makes every request ask QEMU for its pages")
     p.add_argument("--bounce-per-queue", type=size_arg, default=16 << 20, metavar="SIZE",
                    help="isolated: bounce space per queue in the shadow region (default 16M)")
     p.add_argument("--backend-reconnect", choices=["auto", "on", "off"], default="auto",
@@ -249,6 +258,8 @@ def build_proxy_config(args):
             reply_timeout=args.reply_timeout,
             stop_timeout=args.stop_timeout,
             max_replays=args.max_replays,
+            iotlb_max_entries=args.iotlb_max_entries,
+            iotlb_keep_completed=args.iotlb_keep_completed,
             max_request_bytes=args.max_request_bytes,
             bounce_per_queue=args.bounce_per_queue,
             backend_reconnect=args.backend_reconnect,

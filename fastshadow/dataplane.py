@@ -39,7 +39,7 @@ from . import _dataplane
 from ._dataplane import ffi, lib
 
 #: Must match FSDP_ABI_VERSION in csrc/fsdp.h; a stale build fails loudly here.
-ABI_VERSION = 3
+ABI_VERSION = 4
 
 if lib.fsdp_abi_version() != ABI_VERSION:  # pragma: no cover - build mismatch
     raise ImportError(
@@ -190,6 +190,11 @@ class Event(msgspec.Struct, frozen=True):
         return self.code == lib.FSDP_EV_REQUEST_POISONED
 
     @property
+    def iotlb_miss(self) -> bool:
+        """Not a refusal: queue ``queue`` waits for QEMU's translation of IOVA ``a`` (access ``b``)."""
+        return self.code == lib.FSDP_EV_IOTLB_MISS
+
+    @property
     def frontend_failed(self) -> bool:
         """The front-end shrank a guest memory file under the proxy: that session must end."""
         return self.code == lib.FSDP_EV_GUEST_MEMORY_LOST
@@ -220,7 +225,17 @@ _REFUSALS = {
     lib.FSDP_EV_REQUEST_TOO_LARGE,
     lib.FSDP_EV_ZERO_LENGTH,
     lib.FSDP_EV_BAD_LAYOUT,
+    lib.FSDP_EV_IOVA_UNMAPPED,
+    lib.FSDP_EV_IOVA_PERM,
 }
+
+#: Device IOTLB access permissions (struct vhost_iotlb_msg perm: VHOST_ACCESS_RO/WO/RW).
+IOTLB_RO, IOTLB_WO = lib.FSDP_IOTLB_RO, lib.FSDP_IOTLB_WO
+IOTLB_MAX_ENTRIES = lib.FSDP_IOTLB_MAX_ENTRIES
+
+
+def _access(perm: int) -> str:
+    return {1: "read", 2: "write", 3: "read+write"}.get(perm, f"perm {perm}")
 
 _DETAIL = {
     lib.FSDP_EV_DESC_NEXT_OUT_OF_RANGE: lambda a, b: f"descriptor next index {a} >= table size {b}",
@@ -242,6 +257,11 @@ _DETAIL = {
     lib.FSDP_EV_BACKEND_FAILED: lambda a, b: f"backend used idx {a} is {(a - b) & 0xFFFF} entries past the last "
                                              f"used {b}, more than the ring holds: shadow ring untrusted, backend "
                                              f"treated as failed",
+    lib.FSDP_EV_IOVA_UNMAPPED: lambda a, b: f"buffer at iova {a:#x} len {b} has no translation in the device "
+                                            f"IOTLB (QEMU answered the miss without one)",
+    lib.FSDP_EV_IOVA_PERM: lambda a, b: f"buffer at iova {a:#x} len {b} is mapped without the access the device "
+                                        f"needs (a device write to a read-only IOVA, or a read of a write-only one)",
+    lib.FSDP_EV_IOTLB_MISS: lambda a, b: f"iova {a:#x} ({_access(b)}) is not in the device IOTLB: asking QEMU",
     lib.FSDP_EV_BAD_HEAD: lambda a, b: f"avail ring head {a} >= queue size {b}: queue broken, stopped",
     lib.FSDP_EV_AVAIL_IDX_JUMP: lambda a, b: f"avail idx {a} is {(a - b) & 0xFFFF} entries ahead of last avail {b}: queue broken, stopped",
     lib.FSDP_EV_RING_UNMAPPED: lambda a, b: f"ring at user address {a:#x} is no longer in guest memory: queue paused",
@@ -470,6 +490,47 @@ class Device:
     def reset(self) -> None:
         """Device reset: every queue forgets its state; requests in flight are dropped."""
         _check(lib.fsdp_dev_reset(self._live()), f"{self.name}: reset")
+
+    # device IOTLB (vIOMMU) -------------------------------------------------------
+    def iotlb_enable(self, on: bool, cap: int = 0, keep_completed: bool = False) -> None:
+        """VIRTIO_F_ACCESS_PLATFORM with a vIOMMU: ring and buffer addresses are IOVAs from now
+        on, translated through at most `cap` translations (1..IOTLB_MAX_ENTRIES); off: they are
+        guest-physical (rings: QEMU user addresses).  Either way every translation is forgotten.
+        keep_completed: keep a completed request's translations (trust the guest's
+        invalidations) instead of forgetting them (fsdp.h)."""
+        _check(lib.fsdp_dev_iotlb_enable(self._live(), 1 if on else 0, cap, 1 if keep_completed else 0),
+               f"{self.name}: device IOTLB {'on, at most ' + str(cap) + ' entries' if on else 'off'}")
+
+    def iotlb_update(self, iova: int, size: int, uaddr: int, perm: int) -> None:
+        """VHOST_IOTLB_UPDATE: [iova, iova+size) -> QEMU user address uaddr, access perm (1-3).
+        NoSpace past the cap; InvalidRequest for an empty or wrapping range or perm 0."""
+        _check(lib.fsdp_dev_iotlb_update(self._live(), iova, size, uaddr, perm),
+               f"{self.name}: IOTLB update iova {iova:#x} size {size:#x} perm {perm}")
+
+    def iotlb_invalidate(self, iova: int, size: int) -> int:
+        """VHOST_IOTLB_INVALIDATE: in effect when this returns (no later access uses the old
+        translation). Returns the entries removed or cut."""
+        return _check(lib.fsdp_dev_iotlb_invalidate(self._live(), iova, size),
+                      f"{self.name}: IOTLB invalidate iova {iova:#x} size {size:#x}")
+
+    def iotlb_translate(self, iova: int, perm: int) -> tuple[int, int] | None:
+        """(QEMU user address, bytes of the entry from iova on) for an access perm; None if
+        no entry holds iova; PermissionError-like DataPlaneError (EACCES) if it lacks perm."""
+        out = ffi.new("uint64_t[2]")
+        rc = lib.fsdp_dev_iotlb_translate(self._live(), iova, perm, out, out + 1)
+        if rc == -errno.ENOENT:
+            return None
+        _check(rc, f"{self.name}: IOTLB translate iova {iova:#x} perm {perm}")
+        return out[0], out[1]
+
+    def iotlb_entries(self) -> int:
+        return _check(lib.fsdp_dev_iotlb_entries(self._live()), f"{self.name}: IOTLB entries")
+
+    def queue_iotlb_answered(self, q: int, iova: int) -> None:
+        """QEMU answered queue q's IOTLB miss at iova (its update, if any, is installed): the
+        queue goes on; a page still missing is refused (IOVA_UNMAPPED). An answer to an older
+        miss of the queue is ignored."""
+        _check(lib.fsdp_queue_iotlb_answered(self._live(), q, iova), self._q("IOTLB miss answered", q))
 
     # dirty log (migration) ---------------------------------------------------
     def set_log_base(self, fd: int | None, size: int = 0, offset: int = 0) -> None:

@@ -305,10 +305,20 @@ class Proxy:
                 kv(log, logging.DEBUG, "dataplane.events_stopped", reason=str(e))
                 return
             for ev in events:
+                if ev.iotlb_miss:   # not a refusal: the session asks QEMU
+                    self._iotlb_miss(ev)
+                    continue
                 kv(log, logging.WARNING, "request.poisoned" if ev.poisoned else "dataplane.refused", dev=ev.dev_name,
                    queue=ev.queue, code=ev.name, detail=ev.message)
                 if ev.backend_failed or ev.frontend_failed:
                     self._peer_failed(ev)
+
+    def _iotlb_miss(self, ev) -> None:
+        """A queue waits for an IOVA's translation: its session asks QEMU (VHOST_IOTLB_MISS)."""
+        for d in self.devices:
+            s = d.session
+            if s is not None and getattr(s, "dev", None) is not None and s.dev.id == ev.dev:
+                s.iotlb_miss(ev.queue, ev.a, ev.b)
 
     def _peer_failed(self, ev) -> None:
         """The data plane no longer trusts a device's backend (its shadow used ring is beyond
