@@ -195,10 +195,10 @@ static inline int piece_at(struct fsdp_mem *m, uint64_t addr, uint64_t len, uint
 
 int mem_check_range_split(struct fsdp_mem *m, uint64_t gpa, uint64_t len)
 {
-    return mem_check_access(m, gpa, len, false);
+    return mem_check_access_split(m, gpa, len, false);
 }
 
-int mem_check_access(struct fsdp_mem *m, uint64_t addr, uint64_t len, bool write)
+int mem_check_access_split(struct fsdp_mem *m, uint64_t addr, uint64_t len, bool write)
 {
     FOR_EACH_PIECE(m, addr, len, write ? FSDP_IOTLB_WO : FSDP_IOTLB_RO, host, take, (void)host);
     return 0;

@@ -97,7 +97,12 @@ uint8_t *mem_uaddr_to_host(struct fsdp_mem *m, uint64_t uaddr, uint64_t len);
 /* As mem_check_range, for an access that writes (else reads) the range: with
  * the IOTLB on also FSDP_EV_IOTLB_MISS (iotlb->miss_iova/perm say where) and
  * FSDP_EV_IOVA_PERM. */
-int mem_check_access(struct fsdp_mem *m, uint64_t addr, uint64_t len, bool write);
+int mem_check_access_split(struct fsdp_mem *m, uint64_t addr, uint64_t len, bool write);
+static inline int mem_check_access(struct fsdp_mem *m, uint64_t addr, uint64_t len, bool write)
+{
+    /* The last region's fast path (IOTLB off only, see mem_last_hit). */
+    return mem_last_hit(m, addr, len) ? 0 : mem_check_access_split(m, addr, len, write);
+}
 /* Host pointer of a guest ring [addr, addr+len): addr is QEMU's user address,
  * or an IOVA with the IOTLB on (then the range must translate to one
  * contiguous run of user addresses, with perm).  NULL if not; a missing
