@@ -70,7 +70,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="extra arguments for every `fastshadow proxy` started, e.g. \"--busy-poll-us 50\"")
     p.add_argument("--variant", action="append", default=[], metavar="NAME=ARGS",
                    help="one more mode, NAME: an isolated proxy started with ARGS (after --proxy-args), "
-                        "interleaved with the other modes, e.g. nopoll=\"--busy-poll-us 0\"; repeatable")
+                        "interleaved with the other modes, e.g. nopoll=\"--busy-poll-us 0\"; ARGS starting "
+                        "with @PYTHON run that interpreter's fastshadow instead (another checkout's "
+                        ".venv/bin/python: its code against this one's, interleaved); repeatable")
     p.add_argument("--traced", action="append", default=[], metavar="NAME=ARGS",
                    help="one more mode, NAME: an isolated proxy (as the isolated mode's) with `fastshadow trace "
                         "--pid PROXY --quiet ARGS` attached for the whole run, e.g. bcc=\"\" or "

@@ -186,6 +186,13 @@ def _tail(path: Path, n: int = 6) -> str:
     return " | ".join(ln.strip() for ln in lines[-n:])
 
 
+def _proxy_extra(common: list[str], variant: list[str]) -> list[str]:
+    """--proxy-args then the variant's; a variant's @PYTHON stays first (ProxyProcess)."""
+    if variant and variant[0].startswith("@"):
+        return [variant[0], *common, *variant[1:]]
+    return [*common, *variant]
+
+
 class ProxyProcess:
     """``python -m fastshadow.cli proxy --listen S --backend B --mode M`` as a subprocess."""
 
@@ -197,7 +204,13 @@ class ProxyProcess:
         # The bench runs the load generator (QEMU's part), qsd and the proxy as one user: an
         # isolated proxy would refuse that backend identity without --allow-shared-uid.
         shared = ["--allow-shared-uid"] if proxy_mode == "isolated" else []
-        self.argv = [sys.executable, "-m", "fastshadow.cli", "proxy", "--listen", str(listen),
+        # A variant's "@PYTHON" first argument: another checkout's interpreter, so that two
+        # builds of the data plane are compared interleaved in one run (bench/README.md).
+        # -P: not the working directory's fastshadow (python -m puts it first on sys.path).
+        python = [sys.executable]
+        if extra and extra[0].startswith("@"):
+            python, extra = [extra[0][1:], "-P"], extra[1:]
+        self.argv = [*python, "-m", "fastshadow.cli", "proxy", "--listen", str(listen),
                      "--backend", str(backend), "--mode", proxy_mode, *shared,
                      "--name", f"bench-{mode}", *extra]
         self.proc: subprocess.Popen | None = None
@@ -310,7 +323,7 @@ class Testbed:
                 continue
             px = ProxyProcess(mode, self.dir / f"fs-{self.backend}-{mode}.sock", self.qsd_sock,
                               self.dir / f"proxy-{self.backend}-{mode}.log",
-                              self.cfg.proxy_args + self.cfg.variants.get(mode, [])
+                              _proxy_extra(self.cfg.proxy_args, self.cfg.variants.get(mode, []))
                               + (["--iotlb-keep-completed"] if mode == "isolated-iotlb" else []),
                               "isolated" if mode in ("isolated", "isolated-iotlb") or mode in self.cfg.variants
                               else "direct")

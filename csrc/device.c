@@ -1075,16 +1075,18 @@ static int cmd_iotlb_answered(struct fsdp_dp *dp, struct dev_cmd *c)
 
     if (!q)
         return -EINVAL;
-    iotlb_answered(&c->dev->iotlb, c->q, c->arg.iotlb_msg.iova);
+    iotlb_answered(&c->dev->iotlb, c->q, c->arg.iotlb_msg.iova, c->arg.iotlb_msg.perm != 0);
     if (q->addr_set && !q->rings_ok)
         queue_translate_rings(q, true);
     /* A chain that waited is walked again by the loop's next pass. */
     return 0;
 }
 
-int fsdp_queue_iotlb_answered(struct fsdp_dev *dev, uint32_t q, uint64_t iova)
+int fsdp_queue_iotlb_answered(struct fsdp_dev *dev, uint32_t q, uint64_t iova, int ok)
 {
-    struct dev_cmd c = {.op = CMD_IOTLB_ANSWERED, .dev = dev, .q = q, .arg.iotlb_msg = {.iova = iova}};
+    /* .perm carries ok: the answer names no access of its own */
+    struct dev_cmd c = {.op = CMD_IOTLB_ANSWERED, .dev = dev, .q = q,
+                        .arg.iotlb_msg = {.iova = iova, .perm = ok != 0}};
     return exec(&c);
 }
 

@@ -344,10 +344,11 @@ int fsdp_queue_clear_shadow(struct fsdp_dev *dev, uint32_t q);
 int fsdp_queue_stats(struct fsdp_dev *dev, uint32_t q, struct fsdp_queue_stats *out);
 /* The queue's latency histograms since the device was added (zeros when off). */
 int fsdp_queue_hist(struct fsdp_dev *dev, uint32_t q, struct fsdp_queue_hist *out);
-/* QEMU answered queue q's FSDP_EV_IOTLB_MISS at iova (its update, if any,
- * is installed): the queue takes up where it waited; a page still missing is
- * refused (FSDP_EV_IOVA_UNMAPPED), never asked twice in a row.  The answer to
- * an older miss of the queue is ignored. */
-int fsdp_queue_iotlb_answered(struct fsdp_dev *dev, uint32_t q, uint64_t iova);
+/* QEMU answered queue q's FSDP_EV_IOTLB_MISS at iova (ok != 0: with a
+ * translation, installed before this call): the queue takes up where it
+ * waited.  After "no translation" the page is refused (FSDP_EV_IOVA_UNMAPPED);
+ * a page gone again after "yes" is asked again, a bounded number of times.
+ * The answer to an older miss of the queue is ignored. */
+int fsdp_queue_iotlb_answered(struct fsdp_dev *dev, uint32_t q, uint64_t iova, int ok);
 
 #endif

@@ -195,15 +195,17 @@ int iotlb_lookup_run(const struct fsdp_iotlb *t, uint64_t iova, uint32_t perm, u
 
 int iotlb_missed(struct fsdp_iotlb *t, uint32_t q, uint64_t iova)
 {
-    uint64_t page = iova & ~(uint64_t)(FSDP_PAGE - 1);
+    const uint64_t mask = ~(uint64_t)(FSDP_PAGE - 1);
+    bool same;
 
     if (q >= FSDP_MAX_QUEUES)
         return FSDP_EV_IOVA_UNMAPPED;
+    same = (t->miss_iova[q] & mask) == (iova & mask);
     switch (t->state[q]) {
     case IOTLB_WAITING:
         return 0;
-    case IOTLB_ANSWERED:
-        if ((t->miss_iova[q] & ~(uint64_t)(FSDP_PAGE - 1)) == page) {
+    case IOTLB_REFUSED:
+        if (same) {
             t->state[q] = IOTLB_IDLE;
             return FSDP_EV_IOVA_UNMAPPED;
         }
@@ -211,22 +213,29 @@ int iotlb_missed(struct fsdp_iotlb *t, uint32_t q, uint64_t iova)
     default:
         break;
     }
+    if (same && t->reasks[q] >= IOTLB_MAX_REASKS) {
+        t->reasks[q] = 0;
+        return FSDP_EV_IOVA_UNMAPPED;   /* answered "yes" again and again, never sent */
+    }
+    t->reasks[q] = same ? t->reasks[q] + 1 : 0;
     t->state[q] = IOTLB_WAITING;
     t->miss_iova[q] = iova;
     return FSDP_EV_IOTLB_MISS;
 }
 
-void iotlb_answered(struct fsdp_iotlb *t, uint32_t q, uint64_t iova)
+void iotlb_answered(struct fsdp_iotlb *t, uint32_t q, uint64_t iova, bool ok)
 {
-    uint64_t mask = ~(uint64_t)(FSDP_PAGE - 1);
-
-    if (q < FSDP_MAX_QUEUES && t->state[q] == IOTLB_WAITING &&
-        (t->miss_iova[q] & mask) == (iova & mask))
-        t->state[q] = IOTLB_ANSWERED;
+    /* The exact address: an answer to an older miss of the queue (its
+     * request went on when the update came, before the ack) must not be
+     * taken for the answer to the current one, even on the same page. */
+    if (q < FSDP_MAX_QUEUES && t->state[q] == IOTLB_WAITING && t->miss_iova[q] == iova)
+        t->state[q] = ok ? IOTLB_IDLE : IOTLB_REFUSED;
 }
 
 void iotlb_settled(struct fsdp_iotlb *t, uint32_t q)
 {
-    if (q < FSDP_MAX_QUEUES)
+    if (q < FSDP_MAX_QUEUES) {
         t->state[q] = IOTLB_IDLE;
+        t->reasks[q] = 0;
+    }
 }

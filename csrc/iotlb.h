@@ -14,9 +14,14 @@ struct fsdp_iotlb_entry {
     uint32_t perm;          /* FSDP_IOTLB_RO | FSDP_IOTLB_WO */
 };
 
-/* Per-queue miss state: a miss is asked once; once QEMU answered it, the same
- * page missing again is refused instead of asked again (no endless retry). */
-enum { IOTLB_IDLE = 0, IOTLB_WAITING = 1, IOTLB_ANSWERED = 2 };
+/* Per-queue miss state: a miss is asked once.  QEMU's answer "no
+ * translation" makes the same page refused (REFUSED); an answer with one lets
+ * the queue walk again, and a page missing again then (a request that
+ * completed meanwhile dropped it, iotlb_forget) is asked again, up to
+ * IOTLB_MAX_REASKS times in a row (a front-end that acks without ever
+ * sending the update cannot keep a request waiting forever). */
+enum { IOTLB_IDLE = 0, IOTLB_WAITING = 1, IOTLB_REFUSED = 2 };
+#define IOTLB_MAX_REASKS 8
 
 struct fsdp_iotlb {
     bool on;                /* addresses are IOVAs (ACCESS_PLATFORM with a vIOMMU) */
@@ -24,6 +29,7 @@ struct fsdp_iotlb {
     struct fsdp_iotlb_entry *e;     /* sorted by iova, disjoint; cap + 1 slots */
     uint8_t state[FSDP_MAX_QUEUES];
     uint64_t miss_iova[FSDP_MAX_QUEUES];
+    uint8_t reasks[FSDP_MAX_QUEUES];    /* the same page asked again in a row */
     uint64_t generation;    /* +1 at every change (update or invalidation) */
     uint64_t miss_at;       /* the last lookup that failed (mem.c): IOVA ... */
     uint32_t miss_perm;     /* ... and the access it needed */
@@ -53,14 +59,16 @@ int iotlb_lookup(const struct fsdp_iotlb *t, uint64_t iova, uint32_t perm, uint6
 int iotlb_lookup_run(const struct fsdp_iotlb *t, uint64_t iova, uint32_t perm, uint64_t want,
                      uint64_t *uaddr, uint64_t *avail);
 /* Queue q missed at iova: FSDP_EV_IOTLB_MISS (ask QEMU: emit the event),
- * 0 (asked already: wait), FSDP_EV_IOVA_UNMAPPED (QEMU answered and the page
- * is still missing: refuse). */
+ * 0 (asked already: wait), FSDP_EV_IOVA_UNMAPPED (QEMU answered "no
+ * translation" for the page, or "yes" IOTLB_MAX_REASKS times in a row
+ * without the page staying: refuse). */
 int iotlb_missed(struct fsdp_iotlb *t, uint32_t q, uint64_t iova);
-/* QEMU answered queue q's miss at iova (its update, if any, is installed).
- * An answer to an older miss of the queue changes nothing: the update it
- * brought may already have let the queue go on and miss elsewhere, and that
- * newer miss has not been asked yet. */
-void iotlb_answered(struct fsdp_iotlb *t, uint32_t q, uint64_t iova);
+/* QEMU answered queue q's miss at iova (ok: with a translation, now
+ * installed).  An answer to an older miss of the queue (another address,
+ * even on the same page) changes nothing: the update it brought may already
+ * have let the queue go on and miss elsewhere, and that newer miss has not
+ * been answered yet. */
+void iotlb_answered(struct fsdp_iotlb *t, uint32_t q, uint64_t iova, bool ok);
 /* Queue q got past its miss (or was reset): forget it. */
 void iotlb_settled(struct fsdp_iotlb *t, uint32_t q);
 

@@ -48,7 +48,10 @@
  *   4. queue one eventfd write per backend to kick / guest to call;
  *   5. optional busy-poll on the rings, for an adaptive window of at most
  *      busy_poll_us (see busy_poll);
- *   6. submit everything (re-arms + writes) as ONE batch and wait for one
+ *   6. before sleeping, ask for the kicks and calls the passes did not ask
+ *      for while the loop was spinning (event idx; queue_arm): a ring that
+ *      got work meanwhile means no sleep;
+ *   7. submit everything (re-arms + writes) as ONE batch and wait for one
  *      completion (with a timeout if some queue has no kick fd and must be
  *      polled), then drain all completions with one cq_advance.
  *
@@ -485,6 +488,9 @@ static bool process_all(struct fsdp_dp *dp, bool *poll_mode, bool *again)
             struct fsdp_queue *q = &dev->q[i];
             struct watch *w = &dp->devs[d].w[i];
             if (q->started) {
+                /* While the loop spins after work it sees the rings itself:
+                 * no event idx arming per pass (queue_arm before sleeping). */
+                q->defer_arm = dp->cfg.busy_poll_us && dp->poll_ns;
                 any |= queue_process(q);
                 if (q->guest_kick_fd < 0 || w->kick_failed)
                     *poll_mode = true;
@@ -504,6 +510,20 @@ static bool process_all(struct fsdp_dp *dp, bool *poll_mode, bool *again)
         }
     }
     return any;
+}
+
+/* Before sleeping: arm the notifications the passes deferred (queue_arm).
+ * True if some ring got work meanwhile: run a pass instead of sleeping. */
+static bool arm_deferred(struct fsdp_dp *dp)
+{
+    bool work = false;
+
+    for (uint32_t d = 0; d < dp->ndevs; d++) {
+        struct fsdp_devctx *dev = dp->devs[d].d;
+        for (uint32_t i = 0; dev && i < dev->num_queues; i++)
+            work |= queue_arm(&dev->q[i]);
+    }
+    return work;
 }
 
 /* The queue a completion is about, and the loop's record of it (NULL if gone). */
@@ -738,6 +758,8 @@ static void *loop_main(void *arg)
                 continue;
             }
         }
+        if (!again && arm_deferred(dp))
+            again = true;       /* work arrived while arming: look before sleeping */
         if (again) {
             ts.tv_sec = 0;      /* submit, collect what is ready, don't sleep */
             ts.tv_nsec = 0;

@@ -193,18 +193,19 @@ static inline int piece_at(struct fsdp_mem *m, uint64_t addr, uint64_t len, uint
         }                                                                     \
     } while (0)
 
-int mem_check_range(struct fsdp_mem *m, uint64_t gpa, uint64_t len)
+int mem_check_range_split(struct fsdp_mem *m, uint64_t gpa, uint64_t len)
 {
-    return mem_check_access(m, gpa, len, false);
+    return mem_check_access_split(m, gpa, len, false);
 }
 
-int mem_check_access(struct fsdp_mem *m, uint64_t addr, uint64_t len, bool write)
+int mem_check_access_split(struct fsdp_mem *m, uint64_t addr, uint64_t len, bool write)
 {
     FOR_EACH_PIECE(m, addr, len, write ? FSDP_IOTLB_WO : FSDP_IOTLB_RO, host, take, (void)host);
     return 0;
 }
 
-int mem_copy_from_guest(struct fsdp_mem *m, void *dst, uint64_t gpa, uint64_t len, bool stream)
+int mem_copy_from_guest_split(struct fsdp_mem *m, void *dst, uint64_t gpa, uint64_t len,
+                              bool stream)
 {
     uint8_t *d = dst;
     FOR_EACH_PIECE(m, gpa, len, FSDP_IOTLB_RO, host, take, {
@@ -214,8 +215,8 @@ int mem_copy_from_guest(struct fsdp_mem *m, void *dst, uint64_t gpa, uint64_t le
     return 0;
 }
 
-int mem_copy_to_guest(struct fsdp_mem *m, uint64_t gpa, const void *src, uint64_t len,
-                      bool stream)
+int mem_copy_to_guest_split(struct fsdp_mem *m, uint64_t gpa, const void *src, uint64_t len,
+                            bool stream)
 {
     const uint8_t *s = src;
     FOR_EACH_PIECE(m, gpa, len, FSDP_IOTLB_WO, host, take, {

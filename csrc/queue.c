@@ -151,6 +151,7 @@ int queue_set_num(struct fsdp_queue *q, uint32_t num)
     if (rc)
         return rc;
     q->num = num;
+    q->num_pow2 = (num & (num - 1u)) == 0;
     base = (uint64_t)q->idx * dev->slot_size;
     q->s_desc_off = base;
     q->s_avail_off = base + FSDP_ALIGN_UP(vring_desc_size(num), FSDP_PAGE);

@@ -283,7 +283,7 @@ _DETAIL = {
                                              f"used {b}, more than the ring holds: shadow ring untrusted, backend "
                                              f"treated as failed",
     lib.FSDP_EV_IOVA_UNMAPPED: lambda a, b: f"buffer at iova {a:#x} len {b} has no translation in the device "
-                                            f"IOTLB (QEMU answered the miss without one)",
+                                            f"IOTLB (QEMU answered the miss without one, or its updates kept not arriving)",
     lib.FSDP_EV_IOVA_PERM: lambda a, b: f"buffer at iova {a:#x} len {b} is mapped without the access the device "
                                         f"needs (a device write to a read-only IOVA, or a read of a write-only one)",
     lib.FSDP_EV_IOTLB_MISS: lambda a, b: f"iova {a:#x} ({_access(b)}) is not in the device IOTLB: asking QEMU",
@@ -552,11 +552,12 @@ class Device:
     def iotlb_entries(self) -> int:
         return _check(lib.fsdp_dev_iotlb_entries(self._live()), f"{self.name}: IOTLB entries")
 
-    def queue_iotlb_answered(self, q: int, iova: int) -> None:
-        """QEMU answered queue q's IOTLB miss at iova (its update, if any, is installed): the
-        queue goes on; a page still missing is refused (IOVA_UNMAPPED). An answer to an older
-        miss of the queue is ignored."""
-        _check(lib.fsdp_queue_iotlb_answered(self._live(), q, iova), self._q("IOTLB miss answered", q))
+    def queue_iotlb_answered(self, q: int, iova: int, ok: bool = True) -> None:
+        """QEMU answered queue q's IOTLB miss at iova (ok: with a translation, installed
+        before this call): the queue goes on. After "no translation" (ok False) the page is
+        refused (IOVA_UNMAPPED); a page gone again after "yes" is asked again, a bounded
+        number of times. An answer to an older miss of the queue is ignored."""
+        _check(lib.fsdp_queue_iotlb_answered(self._live(), q, iova, int(ok)), self._q("IOTLB miss answered", q))
 
     # dirty log (migration) ---------------------------------------------------
     def set_log_base(self, fd: int | None, size: int = 0, offset: int = 0) -> None:

@@ -487,7 +487,7 @@ class IsolatedSession(Session):
             if dev is None:
                 return      # the session ended meanwhile
             try:
-                dev.queue_iotlb_answered(q, iova)   # the queue goes on (or refuses what is still missing)
+                dev.queue_iotlb_answered(q, iova, ok=why is None)   # the queue goes on, or refuses the page
             except DataPlaneError as e:
                 kv(log, logging.WARNING, "iotlb.miss_unanswered", dev=self.name, queue=q, iova=hex(iova),
                    reason=f"the data plane did not take the answer: {e}")

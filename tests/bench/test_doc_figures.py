@@ -222,3 +222,107 @@ def test_results_md_one_device_for_a_minute_is_the_json():
     # The tracer's own output at exit, kept next to the JSON.
     sampled = re.search(r"request_sampled=(\d+)", (MINUTE.parent / "trace.txt").read_text()).group(1)
     assert f"{sampled} sampled requests" in squash(text)
+
+
+# Issue 12 (per-request cost): the callgrind before/after tables and the interleaved runs of
+# this tree against the code before it (`--variant base="@PYTHON"`), quoted in bench/RESULTS.md.
+CALLGRIND = ROOT / "bench" / "results" / "callgrind"
+ISSUE12 = ROOT / "bench" / "results" / "issue12"
+
+
+def test_results_md_callgrind_tables_are_the_json():
+    text = (ROOT / "bench" / "RESULTS.md").read_text()
+    full = subprocess.run([sys.executable, "-m", "fastshadow.bench.callgrind", "--compare",
+                           str(CALLGRIND / "before-qd32.json"), str(CALLGRIND / "after-qd32.json")],
+                          capture_output=True, text=True, check=True).stdout.strip()
+    assert full in text, "bench/RESULTS.md must hold `python -m fastshadow.bench.callgrind --compare " \
+                         "before-qd32.json after-qd32.json` verbatim"
+    missing = []
+    for label in ("qd32-b4", "qd1", "qd32-write", "1m-qd8"):
+        b, a = (json.loads((CALLGRIND / f"{w}-{label}.json").read_text())["total"] for w in ("before", "after"))
+
+        def cyc(t):
+            return t["Ir"] + 10 * t["L1m"] + 100 * t["LLm"]
+        row = (f"| {label} | {b['Ir']:.0f} | {a['Ir']:.0f} | {b['L1m']:.1f} | {a['L1m']:.1f} | "
+               f"{b['LLm']:.1f} | {a['LLm']:.1f} | {cyc(b):.0f} | {cyc(a):.0f} |")
+        if row not in text:
+            missing.append(row)
+    assert not missing, "bench/RESULTS.md (issue 12, other workloads) must say:\n" + "\n".join(missing)
+
+
+def issue12_row(path: Path, label: str) -> str:
+    """One placement's 4 KiB randread QD32 figures: IOPS per mode, ratios, proxy CPU µs per request."""
+    runs = json.loads(path.read_text())["runs"]
+
+    def pick(mode):
+        return [r for r in runs if r["mode"] == mode and r["workload"]["bs"] == 4 * KiB
+                and r["workload"]["qd"] == 32]
+    iops = {m: statistics.median(r["iops"] for r in pick(m)) for m in ("direct", "isolated", "base")}
+    px = {m: statistics.median(r["cpu_s"]["proxy"] / r["requests"] * 1e6 for r in pick(m))
+          for m in ("isolated", "base")}
+    other = statistics.median(r["cpu_s"]["other"] / r["duration_s"] for r in runs)
+    return (f"| {label} | {iops['direct'] / 1e3:.0f}k | {iops['base'] / 1e3:.0f}k | {iops['isolated'] / 1e3:.0f}k | "
+            f"{iops['base'] / iops['direct']:.2f} | {iops['isolated'] / iops['direct']:.2f} | "
+            f"{px['base']:.2f} | {px['isolated']:.2f} | {other:.2f} |")
+
+
+def test_results_md_issue12_runs_are_the_json():
+    text = (ROOT / "bench" / "RESULTS.md").read_text()
+    rows = [issue12_row(ISSUE12 / "free" / "results.json", "`split-free-proxy`"),
+            issue12_row(ISSUE12 / "split" / "results.json", "`split`")]
+    missing = [r for r in rows if r not in text]
+    assert not missing, "bench/RESULTS.md (issue 12) must say, from bench/results/issue12/*/results.json:\n" + \
+        "\n".join(missing)
+
+
+def perf_stat(path: Path) -> dict[str, float]:
+    """`perf stat` output: {event name without its group: count}."""
+    out = {}
+    for ln in path.read_text().splitlines():
+        m = re.match(r"\s*([\d,.]+)\s+(?:msec\s+)?([\w:-]+)", ln)
+        if m:
+            out[m.group(2).split(":")[-1]] = float(m.group(1).replace(",", ""))
+    return out
+
+
+def test_results_md_issue12_syscalls_are_the_measurement():
+    rows = {"syscalls": [], "io_uring_enter": [], "switches": [], "clock": []}
+    for place in ("free", "split"):
+        d = ISSUE12 / "syscalls" / place
+        runs = json.loads((d / "results.json").read_text())["runs"]
+        for mode in ("base", "isolated"):
+            n = sum(r["requests"] for r in runs if r["mode"] == mode)
+            st = perf_stat(d / f"{place}.{mode}.perfstat")
+            rows["syscalls"].append(f"{st['sys_enter'] / n:.3f}")
+            rows["io_uring_enter"].append(f"{st['sys_enter_io_uring_enter'] / n:.3f}")
+            rows["switches"].append(f"{st['sched_switch'] / n:.3f}")
+            rows["clock"].append(f"{st['task-clock'] * 1e3 / n:.2f}")
+    want = [f"| syscalls | {' | '.join(rows['syscalls'])} |",
+            f"| of which `io_uring_enter` | {' | '.join(rows['io_uring_enter'])} |",
+            f"| context switches | {' | '.join(rows['switches'])} |",
+            f"| task-clock µs (all threads, whole run) | {' | '.join(rows['clock'])} |"]
+    text = (ROOT / "bench" / "RESULTS.md").read_text()
+    missing = [r for r in want if r not in text]
+    assert not missing, "bench/RESULTS.md (issue 12 syscalls) must say:\n" + "\n".join(missing)
+
+
+
+def test_results_md_issue12_full_run_is_the_json():
+    d = Data(ISSUE12 / "full" / "results.json")
+    runs = d.raw["runs"]
+
+    def px(bs, qd):
+        return statistics.median(r["cpu_s"]["proxy"] / r["requests"] * 1e6 for r in runs
+                                 if r["backend"] == "null" and r["mode"] == "isolated" and
+                                 r["workload"]["rw"] == "randread" and r["workload"]["bs"] == bs and
+                                 r["workload"]["qd"] == qd and r["workload"].get("queues", 1) == 1)
+    q32 = [d.get(m, "randread", 4 * KiB, 32)["iops"] / 1e3 for m in ("direct", "proxy-direct", "isolated")]
+    gm = {b: geomean(d.iops_ratios(b, "isolated")) for b in ("null", "file")}
+    other = statistics.median(r["cpu_s"]["other"] / r["duration_s"] for r in runs)
+    want = [f"| 4 KiB randread QD32 (null) | {q32[0]:.0f}k | {q32[1]:.0f}k | {q32[2]:.0f}k | "
+            f"{q32[2] / q32[0]:.2f} | {px(4 * KiB, 32):.2f} µs |",
+            f"geometric mean of isolated ÷ direct IOPS: {gm['null']:.2f} on `null`, {gm['file']:.2f} on `file`",
+            f"{len(runs)} runs, {d.raw['wall_s']:.0f} s, other work busy {other:.2f} CPUs (median)"]
+    text = squash((ROOT / "bench" / "RESULTS.md").read_text())
+    missing = [w for w in want if squash(w) not in text]
+    assert not missing, "bench/RESULTS.md (issue 12 full run) must say:\n" + "\n".join(missing)

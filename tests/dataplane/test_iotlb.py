@@ -187,3 +187,57 @@ def test_a_completed_request_leaves_no_translation_behind(make_rig, keep):
                 assert rig.dev.iotlb_translate(page, 0) is None, f"iova {page:#x} still translated"
     ring = g.desc + SHIFT
     assert rig.dev.iotlb_translate(ring, 0) is not None    # the rings are not a request's
+
+
+def missing_header_request(rig):
+    """A blk read whose header page has no translation: the queue misses on it."""
+    from .harness import Buf
+    hdr_page = rig.mem.alloc(PAGE, align=PAGE)
+    hdr, data, st = hdr_page + 0x100, rig.mem.alloc(512, align=512), rig.mem.alloc(1)
+    rig.mem.write(hdr, struct.pack("<IIQ", 0, 0, 7))
+    rig.dev.iotlb_invalidate(hdr_page + SHIFT, PAGE)
+    head = rig.gq[0].add([Buf(hdr + SHIFT, 16), Buf(data + SHIFT, 512, True), Buf(st + SHIFT, 1, True)])
+    rig.poll()
+    [ev] = rig.events()
+    assert (ev.name, ev.a) == ("IOTLB_MISS", hdr + SHIFT)
+    return head, hdr_page, hdr, st
+
+
+def test_an_answer_to_an_older_miss_on_the_same_page_is_not_taken_for_the_current_one(make_rig):
+    """Found under load (tests/proxy/test_iotlb.py flaked): the answer to an older miss of the
+    queue arrived after its update had already let the queue go on; a request that completed
+    meanwhile dropped that page (forget on completion), and the next request's miss on
+    another address of the page took the late answer for its own: refused, IOERR."""
+    rig = iotlb_rig(make_rig)
+    head, hdr_page, hdr, st = missing_header_request(rig)
+    rig.dev.queue_iotlb_answered(0, hdr_page + SHIFT, ok=True)     # an older miss, same page
+    rig.poll()
+    assert rig.events() == [] and rig.be[0].pending() == []        # still waiting for its own
+    rig.dev.iotlb_update(hdr_page + SHIFT, PAGE, rig.mem.uaddr(hdr_page), IOTLB_RO | IOTLB_WO)
+    rig.dev.queue_iotlb_answered(0, hdr + SHIFT, ok=True)
+    rig.poll()
+    assert rig.events() == [] and len(rig.be[0].pending()) == 1
+    rig.mem.accept(st, 1)
+
+
+def test_a_page_gone_again_after_yes_is_asked_again_a_bounded_number_of_times(make_rig):
+    """QEMU said "yes" but the page is not there when the queue walks again (dropped by a
+    completion in between, or a front-end that acks and never sends): asked again, up to 8
+    times in a row, then refused with the device's error; "no" is refused at once."""
+    rig = iotlb_rig(make_rig)
+    head, _, hdr, st = missing_header_request(rig)
+    for _ in range(8):
+        rig.dev.queue_iotlb_answered(0, hdr + SHIFT, ok=True)
+        rig.poll()
+        [ev] = rig.events()
+        assert (ev.name, ev.a) == ("IOTLB_MISS", hdr + SHIFT)
+    rig.dev.queue_iotlb_answered(0, hdr + SHIFT, ok=True)
+    rig.poll()
+    assert [e.name for e in rig.events()] == ["IOVA_UNMAPPED"]
+    # the walk cannot reach the status byte past an untranslatable header: len 0, nothing written
+    assert rig.gq[0].take_used() == [(head, 0)]
+    head2, _, hdr2, st2 = missing_header_request(rig)
+    rig.dev.queue_iotlb_answered(0, hdr2 + SHIFT, ok=False)
+    rig.poll()
+    assert [e.name for e in rig.events()] == ["IOVA_UNMAPPED"]
+    assert rig.gq[0].take_used() == [(head2, 0)]
