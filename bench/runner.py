@@ -99,6 +99,7 @@ class Config:
     loadgen_threads: str = "one"     # "one" or "per-queue"
     proxy_args: list[str] = field(default_factory=list)
     variants: dict[str, list[str]] = field(default_factory=dict)  # extra isolated modes: name -> args
+    traced: dict[str, list[str]] = field(default_factory=dict)    # of which traced: name -> trace args
     file_size: int = 512 << 20
     null_size: int = 8 << 30
     setup_timeout: float = 5.0       # seconds the peer may take to answer a vhost-user request
@@ -255,6 +256,38 @@ class ProxyProcess:
             self._log = None
 
 
+class TracerProcess:
+    """``python -m fastshadow.cli trace --pid PROXY --quiet ARGS`` attached to one proxy for a whole backend."""
+
+    def __init__(self, mode: str, pid: int, args: list[str], log_path: Path):
+        self.mode, self.log_path = mode, log_path
+        self.argv = [sys.executable, "-m", "fastshadow.cli", "trace", "--pid", str(pid), "--quiet",
+                     "--interval", "5", *args]
+        self._log = open(log_path, "ab")
+        self._log.write(("# " + " ".join(self.argv) + "\n").encode())
+        self._log.flush()
+        self.proc = subprocess.Popen(self.argv, stdin=subprocess.DEVNULL, stdout=self._log, stderr=subprocess.STDOUT,
+                                     start_new_session=True, preexec_fn=die_with_parent)
+
+    def wait_attached(self, timeout: float = 180.0) -> None:
+        """Until the tracer says it traces (bcc compiles its program first: seconds, more on a busy host)."""
+        deadline = time.monotonic() + timeout
+        while b"Tracing " not in self.log_path.read_bytes():
+            if self.proc.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError(f"fastshadow trace did not attach: {_tail(self.log_path)}")
+            time.sleep(0.2)
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            os.killpg(self.proc.pid, signal.SIGINT)         # Ctrl-C: it prints the whole run and exits
+            try:
+                self.proc.wait(30)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.proc.pid, signal.SIGKILL)
+                self.proc.wait()
+        self._log.close()
+
+
 class Testbed:
     """One backend (qemu-storage-daemon) and a fastshadow proxy per proxied mode."""
 
@@ -269,6 +302,7 @@ class Testbed:
         self.disk = workdir / "disk.img" if backend == "file" else None
         self.qsd: StorageDaemon | None = None
         self.proxies: dict[str, ProxyProcess] = {}
+        self.tracers: dict[str, TracerProcess] = {}
         self.skipped: dict[str, str] = {}
         self.place = place or Placement()
 
@@ -302,6 +336,15 @@ class Testbed:
                 pin_process(px.pid, self.place.proxy)
             except RuntimeError as e:
                 self.skip(mode, str(e))
+        for mode, args in self.cfg.traced.items():
+            if mode in self.proxies and mode not in self.skipped:
+                tr = TracerProcess(mode, self.proxies[mode].pid, args, self.dir / f"trace-{self.backend}-{mode}.log")
+                self.tracers[mode] = tr
+                try:
+                    tr.wait_attached()
+                    self.log(f"{mode}: fastshadow trace {' '.join(args)} attached to proxy {self.proxies[mode].pid}")
+                except RuntimeError as e:
+                    self.skip(mode, str(e))
         pids = [f"qemu-storage-daemon {self.qsd.pid}"] + [f"{m} proxy {px.pid}" for m, px in self.proxies.items()
                                                           if m not in self.skipped]
         self.log(f"backend {self.backend}: pids: {', '.join(pids)}, load generator {os.getpid()} "
@@ -350,6 +393,8 @@ class Testbed:
             self.skip(mode, f"the proxy exited with {px.proc.returncode}: {_tail(px.log_path)}")
 
     def stop(self) -> None:
+        for tr in self.tracers.values():
+            tr.stop()
         for px in self.proxies.values():
             px.stop()
         if self.qsd is not None:
@@ -576,6 +621,7 @@ def _run_bench(cfg: Config, log, t_start, created, workdir, own_workdir, machine
                            event_idx=cfg.event_idx, busy_poll_us=cfg.busy_poll_us,
                            loadgen_threads=cfg.loadgen_threads, proxy_args=list(cfg.proxy_args),
                            variants={k: list(v) for k, v in cfg.variants.items()},
+                           traced={k: list(v) for k, v in cfg.traced.items()},
                            file_size=cfg.file_size, null_size=cfg.null_size, pin=cfg.pin,
                            workloads=list(cfg.workloads))
     results = rp.Results(schema=rp.SCHEMA_VERSION, created=created, command=cfg.command, settings=settings,

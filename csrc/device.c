@@ -39,10 +39,12 @@
 #include <unistd.h>
 
 #include "base.h"
+#include "hist.h"
 #include "iotlb.h"
 #include "log.h"
 #include "loop.h"
 #include "mem.h"
+#include "probes.h"
 #include "queue.h"
 #include "shadow.h"
 #include "vring.h"
@@ -96,6 +98,7 @@ enum dev_op {
     CMD_ABORT,
     CMD_DISCARD,
     CMD_STATS,
+    CMD_HIST,
     CMD_IOTLB_ENABLE,
     CMD_IOTLB_UPDATE,
     CMD_IOTLB_INVALIDATE,
@@ -176,6 +179,9 @@ struct dev_cmd {
         struct {
             struct fsdp_queue_stats *out;
         } stats;
+        struct {
+            struct fsdp_queue_hist *out;
+        } hist;
     } arg;
 };
 
@@ -240,7 +246,11 @@ static int make_shadow(struct fsdp_dev *dev)
 
 static int cmd_attach(struct fsdp_dp *dp, struct dev_cmd *c)
 {
-    return dp_attach(dp, &c->dev->ctx);
+    int rc = dp_attach(dp, &c->dev->ctx);
+
+    if (rc == 0)
+        trace_ctl_name(c->dev->ctx.id, c->dev->name);   /* for tracers: id -> name */
+    return rc;
 }
 
 int fsdp_dev_add(struct fsdp_dp *dp, const char *name, const struct fsdp_dev_config *cfg,
@@ -307,8 +317,10 @@ int fsdp_dev_add(struct fsdp_dp *dp, const char *name, const struct fsdp_dev_con
         rc = -ENOMEM;
         goto fail;
     }
-    for (uint32_t i = 0; i < k.num_queues; i++)
+    for (uint32_t i = 0; i < k.num_queues; i++) {
         queue_init(&dev->ctx.q[i], &dev->ctx, i);
+        dev->ctx.q[i].h.on = !dp_config(dp)->no_latency_hist;
+    }
     for (uint32_t i = 0; i < k.num_queues; i++) {
         rc = queue_open(&dev->ctx.q[i]);
         if (rc)
@@ -349,8 +361,10 @@ void fsdp_dp_free(struct fsdp_dp *dp)
     if (!dp)
         return;
     fsdp_dp_stop(dp);
-    while ((d = dp_take_dev(dp)))   /* devices never removed */
+    while ((d = dp_take_dev(dp))) {   /* devices never removed */
+        trace_ctl_name(d->id, NULL);
         dev_destroy(dev_of(d));
+    }
     dp_destroy(dp);
 }
 
@@ -381,6 +395,8 @@ static void retranslate_all(struct fsdp_dev *dev)
 
 static int cmd_detach(struct fsdp_dp *dp, struct dev_cmd *c)
 {
+    /* Its name stays in the trace control block until the id is reused: a
+     * tracer still labels the events it read before the device went away. */
     dp_detach(dp, &c->dev->ctx);    /* a stop still waiting fails with -ENODEV */
     return 0;
 }
@@ -925,12 +941,30 @@ static int cmd_stats(struct fsdp_dp *dp, struct dev_cmd *c)
     if (!q)
         return -EINVAL;
     *c->arg.stats.out = q->st;
+    c->arg.stats.out->bounce_bytes = (uint64_t)(q->bounce.npages - q->bounce.nfree) * FSDP_PAGE;
+    c->arg.stats.out->throttled_ns += hist_throttle_now(&q->h);   /* a stall still going on */
+    return 0;
+}
+
+static int cmd_hist(struct fsdp_dp *dp, struct dev_cmd *c)
+{
+    struct fsdp_queue *q = get_q(c->dev, c->q);
+
+    if (!q)
+        return -EINVAL;
+    *c->arg.hist.out = q->h.pub;
     return 0;
 }
 
 int fsdp_queue_stats(struct fsdp_dev *dev, uint32_t q, struct fsdp_queue_stats *out)
 {
     struct dev_cmd c = {.op = CMD_STATS, .dev = dev, .q = q, .arg.stats = {.out = out}};
+    return exec(&c);
+}
+
+int fsdp_queue_hist(struct fsdp_dev *dev, uint32_t q, struct fsdp_queue_hist *out)
+{
+    struct dev_cmd c = {.op = CMD_HIST, .dev = dev, .q = q, .arg.hist = {.out = out}};
     return exec(&c);
 }
 
@@ -1088,6 +1122,7 @@ static int run_cmd(struct fsdp_dp *dp, struct fsdp_cmd *link)
     case CMD_ABORT:         return cmd_abort(dp, c);
     case CMD_DISCARD:       return cmd_discard(dp, c);
     case CMD_STATS:         return cmd_stats(dp, c);
+    case CMD_HIST:          return cmd_hist(dp, c);
     case CMD_IOTLB_ENABLE:  return cmd_iotlb_enable(dp, c);
     case CMD_IOTLB_UPDATE:  return cmd_iotlb_update(dp, c);
     case CMD_IOTLB_INVALIDATE: return cmd_iotlb_invalidate(dp, c);

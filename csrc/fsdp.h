@@ -35,7 +35,7 @@
 /* FSDP_C_ONLY_END */
 
 /* Bumped whenever this interface changes; checked at import. */
-#define FSDP_ABI_VERSION 4
+#define FSDP_ABI_VERSION 5
 int fsdp_abi_version(void);
 
 /* Limits and flags (enums so that cffi sees them as constants too). */
@@ -158,6 +158,34 @@ struct fsdp_queue_stats {
                                 len 0): refused, lied about, aborted, poisoned */
     uint64_t poisoned;       /* failed instead of a publication beyond 1 + max_replays */
     uint64_t discarded;      /* kept requests dropped untouched (fsdp_queue_discard) */
+    uint64_t bounce_bytes;   /* bounce space held by requests now (a gauge, bytes) */
+    uint64_t throttled_ns;   /* time intake waited for bounce space/descriptors
+                                (back-pressure), cumulative, ns */
+    uint64_t refused_by[16]; /* refused, by enum fsdp_event_code (the chain and IOVA
+                                refusals: codes 1..15); [0]: any other code */
+};
+
+/*
+ * Latency histograms the data plane keeps itself (hist.c; always on unless
+ * fsdp_dp_config.no_latency_hist).  Per queue and hop, log2 buckets of
+ * microseconds: bucket 0 counts durations below 1 us, bucket s (1..31)
+ * durations in [2^(s-1), 2^s) us; the last one also everything longer.
+ * Timed: every request the backend completed (one sample per hop; a request
+ * still in flight has only its kick_to_shadowed sample); not timed: refused
+ * requests, and those failed toward the guest (lying backend, abort, poison).
+ */
+enum {
+    FSDP_HOP_KICK_SHADOWED = 0,   /* guest kick seen -> request shadowed (copied, published) */
+    FSDP_HOP_BACKEND = 1,         /* request shadowed -> backend call seen for its completion */
+    FSDP_HOP_CALL_USED = 2,       /* backend call seen -> guest used element written */
+    FSDP_HOP_END_TO_END = 3,      /* guest kick seen -> guest used element written */
+    FSDP_HIST_HOPS = 4,
+    FSDP_HIST_SLOTS = 32,
+};
+
+struct fsdp_queue_hist {
+    uint64_t count[4][32];   /* [FSDP_HIST_HOPS][FSDP_HIST_SLOTS] */
+    uint64_t sum_ns[4];      /* per hop: sum of the durations counted, ns */
 };
 
 struct fsdp_mem_region {
@@ -174,6 +202,8 @@ struct fsdp_dp_config {
     uint32_t event_ring_size;   /* records (0: 1024) */
     uint64_t stream_copy_min;   /* buffers of at least this many bytes are copied
                                    (both ways) with streaming stores (0: never) */
+    uint32_t no_latency_hist;   /* 1: keep no latency histograms (hist.c; to measure
+                                   what they cost) */
 };
 
 struct fsdp_dev_config {
@@ -312,6 +342,8 @@ int fsdp_queue_discard(struct fsdp_dev *dev, uint32_t q);
  * addresses reads fresh indices (libvhost-user reads used->idx then). */
 int fsdp_queue_clear_shadow(struct fsdp_dev *dev, uint32_t q);
 int fsdp_queue_stats(struct fsdp_dev *dev, uint32_t q, struct fsdp_queue_stats *out);
+/* The queue's latency histograms since the device was added (zeros when off). */
+int fsdp_queue_hist(struct fsdp_dev *dev, uint32_t q, struct fsdp_queue_hist *out);
 /* QEMU answered queue q's FSDP_EV_IOTLB_MISS at iova (ok != 0: with a
  * translation, installed before this call): the queue takes up where it
  * waited.  After "no translation" the page is refused (FSDP_EV_IOVA_UNMAPPED);

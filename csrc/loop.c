@@ -74,6 +74,7 @@
 
 #include "loop.h"
 #include "events.h"
+#include "hist.h"
 #include "probes.h"
 #include "queue.h"
 #include "shadow.h"
@@ -128,6 +129,7 @@ struct fsdp_dp {
     struct fsdp_batch batch;            /* queue_notify's way to our ring */
     unsigned ring_flags;
     uint64_t poll_ns;                   /* current busy-poll window, <= busy_poll_us */
+    uint64_t wake_ns;                   /* this drain's stamp (hist.h), 0: not read yet */
 };
 
 static inline uint64_t ud_make(unsigned kind, uint32_t dev, uint32_t q, uint32_t token)
@@ -543,6 +545,14 @@ static void loop_error(struct fsdp_dp *dp, uint32_t dev, uint32_t q, int res)
     evring_push(&dp->ev, &e);
 }
 
+/* The time of this drain's kicks and calls: one clock read per drain (hist.h). */
+static uint64_t wake_stamp(struct fsdp_dp *dp)
+{
+    if (!dp->wake_ns)
+        dp->wake_ns = hist_clock();
+    return dp->wake_ns;
+}
+
 static void handle_cqe(struct fsdp_dp *dp, struct io_uring_cqe *cqe)
 {
     uint64_t ud = cqe->user_data;
@@ -561,6 +571,8 @@ static void handle_cqe(struct fsdp_dp *dp, struct io_uring_cqe *cqe)
         w->kick_armed = false;
         if (cqe->res >= 0) {
             q->st.guest_kicks++;
+            if (q->h.on)
+                hist_kick(&q->h, wake_stamp(dp));
             PROBE_GUEST_KICK(q->dev->id, q->idx);
         } else if (!soft) {
             /* Don't spin re-arming a broken fd: poll the ring instead. */
@@ -575,6 +587,8 @@ static void handle_cqe(struct fsdp_dp *dp, struct io_uring_cqe *cqe)
         w->call_armed = false;
         if (cqe->res >= 0) {
             q->st.backend_calls++;
+            if (q->h.on)
+                hist_call(&q->h, wake_stamp(dp));
             PROBE_BACKEND_CALL(q->dev->id, q->idx);
         } else if (!soft) {
             loop_error(dp, q->dev->id, q->idx, cqe->res);
@@ -594,6 +608,7 @@ static unsigned drain_cqes(struct fsdp_dp *dp)
     struct io_uring_cqe *cqe;
     unsigned head, n = 0;
 
+    dp->wake_ns = 0;
     io_uring_for_each_cqe(&dp->ring, head, cqe) {
         handle_cqe(dp, cqe);
         n++;

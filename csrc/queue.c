@@ -22,6 +22,7 @@
 #include "queue.h"
 #include "base.h"
 #include "bounce.h"
+#include "hist.h"
 #include "iotlb.h"
 #include "mem.h"
 #include "shadow.h"
@@ -346,6 +347,8 @@ static int do_start(struct fsdp_queue *q, uint32_t flags)
     q->backend_event_idx = !!(flags & FSDP_QF_BACKEND_EVENT_IDX);
     q->broken = false;
     q->backend_broken = false;
+    if (q->throttled)   /* the stall ends here: its time is back-pressure time */
+        q->st.throttled_ns += hist_throttle_end(&q->h);
     q->throttled = false;
     q->stopping = false;
     q->guest_used_dirty = false;
@@ -517,6 +520,8 @@ void queue_reset(struct fsdp_queue *q)
     q->stopping = false;
     q->broken = false;
     q->backend_broken = false;
+    if (q->throttled)
+        q->st.throttled_ns += hist_throttle_end(&q->h);
     q->throttled = false;
     q->inflight = 0;
     q->parked = 0;

@@ -37,6 +37,7 @@
 #include "chain.h"
 #include "fail.h"
 #include "guard.h"
+#include "hist.h"
 #include "log.h"
 #include "iotlb.h"
 #include "mem.h"
@@ -491,6 +492,7 @@ static enum take_result take_one(struct fsdp_queue *q, uint32_t *steps)
         dev_event(dev, q->idx, (uint32_t)rc, head, ch.err_a, ch.err_b);
         PROBE_REQUEST_REFUSED(dev->id, q->idx, head, rc);
         q->st.refused++;
+        q->st.refused_by[(uint32_t)rc < 16u ? (uint32_t)rc : 0u]++;
         /* The device's error where the walk saw the whole chain; a broken
          * structure (loop, bad next, bad indirect) has no safe place for
          * it: len 0. */
@@ -563,6 +565,7 @@ static enum take_result take_one(struct fsdp_queue *q, uint32_t *steps)
     r->published = 1;
     r->parked = false;
 
+    hist_taken(&q->h, &r->start_ns, &r->shadowed_ns);
     put_shadow_avail(q, shead);
     q->inflight++;
     q->st.inflight = q->inflight;
@@ -647,13 +650,17 @@ static bool intake(struct fsdp_queue *q)
             if (r == NOSPACE) {
                 /* Back-pressure: leave the entry in the guest ring;
                  * completions will free space and bring us back here. */
-                if (!q->throttled)
+                if (!q->throttled) {
                     q->st.throttled++;
+                    hist_throttle_begin(&q->h);
+                }
                 q->throttled = true;
                 return any;
             }
             if (r == BROKEN || r == IOTLB_WAIT)
                 return any;     /* IOTLB_WAIT: fsdp_queue_iotlb_answered brings us back */
+            if (q->throttled)
+                q->st.throttled_ns += hist_throttle_end(&q->h);
             q->throttled = false;
             any = true;
             armed = false;
@@ -728,6 +735,8 @@ static void complete_one(struct fsdp_queue *q, uint32_t id, uint32_t len)
         return;
     }
     q->st.bytes_out += copied;
+    hist_completed(&q->h, r->start_ns, r->shadowed_ns, trace_ctl_sampled(r->seq), q->dev->id, q->idx,
+                   r->guest_head);
     push_guest_used(q, r->guest_head, len);
     release_request(q, (uint16_t)id);
 }
@@ -825,10 +834,13 @@ bool queue_process(struct fsdp_queue *q)
         any |= harvest(q);
     /* After each half: a copy-back that faulted must not let intake read the
      * zeroed ring (a made-up AVAIL_IDX_JUMP). */
-    if (__builtin_expect(guard_faults() != q->guard_seen, 0) && memory_lost(q))
+    if (__builtin_expect(guard_faults() != q->guard_seen, 0) && memory_lost(q)) {
+        hist_pass_end(&q->h, q->throttled);   /* the requests of the pass keep no stamp pending */
         return any;
+    }
     if (!q->stopping && !q->broken && !q->backend_broken)
         any |= intake(q);
+    hist_pass_end(&q->h, q->throttled);
     if (__builtin_expect(guard_faults() != q->guard_seen, 0) && memory_lost(q))
         return any;
     publish_guest_used(q);

@@ -10,6 +10,7 @@
 #include "chain.h"
 #include "events.h"
 #include "fail.h"
+#include "hist.h"
 #include "log.h"
 #include "mem.h"
 
@@ -39,6 +40,8 @@ struct fsdp_req {
     uint16_t sidx;          /* shadow avail position it was last published at */
     uint32_t published;     /* backends it was handed to (poison bound: max_replays) */
     bool parked;            /* never taken by the stopped backend: not waited for */
+    uint64_t start_ns;      /* latency stamps (hist.h): started, shadowed; 0: not timed */
+    uint64_t shadowed_ns;
     uint64_t ind_addr;      /* its indirect table (device IOTLB: forgotten at release) */
     uint32_t ind_len;
 };
@@ -108,6 +111,7 @@ struct fsdp_queue {
 
     struct fsdp_bounce bounce;
     struct fsdp_queue_stats st;
+    struct fsdp_qhist h;        /* latency histograms and back-pressure time (hist.h) */
 
     /* dirty log: used ring writes are logged at log_used_gpa + offset */
     bool log_used;

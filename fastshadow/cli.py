@@ -207,6 +207,10 @@ def _configure_proxy(p: argparse.ArgumentParser) -> None:
                         "area with streaming (non-temporal) stores, about twice as fast into memory that is not in "
                         "cache "
                         f"(default {STREAM_COPY_MIN_DEFAULT // 1024}k; 0: always plain memcpy)")
+    p.add_argument("--no-latency-histograms", dest="latency_histograms", action="store_false",
+                   help="isolated: keep no per-queue latency histograms in the data plane (they are on by "
+                        "default, in the stats file, the metrics and `fastshadow trace --from-stats`; this "
+                        "option is for measuring what they cost)")
     p.add_argument("--stats-interval", type=float, default=0.0, metavar="S",
                    help="every S seconds, log one `stats` line per device: connected or not, sessions served, "
                         "and in isolated mode the data plane's totals (requests, in flight, refused, throttled) "
@@ -266,7 +270,7 @@ def build_proxy_config(args):
         ))
     cfg = ProxyConfig(device=devices, log_level=args.log_level, log_format=args.log_format,
                       busy_poll_us=args.busy_poll_us, stream_copy_min=args.stream_copy_min,
-                      stats_interval=args.stats_interval, stats_file=args.stats_file,
+                      latency_histograms=args.latency_histograms, stats_interval=args.stats_interval, stats_file=args.stats_file,
                       allow_shared_uid=bool(args.allow_shared_uid), metrics_listen=args.metrics_listen)
     cfg.validate()
     return cfg

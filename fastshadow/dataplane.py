@@ -39,7 +39,7 @@ from . import _dataplane
 from ._dataplane import ffi, lib
 
 #: Must match FSDP_ABI_VERSION in csrc/fsdp.h; a stale build fails loudly here.
-ABI_VERSION = 4
+ABI_VERSION = 5
 
 if lib.fsdp_abi_version() != ABI_VERSION:  # pragma: no cover - build mismatch
     raise ImportError(
@@ -160,6 +160,31 @@ class QueueStats(msgspec.Struct, frozen=True):
     failed: int          # completed toward the guest with the device's error (refused, lied about, poisoned)
     poisoned: int        # failed after --max-replays re-publications
     discarded: int       # kept requests dropped untouched (the guest re-initialised the ring)
+    bounce_bytes: int = 0    # bounce space held by requests now (a gauge, bytes)
+    throttled_ns: int = 0    # back-pressure: time intake waited for bounce space, cumulative, ns
+    #: refused chains by reason (event name in lower case, e.g. "chain_too_long"; "other": any other code)
+    refused_by_reason: dict[str, int] = {}
+
+
+#: The hops of the data plane's own latency histograms (csrc/fsdp.h FSDP_HOP_*, in that order).
+LATENCY_HOPS = ("kick_to_shadowed", "backend", "call_to_used", "end_to_end")
+#: Buckets per histogram: 0 counts durations below 1 us, s in [2^(s-1), 2^s) us (the last also longer).
+LATENCY_SLOTS = lib.FSDP_HIST_SLOTS
+
+
+class HopLatency(msgspec.Struct, frozen=True):
+    """One hop's log2 histogram of one queue, as the data plane kept it (csrc/hist.c).
+
+    `counts[s]`: requests whose hop took [2^(s-1), 2^s) microseconds (s >= 1), under 1 us for
+    s = 0; trailing empty buckets are left out. `sum_ns`: the sum of those durations, ns."""
+
+    hop: str
+    counts: list[int]
+    sum_ns: int
+
+    @property
+    def total(self) -> int:
+        return sum(self.counts)
 
 
 class StopResult(msgspec.Struct, frozen=True):
@@ -308,8 +333,9 @@ class DataPlane:
     """
 
     def __init__(self, *, busy_poll_us: int = 0, poll_interval_us: int = 100,
-                 event_ring_size: int = 1024, stream_copy_min: int = 0):
+                 event_ring_size: int = 1024, stream_copy_min: int = 0, latency_histograms: bool = True):
         cfg = ffi.new("struct fsdp_dp_config *")
+        cfg.no_latency_hist = 0 if latency_histograms else 1
         cfg.busy_poll_us = busy_poll_us
         cfg.stream_copy_min = stream_copy_min
         cfg.poll_interval_us = poll_interval_us
@@ -663,6 +689,26 @@ class Device:
         return _check(lib.fsdp_queue_abort(self._live(), q), self._q("abort in-flight requests", q))
 
     def stats(self, q: int) -> QueueStats:
+        """Queue q's counters (cumulative since the device was added; bounce_bytes and inflight
+        are gauges). Read by the loop thread itself (a command). Raises InvalidRequest."""
         s = ffi.new("struct fsdp_queue_stats *")
         _check(lib.fsdp_queue_stats(self._live(), q, s), self._q("stats", q))
-        return QueueStats(**{f: getattr(s, f) for f in QueueStats.__struct_fields__})
+        fields = {f: getattr(s, f) for f in QueueStats.__struct_fields__ if f != "refused_by_reason"}
+        refused = {}
+        for code in range(len(s.refused_by)):
+            if s.refused_by[code]:
+                refused["other" if code == 0 else event_name(code).lower()] = s.refused_by[code]
+        return QueueStats(**fields, refused_by_reason=refused)
+
+    def latency(self, q: int) -> list[HopLatency]:
+        """Queue q's latency histograms, one per hop of LATENCY_HOPS (all zero when the data plane
+        was made with latency_histograms=False). Raises InvalidRequest."""
+        h = ffi.new("struct fsdp_queue_hist *")
+        _check(lib.fsdp_queue_hist(self._live(), q, h), self._q("latency histograms", q))
+        out = []
+        for i, hop in enumerate(LATENCY_HOPS):
+            counts = list(h.count[i])
+            while counts and not counts[-1]:
+                counts.pop()
+            out.append(HopLatency(hop, counts, int(h.sum_ns[i])))
+        return out

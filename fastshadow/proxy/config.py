@@ -227,6 +227,9 @@ class ProxyConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     #: Data plane: buffers of at least this many bytes are copied (guest <-> bounce) with streaming
     #: (non-temporal) stores, which skip reading the destination first (0: never; csrc/copy.c).
     stream_copy_min: int = STREAM_COPY_MIN_DEFAULT
+    #: Data plane: keep per-queue latency histograms (csrc/hist.c; stats, metrics, `fastshadow trace
+    #: --from-stats`). On by default: their cost is measured by `fastshadow bench --variant`.
+    latency_histograms: bool = True
     #: Seconds between two `stats` log lines per device (0: none; stats_file alone means 5).
     stats_interval: float = 0.0
     #: Where the latest stats snapshot is kept, as JSON (replaced atomically each interval).

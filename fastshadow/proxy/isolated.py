@@ -809,7 +809,7 @@ class IsolatedSession(Session):
         dev = self.dev
         if dev is None:
             return []
-        return [(q, dev.stats(q)) for q in sorted(list(self.vring_addrs))]  # the queues QEMU set up
+        return [(q, dev.stats(q), dev.latency(q)) for q in sorted(list(self.vring_addrs))]  # the queues QEMU set up
 
     def log_stats(self, q: int, st=None) -> None:
         st = st if st is not None else self.dev.stats(q)

@@ -284,7 +284,8 @@ class Proxy:
         if self.dataplane is None:
             from ..dataplane import DataPlane
             self.dataplane = DataPlane(busy_poll_us=self.cfg.busy_poll_us,
-                                       stream_copy_min=self.cfg.stream_copy_min)
+                                       stream_copy_min=self.cfg.stream_copy_min,
+                                       latency_histograms=self.cfg.latency_histograms)
             self.dataplane.start()
             self._events_thread = threading.Thread(target=self._log_dataplane_events, args=(self.dataplane,),
                                                    name="dataplane-events", daemon=True)

@@ -193,7 +193,8 @@ class Session:
         return theirs.detach()
 
     def queue_stats(self) -> list:
-        """[(queue, dataplane.QueueStats)] of the queues this session runs (none in direct mode).
+        """[(queue, dataplane.QueueStats, [dataplane.HopLatency])] of the queues this session runs
+        (none in direct mode).
         Called from the stats thread."""
         return []
 

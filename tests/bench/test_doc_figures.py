@@ -140,6 +140,90 @@ def test_results_md_tables_are_generated_from_the_json():
         "bench/RESULTS.md's tables differ from `python -m fastshadow.bench.report results.json --markdown`"
 
 
+TRACING = ROOT / "bench" / "results" / "tracing" / "results.json"
+HIST_INSTRUCTIONS = ROOT / "bench" / "results" / "tracing" / "hist_instructions.json"
+
+
+def _variant_rows(path: Path) -> dict[str, dict[str, float]]:
+    """Per mode against isolated, recomputed from the runs: median IOPS ratio, the per-rep range,
+    and the proxy's CPU µs per request ratio (medians)."""
+    raw = json.loads(path.read_text())
+    by: dict[str, dict[int, dict]] = {}
+    for r in raw["runs"]:
+        by.setdefault(r["mode"], {})[r["rep"]] = r
+    base = by["isolated"]
+
+    def med(mode, f):
+        return statistics.median(f(r) for r in by[mode].values())
+    out = {}
+    for mode in by:
+        if mode == "isolated":
+            continue
+        paired = [by[mode][k]["iops"] / base[k]["iops"] for k in by[mode] if k in base]
+        out[mode] = {
+            "iops": med(mode, lambda r: r["iops"]) / med("isolated", lambda r: r["iops"]),
+            "lo": min(paired), "hi": max(paired), "reps": len(paired),
+            "proxy": med(mode, lambda r: r["cpu_s"]["proxy"] / r["requests"])
+            / med("isolated", lambda r: r["cpu_s"]["proxy"] / r["requests"]),
+        }
+    return out
+
+
+def test_results_md_tracing_overhead_is_the_json():
+    one = _variant_rows(TRACING)
+    b, s, s4, h = one["bcc"], one["sampled"], one["sampled256"], one["nohist"]
+    ins = json.loads(HIST_INSTRUCTIONS.read_text())
+    on, off, n = ins["instructions_on"] / ins["requests"], ins["instructions_off"] / ins["requests"], ins["requests"]
+    rows = [
+        f"| `fastshadow trace` (every probe of every request) | {b['iops']:.3f} | {b['lo']:.3f} – {b['hi']:.3f} | "
+        f"{b['proxy']:.2f} |",
+        f"| `fastshadow trace --sample 64` | {s['iops']:.3f} | {s['lo']:.3f} – {s['hi']:.3f} | {s['proxy']:.2f} |",
+        f"| `fastshadow trace --sample 256` | {s4['iops']:.3f} | {s4['lo']:.3f} – {s4['hi']:.3f} | {s4['proxy']:.2f} |",
+        f"| always-on histograms (isolated ÷ `--no-latency-histograms`) | {1 / h['iops']:.3f} | "
+        f"{1 / h['hi']:.3f} – {1 / h['lo']:.3f} | {1 / h['proxy']:.2f} |",
+        f"costs more than half the throughput ({b['iops']:.2f}×",
+        f"keeps {s['iops']:.3f} of the throughput by the median",
+        f"the proxy's CPU per request ×{s['proxy']:.2f}",
+        f"`--sample 256`: {s4['iops']:.3f} and ×{s4['proxy']:.2f}",
+        f"{1 / h['iops']:.3f}× by the median, the proxy's CPU per request ×{1 / h['proxy']:.2f}",
+        f"{on:.0f} instructions per request with the histograms and {off:.0f} without ({n} requests): "
+        f"+{on - off:.0f}, {100 * (on - off) / off:.1f} %",
+        f"{len(json.loads(TRACING.read_text())['runs'])} runs",
+        f"(each a nop): {(ins['instructions_probes'] - ins['instructions_no_probes']) / n:.1f} instructions per "
+        f"request, {100 * (ins['instructions_probes'] - ins['instructions_no_probes']) / ins['instructions_no_probes']:.1f} %",
+    ]
+    iso_us = statistics.median(r["cpu_s"]["proxy"] / r["requests"] * 1e6
+                               for r in json.loads(TRACING.read_text())["runs"] if r["mode"] == "isolated")
+    rows.append(f"(isolated: {iso_us:.2f} µs per request), one trap costs the proxy about "
+                f"{(s4['proxy'] - 1) * iso_us * 256:.0f} µs on this VM")
+    text = (ROOT / "bench" / "RESULTS.md").read_text()
+    missing = [r for r in rows if r not in text and r not in squash(text)]
+    assert not missing, "bench/RESULTS.md (tracing overhead) must say, from the tracing JSON:\n" + "\n".join(missing)
+    out = subprocess.run([sys.executable, "-m", "fastshadow.bench.report", str(TRACING), "--markdown"],
+                         capture_output=True, text=True, check=True).stdout
+    table = out.split("#### backend")[0].strip()
+    assert "variants against isolated" in table and table in text, \
+        "bench/RESULTS.md must hold `python -m fastshadow.bench.report bench/results/tracing/results.json " \
+        "--markdown`'s variants table verbatim"
+
+
+MINUTE = ROOT / "bench" / "results" / "tracing-minute" / "results.json"
+
+
+def test_results_md_one_device_for_a_minute_is_the_json():
+    m = _variant_rows(MINUTE)["minute"]
+    row = (f"| one device traced for 60 s (`--device bench-minute --sample 256`) | {m['iops']:.3f} | "
+           f"{m['lo']:.3f} – {m['hi']:.3f} | {m['proxy']:.2f} |")
+    text = (ROOT / "bench" / "RESULTS.md").read_text()
+    assert row in text, f"bench/RESULTS.md must say, from {MINUTE.relative_to(ROOT)}:\n{row}"
+    assert f"{m['reps']} reps of 60 s" in squash(text)
+    iops = [r["iops"] for r in json.loads(MINUTE.read_text())["runs"]]
+    assert f"{min(iops) / 1e3:.0f}-{max(iops) / 1e3:.0f}k IOPS" in squash(text)
+    # The tracer's own output at exit, kept next to the JSON.
+    sampled = re.search(r"request_sampled=(\d+)", (MINUTE.parent / "trace.txt").read_text()).group(1)
+    assert f"{sampled} sampled requests" in squash(text)
+
+
 # Issue 12 (per-request cost): the callgrind before/after tables and the interleaved runs of
 # this tree against the code before it (`--variant base="@PYTHON"`), quoted in bench/RESULTS.md.
 CALLGRIND = ROOT / "bench" / "results" / "callgrind"
