@@ -22,6 +22,9 @@ examples:
   fastshadow bench --quick --proxy-args="--busy-poll-us 50"   # tune the proxy under test
   fastshadow bench --modes direct,isolated --variant memcpy="--stream-copy-min 0" \
       --workload write:1m:8                 # an isolated-mode option A/B, interleaved in one run
+  fastshadow bench --modes isolated --variant nohist="--no-latency-histograms" \
+      --traced bcc="" --traced sampled="--sample 64" --workload randread:4k:32 --reps 5
+                                            # what tracing costs: ratios to isolated, one run
   fastshadow bench --scale --out bench/results/scale   # 1-32 devices x 1-4 queues in one proxy
   fastshadow bench --scale --scale-devices 1,4 --scale-queues 1 --duration 1   # a short one
 
@@ -89,7 +92,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="extra arguments for every `fastshadow proxy` started, e.g. \"--busy-poll-us 50\"")
     p.add_argument("--variant", action="append", default=[], metavar="NAME=ARGS",
                    help="one more mode, NAME: an isolated proxy started with ARGS (after --proxy-args), "
-                        "interleaved with the other modes, e.g. nopoll=\"--busy-poll-us 0\"; repeatable")
+                        "interleaved with the other modes, e.g. nopoll=\"--busy-poll-us 0\"; ARGS starting "
+                        "with @PYTHON run that interpreter's fastshadow instead (another checkout's "
+                        ".venv/bin/python: its code against this one's, interleaved); repeatable")
+    p.add_argument("--traced", action="append", default=[], metavar="NAME=ARGS",
+                   help="one more mode, NAME: an isolated proxy (as the isolated mode's) with `fastshadow trace "
+                        "--pid PROXY --quiet ARGS` attached for the whole run, e.g. bcc=\"\" or "
+                        "sampled=\"--sample 64\"; the table gives its IOPS over isolated's; repeatable (root, bcc)")
     p.add_argument("--loadgen-busy-poll-us", type=int, default=0, metavar="US",
                    help="the load generator spins this long before sleeping on a call eventfd (default 0)")
     p.add_argument("--loadgen-threads", choices=["one", "per-queue"], default="one",
@@ -164,15 +173,21 @@ def _creatable(path: Path) -> bool:
 
 
 def config_from_args(args):
-    from . import MODES
+    from . import MODES, OPTIONAL_MODES
     from fastshadow.sizes import parse_size
     from .runner import PRESETS, Config
     preset = PRESETS[args.preset or "quick"]
     variants = parse_variants(args.variant)
+    traced = parse_variants(args.traced)
+    clash = set(traced) & set(variants)
+    if clash:
+        raise ValueError(f"{', '.join(sorted(clash))}: both a --variant and a --traced name")
+    variants.update({name: [] for name in traced})      # a traced mode is an isolated proxy with default args
     modes = [m.strip() for m in args.modes.split(",") if m.strip()]
-    bad = [m for m in modes if m not in MODES and m not in variants]
+    bad = [m for m in modes if m not in MODES + OPTIONAL_MODES and m not in variants]
     if bad or not modes:
-        raise ValueError(f"unknown mode(s) {', '.join(bad) or '(none)'}: choose from {', '.join(MODES)} "
+        raise ValueError(f"unknown mode(s) {', '.join(bad) or '(none)'}: choose from "
+                         f"{', '.join(MODES + OPTIONAL_MODES)} "
                          f"or a --variant")
     modes += [v for v in variants if v not in modes]
     workloads = [parse_workload(w) for w in args.workload] if args.workload else list(preset.workloads)
@@ -208,7 +223,7 @@ def config_from_args(args):
         duration=duration, requests=args.requests, reps=args.reps or preset.reps, out=args.out,
         workdir=args.workdir, keep=args.keep, queue_size=args.queue_size, event_idx=not args.no_event_idx,
         busy_poll_us=args.loadgen_busy_poll_us, loadgen_threads=args.loadgen_threads,
-        proxy_args=_split("--proxy-args", args.proxy_args), variants=variants, file_size=file_size,
+        proxy_args=_split("--proxy-args", args.proxy_args), variants=variants, traced=traced, file_size=file_size,
         pin=args.pin, setup_timeout=args.timeout, stall_timeout=args.timeout, memcpy=not args.no_memcpy,
         plots=not args.no_plots,
         command=getattr(args, "command_line", None) or "fastshadow bench " + " ".join(

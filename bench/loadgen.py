@@ -25,16 +25,19 @@ from __future__ import annotations
 
 import math
 import os
+import socket
 import struct
 import threading
 from dataclasses import dataclass, field
 
 import numpy as np
 
+from fastshadow.protocol import Channel, Connection
 from fastshadow.protocol import payloads as p
 from fastshadow.protocol.errors import PeerClosed, VhostUserError
 from fastshadow.protocol.features import ProtocolFeature, VirtioFeature
 from fastshadow.protocol.frontend import Frontend
+from fastshadow.protocol.messages import BackendReq, FrontendReq
 
 from ._loadgen import ffi, lib
 
@@ -52,6 +55,7 @@ VIRTIO_BLK_F_MQ = 1 << 12
 WANTED_PROTOCOL = ProtocolFeature.MQ | ProtocolFeature.REPLY_ACK | ProtocolFeature.CONFIG
 #: Bytes of virtio_blk_config read with GET_CONFIG (capacity .. num_queues and a bit).
 CONFIG_SIZE = 60
+
 
 
 class LoadGenError(RuntimeError):
@@ -134,8 +138,15 @@ class Session:
 
     def __init__(self, socket_path: str, *, num_queues: int = 1, queue_size: int = 256, max_qd: int = 32,
                  max_block_size: int = 1 << 20, event_idx: bool = True, timeout: float = 10.0,
-                 span_bytes: int | None = None):
+                 span_bytes: int | None = None, iotlb: bool = False):
         self.socket_path = str(socket_path)
+        #: Play QEMU with a vIOMMU: ACCESS_PLATFORM set, ring and buffer addresses are IOVAs
+        #: (IOVA == the load generator's gpa), the proxy's IOTLB misses answered page by page on
+        #: a back-end channel (_serve_misses).
+        self.iotlb = iotlb
+        self.iotlb_misses = 0
+        self._fe_lock = threading.Lock()
+        self._chan: Connection | None = None
         self.num_queues = num_queues
         self.queue_size = queue_size
         self.max_qd = max_qd
@@ -200,7 +211,8 @@ class Session:
 
     def _call(self, name: str, fn, *a):
         self.sent.append(name)
-        return fn(*a)
+        with self._fe_lock:     # one request at a time on the main socket (the miss server's too)
+            return fn(*a)
 
     def _setup(self) -> None:
         fe = self.fe
@@ -211,13 +223,22 @@ class Session:
             raise SetupError("the backend's disk is read-only (VIRTIO_BLK_F_RO)")
         if offered & VirtioFeature.PROTOCOL_FEATURES:
             pf = self._call("GET_PROTOCOL_FEATURES", fe.get_protocol_features)
-            self.protocol_features = pf & WANTED_PROTOCOL
+            self.protocol_features = pf & (WANTED_PROTOCOL | (ProtocolFeature.BACKEND_REQ if self.iotlb else 0))
             self._call("SET_PROTOCOL_FEATURES", fe.set_protocol_features, self.protocol_features)
             if self.protocol_features & ProtocolFeature.MQ:
                 self.backend_queues = self._call("GET_QUEUE_NUM", fe.get_queue_num)
         if self.num_queues > (self.backend_queues or 1):
             raise SetupError(f"{self.num_queues} queues wanted, the backend has {self.backend_queues or 1}")
         self._call("SET_OWNER", fe.set_owner)
+        if self.iotlb:
+            if not self.protocol_features & ProtocolFeature.BACKEND_REQ:
+                raise SetupError("iotlb: the peer offers no BACKEND_REQ (QEMU requires it with a vIOMMU)")
+            ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+            self._call("SET_BACKEND_REQ_FD", fe.set_backend_req_fd, theirs.fileno())
+            theirs.close()
+            self._chan = Connection(ours, Channel.BACKEND, receives_replies=False, name="proxy (request channel)")
+            threading.Thread(target=self._serve_misses, daemon=True,
+                             args=(self._chan, lib.lg_mem_size(self._lg), lib.lg_mem_uaddr(self._lg))).start()
         if self.protocol_features & ProtocolFeature.CONFIG:
             cfg = self._call("GET_CONFIG", fe.get_config, 0, CONFIG_SIZE)
             (capacity,) = struct.unpack_from("<Q", cfg, 0)
@@ -232,6 +253,10 @@ class Session:
             want |= VirtioFeature.RING_EVENT_IDX
         if self.num_queues > 1:
             want |= VIRTIO_BLK_F_MQ
+        if self.iotlb:
+            if not offered & VirtioFeature.ACCESS_PLATFORM:
+                raise SetupError("iotlb: the peer does not offer VIRTIO_F_ACCESS_PLATFORM")
+            want |= VirtioFeature.ACCESS_PLATFORM
         self.features = offered & want
         self._call("SET_FEATURES", fe.set_features, self.features)
 
@@ -242,15 +267,39 @@ class Session:
         uaddr = lib.lg_mem_uaddr(self._lg)
         self._call("SET_MEM_TABLE", fe.set_mem_table, [p.MemoryRegion(0, size, uaddr, 0)],
                    [lib.lg_mem_fd(self._lg)])
+        ring_base = 0 if self.iotlb else uaddr     # IOVA == gpa under the played vIOMMU
         for q, info in enumerate(infos):
             self._call("SET_VRING_NUM", fe.set_vring_num, q, self.queue_size)
             self._call("SET_VRING_BASE", fe.set_vring_base, q, 0)
-            self._call("SET_VRING_ADDR", fe.set_vring_addr, q, uaddr + info.desc_gpa, uaddr + info.used_gpa,
-                       uaddr + info.avail_gpa)
+            self._call("SET_VRING_ADDR", fe.set_vring_addr, q, ring_base + info.desc_gpa,
+                       ring_base + info.used_gpa, ring_base + info.avail_gpa)
             self._call("SET_VRING_KICK", fe.set_vring_kick, q, info.kick_fd)
         if self.features & VirtioFeature.PROTOCOL_FEATURES:
             for q in range(self.num_queues):
                 self._call("SET_VRING_ENABLE", fe.set_vring_enable, q, True)
+
+    def _serve_misses(self, chan: Connection, size: int, uaddr: int) -> None:
+        """QEMU's side of the device IOTLB (hw/virtio/vhost.c vhost_device_iotlb_miss): a miss on
+        the back-end channel is answered by an update of its 4 KiB page (IOVA == gpa) on the
+        main socket, then the ack. fastshadow forgets a request's pages when it completes, as a
+        Linux guest unmaps them, so every request's pages are asked for, as with a real guest."""
+        try:
+            while True:
+                msg = chan.recv()
+                ok = False
+                if msg.request == BackendReq.IOTLB_MSG and msg.payload.type == p.IOTLB_MISS:
+                    page = msg.payload.iova & ~4095
+                    if page < size:
+                        with self._fe_lock:
+                            fe = self.fe
+                            reply = fe.call(FrontendReq.IOTLB_MSG, p.IotlbMsg(page, 4096, uaddr + page, 3,
+                                                                              p.IOTLB_UPDATE)) if fe else None
+                        ok = reply is not None and reply.payload.value == 0
+                        self.iotlb_misses += 1
+                if msg.need_reply:
+                    chan.send(msg.ack(ok))
+        except (OSError, VhostUserError):
+            pass    # the session is closing
 
     def queue_info(self, q: int):
         info = ffi.new("struct lg_queue_info *")
@@ -260,7 +309,11 @@ class Session:
         return info
 
     def close(self, teardown: bool = True) -> None:
-        fe, self.fe = self.fe, None
+        with self._fe_lock:     # the miss server uses fe too (iotlb)
+            fe, self.fe = self.fe, None
+        if self._chan is not None:
+            self._chan.close()
+            self._chan = None
         if fe is not None:
             try:
                 if teardown:

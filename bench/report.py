@@ -175,6 +175,7 @@ class Settings(msgspec.Struct):
                                # (the proxy on any CPU); "none" (the scheduler decides)
     workloads: list[Workload]
     variants: dict[str, list[str]] = {}   # extra isolated modes: name -> proxy arguments
+    traced: dict[str, list[str]] = {}     # of which traced: name -> `fastshadow trace` arguments
 
 
 class Results(msgspec.Struct):
@@ -297,6 +298,57 @@ def overall(results: Results) -> list[Overall]:
     return out
 
 
+# ---- variants against isolated ------------------------------------------------------------------
+class VariantRatio(msgspec.Struct):
+    """A --variant or --traced mode against `isolated` on the same backend and workload, same run."""
+
+    backend: str
+    workload: Workload
+    mode: str
+    traced: bool
+    reps: int
+    iops: float            # median IOPS of the mode / median IOPS of isolated
+    iops_rep_min: float    # the same ratio rep by rep (the modes of a rep run back to back)
+    iops_rep_max: float
+    cpu_per_request: float  # CPU µs per request (loadgen + proxy + backend), mode / isolated (medians)
+    proxy_cpu_per_request: float = math.nan  # the proxy's CPU µs per request alone, mode / isolated (medians)
+
+
+def variant_ratios(results: Results) -> list[VariantRatio]:
+    s = results.settings
+    runs: dict[tuple, dict[int, Run]] = {}
+    for r in results.runs:
+        runs.setdefault((r.backend, r.workload, r.mode), {})[r.rep] = r
+    out = []
+    for (backend, wl, mode), by_rep in sorted(runs.items(), key=lambda kv: (kv[0][0], _workload_order(kv[0][1]),
+                                                                             kv[0][2])):
+        base = runs.get((backend, wl, "isolated"))
+        if mode not in s.variants or not base:
+            continue
+        paired = [by_rep[k].iops / base[k].iops for k in by_rep if k in base and base[k].iops]
+        if not paired:
+            continue
+        med = _median(r.iops for r in by_rep.values()) / _median(r.iops for r in base.values())
+        cpu = (_median(r.cpu_us_per_request for r in by_rep.values())
+               / _median(r.cpu_us_per_request for r in base.values()))
+        pcpu = (_median(proxy_us_per_request(r) for r in by_rep.values())
+                / _median(proxy_us_per_request(r) for r in base.values()))
+        out.append(VariantRatio(backend, wl, mode, mode in s.traced, len(paired), round(med, 4),
+                                round(min(paired), 4), round(max(paired), 4), round(cpu, 4), round(pcpu, 4)))
+    return out
+
+
+def proxy_us_per_request(r: Run) -> float:
+    """The proxy's own CPU µs per request of one run (all its threads; 10 ms ticks)."""
+    return (r.cpu_s.proxy or 0.0) / r.requests * 1e6 if r.requests else math.nan
+
+
+def _variant_what(s: Settings, mode: str) -> str:
+    if mode in s.traced:
+        return "isolated + `fastshadow trace --quiet" + "".join(f" {a}" for a in s.traced[mode]) + "`"
+    return "isolated " + " ".join(s.variants[mode])
+
+
 # ---- table --------------------------------------------------------------------------------------
 def _us(ns: float) -> str:
     return f"{ns / 1000:.1f}"
@@ -320,7 +372,7 @@ def table(results: Results) -> str:
     lines.append(f"{s.preset} preset, {what} per run, {s.reps} rep{'s' if s.reps != 1 else ''}, pinning {s.pin}, "
                  f"event idx {'on' if s.event_idx else 'off'}"
                  + (f", proxy args {' '.join(s.proxy_args)}" if s.proxy_args else "")
-                 + "".join(f", variant {k}: isolated {' '.join(v)}" for k, v in s.variants.items()))
+                 + "".join(f", variant {k}: {_variant_what(s, k)}" for k in s.variants))
     rat = {(r.backend, r.workload, r.mode): r for r in results.ratios}
     hdr = (f"{'workload':<22} {'mode':<13} {'kIOPS':>8} {'MB/s':>8} {'p50 us':>8} {'p99 us':>8} "
            f"{'p99.9 us':>9} {'CPU s lg/px/be':>16} {'CPU us/IO':>9} {'IOPS x':>7} {'p99 x':>6} {'CPU/IO x':>8}")
@@ -353,6 +405,15 @@ def table(results: Results) -> str:
             lines.append(f"  {o.backend:<5} {o.mode:<13} IOPS x {o.iops:.2f} (range {o.iops_min:.2f}-{o.iops_max:.2f}), "
                          f"p50 x {o.lat_p50:.2f}, p99 x {o.lat_p99:.2f}, CPU/IO x {o.cpu_per_request:.2f} "
                          f"({o.workloads} workloads)")
+    vr = variant_ratios(results)
+    if vr:
+        lines.append("")
+        lines.append("variants against isolated (same run; IOPS x: ratio of the medians, per rep: rep by rep):")
+        for v in vr:
+            lines.append(f"  {v.backend:<5} {v.workload.label:<18} {v.mode:<12} IOPS x {v.iops:.3f} "
+                         f"(per rep {v.iops_rep_min:.3f}-{v.iops_rep_max:.3f}, {v.reps} reps), "
+                         f"CPU/IO x {v.cpu_per_request:.3f}, proxy CPU/IO x {v.proxy_cpu_per_request:.3f}  "
+                         f"[{_variant_what(results.settings, v.mode)}]")
     noisy = [r for r in results.runs if (r.cpu_s.other or 0) > 0.1 * r.duration_s
              or (r.cpu_s.steal or 0) > 0.05 * r.duration_s]
     if noisy:
@@ -381,6 +442,16 @@ def markdown_table(results: Results) -> str:
         for o in ov:
             out.append(f"| {o.backend} | {o.mode} | {o.workloads} | {o.iops:.2f} | {o.lat_p50:.2f} | {o.lat_p99:.2f} | "
                        f"{o.cpu_per_request:.2f} | {o.iops_min:.2f} – {o.iops_max:.2f} |")
+    vr = variant_ratios(results)
+    if vr:
+        out.append("\n#### variants against isolated (same run)\n")
+        out.append("| backend | workload | mode | what | reps | IOPS × isolated | per rep | CPU/IO × isolated "
+                   "| proxy CPU/IO × isolated |")
+        out.append("|---|---|---|---|--:|--:|--:|--:|--:|")
+        for v in vr:
+            out.append(f"| {v.backend} | {v.workload.label} | {v.mode} | {_variant_what(results.settings, v.mode)} | "
+                       f"{v.reps} | {v.iops:.3f} | {v.iops_rep_min:.3f} – {v.iops_rep_max:.3f} | "
+                       f"{v.cpu_per_request:.3f} | {v.proxy_cpu_per_request:.3f} |")
     backends = sorted({s.backend for s in results.summary}, key=lambda b: (b != "null", b))
     for backend in backends:
         rows = [s for s in results.summary if s.backend == backend]

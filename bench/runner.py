@@ -99,6 +99,7 @@ class Config:
     loadgen_threads: str = "one"     # "one" or "per-queue"
     proxy_args: list[str] = field(default_factory=list)
     variants: dict[str, list[str]] = field(default_factory=dict)  # extra isolated modes: name -> args
+    traced: dict[str, list[str]] = field(default_factory=dict)    # of which traced: name -> trace args
     file_size: int = 512 << 20
     null_size: int = 8 << 30
     setup_timeout: float = 5.0       # seconds the peer may take to answer a vhost-user request
@@ -185,6 +186,13 @@ def _tail(path: Path, n: int = 6) -> str:
     return " | ".join(ln.strip() for ln in lines[-n:])
 
 
+def _proxy_extra(common: list[str], variant: list[str]) -> list[str]:
+    """--proxy-args then the variant's; a variant's @PYTHON stays first (ProxyProcess)."""
+    if variant and variant[0].startswith("@"):
+        return [variant[0], *common, *variant[1:]]
+    return [*common, *variant]
+
+
 class ProxyProcess:
     """``python -m fastshadow.cli proxy --listen S --backend B --mode M`` as a subprocess."""
 
@@ -196,7 +204,13 @@ class ProxyProcess:
         # The bench runs the load generator (QEMU's part), qsd and the proxy as one user: an
         # isolated proxy would refuse that backend identity without --allow-shared-uid.
         shared = ["--allow-shared-uid"] if proxy_mode == "isolated" else []
-        self.argv = [sys.executable, "-m", "fastshadow.cli", "proxy", "--listen", str(listen),
+        # A variant's "@PYTHON" first argument: another checkout's interpreter, so that two
+        # builds of the data plane are compared interleaved in one run (bench/README.md).
+        # -P: not the working directory's fastshadow (python -m puts it first on sys.path).
+        python = [sys.executable]
+        if extra and extra[0].startswith("@"):
+            python, extra = [extra[0][1:], "-P"], extra[1:]
+        self.argv = [*python, "-m", "fastshadow.cli", "proxy", "--listen", str(listen),
                      "--backend", str(backend), "--mode", proxy_mode, *shared,
                      "--name", f"bench-{mode}", *extra]
         self.proc: subprocess.Popen | None = None
@@ -242,6 +256,38 @@ class ProxyProcess:
             self._log = None
 
 
+class TracerProcess:
+    """``python -m fastshadow.cli trace --pid PROXY --quiet ARGS`` attached to one proxy for a whole backend."""
+
+    def __init__(self, mode: str, pid: int, args: list[str], log_path: Path):
+        self.mode, self.log_path = mode, log_path
+        self.argv = [sys.executable, "-m", "fastshadow.cli", "trace", "--pid", str(pid), "--quiet",
+                     "--interval", "5", *args]
+        self._log = open(log_path, "ab")
+        self._log.write(("# " + " ".join(self.argv) + "\n").encode())
+        self._log.flush()
+        self.proc = subprocess.Popen(self.argv, stdin=subprocess.DEVNULL, stdout=self._log, stderr=subprocess.STDOUT,
+                                     start_new_session=True, preexec_fn=die_with_parent)
+
+    def wait_attached(self, timeout: float = 180.0) -> None:
+        """Until the tracer says it traces (bcc compiles its program first: seconds, more on a busy host)."""
+        deadline = time.monotonic() + timeout
+        while b"Tracing " not in self.log_path.read_bytes():
+            if self.proc.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError(f"fastshadow trace did not attach: {_tail(self.log_path)}")
+            time.sleep(0.2)
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            os.killpg(self.proc.pid, signal.SIGINT)         # Ctrl-C: it prints the whole run and exits
+            try:
+                self.proc.wait(30)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.proc.pid, signal.SIGKILL)
+                self.proc.wait()
+        self._log.close()
+
+
 class Testbed:
     """One backend (qemu-storage-daemon) and a fastshadow proxy per proxied mode."""
 
@@ -256,6 +302,7 @@ class Testbed:
         self.disk = workdir / "disk.img" if backend == "file" else None
         self.qsd: StorageDaemon | None = None
         self.proxies: dict[str, ProxyProcess] = {}
+        self.tracers: dict[str, TracerProcess] = {}
         self.skipped: dict[str, str] = {}
         self.place = place or Placement()
 
@@ -276,8 +323,10 @@ class Testbed:
                 continue
             px = ProxyProcess(mode, self.dir / f"fs-{self.backend}-{mode}.sock", self.qsd_sock,
                               self.dir / f"proxy-{self.backend}-{mode}.log",
-                              self.cfg.proxy_args + self.cfg.variants.get(mode, []),
-                              "isolated" if mode == "isolated" or mode in self.cfg.variants else "direct")
+                              _proxy_extra(self.cfg.proxy_args, self.cfg.variants.get(mode, []))
+                              + (["--iotlb-keep-completed"] if mode == "isolated-iotlb" else []),
+                              "isolated" if mode in ("isolated", "isolated-iotlb") or mode in self.cfg.variants
+                              else "direct")
             px.start()
             pin_process(px.pid, self.place.proxy)
             self.proxies[mode] = px
@@ -287,6 +336,15 @@ class Testbed:
                 pin_process(px.pid, self.place.proxy)
             except RuntimeError as e:
                 self.skip(mode, str(e))
+        for mode, args in self.cfg.traced.items():
+            if mode in self.proxies and mode not in self.skipped:
+                tr = TracerProcess(mode, self.proxies[mode].pid, args, self.dir / f"trace-{self.backend}-{mode}.log")
+                self.tracers[mode] = tr
+                try:
+                    tr.wait_attached()
+                    self.log(f"{mode}: fastshadow trace {' '.join(args)} attached to proxy {self.proxies[mode].pid}")
+                except RuntimeError as e:
+                    self.skip(mode, str(e))
         pids = [f"qemu-storage-daemon {self.qsd.pid}"] + [f"{m} proxy {px.pid}" for m, px in self.proxies.items()
                                                           if m not in self.skipped]
         self.log(f"backend {self.backend}: pids: {', '.join(pids)}, load generator {os.getpid()} "
@@ -335,6 +393,8 @@ class Testbed:
             self.skip(mode, f"the proxy exited with {px.proc.returncode}: {_tail(px.log_path)}")
 
     def stop(self) -> None:
+        for tr in self.tracers.values():
+            tr.stop()
         for px in self.proxies.values():
             px.stop()
         if self.qsd is not None:
@@ -368,7 +428,8 @@ def run_once(tb: Testbed, mode: str, wl: Workload, cfg: Config, *, duration: flo
              requests: int | None, seed: int) -> tuple[RunResult, rp.Cpu]:
     """One session: set up, drive `wl`, tear down. CPU is measured around the I/O only."""
     with open_session(str(tb.socket(mode)), num_queues=wl.queues, queue_size=_queue_size(cfg, wl), max_qd=wl.qd,
-                      max_block_size=wl.bs, event_idx=cfg.event_idx, timeout=cfg.setup_timeout) as s:
+                      max_block_size=wl.bs, event_idx=cfg.event_idx, timeout=cfg.setup_timeout,
+                      iotlb=mode == "isolated-iotlb") as s:
         qsd_pid, proxy_pid = tb.pids(mode)
         others = tb.other_pids(mode)
         m0 = machine_cpu_seconds()
@@ -560,6 +621,7 @@ def _run_bench(cfg: Config, log, t_start, created, workdir, own_workdir, machine
                            event_idx=cfg.event_idx, busy_poll_us=cfg.busy_poll_us,
                            loadgen_threads=cfg.loadgen_threads, proxy_args=list(cfg.proxy_args),
                            variants={k: list(v) for k, v in cfg.variants.items()},
+                           traced={k: list(v) for k, v in cfg.traced.items()},
                            file_size=cfg.file_size, null_size=cfg.null_size, pin=cfg.pin,
                            workloads=list(cfg.workloads))
     results = rp.Results(schema=rp.SCHEMA_VERSION, created=created, command=cfg.command, settings=settings,

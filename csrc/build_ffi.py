@@ -6,6 +6,7 @@ are stripped before cffi sees it), and every ``csrc/*.c`` file is compiled
 into the one extension, linked against Debian's liburing.
 """
 
+import os
 import pathlib
 import re
 
@@ -28,6 +29,10 @@ def sources() -> list[str]:
     return sorted(str(p.relative_to(HERE.parent)) for p in HERE.glob("*.c"))
 
 
+#: FASTSHADOW_NO_PROBES=1 compiles the USDT probes out (csrc/probes.h): only for measuring what an
+#: unattached probe costs (csrc/bench/hist_instructions.py --probes); a normal build always has them.
+DEFINES = [("FSDP_NO_PROBES", "1")] if os.environ.get("FASTSHADOW_NO_PROBES") == "1" else []
+
 ffibuilder = FFI()
 ffibuilder.cdef(cdef_text())
 ffibuilder.set_source(
@@ -36,6 +41,7 @@ ffibuilder.set_source(
     sources=sources(),
     include_dirs=[str(HERE.relative_to(HERE.parent))],
     libraries=["uring", "pthread"],
+    define_macros=DEFINES,
     extra_compile_args=["-O2", "-g", "-std=gnu11", "-Wall", "-Wextra", "-Wno-unused-parameter",
                         "-fno-strict-aliasing"],
 )

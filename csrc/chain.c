@@ -2,7 +2,8 @@
  * chain.c: walk and validate one guest descriptor chain.
  *
  * Owns: chain_walk.
- * Calls: mem (range checks, the copy of an indirect table), vring.
+ * Calls: mem (range checks, the copy of an indirect table), iotlb (where a
+ * miss was), vring.
  *
  * Every descriptor is read exactly once from guest memory into a private
  * local (an indirect table is copied whole into private memory first), and
@@ -27,6 +28,9 @@
  *     the WRITE flag of an indirect descriptor is ignored (virtio 2.7.5.3.2);
  *   - every buffer lies inside mapped guest memory, without wrapping (a
  *     buffer crossing two adjacent regions is fine: the copier splits it);
+ *     with the device IOTLB on, its IOVA range is translated with the
+ *     access it gets (read or write); a range QEMU has not translated yet
+ *     ends the walk with FSDP_EV_IOTLB_MISS (the caller asks and waits);
  *   - no buffer of length 0: QEMU's virtqueue_map_desc and libvhost-user's
  *     vu_queue_map_desc treat a zero-sized buffer as fatal (the whole device
  *     stops; qemu-storage-daemon panics), so it never reaches a backend;
@@ -36,6 +40,7 @@
 #include <string.h>
 
 #include "chain.h"
+#include "iotlb.h"
 #include "mem.h"
 #include "vring.h"
 
@@ -104,9 +109,14 @@ int chain_walk(struct fsdp_mem *m, const uint8_t *table, uint32_t num, uint16_t 
                 return refuse(out, FSDP_EV_INDIRECT_BAD_LEN, d.len, 16ull * num);
             /* Read the table once, into private memory (split if needed). */
             rc = mem_copy_from_guest(m, ind, d.addr, d.len, false);
+            if (rc == FSDP_EV_IOTLB_MISS && !m->iotlb->refuse_misses)
+                return refuse(out, (uint32_t)rc, m->iotlb->miss_at, m->iotlb->miss_perm);
             if (rc)
-                return refuse(out, (uint32_t)rc, d.addr, d.len);
+                return refuse(out, rc == FSDP_EV_IOTLB_MISS ? FSDP_EV_IOVA_UNMAPPED : (uint32_t)rc,
+                              d.addr, d.len);
             out->steps += d.len / 16u;
+            out->ind_addr = d.addr;
+            out->ind_len = d.len;
             t = ind;
             tsize = d.len / 16u;
             idx = 0;
@@ -124,7 +134,14 @@ int chain_walk(struct fsdp_mem *m, const uint8_t *table, uint32_t num, uint16_t 
         if (d.len == 0) {
             note(out, FSDP_EV_ZERO_LENGTH, n, 0);
         } else {
-            rc = mem_check_range(m, d.addr, d.len);
+            rc = mem_check_access(m, d.addr, d.len, d.flags & VRING_DESC_F_WRITE);
+            if (rc == FSDP_EV_IOTLB_MISS) {
+                /* Not a refusal: the caller asks QEMU and waits; once QEMU
+                 * has answered without a translation, a bad buffer. */
+                if (!m->iotlb->refuse_misses)
+                    return refuse(out, (uint32_t)rc, m->iotlb->miss_at, m->iotlb->miss_perm);
+                rc = FSDP_EV_IOVA_UNMAPPED;
+            }
             if (rc) {
                 segs[n].bad = true;
                 note(out, (uint32_t)rc, d.addr, d.len);

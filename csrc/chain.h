@@ -24,6 +24,10 @@ struct fsdp_chain {
      * placed in it (fail.c); an incomplete walk (loop, bad next, bad
      * indirect) completes with len 0. */
     bool complete;
+    /* The indirect table the chain went through (its guest address and
+     * length; ind_len 0: none). */
+    uint64_t ind_addr;
+    uint32_t ind_len;
     /* on refusal */
     uint32_t err;           /* event code */
     uint64_t err_a, err_b;

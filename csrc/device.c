@@ -39,9 +39,12 @@
 #include <unistd.h>
 
 #include "base.h"
+#include "hist.h"
+#include "iotlb.h"
 #include "log.h"
 #include "loop.h"
 #include "mem.h"
+#include "probes.h"
 #include "queue.h"
 #include "shadow.h"
 #include "vring.h"
@@ -57,6 +60,7 @@ struct fsdp_dev {
     struct fsdp_dev_config cfg;
     int shadow_fd;
     uint64_t shadow_size;
+    struct fsdp_iotlb iotlb;    /* ctx.mem.iotlb points here (kept across table swaps) */
 };
 
 static struct fsdp_dev *dev_of(struct fsdp_devctx *d)
@@ -94,6 +98,13 @@ enum dev_op {
     CMD_ABORT,
     CMD_DISCARD,
     CMD_STATS,
+    CMD_HIST,
+    CMD_IOTLB_ENABLE,
+    CMD_IOTLB_UPDATE,
+    CMD_IOTLB_INVALIDATE,
+    CMD_IOTLB_ENTRIES,
+    CMD_IOTLB_ANSWERED,
+    CMD_IOTLB_TRANSLATE,
 };
 
 /* One command: the loop's record, which command, and its arguments.  Members
@@ -114,6 +125,14 @@ struct dev_cmd {
             uint64_t gpa, size;
             struct fsdp_region *out;       /* out: the region, to unmap */
         } remove_region;
+        struct {
+            struct fsdp_iotlb *iotlb;      /* in: the new table; out: the replaced one */
+        } iotlb_enable;
+        struct {
+            uint64_t iova, size, uaddr;
+            uint32_t perm;
+            uint64_t *out;                 /* translate: uaddr, avail */
+        } iotlb_msg;
         struct {
             struct fsdp_log *log;          /* in: the new log; out: the replaced one */
         } set_log_base;
@@ -160,6 +179,9 @@ struct dev_cmd {
         struct {
             struct fsdp_queue_stats *out;
         } stats;
+        struct {
+            struct fsdp_queue_hist *out;
+        } hist;
     } arg;
 };
 
@@ -192,6 +214,7 @@ static void dev_destroy(struct fsdp_dev *dev)
     for (uint32_t i = 0; i < dev->ctx.mem.n; i++)
         mem_unmap_region(&dev->ctx.mem.r[i]);
     log_unmap(&dev->ctx.log);
+    iotlb_free(&dev->iotlb);
     if (dev->ctx.shadow)
         munmap(dev->ctx.shadow, dev->shadow_size);
     if (dev->shadow_fd >= 0)
@@ -223,7 +246,11 @@ static int make_shadow(struct fsdp_dev *dev)
 
 static int cmd_attach(struct fsdp_dp *dp, struct dev_cmd *c)
 {
-    return dp_attach(dp, &c->dev->ctx);
+    int rc = dp_attach(dp, &c->dev->ctx);
+
+    if (rc == 0)
+        trace_ctl_name(c->dev->ctx.id, c->dev->name);   /* for tracers: id -> name */
+    return rc;
 }
 
 int fsdp_dev_add(struct fsdp_dp *dp, const char *name, const struct fsdp_dev_config *cfg,
@@ -260,6 +287,7 @@ int fsdp_dev_add(struct fsdp_dp *dp, const char *name, const struct fsdp_dev_con
         return -ENOMEM;
     dev->dp = dp;
     dev->ctx.events = dp_events(dp);
+    dev->ctx.mem.iotlb = &dev->iotlb;   /* off until fsdp_dev_iotlb_enable */
     dev->ctx.max_request_bytes = k.max_request_bytes;
     dev->ctx.failure = k.failure;
     dev->ctx.failure_first_queue = k.failure_first_queue;
@@ -289,8 +317,10 @@ int fsdp_dev_add(struct fsdp_dp *dp, const char *name, const struct fsdp_dev_con
         rc = -ENOMEM;
         goto fail;
     }
-    for (uint32_t i = 0; i < k.num_queues; i++)
+    for (uint32_t i = 0; i < k.num_queues; i++) {
         queue_init(&dev->ctx.q[i], &dev->ctx, i);
+        dev->ctx.q[i].h.on = !dp_config(dp)->no_latency_hist;
+    }
     for (uint32_t i = 0; i < k.num_queues; i++) {
         rc = queue_open(&dev->ctx.q[i]);
         if (rc)
@@ -331,8 +361,10 @@ void fsdp_dp_free(struct fsdp_dp *dp)
     if (!dp)
         return;
     fsdp_dp_stop(dp);
-    while ((d = dp_take_dev(dp)))   /* devices never removed */
+    while ((d = dp_take_dev(dp))) {   /* devices never removed */
+        trace_ctl_name(d->id, NULL);
         dev_destroy(dev_of(d));
+    }
     dp_destroy(dp);
 }
 
@@ -363,6 +395,8 @@ static void retranslate_all(struct fsdp_dev *dev)
 
 static int cmd_detach(struct fsdp_dp *dp, struct dev_cmd *c)
 {
+    /* Its name stays in the trace control block until the id is reused: a
+     * tracer still labels the events it read before the device went away. */
     dp_detach(dp, &c->dev->ctx);    /* a stop still waiting fails with -ENODEV */
     return 0;
 }
@@ -386,6 +420,7 @@ static int cmd_set_mem(struct fsdp_dp *dp, struct dev_cmd *c)
     c->dev->ctx.mem = *nm;
     *nm = tmp;          /* the old table goes back to the caller to unmap */
     c->dev->ctx.mem.last = 0;
+    c->dev->ctx.mem.iotlb = &c->dev->iotlb;
     retranslate_all(c->dev);
     return 0;
 }
@@ -494,6 +529,7 @@ static int cmd_reset(struct fsdp_dp *dp, struct dev_cmd *c)
     struct fsdp_dev *dev = c->dev;
 
     dev->ctx.log.on = false;   /* features are renegotiated after a reset */
+    iotlb_clear(&dev->iotlb);   /* ... and QEMU sends the IOTLB anew */
     for (uint32_t i = 0; i < dev->ctx.num_queues; i++) {
         struct fsdp_queue *q = &dev->ctx.q[i];
         dp_stop_end(dp, q, NULL, 0);
@@ -905,12 +941,152 @@ static int cmd_stats(struct fsdp_dp *dp, struct dev_cmd *c)
     if (!q)
         return -EINVAL;
     *c->arg.stats.out = q->st;
+    c->arg.stats.out->bounce_bytes = (uint64_t)(q->bounce.npages - q->bounce.nfree) * FSDP_PAGE;
+    c->arg.stats.out->throttled_ns += hist_throttle_now(&q->h);   /* a stall still going on */
+    return 0;
+}
+
+static int cmd_hist(struct fsdp_dp *dp, struct dev_cmd *c)
+{
+    struct fsdp_queue *q = get_q(c->dev, c->q);
+
+    if (!q)
+        return -EINVAL;
+    *c->arg.hist.out = q->h.pub;
     return 0;
 }
 
 int fsdp_queue_stats(struct fsdp_dev *dev, uint32_t q, struct fsdp_queue_stats *out)
 {
     struct dev_cmd c = {.op = CMD_STATS, .dev = dev, .q = q, .arg.stats = {.out = out}};
+    return exec(&c);
+}
+
+int fsdp_queue_hist(struct fsdp_dev *dev, uint32_t q, struct fsdp_queue_hist *out)
+{
+    struct dev_cmd c = {.op = CMD_HIST, .dev = dev, .q = q, .arg.hist = {.out = out}};
+    return exec(&c);
+}
+
+/* ------------------------------------------------------------------------ */
+/* Device IOTLB (iotlb.c): vIOMMU translations QEMU sends.                    */
+
+static int cmd_iotlb_enable(struct fsdp_dp *dp, struct dev_cmd *c)
+{
+    struct fsdp_iotlb *nt = c->arg.iotlb_enable.iotlb, old = c->dev->iotlb;
+
+    c->dev->iotlb = *nt;
+    *nt = old;          /* the replaced table goes back to the caller to free */
+    retranslate_all(c->dev);
+    return 0;
+}
+
+int fsdp_dev_iotlb_enable(struct fsdp_dev *dev, int on, uint32_t cap, int keep_completed)
+{
+    struct fsdp_iotlb nt = {0};
+    struct dev_cmd c = {.op = CMD_IOTLB_ENABLE, .dev = dev, .arg.iotlb_enable = {.iotlb = &nt}};
+    int rc = 0;
+
+    if (on) {
+        if (cap > FSDP_IOTLB_MAX_ENTRIES)
+            return -EINVAL;
+        rc = iotlb_init(&nt, cap);     /* allocated here, not on the loop */
+        nt.on = true;
+        nt.keep_completed = keep_completed != 0;
+    }
+    if (!rc)
+        rc = exec(&c);
+    iotlb_free(&nt);
+    return rc;
+}
+
+static int cmd_iotlb_update(struct fsdp_dp *dp, struct dev_cmd *c)
+{
+    int rc;
+
+    if (!c->dev->iotlb.on)
+        return -EPERM;
+    rc = iotlb_update(&c->dev->iotlb, c->arg.iotlb_msg.iova, c->arg.iotlb_msg.size,
+                      c->arg.iotlb_msg.uaddr, c->arg.iotlb_msg.perm);
+    if (!rc)
+        retranslate_all(c->dev);    /* rings waiting for it start; a replaced one moves */
+    return rc;
+}
+
+int fsdp_dev_iotlb_update(struct fsdp_dev *dev, uint64_t iova, uint64_t size, uint64_t uaddr,
+                          uint32_t perm)
+{
+    struct dev_cmd c = {.op = CMD_IOTLB_UPDATE, .dev = dev,
+                        .arg.iotlb_msg = {.iova = iova, .size = size, .uaddr = uaddr, .perm = perm}};
+    return exec(&c);
+}
+
+/* On the loop, between two passes: once it returns, no access uses the old
+ * translation.  Requests in flight keep IOVAs, not host pointers: their
+ * copy-back translates again and fails the request if the buffer is gone. */
+static int cmd_iotlb_invalidate(struct fsdp_dp *dp, struct dev_cmd *c)
+{
+    uint32_t n;
+
+    if (!c->dev->iotlb.on)
+        return -EPERM;
+    n = iotlb_invalidate(&c->dev->iotlb, c->arg.iotlb_msg.iova, c->arg.iotlb_msg.size);
+    if (n)
+        retranslate_all(c->dev);    /* a ring that lost its translation waits (miss) */
+    return (int)n;
+}
+
+int fsdp_dev_iotlb_invalidate(struct fsdp_dev *dev, uint64_t iova, uint64_t size)
+{
+    struct dev_cmd c = {.op = CMD_IOTLB_INVALIDATE, .dev = dev,
+                        .arg.iotlb_msg = {.iova = iova, .size = size}};
+    return exec(&c);
+}
+
+int fsdp_dev_iotlb_entries(struct fsdp_dev *dev)
+{
+    struct dev_cmd c = {.op = CMD_IOTLB_ENTRIES, .dev = dev};
+    return exec(&c);
+}
+
+static int cmd_iotlb_translate(struct fsdp_dp *dp, struct dev_cmd *c)
+{
+    int rc = iotlb_lookup(&c->dev->iotlb, c->arg.iotlb_msg.iova, c->arg.iotlb_msg.perm,
+                          c->arg.iotlb_msg.out, c->arg.iotlb_msg.out + 1);
+    return rc == FSDP_EV_IOTLB_MISS ? -ENOENT : rc == FSDP_EV_IOVA_PERM ? -EACCES : 0;
+}
+
+int fsdp_dev_iotlb_translate(struct fsdp_dev *dev, uint64_t iova, uint32_t perm, uint64_t *uaddr,
+                             uint64_t *avail)
+{
+    uint64_t out[2] = {0, 0};
+    struct dev_cmd c = {.op = CMD_IOTLB_TRANSLATE, .dev = dev,
+                        .arg.iotlb_msg = {.iova = iova, .perm = perm, .out = out}};
+    int rc = exec(&c);
+
+    *uaddr = out[0];
+    *avail = out[1];
+    return rc;
+}
+
+static int cmd_iotlb_answered(struct fsdp_dp *dp, struct dev_cmd *c)
+{
+    struct fsdp_queue *q = get_q(c->dev, c->q);
+
+    if (!q)
+        return -EINVAL;
+    iotlb_answered(&c->dev->iotlb, c->q, c->arg.iotlb_msg.iova, c->arg.iotlb_msg.perm != 0);
+    if (q->addr_set && !q->rings_ok)
+        queue_translate_rings(q, true);
+    /* A chain that waited is walked again by the loop's next pass. */
+    return 0;
+}
+
+int fsdp_queue_iotlb_answered(struct fsdp_dev *dev, uint32_t q, uint64_t iova, int ok)
+{
+    /* .perm carries ok: the answer names no access of its own */
+    struct dev_cmd c = {.op = CMD_IOTLB_ANSWERED, .dev = dev, .q = q,
+                        .arg.iotlb_msg = {.iova = iova, .perm = ok != 0}};
     return exec(&c);
 }
 
@@ -946,6 +1122,13 @@ static int run_cmd(struct fsdp_dp *dp, struct fsdp_cmd *link)
     case CMD_ABORT:         return cmd_abort(dp, c);
     case CMD_DISCARD:       return cmd_discard(dp, c);
     case CMD_STATS:         return cmd_stats(dp, c);
+    case CMD_HIST:          return cmd_hist(dp, c);
+    case CMD_IOTLB_ENABLE:  return cmd_iotlb_enable(dp, c);
+    case CMD_IOTLB_UPDATE:  return cmd_iotlb_update(dp, c);
+    case CMD_IOTLB_INVALIDATE: return cmd_iotlb_invalidate(dp, c);
+    case CMD_IOTLB_ENTRIES: return (int)c->dev->iotlb.n;
+    case CMD_IOTLB_ANSWERED: return cmd_iotlb_answered(dp, c);
+    case CMD_IOTLB_TRANSLATE: return cmd_iotlb_translate(dp, c);
     }
     return -EINVAL;
 }

@@ -131,6 +131,10 @@ static const struct code_desc codes[] = {
      "descriptor of length 0 (backends treat a zero-sized buffer as fatal)"},
     {FSDP_EV_BAD_LAYOUT, "BAD_LAYOUT",
      "fewer readable or writable bytes than the device's request layout needs"},
+    {FSDP_EV_IOVA_UNMAPPED, "IOVA_UNMAPPED",
+     "buffer IOVA has no translation in the device IOTLB (QEMU answered the miss without one)"},
+    {FSDP_EV_IOVA_PERM, "IOVA_PERM",
+     "buffer IOVA mapped without the access the device needs (a write to a read-only mapping)"},
     {FSDP_EV_BAD_HEAD, "BAD_HEAD", "avail ring head index >= queue size: queue broken"},
     {FSDP_EV_AVAIL_IDX_JUMP, "AVAIL_IDX_JUMP",
      "avail idx more than queue size ahead: queue broken"},
@@ -156,6 +160,8 @@ static const struct code_desc codes[] = {
      "a guest memory file was shrunk under the proxy (SIGBUS caught): device stopped"},
     {FSDP_EV_LOG_OUT_OF_RANGE, "LOG_OUT_OF_RANGE",
      "guest page beyond the dirty log's size: not logged (log smaller than guest memory)"},
+    {FSDP_EV_IOTLB_MISS, "IOTLB_MISS",
+     "IOVA not in the device IOTLB: asking QEMU for it, the queue waits"},
 };
 
 static const struct code_desc *find_code(uint32_t code)

@@ -39,7 +39,7 @@
 /* FSDP_C_ONLY_END */
 
 /* Bumped whenever this interface changes; checked at import. */
-#define FSDP_ABI_VERSION 4
+#define FSDP_ABI_VERSION 6
 int fsdp_abi_version(void);
 
 /* Limits and flags (enums so that cffi sees them as constants too). */
@@ -48,6 +48,14 @@ enum {
     FSDP_MAX_QUEUE_SIZE = 32768,
     FSDP_MAX_QUEUES = 64,
     FSDP_NAME_MAX = 64,
+};
+
+/* Device IOTLB access permissions (struct vhost_iotlb_msg perm:
+ * VHOST_ACCESS_RO = 1, VHOST_ACCESS_WO = 2, VHOST_ACCESS_RW = 3). */
+enum {
+    FSDP_IOTLB_RO = 1,              /* the device may read */
+    FSDP_IOTLB_WO = 2,              /* the device may write */
+    FSDP_IOTLB_MAX_ENTRIES = 1048576, /* the largest cap fsdp_dev_iotlb_enable takes */
 };
 
 /* fsdp_queue_start flags. */
@@ -97,6 +105,10 @@ enum fsdp_event_code {
     FSDP_EV_REQUEST_TOO_LARGE = 9,        /* a = bytes, b = cap */
     FSDP_EV_ZERO_LENGTH = 10,             /* a = chain position of the 0-length descriptor */
     FSDP_EV_BAD_LAYOUT = 11,              /* a = readable bytes, b = writable bytes */
+    FSDP_EV_IOVA_UNMAPPED = 12,           /* a = iova, b = len: QEMU answered the miss
+                                             without a translation */
+    FSDP_EV_IOVA_PERM = 13,               /* a = iova, b = len: the mapping lacks the
+                                             access (a device write to a read-only IOVA) */
     /* A corrupt guest ring: the queue is broken and stops. */
     FSDP_EV_BAD_HEAD = 16,                /* a = head, b = queue size */
     FSDP_EV_AVAIL_IDX_JUMP = 17,          /* a = avail idx, b = last avail idx */
@@ -118,6 +130,9 @@ enum fsdp_event_code {
     FSDP_EV_LOG_OUT_OF_RANGE = 52,        /* a = gpa, b = log bytes; once per log */
     FSDP_EV_GUEST_MEMORY_LOST = 53,       /* a = gpa, b = size of the region whose file the
                                              front-end shrank (SIGBUS caught): device stopped */
+    /* Not a refusal: the queue waits for a translation QEMU must send
+     * (VHOST_IOTLB_MISS), then fsdp_queue_iotlb_answered. */
+    FSDP_EV_IOTLB_MISS = 54,              /* a = iova, b = access (FSDP_IOTLB_*) */
 };
 
 struct fsdp_event {
@@ -147,6 +162,34 @@ struct fsdp_queue_stats {
                                 len 0): refused, lied about, aborted, poisoned */
     uint64_t poisoned;       /* failed instead of a publication beyond 1 + max_replays */
     uint64_t discarded;      /* kept requests dropped untouched (fsdp_queue_discard) */
+    uint64_t bounce_bytes;   /* bounce space held by requests now (a gauge, bytes) */
+    uint64_t throttled_ns;   /* time intake waited for bounce space/descriptors
+                                (back-pressure), cumulative, ns */
+    uint64_t refused_by[16]; /* refused, by enum fsdp_event_code (the chain and IOVA
+                                refusals: codes 1..15); [0]: any other code */
+};
+
+/*
+ * Latency histograms the data plane keeps itself (hist.c; always on unless
+ * fsdp_dp_config.no_latency_hist).  Per queue and hop, log2 buckets of
+ * microseconds: bucket 0 counts durations below 1 us, bucket s (1..31)
+ * durations in [2^(s-1), 2^s) us; the last one also everything longer.
+ * Timed: every request the backend completed (one sample per hop; a request
+ * still in flight has only its kick_to_shadowed sample); not timed: refused
+ * requests, and those failed toward the guest (lying backend, abort, poison).
+ */
+enum {
+    FSDP_HOP_KICK_SHADOWED = 0,   /* guest kick seen -> request shadowed (copied, published) */
+    FSDP_HOP_BACKEND = 1,         /* request shadowed -> backend call seen for its completion */
+    FSDP_HOP_CALL_USED = 2,       /* backend call seen -> guest used element written */
+    FSDP_HOP_END_TO_END = 3,      /* guest kick seen -> guest used element written */
+    FSDP_HIST_HOPS = 4,
+    FSDP_HIST_SLOTS = 32,
+};
+
+struct fsdp_queue_hist {
+    uint64_t count[4][32];   /* [FSDP_HIST_HOPS][FSDP_HIST_SLOTS] */
+    uint64_t sum_ns[4];      /* per hop: sum of the durations counted, ns */
 };
 
 struct fsdp_mem_region {
@@ -163,6 +206,8 @@ struct fsdp_dp_config {
     uint32_t event_ring_size;   /* records (0: 1024) */
     uint64_t stream_copy_min;   /* buffers of at least this many bytes are copied
                                    (both ways) with streaming stores (0: never) */
+    uint32_t no_latency_hist;   /* 1: keep no latency histograms (hist.c; to measure
+                                   what they cost) */
     uint32_t idle_trim_ms;      /* a queue whose bounce area was used and has held no
                                    request this long gets its bounce pages given back
                                    (MADV_REMOVE on the shadow memfd); 0: never */
@@ -232,6 +277,29 @@ int fsdp_dev_reset(struct fsdp_dev *dev);
  * fd < 0 unmaps), and whether writes are logged (VHOST_F_LOG_ALL). */
 int fsdp_dev_set_log_base(struct fsdp_dev *dev, int fd, uint64_t size, uint64_t offset);
 int fsdp_dev_set_logging(struct fsdp_dev *dev, int on);
+/* Device IOTLB (VIRTIO_F_ACCESS_PLATFORM with a vIOMMU; vhost-user.rst
+ * "IOMMU support"): while on, ring and buffer addresses are IOVAs,
+ * translated through the translations QEMU sent (VHOST_USER_IOTLB_MSG), at
+ * most cap of them (1..FSDP_IOTLB_MAX_ENTRIES).  Unless keep_completed, the
+ * translations of the pages a request named are forgotten when it is done
+ * (a Linux guest in lazy invalidation mode reuses IOVAs QEMU 7.2 never
+ * invalidates); keep_completed trusts the guest's invalidations instead
+ * (strict-mode guests, or guests whose concurrent requests share IOVA pages).  Turning it on or off
+ * forgets every translation.  Update: 0, -EINVAL, -ENOSPC (cap reached);
+ * invalidate: entries removed or cut (>= 0).  Both take effect before they
+ * return: no access after an invalidation uses the old translation (a request
+ * in flight whose writable buffer lost its translation is failed toward the
+ * guest at completion, FSDP_EV_COPYBACK_UNMAPPED). */
+int fsdp_dev_iotlb_enable(struct fsdp_dev *dev, int on, uint32_t cap, int keep_completed);
+int fsdp_dev_iotlb_update(struct fsdp_dev *dev, uint64_t iova, uint64_t size, uint64_t uaddr,
+                          uint32_t perm);
+int fsdp_dev_iotlb_invalidate(struct fsdp_dev *dev, uint64_t iova, uint64_t size);
+int fsdp_dev_iotlb_entries(struct fsdp_dev *dev);
+/* The table's translation of iova for an access perm: 0 with *uaddr and
+ * *avail (bytes of the entry from iova on), or -ENOENT (no entry), -EACCES
+ * (the entry lacks perm). For tests and diagnostics. */
+int fsdp_dev_iotlb_translate(struct fsdp_dev *dev, uint64_t iova, uint32_t perm, uint64_t *uaddr,
+                             uint64_t *avail);
 /* Synchronous engine pass over every started queue (loop not running). */
 int fsdp_dev_poll(struct fsdp_dev *dev, uint32_t *out_flags);
 
@@ -286,5 +354,13 @@ int fsdp_queue_discard(struct fsdp_dev *dev, uint32_t q);
  * addresses reads fresh indices (libvhost-user reads used->idx then). */
 int fsdp_queue_clear_shadow(struct fsdp_dev *dev, uint32_t q);
 int fsdp_queue_stats(struct fsdp_dev *dev, uint32_t q, struct fsdp_queue_stats *out);
+/* The queue's latency histograms since the device was added (zeros when off). */
+int fsdp_queue_hist(struct fsdp_dev *dev, uint32_t q, struct fsdp_queue_hist *out);
+/* QEMU answered queue q's FSDP_EV_IOTLB_MISS at iova (ok != 0: with a
+ * translation, installed before this call): the queue takes up where it
+ * waited.  After "no translation" the page is refused (FSDP_EV_IOVA_UNMAPPED);
+ * a page gone again after "yes" is asked again, a bounded number of times.
+ * The answer to an older miss of the queue is ignored. */
+int fsdp_queue_iotlb_answered(struct fsdp_dev *dev, uint32_t q, uint64_t iova, int ok);
 
 #endif

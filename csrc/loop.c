@@ -48,7 +48,10 @@
  *   4. queue one eventfd write per backend to kick / guest to call;
  *   5. optional busy-poll on the rings, for an adaptive window of at most
  *      busy_poll_us (see busy_poll);
- *   6. submit everything (re-arms + writes) as ONE batch and wait for one
+ *   6. before sleeping, ask for the kicks and calls the passes did not ask
+ *      for while the loop was spinning (event idx; queue_arm): a ring that
+ *      got work meanwhile means no sleep;
+ *   7. submit everything (re-arms + writes) as ONE batch and wait for one
  *      completion (with a timeout if some queue has no kick fd and must be
  *      polled), then drain all completions with one cq_advance.
  *
@@ -126,6 +129,7 @@
 
 #include "loop.h"
 #include "events.h"
+#include "hist.h"
 #include "probes.h"
 #include "queue.h"
 #include "shadow.h"
@@ -192,6 +196,7 @@ struct fsdp_dp {
     uint64_t trim_at;                   /* earliest idle-trim deadline (0: none) */
     int tid;                            /* the loop thread's tid (0: not running) */
     uint64_t trimmed_pages;             /* read by other threads (relaxed) */
+    uint64_t wake_ns;                   /* this drain's stamp (hist.h), 0: not read yet */
 };
 
 static inline uint64_t ud_make(unsigned kind, uint32_t dev, uint32_t q, uint32_t token)
@@ -658,6 +663,9 @@ static bool process_all(struct fsdp_dp *dp, bool *poll_mode, bool *again)
             }
             w->due = false;
             if (q->started) {
+                /* While the loop spins after work it sees the rings itself:
+                 * no event idx arming per pass (queue_arm before sleeping). */
+                q->defer_arm = dp->cfg.busy_poll_us && dp->poll_ns;
                 any |= queue_process(q);
                 if (q->guest_kick_fd < 0 || w->kick_failed)
                     *poll_mode = true;
@@ -681,6 +689,23 @@ static bool process_all(struct fsdp_dp *dp, bool *poll_mode, bool *again)
     return any;
 }
 
+/* Before sleeping: arm the notifications the passes deferred (queue_arm).
+ * True if some ring got work meanwhile: run a pass instead of sleeping. */
+static bool arm_deferred(struct fsdp_dp *dp)
+{
+    bool work = false;
+
+    for (uint32_t d = 0; d < dp->ndevs; d++) {
+        struct fsdp_devctx *dev = dp->devs[d].d;
+        for (uint32_t i = 0; dev && i < dev->num_queues; i++)
+            if (queue_arm(&dev->q[i])) {
+                dp->devs[d].w[i].due = true;    /* work seen outside a pass: visit it */
+                work = true;
+            }
+    }
+    return work;
+}
+
 /* The queue a completion is about, and the loop's record of it (NULL if gone). */
 static struct fsdp_queue *lookup_q(struct fsdp_dp *dp, uint64_t ud, struct watch **w)
 {
@@ -698,6 +723,14 @@ static void loop_error(struct fsdp_dp *dp, uint32_t dev, uint32_t q, int res)
     struct fsdp_event e = {.dev = dev, .queue = q, .code = FSDP_EV_LOOP_ERROR,
                            .a = (uint64_t)(int64_t)res};
     evring_push(&dp->ev, &e);
+}
+
+/* The time of this drain's kicks and calls: one clock read per drain (hist.h). */
+static uint64_t wake_stamp(struct fsdp_dp *dp)
+{
+    if (!dp->wake_ns)
+        dp->wake_ns = hist_clock();
+    return dp->wake_ns;
 }
 
 static void handle_cqe(struct fsdp_dp *dp, struct io_uring_cqe *cqe)
@@ -719,6 +752,8 @@ static void handle_cqe(struct fsdp_dp *dp, struct io_uring_cqe *cqe)
         w->due = true;
         if (cqe->res >= 0) {
             q->st.guest_kicks++;
+            if (q->h.on)
+                hist_kick(&q->h, wake_stamp(dp));
             PROBE_GUEST_KICK(q->dev->id, q->idx);
         } else if (!soft) {
             /* Don't spin re-arming a broken fd: poll the ring instead. */
@@ -734,6 +769,8 @@ static void handle_cqe(struct fsdp_dp *dp, struct io_uring_cqe *cqe)
         w->due = true;
         if (cqe->res >= 0) {
             q->st.backend_calls++;
+            if (q->h.on)
+                hist_call(&q->h, wake_stamp(dp));
             PROBE_BACKEND_CALL(q->dev->id, q->idx);
         } else if (!soft) {
             loop_error(dp, q->dev->id, q->idx, cqe->res);
@@ -753,6 +790,7 @@ static unsigned drain_cqes(struct fsdp_dp *dp)
     struct io_uring_cqe *cqe;
     unsigned head, n = 0;
 
+    dp->wake_ns = 0;
     io_uring_for_each_cqe(&dp->ring, head, cqe) {
         handle_cqe(dp, cqe);
         n++;
@@ -915,6 +953,8 @@ static void *loop_main(void *arg)
                 continue;
             }
         }
+        if (!again && arm_deferred(dp))
+            again = true;       /* work arrived while arming: look before sleeping */
         if (again) {
             /* Fail-safe for the due-queue rule: a reason not to sleep found
              * outside a pass (a look at the rings that did not say which

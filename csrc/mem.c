@@ -122,50 +122,104 @@ static struct fsdp_region *find_gpa(struct fsdp_mem *m, uint64_t gpa)
     return NULL;
 }
 
+static struct fsdp_region *find_uaddr(struct fsdp_mem *m, uint64_t uaddr)
+{
+    for (uint32_t i = 0; i < m->n; i++)
+        if (uaddr - m->r[i].uaddr < m->r[i].size)
+            return &m->r[i];
+    return NULL;
+}
+
 /*
- * Calls fn on each contiguous host piece of [gpa, gpa+len).  Stops at the
- * first hole.  Returns 0, FSDP_EV_ADDR_OVERFLOW or FSDP_EV_ADDR_UNMAPPED.
+ * The contiguous host piece at addr (at most len bytes): *host, *take and
+ * its guest-physical address *gpa.  addr is guest-physical, or with the
+ * IOTLB on an IOVA: IOVA -> QEMU user address (the IOTLB, with perm) -> the
+ * region holding it.  0 or an event code.
  */
-#define FOR_EACH_PIECE(m, gpa, len, host, take, body)                         \
+static inline int piece_at(struct fsdp_mem *m, uint64_t addr, uint64_t len, uint32_t perm,
+                           uint8_t **host, uint64_t *take, uint64_t *gpa)
+{
+    struct fsdp_region *r;
+    uint64_t off, avail = UINT64_MAX;
+
+    if (m->iotlb && m->iotlb->on) {
+        uint64_t uaddr;
+        int rc = iotlb_lookup_run(m->iotlb, addr, perm, len, &uaddr, &avail);
+        if (rc) {
+            m->iotlb->miss_at = addr;
+            m->iotlb->miss_perm = perm;
+            return rc;
+        }
+        r = find_uaddr(m, uaddr);
+        if (!r)
+            return FSDP_EV_ADDR_UNMAPPED;   /* QEMU's translation is outside the table */
+        off = uaddr - r->uaddr;
+    } else {
+        r = find_gpa(m, addr);
+        if (!r)
+            return FSDP_EV_ADDR_UNMAPPED;
+        off = addr - r->gpa;
+    }
+    *take = r->size - off;
+    if (*take > avail)
+        *take = avail;
+    if (*take > len)
+        *take = len;
+    *host = r->host + off;
+    *gpa = r->gpa + off;
+    return 0;
+}
+
+/*
+ * Calls body on each contiguous host piece of [gpa, gpa+len), accessed with
+ * perm (FSDP_IOTLB_RO / _WO, used with the IOTLB on).  Stops at the first
+ * hole.  Returns 0, FSDP_EV_ADDR_OVERFLOW, FSDP_EV_ADDR_UNMAPPED, or with the
+ * IOTLB on FSDP_EV_IOTLB_MISS / FSDP_EV_IOVA_PERM.
+ */
+#define FOR_EACH_PIECE(m, gpa, len, perm, host, take, body)                   \
     do {                                                                      \
-        uint64_t _g = (gpa), _l = (len);                                      \
+        uint64_t _g = (gpa), _l = (len), _pg;                                 \
         if (_l > UINT64_MAX - _g)                                             \
             return FSDP_EV_ADDR_OVERFLOW;                                     \
         while (_l) {                                                          \
-            struct fsdp_region *_r = find_gpa((m), _g);                       \
-            if (!_r)                                                          \
-                return FSDP_EV_ADDR_UNMAPPED;                                 \
-            uint64_t take = _r->gpa + _r->size - _g;                          \
-            if (take > _l)                                                    \
-                take = _l;                                                    \
-            uint8_t *host = _r->host + (_g - _r->gpa);                        \
+            uint8_t *host;                                                    \
+            uint64_t take;                                                    \
+            int _rc = piece_at((m), _g, _l, (perm), &host, &take, &_pg);      \
+            if (_rc)                                                          \
+                return _rc;                                                   \
             body;                                                             \
             _g += take;                                                       \
             _l -= take;                                                       \
         }                                                                     \
     } while (0)
 
-int mem_check_range(struct fsdp_mem *m, uint64_t gpa, uint64_t len)
+int mem_check_range_split(struct fsdp_mem *m, uint64_t gpa, uint64_t len)
 {
-    FOR_EACH_PIECE(m, gpa, len, host, take, (void)host);
+    return mem_check_access_split(m, gpa, len, false);
+}
+
+int mem_check_access_split(struct fsdp_mem *m, uint64_t addr, uint64_t len, bool write)
+{
+    FOR_EACH_PIECE(m, addr, len, write ? FSDP_IOTLB_WO : FSDP_IOTLB_RO, host, take, (void)host);
     return 0;
 }
 
-int mem_copy_from_guest(struct fsdp_mem *m, void *dst, uint64_t gpa, uint64_t len, bool stream)
+int mem_copy_from_guest_split(struct fsdp_mem *m, void *dst, uint64_t gpa, uint64_t len,
+                              bool stream)
 {
     uint8_t *d = dst;
-    FOR_EACH_PIECE(m, gpa, len, host, take, {
+    FOR_EACH_PIECE(m, gpa, len, FSDP_IOTLB_RO, host, take, {
         copy_bytes(d, host, take, stream);
         d += take;
     });
     return 0;
 }
 
-int mem_copy_to_guest(struct fsdp_mem *m, uint64_t gpa, const void *src, uint64_t len,
-                      bool stream)
+int mem_copy_to_guest_split(struct fsdp_mem *m, uint64_t gpa, const void *src, uint64_t len,
+                            bool stream)
 {
     const uint8_t *s = src;
-    FOR_EACH_PIECE(m, gpa, len, host, take, {
+    FOR_EACH_PIECE(m, gpa, len, FSDP_IOTLB_WO, host, take, {
         copy_bytes(host, s, take, stream);
         s += take;
     });
@@ -182,4 +236,70 @@ uint8_t *mem_uaddr_to_host(struct fsdp_mem *m, uint64_t uaddr, uint64_t len)
             return r->host + (uaddr - r->uaddr);
     }
     return NULL;
+}
+
+/* IOVA -> one run of user addresses: every IOTLB entry the range crosses must
+ * continue the previous one's user addresses (a ring is one host run). */
+static int iova_run(struct fsdp_mem *m, uint64_t iova, uint64_t len, uint32_t perm, uint64_t *uaddr)
+{
+    uint64_t expect = 0, u, avail;
+    bool first = true;
+
+    if (len > UINT64_MAX - iova)
+        return FSDP_EV_ADDR_OVERFLOW;
+    while (len) {
+        int rc = iotlb_lookup(m->iotlb, iova, perm, &u, &avail);
+        if (rc) {
+            m->iotlb->miss_at = iova;
+            m->iotlb->miss_perm = perm;
+            return rc;
+        }
+        if (first)
+            *uaddr = u;
+        else if (u != expect)
+            return FSDP_EV_ADDR_UNMAPPED;
+        first = false;
+        if (avail > len)
+            avail = len;
+        expect = u + avail;
+        iova += avail;
+        len -= avail;
+    }
+    return 0;
+}
+
+uint8_t *mem_ring_to_host(struct fsdp_mem *m, uint64_t addr, uint64_t len, uint32_t perm, int *why)
+{
+    *why = 0;
+    if (m->iotlb && m->iotlb->on) {
+        uint64_t uaddr = 0;
+        int rc = iova_run(m, addr, len, perm, &uaddr);
+        if (rc) {
+            *why = rc;
+            return NULL;
+        }
+        addr = uaddr;
+    }
+    return mem_uaddr_to_host(m, addr, len);
+}
+
+void mem_for_each_gpa(struct fsdp_mem *m, uint64_t addr, uint64_t len,
+                      void (*fn)(void *arg, uint64_t gpa, uint64_t n), void *arg)
+{
+    if (len > UINT64_MAX - addr)
+        return;
+    while (len) {
+        uint8_t *host;
+        uint64_t take, gpa;
+        if (piece_at(m, addr, len, FSDP_IOTLB_WO, &host, &take, &gpa)) {
+            /* Not translatable: nothing was written there; go on a page. */
+            take = FSDP_PAGE - (addr & (FSDP_PAGE - 1));
+            if (take > len)
+                take = len;
+        } else {
+            fn(arg, gpa, take);
+        }
+        addr += take;
+        len -= take;
+    }
 }

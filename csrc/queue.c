@@ -22,6 +22,8 @@
 #include "queue.h"
 #include "base.h"
 #include "bounce.h"
+#include "hist.h"
+#include "iotlb.h"
 #include "mem.h"
 #include "shadow.h"
 #include "vring.h"
@@ -149,6 +151,7 @@ int queue_set_num(struct fsdp_queue *q, uint32_t num)
     if (rc)
         return rc;
     q->num = num;
+    q->num_pow2 = (num & (num - 1u)) == 0;
     base = (uint64_t)q->idx * dev->slot_size;
     q->s_desc_off = base;
     q->s_avail_off = base + FSDP_ALIGN_UP(vring_desc_size(num), FSDP_PAGE);
@@ -171,37 +174,68 @@ int queue_set_base(struct fsdp_queue *q, uint32_t avail_idx)
     return 0;
 }
 
-static uint8_t *ring_ptr(struct fsdp_queue *q, uint64_t uaddr, uint64_t len, uint64_t align)
+static uint8_t *ring_ptr(struct fsdp_queue *q, uint64_t uaddr, uint64_t len, uint64_t align,
+                        uint32_t perm, int *why)
 {
-    uint8_t *p = mem_uaddr_to_host(&q->dev->mem, uaddr, len);
+    uint8_t *p = mem_ring_to_host(&q->dev->mem, uaddr, len, perm, why);
     if (p && ((uintptr_t)p % align))
         return NULL;
     return p;
 }
 
-/* (Re)translate the guest rings through the current memory table.  Called on
- * SET_VRING_ADDR and after every memory table change. */
+/* A started queue's IOVA ring has no translation yet (QEMU sends the used
+ * ring's unasked after the start, the others on a miss): ask once; once QEMU
+ * has answered without one, the queue cannot run (RING_UNMAPPED). */
+static void ring_missed(struct fsdp_queue *q, uint64_t ring)
+{
+    struct fsdp_iotlb *t = q->dev->mem.iotlb;
+    int ask = iotlb_missed(t, q->idx, t->miss_at);
+
+    if (ask == FSDP_EV_IOTLB_MISS)
+        dev_event(q->dev, q->idx, FSDP_EV_IOTLB_MISS, 0, t->miss_at, t->miss_perm);
+    else if (ask == FSDP_EV_IOVA_UNMAPPED)
+        dev_event(q->dev, q->idx, FSDP_EV_RING_UNMAPPED, 0, ring, 0);
+}
+
+static int finish_start(struct fsdp_queue *q);
+
+/* (Re)translate the guest rings through the current memory table (and the
+ * device IOTLB while it is on).  Called on SET_VRING_ADDR, after every
+ * memory table change and every IOTLB change. */
 int queue_translate_rings(struct fsdp_queue *q, bool emit)
 {
-    uint8_t *d, *a, *u;
+    uint8_t *d = NULL, *a = NULL, *u = NULL;
     bool was_ok = q->rings_ok;
+    uint64_t bad = 0;
+    int why = 0;
 
     q->rings_ok = false;
     if (!q->addr_set || !q->num)
         return -EINVAL;
-    d = ring_ptr(q, q->desc_uaddr, vring_desc_size(q->num), 16);
-    a = ring_ptr(q, q->avail_uaddr, vring_avail_size(q->num), 2);
-    u = ring_ptr(q, q->used_uaddr, vring_used_size(q->num), 4);
+    /* One at a time: a miss names the first ring that has none. */
+    if (!(d = ring_ptr(q, q->desc_uaddr, vring_desc_size(q->num), 16, FSDP_IOTLB_RO, &why)))
+        bad = q->desc_uaddr;
+    else if (!(a = ring_ptr(q, q->avail_uaddr, vring_avail_size(q->num), 2, FSDP_IOTLB_RO, &why)))
+        bad = q->avail_uaddr;
+    else if (!(u = ring_ptr(q, q->used_uaddr, vring_used_size(q->num), 4, FSDP_IOTLB_WO, &why)))
+        bad = q->used_uaddr;
     if (!d || !a || !u) {
-        if (emit && was_ok && q->started)
-            dev_event(q->dev, q->idx, FSDP_EV_RING_UNMAPPED, 0,
-                      !d ? q->desc_uaddr : !a ? q->avail_uaddr : q->used_uaddr, 0);
+        if (why == FSDP_EV_IOTLB_MISS) {
+            /* Not unmapped: not translated yet.  The queue waits. */
+            if (q->started)
+                ring_missed(q, bad);
+            return -EAGAIN;
+        }
+        if (emit && (was_ok || q->start_pending) && q->started)
+            dev_event(q->dev, q->idx, FSDP_EV_RING_UNMAPPED, 0, bad, 0);
         return -EFAULT;
     }
     q->g_desc = d;
     q->g_avail = a;
     q->g_used = u;
     q->rings_ok = true;
+    if (q->start_pending)
+        return finish_start(q);
     return 0;
 }
 
@@ -224,6 +258,8 @@ int queue_set_addr(struct fsdp_queue *q, uint64_t desc, uint64_t avail, uint64_t
     q->used_uaddr = used;
     q->addr_set = true;
     rc = queue_translate_rings(q, false);
+    if (rc == -EAGAIN)
+        rc = 0;     /* IOVA rings QEMU has not translated yet: at the start */
     if (rc) {
         /* keep the previous (valid) configuration */
         q->desc_uaddr = od;
@@ -292,7 +328,14 @@ static int do_start(struct fsdp_queue *q, uint32_t flags)
 {
     if (q->started)
         return 0;           /* idempotent: SET_VRING_KICK may come again */
-    if (!q->num || !q->rings_ok)
+    if (!q->num || !q->addr_set)
+        return -EINVAL;
+    /* IOVA rings (device IOTLB on) may not translate yet: QEMU sends their
+     * translations after the start (vhost_dev_start: the used ring's
+     * unasked, the others on a miss).  The queue then counts as started and
+     * its guest side starts once they translate (queue_translate_rings ->
+     * finish_start). */
+    if (!q->rings_ok && !(q->dev->mem.iotlb && q->dev->mem.iotlb->on))
         return -EINVAL;
 
     /* Fresh shadow ring: the region is ours, clear it. */
@@ -302,14 +345,31 @@ static int do_start(struct fsdp_queue *q, uint32_t flags)
     q->s_num_added = 0;
     q->guest_event_idx = !!(flags & FSDP_QF_GUEST_EVENT_IDX);
     q->backend_event_idx = !!(flags & FSDP_QF_BACKEND_EVENT_IDX);
-    q->used_idx = vr_load16(q->g_used + USED_IDX);
-    q->signalled_used_valid = false;
     q->broken = false;
     q->backend_broken = false;
+    if (q->throttled)   /* the stall ends here: its time is back-pressure time */
+        q->st.throttled_ns += hist_throttle_end(&q->h);
     q->throttled = false;
     q->stopping = false;
     q->guest_used_dirty = false;
     q->need_backend_kick = q->need_guest_call = false;
+    q->start_flags = flags;
+    q->start_pending = true;
+    q->started = true;
+    if (q->rings_ok)
+        return finish_start(q);
+    queue_translate_rings(q, true);   /* asks QEMU, or finishes the start */
+    return 0;
+}
+
+/* The part of a start that needs the guest rings. */
+static int finish_start(struct fsdp_queue *q)
+{
+    uint32_t flags = q->start_flags;
+
+    q->start_pending = false;
+    q->used_idx = vr_load16(q->g_used + USED_IDX);
+    q->signalled_used_valid = false;
 
     /* Requests kept from a previous run (backend died or did not drain):
      * re-published, in their original order, with their readable bytes
@@ -326,7 +386,8 @@ static int do_start(struct fsdp_queue *q, uint32_t flags)
         for (uint32_t i = 0; i < k; i++)
             republish_or_fail(q, heads[i], flags & FSDP_QF_BACKEND_LOST);
     }
-    q->started = true;
+    if (q->s_avail_idx)
+        q->need_backend_kick = true;    /* re-published requests (a late start too) */
     return 0;
 }
 
@@ -442,6 +503,7 @@ void queue_stop_result(const struct fsdp_queue *q, struct fsdp_stop_result *res)
 void queue_stop_finish(struct fsdp_queue *q, struct fsdp_stop_result *res)
 {
     q->started = false;
+    q->start_pending = false;
     q->stopping = false;
     if (res)
         queue_stop_result(q, res);
@@ -454,9 +516,12 @@ void queue_stop_finish(struct fsdp_queue *q, struct fsdp_stop_result *res)
 void queue_reset(struct fsdp_queue *q)
 {
     q->started = false;
+    q->start_pending = false;
     q->stopping = false;
     q->broken = false;
     q->backend_broken = false;
+    if (q->throttled)
+        q->st.throttled_ns += hist_throttle_end(&q->h);
     q->throttled = false;
     q->inflight = 0;
     q->parked = 0;

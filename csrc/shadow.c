@@ -37,12 +37,14 @@
 #include "chain.h"
 #include "fail.h"
 #include "guard.h"
+#include "hist.h"
 #include "log.h"
+#include "iotlb.h"
 #include "mem.h"
 #include "probes.h"
 #include "vring.h"
 
-enum take_result { TAKEN, REFUSED, NOSPACE, BROKEN };
+enum take_result { TAKEN, REFUSED, NOSPACE, BROKEN, IOTLB_WAIT };
 
 /* ------------------------------------------------------------------------ */
 /* Guest used ring: push, publish, and the call decision.                     */
@@ -53,10 +55,23 @@ static bool use_stream(const struct fsdp_queue *q, uint64_t len)
     return q->dev->stream_min && len >= q->dev->stream_min;
 }
 
-/* Guest bytes [gpa, gpa + len) were written: mark them in the dirty log. */
-static void log_guest(struct fsdp_queue *q, uint64_t gpa, uint64_t len)
+static void log_gpa(void *arg, uint64_t gpa, uint64_t len)
 {
+    struct fsdp_queue *q = arg;
     q->st.log_pages += log_write(&q->dev->log, q->dev->events, q->dev->id, q->idx, gpa, len);
+}
+
+/* Guest bytes [gpa, gpa + len) were written: mark them in the dirty log.
+ * With the device IOTLB on the range is an IOVA range: the log is of
+ * guest-physical pages, so each translated piece is marked. */
+static inline void log_guest(struct fsdp_queue *q, uint64_t gpa, uint64_t len)
+{
+    if (!q->dev->log.on)
+        return;     /* not migrating: the common case, no call */
+    if (q->dev->mem.iotlb && q->dev->mem.iotlb->on)
+        mem_for_each_gpa(&q->dev->mem, gpa, len, log_gpa, q);
+    else
+        log_gpa(q, gpa, len);
 }
 
 /* A write of len bytes at offset off of the guest used ring was made. */
@@ -68,7 +83,7 @@ static void log_used(struct fsdp_queue *q, uint64_t off, uint64_t len)
 
 void push_guest_used(struct fsdp_queue *q, uint16_t head, uint32_t len)
 {
-    size_t off = USED_RING(q->used_idx % q->num);
+    size_t off = USED_RING(ring_slot(q, q->used_idx));
     uint8_t *e = q->g_used + off;
 
     vr_store32(e, head);
@@ -167,6 +182,27 @@ void fail_request(struct fsdp_queue *q, uint16_t head)
 /* ------------------------------------------------------------------------ */
 /* Shadow ring: publish, and the kick decision.                               */
 
+/* One shadow descriptor, written field by field into the shadow table. */
+static inline void put_shadow_desc(struct fsdp_queue *q, uint16_t s, uint64_t off, uint32_t len,
+                                   uint16_t flags, uint16_t next)
+{
+    uint8_t *p = q->s_desc + 16u * s;
+
+    vr_store64(p, FSDP_SHADOW_GPA_BASE + q->s_bounce_off + off);
+    vr_store32(p + 8, len);
+    vr_store16(p + 12, flags);
+    vr_store16(p + 14, next);
+}
+
+/* The avail entry of shadow head (published by the next pass). */
+static inline void put_shadow_avail(struct fsdp_queue *q, uint16_t head)
+{
+    vr_store16(q->s_avail + AVAIL_RING(ring_slot(q, q->s_avail_idx)), head);
+    q->req[head].sidx = q->s_avail_idx;
+    q->s_avail_idx++;
+    q->s_num_added++;
+}
+
 void write_shadow_chain(struct fsdp_queue *q, uint16_t head)
 {
     uint16_t s = head;
@@ -174,20 +210,12 @@ void write_shadow_chain(struct fsdp_queue *q, uint16_t head)
 
     for (uint16_t i = 0; i < n; i++) {
         struct fsdp_sdesc *sd = &q->sd[s];
-        uint8_t *p = q->s_desc + 16u * s;
-        uint16_t flags = sd->flags;
-        if (i + 1u < n)
-            flags |= VRING_DESC_F_NEXT;
-        vr_store64(p, FSDP_SHADOW_GPA_BASE + q->s_bounce_off + sd->off);
-        vr_store32(p + 8, sd->len);
-        vr_store16(p + 12, flags);
-        vr_store16(p + 14, i + 1u < n ? sd->next : 0);
+        bool last = i + 1u == n;
+        put_shadow_desc(q, s, sd->off, sd->len, sd->flags | (last ? 0 : VRING_DESC_F_NEXT),
+                        last ? 0 : sd->next);
         s = sd->next;
     }
-    vr_store16(q->s_avail + AVAIL_RING(q->s_avail_idx % q->num), head);
-    q->req[head].sidx = q->s_avail_idx;
-    q->s_avail_idx++;
-    q->s_num_added++;
+    put_shadow_avail(q, head);
 }
 
 /* Copy the readable guest bytes of a request into its bounce space.  The
@@ -280,23 +308,80 @@ uint32_t queue_notify(struct fsdp_queue *q, const struct fsdp_batch *batch)
 /* ------------------------------------------------------------------------ */
 /* Intake: guest avail -> shadow.                                             */
 
+/*
+ * A request is done with: forget the device IOTLB's translations of the pages
+ * it named (unless the proxy runs with --iotlb-keep-completed).  A Linux guest unmaps them right after the completion, and in its
+ * default lazy mode (iommu.strict=0) the invalidation that tells the device
+ * comes late or, through QEMU 7.2, not at all, while the IOVA is soon mapped
+ * again to another page: a translation kept past the request would read or
+ * write the old page (seen: indirect tables read from pages the guest had
+ * reused).  A device IOTLB may drop any entry at any time; the next request
+ * on those pages asks QEMU again.  Pages are whole IOVA pages (a mapping is
+ * page-granular); another live buffer on the same page only costs a miss.
+ */
+static bool on_ring_page(const struct fsdp_queue *q, uint64_t page)
+{
+    const uint64_t at[3] = {q->desc_uaddr, q->avail_uaddr, q->used_uaddr};
+    const uint64_t len[3] = {16ull * q->num, 6 + 2ull * q->num, 6 + 8ull * q->num};
+
+    for (int i = 0; i < 3; i++)
+        if (page < at[i] + len[i] && at[i] < page + FSDP_PAGE)
+            return true;
+    return false;
+}
+
+static void iotlb_forget_pages(struct fsdp_queue *q, uint64_t addr, uint64_t len);
+
+/* Inline: without a vIOMMU (nearly always) the four calls per request cost
+ * one test each, not a call each. */
+static inline void iotlb_forget(struct fsdp_queue *q, uint64_t addr, uint64_t len)
+{
+    const struct fsdp_iotlb *t = q->dev->mem.iotlb;
+
+    if (t && t->on && !t->keep_completed)
+        iotlb_forget_pages(q, addr, len);
+}
+
+static void iotlb_forget_pages(struct fsdp_queue *q, uint64_t addr, uint64_t len)
+{
+    struct fsdp_iotlb *t = q->dev->mem.iotlb;
+    uint64_t first, end;
+
+    if (!t || !t->on || t->keep_completed || !len || len > UINT64_MAX - addr)
+        return;
+    first = addr & ~(uint64_t)(FSDP_PAGE - 1);
+    end = addr + len;
+    end = end > UINT64_MAX - (FSDP_PAGE - 1) ? UINT64_MAX : FSDP_ALIGN_UP(end, FSDP_PAGE);
+    /* The queue's own rings stay (a guest that puts buffers on a ring page
+     * would otherwise lose the ring's translation at every completion). */
+    for (uint64_t page = first; page < end && page >= first; page += FSDP_PAGE)
+        if (!on_ring_page(q, page))
+            iotlb_invalidate(t, page, FSDP_PAGE);
+}
+
 void release_request(struct fsdp_queue *q, uint16_t head)
 {
     struct fsdp_req *r = &q->req[head];
     uint16_t s = head;
+    uint16_t n = r->ndesc;      /* once: the stores below could alias it for the compiler */
 
-    for (uint16_t i = 0; i < r->ndesc; i++) {
+    iotlb_forget(q, r->ind_addr, r->ind_len);
+    r->ind_len = 0;
+    for (uint16_t i = 0; i < n; i++) {
         struct fsdp_sdesc *sd = &q->sd[s];
         uint16_t next = sd->next;
-        if (sd->own_npages)
+        iotlb_forget(q, sd->gpa, sd->len);
+        if (sd->own_npages) {   /* a fragmented request's segment (alloc_per_segment) */
             bounce_free(&q->bounce, sd->own_page, sd->own_npages);
-        sd->own_npages = 0;
-        /* A completed head stays SD_DONE until reused, so that a second
-         * completion of it is told apart from a made-up id. */
-        q->sstate[s] = (s == head) ? SD_DONE : SD_FREE;
+            sd->own_npages = 0;
+        }
+        q->sstate[s] = SD_FREE;
         q->freelist[q->nfree++] = s;
         s = next;
     }
+    /* A completed head stays SD_DONE until reused, so that a second
+     * completion of it is told apart from a made-up id. */
+    q->sstate[head] = SD_DONE;
     if (r->slab_npages)
         bounce_free(&q->bounce, r->slab_page, r->slab_npages);
     r->slab_npages = 0;
@@ -326,6 +411,32 @@ static bool alloc_per_segment(struct fsdp_queue *q, uint32_t n)
     return true;
 }
 
+/*
+ * The chain at head names an IOVA the device IOTLB has no translation for
+ * (ch->err_a, access ch->err_b).  Ask QEMU once (the control plane sends
+ * VHOST_IOTLB_MISS on the back-end channel and, once QEMU has answered,
+ * calls fsdp_queue_iotlb_answered): false, the entry stays in the guest ring.
+ * If QEMU answered and it is still missing: walk again with misses refused,
+ * so the chain is refused like any bad one (the device's error where the
+ * walk can place it): true, *ch holds that walk.
+ */
+static bool iotlb_wait(struct fsdp_queue *q, uint16_t head, struct fsdp_chain *ch, uint32_t *steps)
+{
+    struct fsdp_devctx *dev = q->dev;
+    struct fsdp_iotlb *t = dev->mem.iotlb;
+    int ask = iotlb_missed(t, q->idx, ch->err_a);
+
+    if (ask == FSDP_EV_IOTLB_MISS)
+        dev_event(dev, q->idx, FSDP_EV_IOTLB_MISS, head, ch->err_a, ch->err_b);
+    if (ask != FSDP_EV_IOVA_UNMAPPED)
+        return false;
+    t->refuse_misses = true;
+    chain_walk(&dev->mem, q->g_desc, q->num, head, dev->max_request_bytes, q->scratch, q->ind, ch);
+    t->refuse_misses = false;
+    *steps += ch->steps;
+    return true;
+}
+
 static enum take_result take_one(struct fsdp_queue *q, uint32_t *steps)
 {
     struct fsdp_devctx *dev = q->dev;
@@ -337,7 +448,7 @@ static enum take_result take_one(struct fsdp_queue *q, uint32_t *steps)
     bool fragmented = false;
     int rc;
 
-    head = vr_load16(q->g_avail + AVAIL_RING(q->last_avail % q->num));
+    head = vr_load16(q->g_avail + AVAIL_RING(ring_slot(q, q->last_avail)));
     if (head >= q->num) {
         /* A head outside the table: the ring itself is corrupt. */
         dev_event(dev, q->idx, FSDP_EV_BAD_HEAD, head, head, q->num);
@@ -348,6 +459,13 @@ static enum take_result take_one(struct fsdp_queue *q, uint32_t *steps)
     rc = chain_walk(&dev->mem, q->g_desc, q->num, head, dev->max_request_bytes,
                     q->scratch, q->ind, &ch);
     *steps = ch.steps;
+    if (rc == FSDP_EV_IOTLB_MISS) {
+        if (!iotlb_wait(q, head, &ch, steps))
+            return IOTLB_WAIT;
+        rc = (int)ch.err;
+    }
+    if (dev->mem.iotlb && dev->mem.iotlb->on)
+        iotlb_settled(dev->mem.iotlb, q->idx);
     if (rc == 0 && q->idx >= dev->failure_first_queue &&
         (ch.readable < dev->min_readable || ch.writable < dev->min_writable)) {
         /* Too short for the device's request layout: a backend would read
@@ -374,10 +492,14 @@ static enum take_result take_one(struct fsdp_queue *q, uint32_t *steps)
         dev_event(dev, q->idx, (uint32_t)rc, head, ch.err_a, ch.err_b);
         PROBE_REQUEST_REFUSED(dev->id, q->idx, head, rc);
         q->st.refused++;
+        q->st.refused_by[(uint32_t)rc < 16u ? (uint32_t)rc : 0u]++;
         /* The device's error where the walk saw the whole chain; a broken
          * structure (loop, bad next, bad indirect) has no safe place for
          * it: len 0. */
         complete_failed(q, head, q->scratch, ch.complete ? ch.n : 0);
+        iotlb_forget(q, ch.ind_addr, ch.ind_len);
+        for (uint32_t i = 0; i < ch.n; i++)
+            iotlb_forget(q, q->scratch[i].gpa, q->scratch[i].len);
         q->last_avail++;
         return REFUSED;
     }
@@ -392,10 +514,18 @@ static enum take_result take_one(struct fsdp_queue *q, uint32_t *steps)
         fragmented = true;
     }
 
-    /* Shadow descriptors: the top n of the free stack, linked privately. */
+    /* Shadow descriptors: the top n of the free stack, linked privately.
+     * One pass per descriptor does what copy_in and write_shadow_chain do
+     * for a re-published request: the private record, the shadow
+     * descriptor, and the copy of a readable buffer. */
+    uint64_t bytes = 0;
 #define SIDX(i) (q->freelist[q->nfree - 1u - (i)])
+    uint16_t shead = SIDX(0);
     for (uint32_t i = 0; i < n; i++) {
-        struct fsdp_sdesc *sd = &q->sd[SIDX(i)];
+        uint16_t s = SIDX(i);
+        uint16_t next = i + 1 < n ? SIDX(i + 1) : 0;
+        struct fsdp_sdesc *sd = &q->sd[s];
+        const struct fsdp_seg *g = &q->scratch[i];
         if (fragmented) {
             sd->own_page = (uint32_t)q->offs[i];
             sd->own_npages = (uint32_t)(q->offs[i] >> 32);
@@ -404,13 +534,20 @@ static enum take_result take_one(struct fsdp_queue *q, uint32_t *steps)
             sd->own_npages = 0;
             sd->off = (uint64_t)first * FSDP_PAGE + q->offs[i];
         }
-        sd->gpa = q->scratch[i].gpa;
-        sd->len = q->scratch[i].len;
-        sd->flags = q->scratch[i].flags;
-        sd->next = i + 1 < n ? SIDX(i + 1) : 0;
-        q->sstate[SIDX(i)] = i ? SD_BODY : SD_HEAD;
+        sd->gpa = g->gpa;
+        sd->len = g->len;
+        sd->flags = g->flags;
+        sd->next = next;
+        q->sstate[s] = i ? SD_BODY : SD_HEAD;
+        put_shadow_desc(q, s, sd->off, g->len,
+                        g->flags | (i + 1 < n ? VRING_DESC_F_NEXT : 0), next);
+        /* Validated by chain_walk against the current memory table, and
+         * never 0 bytes long. */
+        if (!(g->flags & VRING_DESC_F_WRITE) &&
+            mem_copy_from_guest(&dev->mem, q->s_bounce + sd->off, g->gpa, g->len,
+                                use_stream(q, g->len)) == 0)
+            bytes += g->len;
     }
-    uint16_t shead = SIDX(0);
 #undef SIDX
     q->nfree -= n;
 
@@ -423,11 +560,13 @@ static enum take_result take_one(struct fsdp_queue *q, uint32_t *steps)
     r->readable = ch.readable;
     r->seq = q->seq++;
     r->gidx = q->last_avail;
+    r->ind_addr = ch.ind_addr;
+    r->ind_len = ch.ind_len;
     r->published = 1;
     r->parked = false;
 
-    uint64_t bytes = copy_in(q, shead);
-    write_shadow_chain(q, shead);
+    hist_taken(&q->h, &r->start_ns, &r->shadowed_ns);
+    put_shadow_avail(q, shead);
     q->inflight++;
     q->st.inflight = q->inflight;
     q->st.requests++;
@@ -435,6 +574,27 @@ static enum take_result take_one(struct fsdp_queue *q, uint32_t *steps)
     q->last_avail++;
     PROBE_REQUEST_SHADOWED(dev->id, q->idx, head, bytes);
     return TAKEN;
+}
+
+/* Ask the guest for a kick at its next avail entry (event idx); the caller
+ * looks at the avail idx again afterwards: the driver may have published
+ * after our load but before seeing the new avail_event. */
+static void arm_guest_kick(struct fsdp_queue *q)
+{
+    vr_store16(q->g_used + USED_AVAIL_EVENT(q->num), q->last_avail);
+    log_used(q, USED_AVAIL_EVENT(q->num), 2);
+    /* Full fence: the avail_event store must be visible before the idx
+     * re-load (store->load ordering). */
+    vr_mb();
+}
+
+/* Ask the backend for a call at its next completion (event idx); the caller
+ * looks at the used idx again afterwards, as above. */
+static void arm_backend_call(struct fsdp_queue *q)
+{
+    vr_store16(q->s_avail + AVAIL_USED_EVENT(q->num), q->s_last_used);
+    /* Full fence: store used_event, then load idx. */
+    vr_mb();
 }
 
 /*
@@ -468,15 +628,12 @@ static bool intake(struct fsdp_queue *q)
             break;
         }
         if (n == 0) {
-            if (!q->guest_event_idx || armed)
+            /* defer_arm: the loop keeps polling this ring, a kick would
+             * only cost the guest a syscall and us a wakeup; queue_arm
+             * asks for one before the loop sleeps. */
+            if (!q->guest_event_idx || armed || q->defer_arm)
                 break;
-            /* Ask for a kick at the next entry, then look again: the driver
-             * may have published after our load but before seeing the new
-             * avail_event.  Full fence: the avail_event store must be
-             * visible before the idx re-load (store->load ordering). */
-            vr_store16(q->g_used + USED_AVAIL_EVENT(q->num), q->last_avail);
-            log_used(q, USED_AVAIL_EVENT(q->num), 2);
-            vr_mb();
+            arm_guest_kick(q);
             armed = true;
             continue;
         }
@@ -493,13 +650,17 @@ static bool intake(struct fsdp_queue *q)
             if (r == NOSPACE) {
                 /* Back-pressure: leave the entry in the guest ring;
                  * completions will free space and bring us back here. */
-                if (!q->throttled)
+                if (!q->throttled) {
                     q->st.throttled++;
+                    hist_throttle_begin(&q->h);
+                }
                 q->throttled = true;
                 return any;
             }
-            if (r == BROKEN)
-                return any;
+            if (r == BROKEN || r == IOTLB_WAIT)
+                return any;     /* IOTLB_WAIT: fsdp_queue_iotlb_answered brings us back */
+            if (q->throttled)
+                q->st.throttled_ns += hist_throttle_end(&q->h);
             q->throttled = false;
             any = true;
             armed = false;
@@ -516,8 +677,10 @@ static uint32_t copy_back(struct fsdp_queue *q, uint16_t head, uint32_t len)
 {
     uint16_t s = head;
     uint32_t left = len;
+    uint16_t n = q->req[head].ndesc;    /* once: the copies below may alias nothing of ours,
+                                           but the compiler cannot know */
 
-    for (uint16_t i = 0; i < q->req[head].ndesc && left; i++) {
+    for (uint16_t i = 0; i < n && left; i++) {
         struct fsdp_sdesc *sd = &q->sd[s];
         if (sd->flags & VRING_DESC_F_WRITE) {
             uint32_t take = sd->len < left ? sd->len : left;
@@ -572,6 +735,8 @@ static void complete_one(struct fsdp_queue *q, uint32_t id, uint32_t len)
         return;
     }
     q->st.bytes_out += copied;
+    hist_completed(&q->h, r->start_ns, r->shadowed_ns, trace_ctl_sampled(r->seq), q->dev->id, q->idx,
+                   r->guest_head);
     push_guest_used(q, r->guest_head, len);
     release_request(q, (uint16_t)id);
 }
@@ -588,13 +753,9 @@ static bool harvest(struct fsdp_queue *q)
         uint16_t n = (uint16_t)(used - q->s_last_used);
 
         if (n == 0) {
-            if (!q->backend_event_idx || armed)
-                break;
-            /* Ask for a call at the next completion and look again (the
-             * backend may have completed after our load but before seeing
-             * used_event).  Full fence: store used_event, then load idx. */
-            vr_store16(q->s_avail + AVAIL_USED_EVENT(q->num), q->s_last_used);
-            vr_mb();
+            if (!q->backend_event_idx || armed || q->defer_arm)
+                break;      /* defer_arm: as in intake */
+            arm_backend_call(q);
             armed = true;
             continue;
         }
@@ -619,7 +780,7 @@ static bool harvest(struct fsdp_queue *q)
             n = (uint16_t)budget;
         budget -= n;
         for (uint16_t i = 0; i < n; i++) {
-            const uint8_t *e = q->s_used + USED_RING(q->s_last_used % q->num);
+            const uint8_t *e = q->s_used + USED_RING(ring_slot(q, q->s_last_used));
             uint32_t id = vr_load32(e);          /* each read once */
             uint32_t len = vr_load32(e + 4);
             q->s_last_used++;
@@ -673,10 +834,13 @@ bool queue_process(struct fsdp_queue *q)
         any |= harvest(q);
     /* After each half: a copy-back that faulted must not let intake read the
      * zeroed ring (a made-up AVAIL_IDX_JUMP). */
-    if (__builtin_expect(guard_faults() != q->guard_seen, 0) && memory_lost(q))
+    if (__builtin_expect(guard_faults() != q->guard_seen, 0) && memory_lost(q)) {
+        hist_pass_end(&q->h, q->throttled);   /* the requests of the pass keep no stamp pending */
         return any;
+    }
     if (!q->stopping && !q->broken && !q->backend_broken)
         any |= intake(q);
+    hist_pass_end(&q->h, q->throttled);
     if (__builtin_expect(guard_faults() != q->guard_seen, 0) && memory_lost(q))
         return any;
     publish_guest_used(q);
@@ -696,4 +860,34 @@ bool queue_has_work(struct fsdp_queue *q)
         vr_load16(q->g_avail + AVAIL_IDX) != q->last_avail)
         return true;
     return false;
+}
+
+/* Intake stopped at an entry whose IOVA QEMU has not translated yet: the
+ * entry stays in the guest ring, so its avail idx says nothing new until
+ * fsdp_queue_iotlb_answered (a command) brings the loop back. */
+static bool iotlb_waiting(const struct fsdp_queue *q)
+{
+    const struct fsdp_iotlb *t = q->dev->mem.iotlb;
+
+    return t && t->on && q->idx < FSDP_MAX_QUEUES && t->state[q->idx] == IOTLB_WAITING;
+}
+
+bool queue_arm(struct fsdp_queue *q)
+{
+    bool work = false;
+
+    if (!q->defer_arm || !q->started || !q->rings_ok || q->backend_broken || q->mem_lost)
+        return false;   /* mem_lost: stopped for good, its rings read as zeros */
+    /* What intake and harvest would have armed at the end of a pass, with
+     * the same re-check after each fence. */
+    if (q->backend_event_idx) {
+        arm_backend_call(q);
+        work |= vr_load16_acquire(q->s_used + USED_IDX) != q->s_last_used;
+    }
+    if (q->guest_event_idx && !q->stopping && !q->broken && !q->throttled &&
+        !iotlb_waiting(q)) {
+        arm_guest_kick(q);
+        work |= vr_load16_acquire(q->g_avail + AVAIL_IDX) != q->last_avail;
+    }
+    return work;
 }

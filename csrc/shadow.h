@@ -10,6 +10,7 @@
 #include "chain.h"
 #include "events.h"
 #include "fail.h"
+#include "hist.h"
 #include "log.h"
 #include "mem.h"
 
@@ -39,6 +40,10 @@ struct fsdp_req {
     uint16_t sidx;          /* shadow avail position it was last published at */
     uint32_t published;     /* backends it was handed to (poison bound: max_replays) */
     bool parked;            /* never taken by the stopped backend: not waited for */
+    uint64_t start_ns;      /* latency stamps (hist.h): started, shadowed; 0: not timed */
+    uint64_t shadowed_ns;
+    uint64_t ind_addr;      /* its indirect table (device IOTLB: forgotten at release) */
+    uint32_t ind_len;
 };
 
 struct fsdp_devctx;
@@ -50,12 +55,15 @@ struct fsdp_queue {
     struct fsdp_devctx *dev;    /* the device, as the engine sees it (below) */
     uint32_t idx;
     uint32_t num;           /* 0: not configured */
+    bool num_pow2;          /* num is a power of two: ring_slot masks instead of dividing */
 
     /* guest side */
     uint64_t desc_uaddr, avail_uaddr, used_uaddr;
     bool addr_set;
     uint8_t *g_desc, *g_avail, *g_used;   /* translated; valid if rings_ok */
     bool rings_ok;
+    bool start_pending;     /* started while its IOVA rings did not translate yet (queue.c) */
+    uint32_t start_flags;
     bool mem_lost;          /* guest memory shrunk under us (guard.c): stopped for good */
     uint32_t guard_seen;    /* guard_faults() when last checked */
     uint16_t last_avail;    /* next guest avail entry to take */
@@ -83,6 +91,9 @@ struct fsdp_queue {
     bool need_backend_kick, need_guest_call;
     bool guest_used_dirty;  /* used entries pushed, idx not yet published */
     bool more;              /* a pass ran out of budget: come back without sleeping */
+    bool defer_arm;         /* set by the loop while it busy-polls: passes leave the
+                               event idx fields alone, queue_arm sets them before
+                               the loop sleeps */
     uint64_t seq;
 
     /* private bookkeeping, sized by num */
@@ -100,6 +111,7 @@ struct fsdp_queue {
 
     struct fsdp_bounce bounce;
     struct fsdp_queue_stats st;
+    struct fsdp_qhist h;        /* latency histograms and back-pressure time (hist.h) */
 
     /* dirty log: used ring writes are logged at log_used_gpa + offset */
     bool log_used;
@@ -131,6 +143,15 @@ struct fsdp_devctx {
     bool mem_lost_reported;     /* GUEST_MEMORY_LOST said (any queue's thread) */
 };
 
+/* The ring slot of free-running index idx.  A mask when num is a power of
+ * two (what virtio 1.x requires of a split ring, so every real driver), a
+ * division only otherwise: the hot path takes four slots per request and a
+ * 32-bit division costs tens of cycles where the mask costs one. */
+static inline uint32_t ring_slot(const struct fsdp_queue *q, uint16_t idx)
+{
+    return q->num_pow2 ? idx & (q->num - 1u) : idx % q->num;
+}
+
 /* One event record about queue q of device d. */
 static inline void dev_event(const struct fsdp_devctx *d, uint32_t q, uint32_t code,
                              uint32_t head, uint64_t a, uint64_t b)
@@ -144,6 +165,10 @@ static inline void dev_event(const struct fsdp_devctx *d, uint32_t q, uint32_t c
 bool queue_process(struct fsdp_queue *q);
 /* True if the rings hold work (used by busy-poll; read-only). */
 bool queue_has_work(struct fsdp_queue *q);
+/* Before the loop sleeps on a queue whose passes ran with defer_arm: ask the
+ * guest for a kick and the backend for a call at their next entry (event
+ * idx), then look again.  True if work arrived meanwhile: don't sleep. */
+bool queue_arm(struct fsdp_queue *q);
 
 /* The loop's batch of outgoing eventfd writes: add(arg, q, fd) queues one,
  * sent with the loop's next submit. */

@@ -181,6 +181,15 @@ def _configure_proxy(p: argparse.ArgumentParser) -> None:
                         "then failed toward the guest with the device's error and logged as poisoned, so one "
                         "request cannot kill a backend forever (default 1); requests a live backend held across "
                         "a ring stop are re-published without counting")
+    p.add_argument("--iotlb-max-entries", type=int, default=65536, metavar="N",
+                   help="isolated, vIOMMU guests: keep at most N IOVA translations per device; QEMU's "
+                        "IOTLB updates past it are refused with one log line (default 65536: 256 MiB of "
+                        "4 KiB pages mapped at once)")
+    p.add_argument("--iotlb-keep-completed", action="store_true",
+                   help="isolated, vIOMMU guests: keep the IOVA translations of completed requests, trusting "
+                        "the guest's invalidations (guests in strict mode, iommu.strict=1, or whose concurrent "
+                        "requests share IOVA pages); by default they are forgotten, which is safe with Linux's "
+                        "lazy invalidation but makes every request ask QEMU for its pages")
     p.add_argument("--bounce-per-queue", type=size_arg, default=16 << 20, metavar="SIZE",
                    help="isolated: bounce space per queue in the shadow region (default 16M)")
     p.add_argument("--backend-reconnect", choices=["auto", "on", "off"], default="auto",
@@ -212,6 +221,10 @@ def _configure_proxy(p: argparse.ArgumentParser) -> None:
                         "area with streaming (non-temporal) stores, about twice as fast into memory that is not in "
                         "cache "
                         f"(default {STREAM_COPY_MIN_DEFAULT // 1024}k; 0: always plain memcpy)")
+    p.add_argument("--no-latency-histograms", dest="latency_histograms", action="store_false",
+                   help="isolated: keep no per-queue latency histograms in the data plane (they are on by "
+                        "default, in the stats file, the metrics and `fastshadow trace --from-stats`; this "
+                        "option is for measuring what they cost)")
     p.add_argument("--stats-interval", type=float, default=0.0, metavar="S",
                    help="every S seconds, log one `stats` line per device: connected or not, sessions served, "
                         "and in isolated mode the data plane's totals (requests, in flight, refused, throttled) "
@@ -263,6 +276,8 @@ def build_proxy_config(args):
             reply_timeout=args.reply_timeout,
             stop_timeout=args.stop_timeout,
             max_replays=args.max_replays,
+            iotlb_max_entries=args.iotlb_max_entries,
+            iotlb_keep_completed=args.iotlb_keep_completed,
             max_request_bytes=args.max_request_bytes,
             bounce_per_queue=args.bounce_per_queue,
             backend_reconnect=args.backend_reconnect,
@@ -270,7 +285,8 @@ def build_proxy_config(args):
         ))
     cfg = ProxyConfig(device=devices, log_level=args.log_level, log_format=args.log_format,
                       busy_poll_us=args.busy_poll_us, stream_copy_min=args.stream_copy_min,
-                      stats_interval=args.stats_interval, stats_file=args.stats_file,
+                      latency_histograms=args.latency_histograms, stats_interval=args.stats_interval,
+                      stats_file=args.stats_file,
                       allow_shared_uid=bool(args.allow_shared_uid), metrics_listen=args.metrics_listen,
                       dataplane_threads=args.dataplane_threads, cpus=args.cpus, idle_trim_ms=args.idle_trim_ms)
     cfg.validate()

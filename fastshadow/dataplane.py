@@ -51,7 +51,7 @@ from . import _dataplane
 from ._dataplane import ffi, lib
 
 #: Must match FSDP_ABI_VERSION in csrc/fsdp.h; a stale build fails loudly here.
-ABI_VERSION = 4
+ABI_VERSION = 6
 
 if lib.fsdp_abi_version() != ABI_VERSION:  # pragma: no cover - build mismatch
     raise ImportError(
@@ -172,6 +172,31 @@ class QueueStats(msgspec.Struct, frozen=True):
     failed: int          # completed toward the guest with the device's error (refused, lied about, poisoned)
     poisoned: int        # failed after --max-replays re-publications
     discarded: int       # kept requests dropped untouched (the guest re-initialised the ring)
+    bounce_bytes: int = 0    # bounce space held by requests now (a gauge, bytes)
+    throttled_ns: int = 0    # back-pressure: time intake waited for bounce space, cumulative, ns
+    #: refused chains by reason (event name in lower case, e.g. "chain_too_long"; "other": any other code)
+    refused_by_reason: dict[str, int] = {}
+
+
+#: The hops of the data plane's own latency histograms (csrc/fsdp.h FSDP_HOP_*, in that order).
+LATENCY_HOPS = ("kick_to_shadowed", "backend", "call_to_used", "end_to_end")
+#: Buckets per histogram: 0 counts durations below 1 us, s in [2^(s-1), 2^s) us (the last also longer).
+LATENCY_SLOTS = lib.FSDP_HIST_SLOTS
+
+
+class HopLatency(msgspec.Struct, frozen=True):
+    """One hop's log2 histogram of one queue, as the data plane kept it (csrc/hist.c).
+
+    `counts[s]`: requests whose hop took [2^(s-1), 2^s) microseconds (s >= 1), under 1 us for
+    s = 0; trailing empty buckets are left out. `sum_ns`: the sum of those durations, ns."""
+
+    hop: str
+    counts: list[int]
+    sum_ns: int
+
+    @property
+    def total(self) -> int:
+        return sum(self.counts)
 
 
 class StopResult(msgspec.Struct, frozen=True):
@@ -200,6 +225,11 @@ class Event(msgspec.Struct, frozen=True):
     def poisoned(self) -> bool:
         """A request was failed toward the guest after --max-replays re-publications."""
         return self.code == lib.FSDP_EV_REQUEST_POISONED
+
+    @property
+    def iotlb_miss(self) -> bool:
+        """Not a refusal: queue ``queue`` waits for QEMU's translation of IOVA ``a`` (access ``b``)."""
+        return self.code == lib.FSDP_EV_IOTLB_MISS
 
     @property
     def frontend_failed(self) -> bool:
@@ -232,7 +262,17 @@ _REFUSALS = {
     lib.FSDP_EV_REQUEST_TOO_LARGE,
     lib.FSDP_EV_ZERO_LENGTH,
     lib.FSDP_EV_BAD_LAYOUT,
+    lib.FSDP_EV_IOVA_UNMAPPED,
+    lib.FSDP_EV_IOVA_PERM,
 }
+
+#: Device IOTLB access permissions (struct vhost_iotlb_msg perm: VHOST_ACCESS_RO/WO/RW).
+IOTLB_RO, IOTLB_WO = lib.FSDP_IOTLB_RO, lib.FSDP_IOTLB_WO
+IOTLB_MAX_ENTRIES = lib.FSDP_IOTLB_MAX_ENTRIES
+
+
+def _access(perm: int) -> str:
+    return {1: "read", 2: "write", 3: "read+write"}.get(perm, f"perm {perm}")
 
 _DETAIL = {
     lib.FSDP_EV_DESC_NEXT_OUT_OF_RANGE: lambda a, b: f"descriptor next index {a} >= table size {b}",
@@ -254,6 +294,11 @@ _DETAIL = {
     lib.FSDP_EV_BACKEND_FAILED: lambda a, b: f"backend used idx {a} is {(a - b) & 0xFFFF} entries past the last "
                                              f"used {b}, more than the ring holds: shadow ring untrusted, backend "
                                              f"treated as failed",
+    lib.FSDP_EV_IOVA_UNMAPPED: lambda a, b: f"buffer at iova {a:#x} len {b} has no translation in the device "
+                                            f"IOTLB (QEMU answered the miss without one, or its updates kept not arriving)",
+    lib.FSDP_EV_IOVA_PERM: lambda a, b: f"buffer at iova {a:#x} len {b} is mapped without the access the device "
+                                        f"needs (a device write to a read-only IOVA, or a read of a write-only one)",
+    lib.FSDP_EV_IOTLB_MISS: lambda a, b: f"iova {a:#x} ({_access(b)}) is not in the device IOTLB: asking QEMU",
     lib.FSDP_EV_BAD_HEAD: lambda a, b: f"avail ring head {a} >= queue size {b}: queue broken, stopped",
     lib.FSDP_EV_AVAIL_IDX_JUMP: lambda a, b: f"avail idx {a} is {(a - b) & 0xFFFF} entries ahead of last avail {b}: queue broken, stopped",
     lib.FSDP_EV_RING_UNMAPPED: lambda a, b: f"ring at user address {a:#x} is no longer in guest memory: queue paused",
@@ -336,11 +381,12 @@ class DataPlane:
     """
 
     def __init__(self, *, busy_poll_us: int = 0, poll_interval_us: int = 100,
-                 event_ring_size: int = 1024, stream_copy_min: int = 0, threads: int = 1,
-                 cpus: list[set[int]] | None = None, idle_trim_ms: int = 0):
+                 event_ring_size: int = 1024, stream_copy_min: int = 0, latency_histograms: bool = True,
+                 threads: int = 1, cpus: list[set[int]] | None = None, idle_trim_ms: int = 0):
         if not 1 <= threads <= 64:
             raise InvalidRequest(errno.EINVAL, f"data plane threads: {threads} is not within 1..64")
         cfg = ffi.new("struct fsdp_dp_config *")
+        cfg.no_latency_hist = 0 if latency_histograms else 1
         cfg.busy_poll_us = busy_poll_us
         cfg.stream_copy_min = stream_copy_min
         cfg.poll_interval_us = poll_interval_us
@@ -606,6 +652,48 @@ class Device:
         """Device reset: every queue forgets its state; requests in flight are dropped."""
         _check(lib.fsdp_dev_reset(self._live()), f"{self.name}: reset")
 
+    # device IOTLB (vIOMMU) -------------------------------------------------------
+    def iotlb_enable(self, on: bool, cap: int = 0, keep_completed: bool = False) -> None:
+        """VIRTIO_F_ACCESS_PLATFORM with a vIOMMU: ring and buffer addresses are IOVAs from now
+        on, translated through at most `cap` translations (1..IOTLB_MAX_ENTRIES); off: they are
+        guest-physical (rings: QEMU user addresses).  Either way every translation is forgotten.
+        keep_completed: keep a completed request's translations (trust the guest's
+        invalidations) instead of forgetting them (fsdp.h)."""
+        _check(lib.fsdp_dev_iotlb_enable(self._live(), 1 if on else 0, cap, 1 if keep_completed else 0),
+               f"{self.name}: device IOTLB {'on, at most ' + str(cap) + ' entries' if on else 'off'}")
+
+    def iotlb_update(self, iova: int, size: int, uaddr: int, perm: int) -> None:
+        """VHOST_IOTLB_UPDATE: [iova, iova+size) -> QEMU user address uaddr, access perm (1-3).
+        NoSpace past the cap; InvalidRequest for an empty or wrapping range or perm 0."""
+        _check(lib.fsdp_dev_iotlb_update(self._live(), iova, size, uaddr, perm),
+               f"{self.name}: IOTLB update iova {iova:#x} size {size:#x} perm {perm}")
+
+    def iotlb_invalidate(self, iova: int, size: int) -> int:
+        """VHOST_IOTLB_INVALIDATE: in effect when this returns (no later access uses the old
+        translation). Returns the entries removed or cut."""
+        return _check(lib.fsdp_dev_iotlb_invalidate(self._live(), iova, size),
+                      f"{self.name}: IOTLB invalidate iova {iova:#x} size {size:#x}")
+
+    def iotlb_translate(self, iova: int, perm: int) -> tuple[int, int] | None:
+        """(QEMU user address, bytes of the entry from iova on) for an access perm; None if
+        no entry holds iova; PermissionError-like DataPlaneError (EACCES) if it lacks perm."""
+        out = ffi.new("uint64_t[2]")
+        rc = lib.fsdp_dev_iotlb_translate(self._live(), iova, perm, out, out + 1)
+        if rc == -errno.ENOENT:
+            return None
+        _check(rc, f"{self.name}: IOTLB translate iova {iova:#x} perm {perm}")
+        return out[0], out[1]
+
+    def iotlb_entries(self) -> int:
+        return _check(lib.fsdp_dev_iotlb_entries(self._live()), f"{self.name}: IOTLB entries")
+
+    def queue_iotlb_answered(self, q: int, iova: int, ok: bool = True) -> None:
+        """QEMU answered queue q's IOTLB miss at iova (ok: with a translation, installed
+        before this call): the queue goes on. After "no translation" (ok False) the page is
+        refused (IOVA_UNMAPPED); a page gone again after "yes" is asked again, a bounded
+        number of times. An answer to an older miss of the queue is ignored."""
+        _check(lib.fsdp_queue_iotlb_answered(self._live(), q, iova, int(ok)), self._q("IOTLB miss answered", q))
+
     # dirty log (migration) ---------------------------------------------------
     def set_log_base(self, fd: int | None, size: int = 0, offset: int = 0) -> None:
         """Use QEMU's dirty log (SET_LOG_BASE): `fd` is mapped, not kept; None unmaps."""
@@ -736,6 +824,26 @@ class Device:
         return _check(lib.fsdp_queue_abort(self._live(), q), self._q("abort in-flight requests", q))
 
     def stats(self, q: int) -> QueueStats:
+        """Queue q's counters (cumulative since the device was added; bounce_bytes and inflight
+        are gauges). Read by the loop thread itself (a command). Raises InvalidRequest."""
         s = ffi.new("struct fsdp_queue_stats *")
         _check(lib.fsdp_queue_stats(self._live(), q, s), self._q("stats", q))
-        return QueueStats(**{f: getattr(s, f) for f in QueueStats.__struct_fields__})
+        fields = {f: getattr(s, f) for f in QueueStats.__struct_fields__ if f != "refused_by_reason"}
+        refused = {}
+        for code in range(len(s.refused_by)):
+            if s.refused_by[code]:
+                refused["other" if code == 0 else event_name(code).lower()] = s.refused_by[code]
+        return QueueStats(**fields, refused_by_reason=refused)
+
+    def latency(self, q: int) -> list[HopLatency]:
+        """Queue q's latency histograms, one per hop of LATENCY_HOPS (all zero when the data plane
+        was made with latency_histograms=False). Raises InvalidRequest."""
+        h = ffi.new("struct fsdp_queue_hist *")
+        _check(lib.fsdp_queue_hist(self._live(), q, h), self._q("latency histograms", q))
+        out = []
+        for i, hop in enumerate(LATENCY_HOPS):
+            counts = list(h.count[i])
+            while counts and not counts[-1]:
+                counts.pop()
+            out.append(HopLatency(hop, counts, int(h.sum_ns[i])))
+        return out

@@ -15,6 +15,7 @@
 #
 # Console markers (parsed by fastshadow.guest.qemu):
 #   FASTSHADOW-GUEST READY                      modules loaded
+#   FASTSHADOW-VIRTIO virtioN device=ID features=0101...   one per probed device
 #   FASTSHADOW-CHECK PASS|FAIL tag=... ...      one per checker instance
 #   FASTSHADOW-GUEST DONE boot=<n> result=PASS|FAIL
 # then `reboot -f` (more boots wanted) or `poweroff -f`.
@@ -128,6 +129,14 @@ else
     # from whatever an earlier run left on the disk.
     gen=$((0x$(cut -c1-7 /proc/sys/kernel/random/uuid) + 1))
 fi
+
+# Negotiated virtio features of every device probed so far, one line each (sysfs: one
+# character per bit, bit 0 first), so that a test can see what the guest accepted.
+set +f
+for d in /sys/bus/virtio/devices/*; do
+    [ -e "$d/features" ] && echo "FASTSHADOW-VIRTIO ${d##*/} device=$(cat "$d/device") features=$(cat "$d/features")"
+done
+set -f
 
 # --- workload -------------------------------------------------------------
 if [ -n "$cmd" ]; then

@@ -114,7 +114,8 @@ class GuestVM:
                  smp: int = 1, mem_mb: int = 256,
                  cmdline: Mapping[str, str | None] | None = None, extra_args: Iterable[str] = (),
                  log_path: Path | str | None = None, reconnect: int | None = None,
-                 machine: str = "q35", qemu: str | None = None) -> None:
+                 machine: str = "q35", qemu: str | None = None, iommu_platform: bool = False,
+                 viommu: str | None = None) -> None:
         self.image = image
         self.blk_socket = str(blk_socket) if blk_socket is not None else None
         self.blk_num_queues = blk_num_queues
@@ -128,6 +129,11 @@ class GuestVM:
         self.log_path = Path(log_path) if log_path is not None else None
         self.reconnect = reconnect
         self.machine = machine
+        #: VIRTIO_F_ACCESS_PLATFORM on the vhost-user devices (confidential-guest and vIOMMU users).
+        self.iommu_platform = iommu_platform or viommu is not None
+        if viommu not in (None, "intel"):
+            raise ValueError(f"viommu {viommu!r}: only 'intel' (intel-iommu with a device IOTLB) is known")
+        self.viommu = viommu
         self._qemu = qemu or find_qemu()
 
         self._proc: subprocess.Popen[bytes] | None = None
@@ -147,6 +153,8 @@ class GuestVM:
     @property
     def append(self) -> str:
         params = ["console=ttyS0", "panic=-1"]
+        if self.viommu == "intel":
+            params.append("intel_iommu=on")   # the guest's DMA goes through the vIOMMU's mappings
         params += [_kernel_param(k, v) for k, v in self.cmdline.items()]
         return " ".join(params)
 
@@ -166,18 +174,36 @@ class GuestVM:
             "-kernel", str(self.image.kernel), "-initrd", str(self.image.initrd),
             "-append", self.append,
         ]
+        if self.viommu == "intel":
+            # device-iotlb=on: QEMU sends vhost-user IOTLB updates and invalidations; the
+            # device needs ats=on for it. intremap=on needs a split irqchip, which TCG
+            # takes too (QEMU 7.2 refuses intremap without kernel-irqchip=split).
+            argv[argv.index(self.machine)] = f"{self.machine},kernel-irqchip=split"
+            argv += ["-device", "intel-iommu,intremap=on,device-iotlb=on"]
         if self.blk_socket is not None:
             argv += ["-chardev", self._chardev("blk0", self.blk_socket),
-                     "-device", f"vhost-user-blk-pci,chardev=blk0,num-queues={self.blk_num_queues}"]
+                     "-device", f"vhost-user-blk-pci,chardev=blk0,num-queues={self.blk_num_queues}"
+                     + self._platform_options()]
         if self.fs_socket is not None:
             argv += ["-chardev", self._chardev("fs0", self.fs_socket),
-                     "-device", f"vhost-user-fs-pci,chardev=fs0,tag={self.fs_tag}"]
+                     "-device", f"vhost-user-fs-pci,chardev=fs0,tag={self.fs_tag}"
+                     + self._platform_options(transitional=False)]
         if self.net_socket is not None:
             # vectors=0: QEMU 7.2 under TCG crashes on vhost-user-net with MSI-X.
             argv += ["-chardev", self._chardev("net0c", self.net_socket),
                      "-netdev", "vhost-user,id=net0,chardev=net0c",
                      "-device", "virtio-net-pci,netdev=net0,vectors=0"]
         return argv + self.extra_args
+
+    def _platform_options(self, transitional: bool = True) -> str:
+        """Device properties for VIRTIO_F_ACCESS_PLATFORM: none, or iommu_platform=on on a
+        modern-only device (QEMU 7.2: "VIRTIO_F_IOMMU_PLATFORM was supported by neither legacy
+        nor transitional device"; vhost-user-fs-pci is modern-only and has no disable-legacy),
+        with a vIOMMU also ats=on (the device IOTLB)."""
+        if not self.iommu_platform:
+            return ""
+        opts = ",iommu_platform=on" + (",disable-legacy=on" if transitional else "")
+        return opts if self.viommu is None else opts + ",ats=on"
 
     def _chardev(self, name: str, path: str) -> str:
         chardev = f"socket,id={name},path={path}"

@@ -186,10 +186,15 @@ class MemoryRegion:
                 raise InvalidPayload(
                     f"memory region {name} range {base:#x}+{self.memory_size:#x} wraps past 2^64")
 
-    def overlaps(self, other: "MemoryRegion") -> bool:
-        a0, a1 = self.guest_phys_addr, self.guest_phys_addr + self.memory_size
-        b0, b1 = other.guest_phys_addr, other.guest_phys_addr + other.memory_size
-        return a0 < b1 and b0 < a1
+    def overlaps(self, other: "MemoryRegion") -> str | None:
+        """Which address space the two regions share bytes of: "guest" (guest-physical) or
+        "user" (the front-end's user addresses, which ring addresses are given in: a ring
+        address in both would have two meanings), else None."""
+        for name, a, b in (("guest", self.guest_phys_addr, other.guest_phys_addr),
+                           ("user", self.userspace_addr, other.userspace_addr)):
+            if a < b + other.memory_size and b < a + self.memory_size:
+                return name
+        return None
 
 
 @dataclass
@@ -221,10 +226,10 @@ class MemTable(Payload):
         for i, r in enumerate(self.regions):
             r.check()
             for other in self.regions[:i]:
-                if r.overlaps(other):
+                if (space := r.overlaps(other)) is not None:
                     raise InvalidPayload(
                         f"memory regions at guest addresses {other.guest_phys_addr:#x} and "
-                        f"{r.guest_phys_addr:#x} overlap")
+                        f"{r.guest_phys_addr:#x} overlap in {space} addresses")
 
 
 @dataclass

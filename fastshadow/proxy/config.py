@@ -129,6 +129,14 @@ class DeviceConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     #: Isolated mode: how often one request is handed again to a backend (after the backend
     #: died with it, or held it across a ring stop) before it is failed toward the guest.
     max_replays: int = 1
+    #: Isolated mode, vIOMMU guests: the most IOVA translations fastshadow keeps per device
+    #: (VHOST_USER_IOTLB_MSG updates past it are refused, one line): bounds the memory a
+    #: front-end can make it use. Page-sized entries: 65536 cover 256 MiB of mapped buffers.
+    iotlb_max_entries: int = 65536
+    #: Isolated mode, vIOMMU guests: keep a completed request's IOVA translations, trusting the
+    #: guest's invalidations, instead of forgetting them (the default, safe for Linux guests in
+    #: lazy invalidation mode; it makes every request ask QEMU for its pages).
+    iotlb_keep_completed: bool = False
     #: Isolated mode: the largest request data (buffer bytes, the device's request header and
     #: status excluded) accepted from the guest. None: 4 MiB, or what the device advertises
     #: if more (blk: seg_max x size_max).
@@ -197,6 +205,9 @@ class DeviceConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
                               f"index >= 0")
         if not 0 <= self.max_replays <= 100:
             raise ConfigError(f"device {self.name!r}: max_replays {self.max_replays}: want 0 to 100")
+        if not 1 <= self.iotlb_max_entries <= 1 << 20:
+            raise ConfigError(f"device {self.name!r}: iotlb_max_entries {self.iotlb_max_entries}: "
+                              f"want 1 to {1 << 20}")
         if len(self.name.encode()) > MAX_NAME_BYTES:
             raise ConfigError(f"device {self.name!r}: name is {len(self.name.encode())} bytes, at most "
                               f"{MAX_NAME_BYTES} bytes")
@@ -226,6 +237,9 @@ class ProxyConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     #: Data plane: buffers of at least this many bytes are copied (guest <-> bounce) with streaming
     #: (non-temporal) stores, which skip reading the destination first (0: never; csrc/copy.c).
     stream_copy_min: int = STREAM_COPY_MIN_DEFAULT
+    #: Data plane: keep per-queue latency histograms (csrc/hist.c; stats, metrics, `fastshadow trace
+    #: --from-stats`). On by default: their cost is measured by `fastshadow bench --variant`.
+    latency_histograms: bool = True
     #: Seconds between two `stats` log lines per device (0: none; stats_file alone means 5).
     stats_interval: float = 0.0
     #: Where the latest stats snapshot is kept, as JSON (replaced atomically each interval).

@@ -18,7 +18,6 @@ MASKED_DEVICE_FEATURES: dict[VF, str] = {
     VF.NOTIFICATION_DATA: "kicks carry no data through the eventfd-based shadow path",
     VF.NOTIF_CONFIG_DATA: "kicks carry no data through the eventfd-based shadow path",
     VF.RING_RESET: "per-queue reset is not shadowed yet",
-    VF.ACCESS_PLATFORM: "vIOMMU (IOTLB) translation is not implemented",
     VF.ADMIN_VQ: "admin virtqueue commands are not shadowed",
 }
 
@@ -37,9 +36,12 @@ MASKED_PROTOCOL_FEATURES: dict[PF, str] = {
 }
 
 #: Device features fastshadow provides itself toward QEMU, whatever the backend offers, and
-#: never passes on: dirty logging for migration is done by the data plane, the only writer of
-#: guest memory on the data path (the backend writes the shadow region only).
-PROVIDED_DEVICE_FEATURES = VF.LOG_ALL
+#: never passes on. LOG_ALL: dirty logging for migration is done by the data plane, the only
+#: writer of guest memory on the data path (the backend writes the shadow region only).
+#: ACCESS_PLATFORM (VIRTIO 1.2 §6: the device accesses memory through the platform's rules,
+#: e.g. an IOMMU or a confidential guest's shared pages): the data plane is the one that
+#: touches guest memory, so it is its feature; the backend's shadow ring is plain memory.
+PROVIDED_DEVICE_FEATURES = VF.LOG_ALL | VF.ACCESS_PLATFORM
 
 #: Protocol features fastshadow provides itself toward QEMU, whatever the backend offers.
 PROVIDED_PROTOCOL_FEATURES = PF.CONFIGURE_MEM_SLOTS | PF.LOG_SHMFD

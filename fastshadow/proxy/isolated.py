@@ -17,6 +17,12 @@ toward the backend, pointing at the device's shadow region:
 - Live migration: dirty logging (VHOST_F_LOG_ALL, SET_LOG_BASE, used-ring
   logging) is terminated here and done by the data plane, the only writer
   of guest memory on the data path; the backend never hears of it.
+- VIRTIO_F_ACCESS_PLATFORM is offered to QEMU by fastshadow; with a vIOMMU
+  (QEMU then sets it in SET_FEATURES) ring and buffer addresses are IOVAs:
+  the device IOTLB (VHOST_USER_IOTLB_MSG updates and invalidations) is
+  terminated here and kept by the data plane, which asks for what it lacks
+  (an IOTLB_MISS event: VHOST_USER_BACKEND_IOTLB_MSG on QEMU's back-end
+  channel, see iotlb_miss). The backend hears of neither.
 
 The backend may die (DESIGN §7). Everything the guest has in flight lives in
 the data plane's private bookkeeping, and everything the backend was told is
@@ -38,18 +44,19 @@ import os
 import selectors
 import socket
 import stat
+import threading
 import time
 from typing import Callable
 
 from .. import devices
 from ..dataplane import (MAX_MEM_REGIONS, MAX_QUEUE_SIZE, MAX_QUEUES, AddressUntranslatable, DataPlane,
-                         DataPlaneError, DrainTimeout, MemRegion)
+                         DataPlaneError, DrainTimeout, InvalidRequest, MemRegion, NoSpace)
 from ..logs import kv
 from ..protocol import Channel, Connection, PeerClosed, ReplyTimeout
 from ..protocol import payloads as p
 from ..protocol.errors import UnexpectedMessage
 from ..protocol.features import ProtocolFeature, VirtioFeature
-from ..protocol.messages import FLAG_NEED_REPLY, VERSION, FrontendReq, Message
+from ..protocol.messages import FLAG_NEED_REPLY, VERSION, BackendReq, FrontendReq, Message
 from . import features as feat
 from .config import DeviceConfig
 from .replay import STATE_REQUESTS, BackendRecord, replay
@@ -73,7 +80,6 @@ class BackendGone(PeerClosed):
 REFUSED = {
     FrontendReq.SET_LOG_FD: "log-change notifications are not offered in isolated mode (QEMU reads the log "
                             "when it syncs)",
-    FrontendReq.IOTLB_MSG: "vIOMMU translation is not implemented in isolated mode",
     FrontendReq.POSTCOPY_ADVISE: "postcopy migration would give the backend guest RAM",
     FrontendReq.POSTCOPY_LISTEN: "postcopy migration would give the backend guest RAM",
     FrontendReq.POSTCOPY_END: "postcopy migration would give the backend guest RAM",
@@ -115,7 +121,8 @@ REFUSED_BACKEND = {
     "SHARED_OBJECT_LOOKUP": "shared objects are not offered in isolated mode",
     "SHMEM_MAP": "it would map backend memory into the guest",
     "SHMEM_UNMAP": "VIRTIO shared memory regions are not offered in isolated mode",
-    "IOTLB_MSG": "vIOMMU translation is not implemented in isolated mode",
+    "IOTLB_MSG": "the backend has no device IOTLB: fastshadow translates IOVAs itself, the backend's "
+                 "shadow ring holds plain addresses",
     "VRING_CALL": "in-band notifications are not offered in isolated mode",
     "VRING_ERR": "in-band notifications are not offered in isolated mode",
 }
@@ -156,6 +163,14 @@ class IsolatedSession(Session):
         self.lost_with_requests: set[int] = set()
         #: The backend's device configuration space (GET_CONFIG from offset 0), for its limits.
         self.backend_config = b""
+        #: VIRTIO_F_ACCESS_PLATFORM set by QEMU: addresses are IOVAs (QEMU keeps the bit from a
+        #: vhost device without a vIOMMU, hw/virtio/vhost.c vhost_dev_set_features).
+        self.iotlb_on = False
+        self._iotlb_full = False      # an update was refused for the cap (logged once per episode)
+        #: (queue, iova, perm) for the miss thread, under its condition. Not queue.Queue: under
+        #: `fastshadow run --proxy-user` no stdlib module can be imported after the drop.
+        self._misses: list[tuple[int, int, int]] | None = None
+        self._misses_cond = threading.Condition()
         self.handlers = {
             FrontendReq.GET_FEATURES: self.on_get_features,
             FrontendReq.SET_FEATURES: self.on_set_features,
@@ -175,6 +190,7 @@ class IsolatedSession(Session):
             FrontendReq.SET_VRING_ERR: self.on_set_vring_err,
             FrontendReq.SET_BACKEND_REQ_FD: self.on_set_backend_req_fd,
             FrontendReq.SET_LOG_BASE: self.on_set_log_base,
+            FrontendReq.IOTLB_MSG: self.on_iotlb_msg,
             FrontendReq.RESET_DEVICE: self.on_reset,
             FrontendReq.RESET_OWNER: self.on_reset,
         }
@@ -385,6 +401,112 @@ class IsolatedSession(Session):
             self.dev.queue_clear_shadow(q)  # a new backend must read fresh ring indices
         self.started.clear()
 
+    # -- device IOTLB (vIOMMU) -------------------------------------------------------
+    def set_iotlb(self, on: bool) -> None:
+        """ACCESS_PLATFORM in QEMU's SET_FEATURES: from now on addresses are IOVAs (on) or not.
+        A change forgets every translation (QEMU sends them again)."""
+        if on == self.iotlb_on:
+            return
+        self.iotlb_on = on
+        if self.dev is not None:
+            self.dev.iotlb_enable(on, self.cfg.iotlb_max_entries, self.cfg.iotlb_keep_completed)
+        kv(log, logging.INFO, "iotlb.enabled" if on else "iotlb.disabled", dev=self.name,
+           max_entries=self.cfg.iotlb_max_entries,
+           what="ring and buffer addresses are IOVAs, translated by fastshadow's own device IOTLB; "
+                "the backend's shadow ring holds plain addresses" if on else "addresses are guest-physical")
+
+    def on_iotlb_msg(self, msg: Message) -> None:
+        """VHOST_USER_IOTLB_MSG (vhost-user.rst "IOMMU support"): an update or an invalidation,
+        in effect in the data plane before QEMU gets its ack; never forwarded."""
+        m = msg.payload
+        if not self.iotlb_on:
+            self.refuse(msg, "IOTLB_MSG while VIRTIO_F_ACCESS_PLATFORM is not set (vhost-user.rst: only "
+                             "once it is negotiated, with a vIOMMU)")
+            return
+        if m.type == p.IOTLB_UPDATE:
+            self._iotlb_update(msg, m)
+        elif m.type == p.IOTLB_INVALIDATE:
+            if self.device().iotlb_invalidate(m.iova, m.size):
+                self._iotlb_full = False
+            kv(log, logging.DEBUG, "iotlb.invalidate", dev=self.name, iova=hex(m.iova), size=m.size)
+            self.ack(msg)
+        else:
+            self.refuse(msg, f"IOTLB_MSG of type {m.type}: a front-end sends updates (2) and "
+                             f"invalidations (3) only")
+
+    def _iotlb_update(self, msg: Message, m: p.IotlbMsg) -> None:
+        try:
+            self.device().iotlb_update(m.iova, m.size, m.uaddr, m.perm)
+        except NoSpace:
+            # The cap bounds fastshadow's memory; the access that needed it is refused (the
+            # miss is answered without a translation). One line per episode, not per message.
+            msg.close_fds()
+            kv(log, logging.WARNING if not self._iotlb_full else logging.DEBUG, "request.refused",
+               dev=self.name, req="IOTLB_MSG", iova=hex(m.iova), size=m.size,
+               reason=f"the device IOTLB holds its maximum of {self.cfg.iotlb_max_entries} translations "
+                      f"(--iotlb-max-entries); further updates are refused until QEMU invalidates some")
+            self._iotlb_full = True
+            self.ack(msg, ok=False)
+            return
+        except InvalidRequest:
+            self.refuse(msg, f"IOTLB update iova {m.iova:#x} size {m.size:#x} uaddr {m.uaddr:#x} perm "
+                             f"{m.perm}: an empty or wrapping range, or no access")
+            return
+        kv(log, logging.DEBUG, "iotlb.update", dev=self.name, iova=hex(m.iova), size=m.size, perm=m.perm)
+        self.ack(msg)
+
+    def iotlb_miss(self, q: int, iova: int, perm: int) -> None:
+        """The data plane's queue q waits for IOVA iova (access perm): ask QEMU. Called from the
+        events thread; the asking happens in a thread of the session's own, since QEMU answers
+        with an update on the main socket (handled by the session thread) before it acks."""
+        kv(log, logging.DEBUG, "iotlb.miss", dev=self.name, queue=q, iova=hex(iova), perm=perm)
+        with self._misses_cond:
+            if self._misses is None:
+                self._misses = []
+                threading.Thread(target=self._ask_misses, name=f"iotlb-{self.name}", daemon=True).start()
+            self._misses.append((q, iova, perm))
+            self._misses_cond.notify()
+
+    def _next_miss(self) -> tuple[int, int, int] | None:
+        with self._misses_cond:
+            if not self._misses:
+                self._misses_cond.wait(timeout=0.5)
+            return self._misses.pop(0) if self._misses else None
+
+    def _ask_misses(self) -> None:
+        while not self.closing:
+            miss = self._next_miss()
+            if miss is None:
+                continue
+            q, iova, perm = miss
+            why = self._ask_qemu(iova, perm)
+            if why is not None:
+                kv(log, logging.WARNING, "iotlb.miss_unanswered", dev=self.name, queue=q, iova=hex(iova),
+                   perm=perm, reason=why)
+            dev = self.dev
+            if dev is None:
+                return      # the session ended meanwhile
+            try:
+                dev.queue_iotlb_answered(q, iova, ok=why is None)   # the queue goes on, or refuses the page
+            except DataPlaneError as e:
+                kv(log, logging.WARNING, "iotlb.miss_unanswered", dev=self.name, queue=q, iova=hex(iova),
+                   reason=f"the data plane did not take the answer: {e}")
+
+    def _ask_qemu(self, iova: int, perm: int) -> str | None:
+        """VHOST_USER_BACKEND_IOTLB_MSG, type VHOST_IOTLB_MISS, on QEMU's back-end channel; QEMU
+        sends the update (if it has a translation) before its ack. None, or why it failed."""
+        relay = self.relay
+        if relay is None:
+            return "QEMU gave no back-end request channel (SET_BACKEND_REQ_FD) to ask on"
+        ask = Message(BackendReq.IOTLB_MSG, p.IotlbMsg(iova, 0, 0, perm, p.IOTLB_MISS), [],
+                      VERSION | FLAG_NEED_REPLY)
+        try:
+            reply = relay.ask_qemu(ask, timeout=self.cfg.reply_timeout)
+        except (OSError, PeerClosed, ReplyTimeout) as e:
+            return f"asking QEMU failed: {e}"
+        value = getattr(reply.payload, "value", 0) if reply is not None else 0
+        return None if value == 0 else f"QEMU has no translation for it (ack {value})"
+
     def start_queue(self, q: int, event_idx: bool) -> None:
         """Start ring q in the data plane; kept requests are re-published, counted toward
         --max-replays only if their backend died with them (DESIGN.md section 7)."""
@@ -408,11 +530,16 @@ class IsolatedSession(Session):
         except feat.FeatureRefused as e:
             raise UnexpectedMessage(str(e)) from None
         was_logging, previous, self.qemu_features = self.log_all, self.qemu_features, msg.payload.value
+        if msg.payload.value & VirtioFeature.ACCESS_PLATFORM and not (previous or 0) & VirtioFeature.ACCESS_PLATFORM:
+            kv(log, logging.INFO, "feature.provided", dev=self.name, feature="ACCESS_PLATFORM",
+               what="the data plane accesses guest memory by the platform's rules (vIOMMU IOTLB if QEMU sends "
+                    "one); the backend's shadow ring is plain memory and never gets the bit")
         if self.log_all != was_logging:
             kv(log, logging.INFO, "migration.logging", dev=self.name, on=self.log_all,
                what="the data plane marks every guest page it writes in QEMU's dirty log")
         if self.dev is not None:
             self.dev.set_logging(self.log_all)
+        self.set_iotlb(bool(msg.payload.value & VirtioFeature.ACCESS_PLATFORM))
         event_idx_changed = previous is not None and (previous ^ msg.payload.value) & VirtioFeature.RING_EVENT_IDX
         if event_idx_changed and self.started:
             # Rings run on: the data plane must decide notifications the new way on both
@@ -499,6 +626,8 @@ class IsolatedSession(Session):
                shadow_gpa=hex(self.dev.shadow_gpa))
             if self.log_all:
                 self.dev.set_logging(True)
+            if self.iotlb_on:
+                self.dev.iotlb_enable(True, self.cfg.iotlb_max_entries, self.cfg.iotlb_keep_completed)
         return self.dev
 
     def send_backend_table(self) -> None:
@@ -538,10 +667,11 @@ class IsolatedSession(Session):
             if not self._has_region(r):
                 # The codec checked the region itself; here: against the table it joins.
                 for other in self.mem_regions.values():
-                    if r.overlaps(other):
+                    if (space := r.overlaps(other)) is not None:
                         raise UnexpectedMessage(
                             f"ADD_MEM_REG region gpa {r.guest_phys_addr:#x} size {r.memory_size:#x} overlaps "
-                            f"the guest memory region {other.guest_phys_addr:#x}+{other.memory_size:#x}")
+                            f"the guest memory region {other.guest_phys_addr:#x}+{other.memory_size:#x} in "
+                            f"{space} addresses")
                 check_fd_backs(msg.request.name, region)
                 self.device().add_mem_region(region)
         finally:
@@ -680,7 +810,7 @@ class IsolatedSession(Session):
         dev = self.dev
         if dev is None:
             return []
-        return [(q, dev.stats(q)) for q in sorted(list(self.vring_addrs))]  # the queues QEMU set up
+        return [(q, dev.stats(q), dev.latency(q)) for q in sorted(list(self.vring_addrs))]  # the queues QEMU set up
 
     def log_stats(self, q: int, st=None) -> None:
         st = st if st is not None else self.dev.stats(q)

@@ -20,7 +20,8 @@ import socket
 import socketserver
 import threading
 
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, StateSetMetricFamily
+from prometheus_client.core import (CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily,
+                                   StateSetMetricFamily)
 from prometheus_client.exposition import choose_encoder
 from prometheus_client.registry import Collector, CollectorRegistry
 
@@ -50,6 +51,22 @@ QUEUE_BYTES = (("to_backend", "bytes_in"), ("to_guest", "bytes_out"))
 #: Notifications: (kind label, QueueStats field).
 QUEUE_NOTIFICATIONS = (("guest_kick", "guest_kicks"), ("backend_kick", "backend_kicks"),
                        ("backend_call", "backend_calls"), ("guest_call", "guest_calls"))
+
+
+#: The latency histogram's bucket bounds, seconds: the data plane's log2 buckets of microseconds
+#: (csrc/hist.c; bucket s < 31 holds [2^(s-1), 2^s) us, bucket 0 under 1 us), so `le` is 2^s us.
+#: Bucket 31 (2^30 us and longer) is only in +Inf.
+LATENCY_BOUNDS_S = tuple((1 << s) / 1e6 for s in range(31))
+
+
+def latency_buckets(counts: list[int]) -> list[tuple[str, int]]:
+    """Cumulative (le, count) pairs of one hop's data-plane histogram, +Inf last."""
+    out, acc = [], 0
+    for s, le in enumerate(LATENCY_BOUNDS_S):
+        acc += counts[s] if s < len(counts) else 0
+        out.append((repr(le), acc))
+    out.append(("+Inf", sum(counts)))
+    return out
 
 
 class ProxyCollector(Collector):
@@ -93,6 +110,18 @@ class ProxyCollector(Collector):
         thread = GaugeMetricFamily("fastshadow_device_dataplane_thread",
                                    "the data-plane thread (loop index) serving the device's queues",
                                    labels=dev_labels)
+        refused_by = CounterMetricFamily("fastshadow_queue_refused_by_reason", "guest chains refused, by reason "
+                                         "(the data plane's event name, lower case)", labels=q_labels + ["reason"])
+        bounce = GaugeMetricFamily("fastshadow_queue_bounce_bytes", "bounce space held by requests in flight now",
+                                   labels=q_labels, unit="bytes")
+        backpressure = CounterMetricFamily("fastshadow_queue_backpressure_seconds", "time the queue's intake "
+                                           "waited for bounce space or shadow descriptors (back-pressure)",
+                                           labels=q_labels)
+        latency = HistogramMetricFamily("fastshadow_queue_latency_seconds", "per-request latency the data plane "
+                                        "measures itself, by hop: kick_to_shadowed (guest kick seen -> request "
+                                        "copied and published), backend (-> backend call seen), call_to_used (-> "
+                                        "guest used element written), end_to_end (kick -> used)",
+                                        labels=q_labels + ["hop"])
         for d in snap.devices:
             if d.dataplane_thread is not None:
                 resident.add_metric([d.name], d.shadow_resident_bytes)
@@ -115,10 +144,17 @@ class ProxyCollector(Collector):
                 for kind, field in QUEUE_NOTIFICATIONS:
                     notes.add_metric(labels + [kind], q.stats[field])
                 inflight.add_metric(labels, q.stats["inflight"])
+                for reason, n in sorted(q.refused_by_reason.items()):
+                    refused_by.add_metric(labels + [reason], n)
+                bounce.add_metric(labels, q.stats.get("bounce_bytes", 0))
+                backpressure.add_metric(labels, q.stats.get("throttled_ns", 0) / 1e9)
+                for h in q.latency:
+                    latency.add_metric(labels + [h.hop], latency_buckets(h.counts), h.sum_ns / 1e9)
         uptime = GaugeMetricFamily("fastshadow_uptime_seconds", "seconds since the proxy started",
                                    value=snap.uptime_s)
         yield from (uptime, info, connected, sessions, reconnects, isolation, peer_uid, peer_pid,
-                    *counters.values(), nbytes, notes, inflight, resident, thread)
+                    *counters.values(), nbytes, notes, inflight, refused_by, bounce, backpressure, latency,
+                    resident, thread)
 
 
 def _handler(registry: CollectorRegistry):

@@ -79,6 +79,10 @@ class Device:
         except BaseException:
             self.close()
             raise
+
+    def check_backend(self) -> None:
+        """One warning if the backend socket is not there yet (the proxy keeps waiting for it)."""
+        cfg = self.cfg
         if cfg.backend is not None:
             problem = backend_socket_problem(cfg.backend)
             if problem is not None:
@@ -264,6 +268,9 @@ class Proxy:
         except Exception:
             self.close()
             raise
+        # Only once start-up cannot fail: a refused start is its one error line, nothing before.
+        for d in self.devices:
+            d.check_backend()
 
     def make_session(self, cfg: DeviceConfig, qemu_sock: socket.socket, backend_sock: socket.socket,
                      reconnect=None) -> Session:
@@ -279,6 +286,7 @@ class Proxy:
             cpus = self.cfg.cpu_list()
             self.dataplane = DataPlane(busy_poll_us=self.cfg.busy_poll_us,
                                        stream_copy_min=self.cfg.stream_copy_min,
+                                       latency_histograms=self.cfg.latency_histograms,
                                        threads=self.cfg.thread_count(), cpus=[{c} for c in cpus] or None,
                                        idle_trim_ms=self.cfg.idle_trim_ms)
             self.dataplane.start()
@@ -304,10 +312,20 @@ class Proxy:
                 kv(log, logging.DEBUG, "dataplane.events_stopped", reason=str(e))
                 return
             for ev in events:
+                if ev.iotlb_miss:   # not a refusal: the session asks QEMU
+                    self._iotlb_miss(ev)
+                    continue
                 kv(log, logging.WARNING, "request.poisoned" if ev.poisoned else "dataplane.refused", dev=ev.dev_name,
                    queue=ev.queue, code=ev.name, detail=ev.message)
                 if ev.backend_failed or ev.frontend_failed:
                     self._peer_failed(ev)
+
+    def _iotlb_miss(self, ev) -> None:
+        """A queue waits for an IOVA's translation: its session asks QEMU (VHOST_IOTLB_MISS)."""
+        for d in self.devices:
+            s = d.session
+            if s is not None and getattr(s, "dev", None) is not None and s.dev.id == ev.dev:
+                s.iotlb_miss(ev.queue, ev.a, ev.b)
 
     def _peer_failed(self, ev) -> None:
         """The data plane no longer trusts a device's backend (its shadow used ring is beyond

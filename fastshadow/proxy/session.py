@@ -193,7 +193,8 @@ class Session:
         return theirs.detach()
 
     def queue_stats(self) -> list:
-        """[(queue, dataplane.QueueStats)] of the queues this session runs (none in direct mode).
+        """[(queue, dataplane.QueueStats, [dataplane.HopLatency])] of the queues this session runs
+        (none in direct mode).
         Called from the stats thread."""
         return []
 
@@ -230,6 +231,9 @@ class BackendChannelRelay(threading.Thread):
                                        name="backend (request channel)")
         self.to_qemu = Connection(qemu_side, Channel.BACKEND, receives_replies=True,
                                   name="qemu (request channel)")
+        #: One request (and its reply) at a time on QEMU's channel: the relay's and fastshadow's
+        #: own (isolated mode's IOTLB misses, ask_qemu).
+        self._qemu_lock = threading.Lock()
         self._stopping = threading.Event()
 
     def run(self) -> None:
@@ -251,7 +255,8 @@ class BackendChannelRelay(threading.Thread):
                         self.from_backend.send(msg.ack(ok=False))
                     continue
                 try:
-                    reply = self.to_qemu.request(msg, expect_reply=expect, timeout=s.cfg.reply_timeout)
+                    with self._qemu_lock:
+                        reply = self.to_qemu.request(msg, expect_reply=expect, timeout=s.cfg.reply_timeout)
                 finally:
                     msg.close_fds()
                 if reply is not None:
@@ -268,6 +273,12 @@ class BackendChannelRelay(threading.Thread):
             self.from_backend.close()
             if not self.keep_qemu_side or self._stopping.is_set():
                 self.to_qemu.close()
+
+    def ask_qemu(self, msg: Message, timeout: float) -> Message | None:
+        """Send a back-end request of fastshadow's own to QEMU (from any thread) and return its
+        reply if msg asks for one (ReplyTimeout after `timeout` seconds)."""
+        with self._qemu_lock:
+            return self.to_qemu.request(msg, expect_reply=msg.need_reply, timeout=timeout)
 
     def stop(self) -> None:
         self._stopping.set()

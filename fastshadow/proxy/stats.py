@@ -2,8 +2,9 @@
 
 Every interval, for each device: whether a front-end is connected, how many
 sessions it served, and for isolated devices the data plane's counters of
-every queue QEMU configured (requests, bytes each way, refusals, throttling,
-notifications, requests in flight). One `stats` log line per device carries
+every queue QEMU configured (requests, bytes each way, refusals and their
+reasons, throttling and back-pressure time, bounce bytes in use,
+notifications, requests in flight) and its latency histograms. One `stats` log line per device carries
 the totals and the rates since the previous line; the file, when asked for,
 holds the whole snapshot as JSON (msgspec), replaced atomically, so a
 monitoring agent can read it at any time.
@@ -30,9 +31,21 @@ from ..logs import kv
 log = logging.getLogger("fastshadow.proxy")
 
 
+class HopHistogram(msgspec.Struct, frozen=True):
+    """One hop's latency histogram of one queue, kept by the data plane itself (csrc/hist.c)."""
+
+    hop: str                  # dataplane.LATENCY_HOPS: kick_to_shadowed, backend, call_to_used, end_to_end
+    #: counts[0]: durations under 1 us; counts[s]: in [2^(s-1), 2^s) us (the last one also longer)
+    counts: list[int]
+    sum_ns: int               # the sum of the durations counted, ns
+    unit: str = "us"          # of the bucket bounds (sum_ns is ns, as its name says)
+
+
 class QueueSnapshot(msgspec.Struct, frozen=True):
     index: int
     stats: dict[str, int]     # dataplane.QueueStats, by field name (cumulative over the session)
+    refused_by_reason: dict[str, int] = {}   # refused chains by event name, lower case
+    latency: list[HopHistogram] = []         # one per hop, since the session began
 
 
 class Peer(msgspec.Struct, frozen=True):
@@ -75,6 +88,14 @@ def _peer(cred) -> Peer | None:
     return Peer(cred.pid, cred.uid, cred.gid) if cred is not None else None
 
 
+def queue_snapshot(q: int, st, latency=()) -> QueueSnapshot:
+    """`st`: a dataplane.QueueStats; `latency`: its queue's [dataplane.HopLatency]."""
+    counters = msgspec.structs.asdict(st)
+    refused = counters.pop("refused_by_reason", {})
+    return QueueSnapshot(q, counters, refused_by_reason=dict(refused),
+                         latency=[HopHistogram(h.hop, list(h.counts), h.sum_ns) for h in latency])
+
+
 def snapshot_device(dev) -> DeviceSnapshot:
     """`dev`: a server.Device. Queues are those of its current session, if any."""
     session = dev.session
@@ -83,7 +104,7 @@ def snapshot_device(dev) -> DeviceSnapshot:
     thread, resident = _shadow(session)
     if session is not None:
         try:
-            queues = [QueueSnapshot(q, msgspec.structs.asdict(st)) for q, st in session.queue_stats()]
+            queues = [queue_snapshot(*row) for row in session.queue_stats()]
         except Exception as e:  # the session ended under us: its counters are gone with it
             kv(log, logging.DEBUG, "stats.skipped", dev=dev.cfg.name, reason=str(e))
     return DeviceSnapshot(dev.cfg.name, dev.cfg.mode.value, dev.cfg.device.value, connected,
@@ -152,7 +173,9 @@ class StatsReporter(threading.Thread):
                               inflight=d.total("inflight"), refused=d.total("refused"),
                               throttled=d.total("throttled"), req_per_s=rate("requests"),
                               mb_in_per_s=rate("bytes_in", 1e6), mb_out_per_s=rate("bytes_out", 1e6),
-                              failed=d.total("failed"), poisoned=d.total("poisoned"))
+                              failed=d.total("failed"), poisoned=d.total("poisoned"),
+                              bounce_kib=d.total("bounce_bytes") // 1024,
+                              backpressure_ms=round(d.total("throttled_ns") / 1e6, 1))
                 self._prev[d.name] = (now, d)
             if d.mode != "direct":
                 fields.update(backend_reconnects=d.backend_reconnects, isolation=d.isolation)

@@ -10,6 +10,7 @@ from __future__ import annotations
 import importlib.resources
 import os
 import platform
+import re
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,10 +24,47 @@ class Check:
     ok: bool
     detail: str
     fix: str = ""
+    warn: bool = False      # ok, but worth saying (headers of another kernel)
 
 
 def kernel_build_dir() -> Path:
     return Path(os.environ.get("FASTSHADOW_KERNEL_BUILD", f"/lib/modules/{platform.release()}/build"))
+
+
+def headers_release(build: Path) -> str | None:
+    """The kernel release the header tree at `build` was made for (its kernel.release or UTS_RELEASE)."""
+    try:
+        return (build / "include" / "config" / "kernel.release").read_text().strip() or None
+    except OSError:
+        pass
+    try:
+        text = (build / "include" / "generated" / "utsrelease.h").read_text()
+    except OSError:
+        return None
+    m = re.search(r'UTS_RELEASE\s+"([^"]+)"', text)
+    return m.group(1) if m else None
+
+
+def _major_minor(release: str) -> tuple[int, ...]:
+    return tuple(int(x) for x in re.findall(r"\d+", release)[:2])
+
+
+def headers_match(build: Path) -> Check:
+    """Do the headers bcc will compile against belong to the running kernel? A mismatch is a warning:
+    fastshadow's program reads USDT arguments (uapi ptrace registers) and no kernel structure, so it
+    is built and runs correctly (tests/trace prove it on a 6.18 kernel with Debian's 6.1 headers)."""
+    running = platform.release()
+    built_for = headers_release(build)
+    if built_for is None:
+        return Check("headers match", True, f"cannot tell which kernel {build} is for", warn=True)
+    if _major_minor(built_for) == _major_minor(running):
+        return Check("headers match", True, f"headers {built_for} for kernel {running}")
+    return Check("headers match", True,
+                 f"headers {built_for}, running kernel {running}: bcc compiles against them anyway; "
+                 "fastshadow's program reads only USDT arguments (no kernel structure), so its results hold, "
+                 "but kprobe/tracepoint tools built on these headers may read wrong offsets",
+                 fix=f"install linux-headers-{running} if your distribution ships it; `fastshadow trace "
+                     "--from-stats` needs no headers at all (the data plane's own histograms)", warn=True)
 
 
 def tracefs_dir() -> Path:
@@ -76,6 +114,8 @@ def checks() -> list[Check]:
                                                                    " does not exist"),
                      "" if has_headers else "apt-get install linux-headers-amd64 and link "
                      f"{build} (and ../source) to /usr/src/linux-headers-*-amd64 (scripts/setup does this)"))
+    if has_headers:
+        out.append(headers_match(build))
     tfs = tracefs_dir()
     mounted = _is_mountpoint(tfs)
     out.append(Check("tracefs", mounted, f"{tfs}" + (" mounted" if mounted else " not mounted"),

@@ -1,10 +1,20 @@
-"""Trace records (msgspec), biolatency-style histograms on the terminal, PNG plots."""
+"""Trace records (msgspec), biolatency-style histograms on the terminal, PNG plots.
+
+One bucket rule everywhere (the bcc programs, the data plane's own histograms,
+the terminal, the PNG and the JSON): durations in microseconds, obtained from
+nanoseconds by a division by 1000 (not a shift, so a bucket is 1 µs wide and
+not 1.024 µs); bucket 0 holds [0, 1) µs and bucket s >= 1 holds
+[2^(s-1), 2^s) µs. `bucket_bounds` and `bucket_label` are the only places
+that turn a bucket number into words.
+"""
 
 from __future__ import annotations
 
 import msgspec
 
-HOPS = ["kick_to_shadowed", "shadowed_to_kick", "call_to_completed", "completed_to_call", "end_to_end"]
+#: In the order they are printed: a request's path, then end to end.
+HOPS = ["kick_to_shadowed", "shadowed_to_kick", "backend", "call_to_completed", "call_to_used", "completed_to_call",
+        "end_to_end", "driver_end_to_end"]
 HOP_TITLES = {
     "kick_to_shadowed": "guest kick -> request shadowed",
     "shadowed_to_kick": "request shadowed -> backend kicked",
@@ -12,16 +22,34 @@ HOP_TITLES = {
     "completed_to_call": "request completed -> guest called",
     "end_to_end": "guest kick -> request completed (through the proxy)",
     "driver_end_to_end": "driver submit -> driver complete (load generator)",
+    "backend": "request shadowed -> backend call seen for it",
+    "call_to_used": "backend call seen -> guest used element written",
 }
 COUNTERS = ["guest_kick", "request_shadowed", "backend_kick", "backend_call", "request_completed",
-            "guest_call", "request_refused", "completed_without_start", "map_full"]
+            "guest_call", "request_refused", "completed_without_start", "map_full", "request_sampled"]
+
+#: The unit of every bucket bound, and the rule, as the JSON states them.
+UNIT = "us"
+BUCKET_RULE = "bucket 0: [0, 1) us; bucket s >= 1: [2^(s-1), 2^s) us (ns / 1000, then log2)"
+
+
+def bucket_bounds(slot: int) -> tuple[int, int]:
+    """[lo, hi) of bucket `slot`, in microseconds."""
+    return (0, 1) if slot == 0 else (1 << (slot - 1), 1 << slot)
+
+
+def bucket_label(slot: int) -> str:
+    lo, hi = bucket_bounds(slot)
+    return f"{lo} -> {hi}"
 
 
 class Histogram(msgspec.Struct):
     hop: str
     queue: int
-    #: log2 buckets: slot i counts deltas in [2^i, 2^(i+1)) ns (slot 0: 0-1 ns).
+    #: bucket -> count; bucket rule: BUCKET_RULE (microseconds)
     slots: dict[int, int]
+    #: the device's name in its proxy (the data plane's id as text when the name is unknown)
+    device: str = ""
 
     @property
     def total(self) -> int:
@@ -42,6 +70,11 @@ class TraceRun(msgspec.Struct):
     driver_pid: int | None
     queue: int | None
     intervals: list[Interval]
+    unit: str = UNIT
+    buckets: str = BUCKET_RULE
+    #: 1: every request (probes at every hop); N > 1: 1 request in N per queue, chosen by the data plane
+    sample_every: int = 1
+    device: str | None = None
 
     def totals(self) -> dict[str, int]:
         out: dict[str, int] = {}
@@ -51,43 +84,49 @@ class TraceRun(msgspec.Struct):
         return out
 
     def merged(self) -> list[Histogram]:
-        acc: dict[tuple[str, int], dict[int, int]] = {}
-        for iv in self.intervals:
-            for h in iv.histograms:
-                slots = acc.setdefault((h.hop, h.queue), {})
-                for s, c in h.slots.items():
-                    slots[s] = slots.get(s, 0) + c
-        return [Histogram(hop, q, dict(sorted(s.items()))) for (hop, q), s in sorted(acc.items())]
+        """The whole run's histograms, one per (hop, device, queue)."""
+        return merge(h for iv in self.intervals for h in iv.histograms)
 
 
-def _range(slot: int) -> tuple[int, int]:
-    return (0, 1) if slot == 0 else (1 << slot, (1 << (slot + 1)) - 1)
+def merge(hists) -> list[Histogram]:
+    acc: dict[tuple[str, str, int], dict[int, int]] = {}
+    for h in hists:
+        slots = acc.setdefault((h.hop, h.device, h.queue), {})
+        for s, c in h.slots.items():
+            slots[s] = slots.get(s, 0) + c
+    return [Histogram(hop, q, dict(sorted(s.items())), device=dev)
+            for (hop, dev, q), s in sorted(acc.items(), key=lambda kv: (_hop_order(kv[0][0]), kv[0][1], kv[0][2]))]
 
 
-def format_histogram(h: Histogram, unit: str = "usecs") -> str:
-    """Like bcc's print_log2_hist, in microseconds (ns slots folded by 2^10)."""
-    div_shift = 10 if unit == "usecs" else 0
-    folded: dict[int, int] = {}
-    for s, c in h.slots.items():
-        fs = max(0, s - div_shift)
-        folded[fs] = folded.get(fs, 0) + c
-    lines = [f"\n{HOP_TITLES.get(h.hop, h.hop)}  [queue {h.queue}]  {h.total} samples",
-             f"{unit:>20} : count     distribution"]
-    if not folded:
+def _hop_order(hop: str) -> int:
+    return HOPS.index(hop) if hop in HOPS else 99
+
+
+def header(h: Histogram) -> str:
+    where = f"device {h.device}, queue {h.queue}" if h.device else f"queue {h.queue}"
+    return f"{HOP_TITLES.get(h.hop, h.hop)}  [{where}]  {h.total} samples"
+
+
+def format_histogram(h: Histogram) -> str:
+    """Like bcc's print_log2_hist, with the bucket bounds of BUCKET_RULE ([lo, hi) µs)."""
+    lines = ["\n" + header(h), f"{'usecs':>20} : count     distribution"]
+    if not h.slots:
         return "\n".join(lines)
-    top = max(folded)
-    peak = max(folded.values())
-    for s in range(0, top + 1):
-        lo, hi = _range(s)
-        c = folded.get(s, 0)
+    lo, top = min(h.slots), max(h.slots)
+    peak = max(h.slots.values())
+    for s in range(min(lo, 0), top + 1):
+        c = h.slots.get(s, 0)
         bar = "*" * (round(40 * c / peak) if peak else 0)
-        lines.append(f"{lo:>9} -> {hi:<9}: {c:<9} |{bar:<40}|")
+        lines.append(f"{bucket_label(s):>20} : {c:<9} |{bar:<40}|")
     return "\n".join(lines)
 
 
+def format_histograms(hists: list[Histogram]) -> str:
+    return "\n".join(format_histogram(h) for h in merge(hists))
+
+
 def format_interval(iv: Interval) -> str:
-    parts = [format_histogram(h) for h in sorted(iv.histograms, key=lambda h: (HOPS.index(h.hop)
-                                                                                  if h.hop in HOPS else 99, h.queue))]
+    parts = [format_histograms(iv.histograms)] if iv.histograms else []
     counts = "  ".join(f"{k}={v}" for k, v in iv.counts.items() if v)
     parts.append(f"\nevents: {counts or 'none'}" + (f"  LOST={iv.lost}" if iv.lost else ""))
     return "\n".join(parts)
@@ -99,29 +138,19 @@ def plot(run: TraceRun, path: str) -> None:
     import matplotlib.pyplot as plt
 
     hists = [h for h in run.merged() if h.total]
-    if not hists:
-        hists = []
     n = max(1, len(hists))
     fig, axes = plt.subplots(n, 1, figsize=(9, 2.4 * n), squeeze=False)
     for ax, h in zip(axes[:, 0], hists):
-        slots = sorted(h.slots)
-        xs = list(range(min(slots), max(slots) + 1))
-        ax.bar([str(_fmt_ns(1 << x)) for x in xs], [h.slots.get(x, 0) for x in xs], color="#3b7dd8")
-        ax.set_title(f"{HOP_TITLES.get(h.hop, h.hop)} — queue {h.queue} ({h.total} samples)", fontsize=9)
+        xs = list(range(min(h.slots), max(h.slots) + 1))
+        ax.bar([bucket_label(x) for x in xs], [h.slots.get(x, 0) for x in xs], color="#3b7dd8")
+        ax.set_title(header(h), fontsize=9)
         ax.set_ylabel("count")
         ax.tick_params(axis="x", labelrotation=45, labelsize=7)
     if not hists:
         axes[0, 0].text(0.5, 0.5, "no samples", ha="center")
-    axes[-1, 0].set_xlabel("latency (log2 buckets, lower bound)")
-    fig.suptitle(f"fastshadow notification latency, pid {run.pid or run.driver_pid}")
-    fig.tight_layout()
+    axes[-1, 0].set_xlabel(f"latency, {UNIT} (bucket [lo, hi): {BUCKET_RULE})")
+    sampled = f", 1 request in {run.sample_every}" if run.sample_every > 1 else ""
+    fig.suptitle(f"fastshadow notification latency, pid {run.pid or run.driver_pid}{sampled}")
+    fig.tight_layout(rect=(0, 0, 1, 1 - 0.45 / (2.4 * n)))   # room for the title above the first panel
     fig.savefig(path, dpi=110)
     plt.close(fig)
-
-
-def _fmt_ns(ns: int) -> str:
-    if ns >= 1_000_000:
-        return f"{ns / 1e6:g}ms"
-    if ns >= 1000:
-        return f"{ns / 1e3:g}us"
-    return f"{ns}ns"

@@ -165,3 +165,191 @@ def test_results_md_scale_section_is_the_json():
     many = [p["proxy_cpu_us_per_request"] for p in iso if p["devices"] >= 8]
     assert f"The proxy spends {statistics.median(many):.2f} µs of CPU per 4 KiB request" in squash(text)
     assert "fastshadow bench --scale --scale-direct --out bench/results/scale" in text
+
+
+TRACING = ROOT / "bench" / "results" / "tracing" / "results.json"
+HIST_INSTRUCTIONS = ROOT / "bench" / "results" / "tracing" / "hist_instructions.json"
+
+
+def _variant_rows(path: Path) -> dict[str, dict[str, float]]:
+    """Per mode against isolated, recomputed from the runs: median IOPS ratio, the per-rep range,
+    and the proxy's CPU µs per request ratio (medians)."""
+    raw = json.loads(path.read_text())
+    by: dict[str, dict[int, dict]] = {}
+    for r in raw["runs"]:
+        by.setdefault(r["mode"], {})[r["rep"]] = r
+    base = by["isolated"]
+
+    def med(mode, f):
+        return statistics.median(f(r) for r in by[mode].values())
+    out = {}
+    for mode in by:
+        if mode == "isolated":
+            continue
+        paired = [by[mode][k]["iops"] / base[k]["iops"] for k in by[mode] if k in base]
+        out[mode] = {
+            "iops": med(mode, lambda r: r["iops"]) / med("isolated", lambda r: r["iops"]),
+            "lo": min(paired), "hi": max(paired), "reps": len(paired),
+            "proxy": med(mode, lambda r: r["cpu_s"]["proxy"] / r["requests"])
+            / med("isolated", lambda r: r["cpu_s"]["proxy"] / r["requests"]),
+        }
+    return out
+
+
+def test_results_md_tracing_overhead_is_the_json():
+    one = _variant_rows(TRACING)
+    b, s, s4, h = one["bcc"], one["sampled"], one["sampled256"], one["nohist"]
+    ins = json.loads(HIST_INSTRUCTIONS.read_text())
+    on, off, n = ins["instructions_on"] / ins["requests"], ins["instructions_off"] / ins["requests"], ins["requests"]
+    rows = [
+        f"| `fastshadow trace` (every probe of every request) | {b['iops']:.3f} | {b['lo']:.3f} – {b['hi']:.3f} | "
+        f"{b['proxy']:.2f} |",
+        f"| `fastshadow trace --sample 64` | {s['iops']:.3f} | {s['lo']:.3f} – {s['hi']:.3f} | {s['proxy']:.2f} |",
+        f"| `fastshadow trace --sample 256` | {s4['iops']:.3f} | {s4['lo']:.3f} – {s4['hi']:.3f} | {s4['proxy']:.2f} |",
+        f"| always-on histograms (isolated ÷ `--no-latency-histograms`) | {1 / h['iops']:.3f} | "
+        f"{1 / h['hi']:.3f} – {1 / h['lo']:.3f} | {1 / h['proxy']:.2f} |",
+        f"costs more than half the throughput ({b['iops']:.2f}×",
+        f"keeps {s['iops']:.3f} of the throughput by the median",
+        f"the proxy's CPU per request ×{s['proxy']:.2f}",
+        f"`--sample 256`: {s4['iops']:.3f} and ×{s4['proxy']:.2f}",
+        f"{1 / h['iops']:.3f}× by the median, the proxy's CPU per request ×{1 / h['proxy']:.2f}",
+        f"{on:.0f} instructions per request with the histograms and {off:.0f} without ({n} requests): "
+        f"+{on - off:.0f}, {100 * (on - off) / off:.1f} %",
+        f"{len(json.loads(TRACING.read_text())['runs'])} runs",
+        f"(each a nop): {(ins['instructions_probes'] - ins['instructions_no_probes']) / n:.1f} instructions per "
+        f"request, {100 * (ins['instructions_probes'] - ins['instructions_no_probes']) / ins['instructions_no_probes']:.1f} %",
+    ]
+    iso_us = statistics.median(r["cpu_s"]["proxy"] / r["requests"] * 1e6
+                               for r in json.loads(TRACING.read_text())["runs"] if r["mode"] == "isolated")
+    rows.append(f"(isolated: {iso_us:.2f} µs per request), one trap costs the proxy about "
+                f"{(s4['proxy'] - 1) * iso_us * 256:.0f} µs on this VM")
+    text = (ROOT / "bench" / "RESULTS.md").read_text()
+    missing = [r for r in rows if r not in text and r not in squash(text)]
+    assert not missing, "bench/RESULTS.md (tracing overhead) must say, from the tracing JSON:\n" + "\n".join(missing)
+    out = subprocess.run([sys.executable, "-m", "fastshadow.bench.report", str(TRACING), "--markdown"],
+                         capture_output=True, text=True, check=True).stdout
+    table = out.split("#### backend")[0].strip()
+    assert "variants against isolated" in table and table in text, \
+        "bench/RESULTS.md must hold `python -m fastshadow.bench.report bench/results/tracing/results.json " \
+        "--markdown`'s variants table verbatim"
+
+
+MINUTE = ROOT / "bench" / "results" / "tracing-minute" / "results.json"
+
+
+def test_results_md_one_device_for_a_minute_is_the_json():
+    m = _variant_rows(MINUTE)["minute"]
+    row = (f"| one device traced for 60 s (`--device bench-minute --sample 256`) | {m['iops']:.3f} | "
+           f"{m['lo']:.3f} – {m['hi']:.3f} | {m['proxy']:.2f} |")
+    text = (ROOT / "bench" / "RESULTS.md").read_text()
+    assert row in text, f"bench/RESULTS.md must say, from {MINUTE.relative_to(ROOT)}:\n{row}"
+    assert f"{m['reps']} reps of 60 s" in squash(text)
+    iops = [r["iops"] for r in json.loads(MINUTE.read_text())["runs"]]
+    assert f"{min(iops) / 1e3:.0f}-{max(iops) / 1e3:.0f}k IOPS" in squash(text)
+    # The tracer's own output at exit, kept next to the JSON.
+    sampled = re.search(r"request_sampled=(\d+)", (MINUTE.parent / "trace.txt").read_text()).group(1)
+    assert f"{sampled} sampled requests" in squash(text)
+
+
+# Issue 12 (per-request cost): the callgrind before/after tables and the interleaved runs of
+# this tree against the code before it (`--variant base="@PYTHON"`), quoted in bench/RESULTS.md.
+CALLGRIND = ROOT / "bench" / "results" / "callgrind"
+ISSUE12 = ROOT / "bench" / "results" / "issue12"
+
+
+def test_results_md_callgrind_tables_are_the_json():
+    text = (ROOT / "bench" / "RESULTS.md").read_text()
+    full = subprocess.run([sys.executable, "-m", "fastshadow.bench.callgrind", "--compare",
+                           str(CALLGRIND / "before-qd32.json"), str(CALLGRIND / "after-qd32.json")],
+                          capture_output=True, text=True, check=True).stdout.strip()
+    assert full in text, "bench/RESULTS.md must hold `python -m fastshadow.bench.callgrind --compare " \
+                         "before-qd32.json after-qd32.json` verbatim"
+    missing = []
+    for label in ("qd32-b4", "qd1", "qd32-write", "1m-qd8"):
+        b, a = (json.loads((CALLGRIND / f"{w}-{label}.json").read_text())["total"] for w in ("before", "after"))
+
+        def cyc(t):
+            return t["Ir"] + 10 * t["L1m"] + 100 * t["LLm"]
+        row = (f"| {label} | {b['Ir']:.0f} | {a['Ir']:.0f} | {b['L1m']:.1f} | {a['L1m']:.1f} | "
+               f"{b['LLm']:.1f} | {a['LLm']:.1f} | {cyc(b):.0f} | {cyc(a):.0f} |")
+        if row not in text:
+            missing.append(row)
+    assert not missing, "bench/RESULTS.md (issue 12, other workloads) must say:\n" + "\n".join(missing)
+
+
+def issue12_row(path: Path, label: str) -> str:
+    """One placement's 4 KiB randread QD32 figures: IOPS per mode, ratios, proxy CPU µs per request."""
+    runs = json.loads(path.read_text())["runs"]
+
+    def pick(mode):
+        return [r for r in runs if r["mode"] == mode and r["workload"]["bs"] == 4 * KiB
+                and r["workload"]["qd"] == 32]
+    iops = {m: statistics.median(r["iops"] for r in pick(m)) for m in ("direct", "isolated", "base")}
+    px = {m: statistics.median(r["cpu_s"]["proxy"] / r["requests"] * 1e6 for r in pick(m))
+          for m in ("isolated", "base")}
+    other = statistics.median(r["cpu_s"]["other"] / r["duration_s"] for r in runs)
+    return (f"| {label} | {iops['direct'] / 1e3:.0f}k | {iops['base'] / 1e3:.0f}k | {iops['isolated'] / 1e3:.0f}k | "
+            f"{iops['base'] / iops['direct']:.2f} | {iops['isolated'] / iops['direct']:.2f} | "
+            f"{px['base']:.2f} | {px['isolated']:.2f} | {other:.2f} |")
+
+
+def test_results_md_issue12_runs_are_the_json():
+    text = (ROOT / "bench" / "RESULTS.md").read_text()
+    rows = [issue12_row(ISSUE12 / "free" / "results.json", "`split-free-proxy`"),
+            issue12_row(ISSUE12 / "split" / "results.json", "`split`")]
+    missing = [r for r in rows if r not in text]
+    assert not missing, "bench/RESULTS.md (issue 12) must say, from bench/results/issue12/*/results.json:\n" + \
+        "\n".join(missing)
+
+
+def perf_stat(path: Path) -> dict[str, float]:
+    """`perf stat` output: {event name without its group: count}."""
+    out = {}
+    for ln in path.read_text().splitlines():
+        m = re.match(r"\s*([\d,.]+)\s+(?:msec\s+)?([\w:-]+)", ln)
+        if m:
+            out[m.group(2).split(":")[-1]] = float(m.group(1).replace(",", ""))
+    return out
+
+
+def test_results_md_issue12_syscalls_are_the_measurement():
+    rows = {"syscalls": [], "io_uring_enter": [], "switches": [], "clock": []}
+    for place in ("free", "split"):
+        d = ISSUE12 / "syscalls" / place
+        runs = json.loads((d / "results.json").read_text())["runs"]
+        for mode in ("base", "isolated"):
+            n = sum(r["requests"] for r in runs if r["mode"] == mode)
+            st = perf_stat(d / f"{place}.{mode}.perfstat")
+            rows["syscalls"].append(f"{st['sys_enter'] / n:.3f}")
+            rows["io_uring_enter"].append(f"{st['sys_enter_io_uring_enter'] / n:.3f}")
+            rows["switches"].append(f"{st['sched_switch'] / n:.3f}")
+            rows["clock"].append(f"{st['task-clock'] * 1e3 / n:.2f}")
+    want = [f"| syscalls | {' | '.join(rows['syscalls'])} |",
+            f"| of which `io_uring_enter` | {' | '.join(rows['io_uring_enter'])} |",
+            f"| context switches | {' | '.join(rows['switches'])} |",
+            f"| task-clock µs (all threads, whole run) | {' | '.join(rows['clock'])} |"]
+    text = (ROOT / "bench" / "RESULTS.md").read_text()
+    missing = [r for r in want if r not in text]
+    assert not missing, "bench/RESULTS.md (issue 12 syscalls) must say:\n" + "\n".join(missing)
+
+
+
+def test_results_md_issue12_full_run_is_the_json():
+    d = Data(ISSUE12 / "full" / "results.json")
+    runs = d.raw["runs"]
+
+    def px(bs, qd):
+        return statistics.median(r["cpu_s"]["proxy"] / r["requests"] * 1e6 for r in runs
+                                 if r["backend"] == "null" and r["mode"] == "isolated" and
+                                 r["workload"]["rw"] == "randread" and r["workload"]["bs"] == bs and
+                                 r["workload"]["qd"] == qd and r["workload"].get("queues", 1) == 1)
+    q32 = [d.get(m, "randread", 4 * KiB, 32)["iops"] / 1e3 for m in ("direct", "proxy-direct", "isolated")]
+    gm = {b: geomean(d.iops_ratios(b, "isolated")) for b in ("null", "file")}
+    other = statistics.median(r["cpu_s"]["other"] / r["duration_s"] for r in runs)
+    want = [f"| 4 KiB randread QD32 (null) | {q32[0]:.0f}k | {q32[1]:.0f}k | {q32[2]:.0f}k | "
+            f"{q32[2] / q32[0]:.2f} | {px(4 * KiB, 32):.2f} µs |",
+            f"geometric mean of isolated ÷ direct IOPS: {gm['null']:.2f} on `null`, {gm['file']:.2f} on `file`",
+            f"{len(runs)} runs, {d.raw['wall_s']:.0f} s, other work busy {other:.2f} CPUs (median)"]
+    text = squash((ROOT / "bench" / "RESULTS.md").read_text())
+    missing = [w for w in want if squash(w) not in text]
+    assert not missing, "bench/RESULTS.md (issue 12 full run) must say:\n" + "\n".join(missing)

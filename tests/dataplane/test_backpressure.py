@@ -139,3 +139,31 @@ def test_shadow_descriptor_exhaustion(make_rig):
     assert [u[0] for u in used] == heads
     for _, bufs in reqs:
         rig.accept_writable(bufs)
+
+
+def test_pages_kept_for_reuse_still_serve_a_large_request(make_rig):
+    # 16 pages of bounce.  Eight 4 KiB reads (2 pages each: header+status, data) fill it;
+    # once they complete, their runs are kept for the next small requests (bounce.c, hot
+    # reuse), yet a request needing 13 contiguous pages must still get them at once, not wait.
+    rig = make_rig(num=64, bounce=16 * 4096)
+    small = [rig.blk_read(0, 4096) for _ in range(8)]
+    used = drive(rig, [h for h, _ in small])
+    assert sorted(u[0] for u in used) == sorted(h for h, _ in small)
+    big = rig.blk_read(0, 12 * 4096)
+    rig.poll()
+    taken = rig.be[0].pending()
+    st = rig.dev.stats(0)
+    assert len(taken) == 1 and st.throttled == 0 and st.inflight == 1    # taken at once
+    rig.serve(0, taken)
+    rig.poll()
+    assert rig.gq[0].take_used() == [(big[0], 12 * 4096 + 1)]
+    # and small requests after it reuse space again: every one completes (the last may
+    # wait for a completion: the free pages left are not contiguous, as without reuse)
+    again = [rig.blk_read(0, 4096) for _ in range(8)]
+    used = drive(rig, [h for h, _ in again])
+    assert sorted(u[0] for u in used) == sorted(h for h, _ in again)
+    for _, bufs in small + [big] + again:
+        rig.mem.accept(bufs[1].gpa, bufs[1].len)
+        rig.mem.accept(bufs[2].gpa, 1)
+    st = rig.dev.stats(0)
+    assert st.completed == 17 and st.inflight == 0 and st.refused == 0

@@ -11,7 +11,7 @@ import re
 CSRC = pathlib.Path(__file__).resolve().parents[2] / "csrc"
 
 #: Lowest first, as in the table of csrc/README.md.
-LAYERS = ["fsdp", "version", "probes", "base", "vring", "copy", "events", "guard", "mem", "log",
+LAYERS = ["fsdp", "version", "probes", "base", "hist", "vring", "copy", "events", "guard", "iotlb", "mem", "log",
           "chain", "fail", "bounce", "shadow", "queue", "loop", "device"]
 
 INCLUDE = re.compile(r'^[ \t]*#[ \t]*include[ \t]*"([^"]+)"', re.M)

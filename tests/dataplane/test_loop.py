@@ -363,3 +363,62 @@ def test_busy_poll_window_adapts(loop_rig):
         quick.stop()
     assert max(windows) > 0, windows
     assert all(0 <= w <= max_us for w in windows), windows
+
+
+def need_event(event: int, new: int, old: int) -> bool:
+    """virtio's vring_need_event on 16-bit indices."""
+    return (new - event - 1) & 0xFFFF < (new - old) & 0xFFFF
+
+
+class EventIdxBackend(BackendThread):
+    """A backend that calls only when the shadow ring's used_event asks for it (as
+    qemu-storage-daemon does), never unasked."""
+
+    def run(self):
+        be = self.rig.be[self.q]
+        try:
+            while not self.halt.is_set():
+                r, _, _ = select.select([be.kick_fd], [], [], 0.02)
+                if r:
+                    self.kicks += 1
+                    read_counter(be.kick_fd)
+                reqs = be.pending()        # also asks for a kick at the next entry
+                if not reqs:
+                    continue
+                old = be.used_idx
+                self.rig.serve(self.q, reqs)
+                self.served += len(reqs)
+                if need_event(be.used_event(), be.used_idx, old):
+                    os.write(be.call_fd, (1).to_bytes(8, "little"))
+        except Exception as e:  # pragma: no cover - surfaced by the test
+            self.error = e
+
+
+@pytest.mark.parametrize("busy_poll_us", [0, 200])
+def test_event_idx_peers_that_only_signal_when_asked_lose_no_request(loop_rig, busy_poll_us):
+    # Both peers honour event idx strictly: the guest kicks only when avail_event asks, the
+    # backend calls only when used_event asks.  The loop arms these fields itself, per pass
+    # or (busy-polling) just before it sleeps: a wrong decision anywhere leaves a request
+    # waiting forever, which the deadline turns into a failure.
+    rig = loop_rig(num=64, event_idx=True, busy_poll_us=busy_poll_us)
+    bt = EventIdxBackend(rig)
+    bt.start()
+    g = rig.gq[0]
+    n, done, kicks = 150, 0, 0   # what the test RAM holds
+    try:
+        for i in range(n):
+            g.set_used_event(g.used_idx())
+            old = g.avail_idx
+            head, bufs = rig.blk_read(0, 4096)
+            if need_event(g.avail_event(), g.avail_idx, old):
+                kick(rig)
+                kicks += 1
+            assert wait_fd(rig.call[0]) >= 1, f"request {i}: no call"   # asked for: must come
+            assert g.take_used() == [(head, 4097)]
+            rig.accept_writable(bufs)
+            done += 1
+    finally:
+        bt.stop()
+    st = settle(rig, lambda st: st.completed == n)
+    assert done == n and st.requests == st.completed == n and st.inflight == 0
+    assert kicks >= 1

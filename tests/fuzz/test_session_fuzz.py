@@ -496,7 +496,9 @@ class Driver:
                      [r.fd for r in mem.regions])
 
     def negotiate_features(self) -> None:
-        want = self.offered & ~VF.LOG_ALL
+        # ACCESS_PLATFORM: QEMU keeps it from a vhost device without a vIOMMU (that guest is
+        # tests/proxy/test_iotlb.py's); set, every address would be an IOVA.
+        want = self.offered & ~(VF.LOG_ALL | VF.ACCESS_PLATFORM)
         if not self.scenario.event_idx:
             want &= ~VF.RING_EVENT_IDX
         self.features = want
@@ -572,7 +574,7 @@ class Driver:
             self.fe_call(fe.set_vring_enable, 0, bool(arg & 1))
         elif what == "set_features":
             # a subset of what was offered, LOG_ALL aside (migration is another fuzzer's job)
-            bits = self.offered & ~VF.LOG_ALL
+            bits = self.offered & ~(VF.LOG_ALL | VF.ACCESS_PLATFORM)
             keep = bits & ~(VF.RING_EVENT_IDX | VF.RING_INDIRECT_DESC) if arg & 1 else bits
             self.features = keep
             self.fe_call(fe.set_features, keep)

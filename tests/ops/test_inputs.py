@@ -3,6 +3,7 @@ traceback; every size option takes 16M, 16MiB or bytes through one parser (fasts
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 
@@ -242,3 +243,11 @@ def test_metrics_socket_that_is_a_device_socket_is_one_line(tmp_path):
     sock = str(tmp_path / "fs.sock")
     assert_one_line(run_cli("proxy", "--listen", sock, "--backend", "/tmp/b.sock", "--metrics-listen", sock),
                     "metrics_listen", sock, "device socket")
+
+
+def test_metrics_address_that_cannot_be_bound_is_one_line_and_no_backend_warning(tmp_path):
+    # A trial finding: a 'backend.absent' warning came first, then the error: two lines.
+    sock = str(tmp_path / "fs.sock")
+    line = assert_one_line(run_cli("proxy", "--listen", sock, "--backend", str(tmp_path / "absent.sock"),
+                                   "--metrics-listen", "192.0.2.1:9177"), "192.0.2.1")
+    assert "backend.absent" not in line and not os.path.exists(sock)

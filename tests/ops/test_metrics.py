@@ -73,6 +73,19 @@ def check_work(m: dict, writes: int, reads: int, size: int) -> None:
     for name in ("refused", "failed", "poisoned", "discarded", "backend_errors"):
         assert m[q(f"fastshadow_queue_{name}_total")] == 0, name
     assert m[q("fastshadow_queue_notifications_total", kind="guest_kick")] >= 1
+    assert m[q("fastshadow_queue_bounce_bytes")] == 0                 # nothing in flight between requests
+    assert m[q("fastshadow_queue_backpressure_seconds_total")] >= 0
+    assert not [k for k in m if k[0] == "fastshadow_queue_refused_by_reason_total"]
+    # The data plane's own latency histogram: every request served is one sample of every hop,
+    # and the buckets are cumulative up to +Inf.
+    for hop in ("kick_to_shadowed", "backend", "call_to_used", "end_to_end"):
+        assert m[q("fastshadow_queue_latency_seconds_count", hop=hop)] == n, hop
+        assert m[q("fastshadow_queue_latency_seconds_bucket", hop=hop, le="+Inf")] == n, hop
+        bounds = sorted((float(dict(k[1])["le"]), v) for k, v in m.items()
+                        if k[0] == "fastshadow_queue_latency_seconds_bucket" and dict(k[1])["hop"] == hop
+                        and dict(k[1])["le"] != "+Inf")
+        assert bounds[0][0] == 1e-6 and bounds[1][0] == 2e-6     # true microseconds, in seconds
+        assert [v for _, v in bounds] == sorted(v for _, v in bounds)
 
 
 def test_metrics_scraped_during_io(workdir, start_qsd, start_proxy):

@@ -273,6 +273,14 @@ def test_mem_regions_overlap(pair):
                  words=["overlap"])
 
 
+def test_mem_regions_overlap_in_user_addresses(pair):
+    # A trial finding: accepted silently; a ring address in both would mean two places.
+    payload = p.MemTable([p.MemoryRegion(0, 8192, 1 << 40, 0), p.MemoryRegion(1 << 32, 8192, (1 << 40) + 4096,
+                                                                              0)]).encode()
+    expect_error(pair, InvalidPayload, send_with_fds(2, FrontendReq.SET_MEM_TABLE, payload=payload),
+                 words=["overlap in user addresses"])
+
+
 def test_vring_addr_misaligned(pair):
     payload = p.VringAddr(0, 0, 0x1008, 0x2000, 0x3000, 0).encode()
     expect_error(pair, InvalidPayload, lambda s: raw_send(s, FrontendReq.SET_VRING_ADDR, VERSION, payload),

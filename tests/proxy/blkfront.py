@@ -18,11 +18,16 @@ from fastshadow.protocol.frontend import Frontend
 from ..dataplane.harness import Buf, GuestMem, GuestQueue, make_eventfd
 
 T_IN, T_OUT = 0, 1       # VIRTIO_BLK_T_IN (read), VIRTIO_BLK_T_OUT (write)
+#: viommu=True: the guest's IOVA of a guest-physical address (a linear map, far from any gpa).
+IOVA_BASE = 0x40_0000_0000
 
 
 class BlkFront:
-    def __init__(self, sock: str, *, num: int = 64, timeout: float = 30):
+    def __init__(self, sock: str, *, num: int = 64, timeout: float = 30, viommu: bool = False):
         self.fe = Frontend.connect(sock, timeout=timeout)
+        #: Play QEMU with a vIOMMU: ACCESS_PLATFORM is set, ring and buffer addresses are IOVAs
+        #: (iova(gpa)), and the test answers the proxy's IOTLB misses.
+        self.viommu = viommu
         self.mem = GuestMem()
         self.num = num
         self.kick, self.call = make_eventfd(), make_eventfd()
@@ -56,7 +61,10 @@ class BlkFront:
         if memory:
             fe.set_mem_table([p.MemoryRegion(r.gpa, r.size, r.uaddr, r.mmap_offset) for r in mem.regions],
                              [r.fd for r in mem.regions])
-        fe.set_features(features & ~(VF.LOG_ALL | VF.RING_EVENT_IDX))
+        # ACCESS_PLATFORM: QEMU keeps it from a vhost device unless there is a vIOMMU
+        # (hw/virtio/vhost.c vhost_dev_set_features); tests/proxy/test_iotlb.py plays one.
+        fe.set_features(features & ~(VF.LOG_ALL | VF.RING_EVENT_IDX | VF.ACCESS_PLATFORM)
+                        | (VF.ACCESS_PLATFORM if self.viommu else 0))
         return capacity
 
     def bring_up(self, backend_channel: int | None = None) -> int:
@@ -66,7 +74,10 @@ class BlkFront:
         self.q = q = GuestQueue(mem, self.num)
         fe.set_vring_num(0, self.num)
         fe.set_vring_base(0, 0)
-        fe.set_vring_addr(0, mem.uaddr(q.desc), mem.uaddr(q.used), mem.uaddr(q.avail))
+        if self.viommu:    # QEMU's vhost_memory_map with an IOMMU: the ring addresses are IOVAs
+            fe.set_vring_addr(0, self.iova(q.desc), self.iova(q.used), self.iova(q.avail))
+        else:
+            fe.set_vring_addr(0, mem.uaddr(q.desc), mem.uaddr(q.used), mem.uaddr(q.avail))
         fe.set_vring_call(0, self.call)
         fe.set_vring_kick(0, self.kick)
         return capacity
@@ -82,9 +93,14 @@ class BlkFront:
         if isinstance(data, bytes):
             mem.write(buf, data)
         st = mem.alloc(1)
-        head = self.q.add([Buf(hdr, 16), Buf(buf, n, writable=kind == T_IN), Buf(st, 1, writable=True)])
+        head = self.q.add([Buf(self.iova(hdr), 16), Buf(self.iova(buf), n, writable=kind == T_IN),
+                           Buf(self.iova(st), 1, writable=True)])
         os.eventfd_write(self.kick, 1)
         return head, buf, st
+
+    def iova(self, gpa: int) -> int:
+        """The address the device is given for gpa: itself, or its IOVA (viommu)."""
+        return gpa + IOVA_BASE if self.viommu else gpa
 
     def wait_used(self, want: int, timeout: float = 20) -> list[tuple[int, int]]:
         got: list[tuple[int, int]] = []

@@ -18,7 +18,6 @@ from fastshadow.proxy import features as feat
 
 #: Device feature bits isolated mode hides from QEMU: bit -> (name in fastshadow's messages, why).
 MASKED_DEVICE_BITS = {
-    33: ("ACCESS_PLATFORM", "DESIGN §4: access platform (vIOMMU/IOTLB not shadowed yet)"),
     34: ("RING_PACKED", "DESIGN §4: packed ring, the data plane shadows split rings"),
     35: ("IN_ORDER", "DESIGN §4: in-order, shadow completions may be reordered"),
     38: ("NOTIFICATION_DATA", "DESIGN §4: notification data, kicks are plain eventfds"),
@@ -26,8 +25,10 @@ MASKED_DEVICE_BITS = {
     40: ("RING_RESET", "DESIGN §4: ring reset"),
     41: ("ADMIN_VQ", "VIRTIO 1.2 §6: admin virtqueue, commands name guest memory"),
 }
-#: Device bits fastshadow offers QEMU itself and never forwards: VHOST_F_LOG_ALL (the data plane logs).
-PROVIDED_DEVICE_BITS = {26}
+#: Device bits fastshadow offers QEMU itself and never forwards: VHOST_F_LOG_ALL (26, the data plane
+#: logs) and VIRTIO_F_ACCESS_PLATFORM (33, DESIGN §4: the data plane is the one that touches guest
+#: memory, through the platform's rules; the backend's shadow ring is plain memory).
+PROVIDED_DEVICE_BITS = {26, 33}
 
 #: Protocol feature bits isolated mode hides from QEMU (vhost-user.rst numbering).
 MASKED_PROTOCOL_BITS = {
@@ -56,6 +57,8 @@ MQ, REPLY_ACK, BACKEND_REQ, CONFIG = 1 << 0, 1 << 3, 1 << 5, 1 << 9
 DEVICE_MASK = sum(1 << b for b in MASKED_DEVICE_BITS)
 PROTOCOL_MASK = sum(1 << b for b in MASKED_PROTOCOL_BITS)
 LOG_ALL = 1 << 26
+ACCESS_PLATFORM = 1 << 33
+PROVIDED_DEVICE = LOG_ALL | ACCESS_PLATFORM
 PROVIDED_PROTOCOL = sum(1 << b for b in PROVIDED_PROTOCOL_BITS)
 
 
@@ -73,9 +76,9 @@ def bit_id(b):
 def test_each_device_bit_toward_qemu(b):
     to_qemu = feat.device_features_for_qemu(1 << b)
     if b in MASKED_DEVICE_BITS:
-        assert to_qemu == LOG_ALL, f"device bit {b} ({MASKED_DEVICE_BITS[b][0]}) must be masked"
+        assert to_qemu == PROVIDED_DEVICE, f"device bit {b} ({MASKED_DEVICE_BITS[b][0]}) must be masked"
     else:
-        assert to_qemu == (1 << b) | LOG_ALL, f"device bit {b} must pass unchanged"
+        assert to_qemu == (1 << b) | PROVIDED_DEVICE, f"device bit {b} must pass unchanged"
 
 
 @pytest.mark.parametrize("b", range(64), ids=bit_id)
@@ -111,7 +114,7 @@ def test_protocol_bits_qemu_was_not_offered_are_refused(b):
 def test_device_bits_pass_through_unchanged_toward_backend():
     offered_by_backend = VERSION_1 | EVENT_IDX | INDIRECT_DESC | PROTOCOL_FEATURES | 0x6E46
     offered = feat.device_features_for_qemu(offered_by_backend | DEVICE_MASK)
-    assert offered == offered_by_backend | LOG_ALL
+    assert offered == offered_by_backend | PROVIDED_DEVICE
     assert feat.device_features_for_backend(offered, offered) == offered_by_backend
 
 
@@ -125,9 +128,22 @@ def test_log_all_is_provided_by_fastshadow_never_forwarded(backend_logs):
     assert feat.device_features_for_backend(offered, offered) == VERSION_1 | EVENT_IDX
 
 
+@pytest.mark.parametrize("backend_has_it", [False, True], ids=["backend-without", "backend-with"])
+def test_access_platform_is_provided_by_fastshadow_never_forwarded(backend_has_it):
+    # Issue 10: qemu-storage-daemon and virtiofsd 7.2 offer no ACCESS_PLATFORM, and QEMU then refuses
+    # iommu_platform=on. In isolated mode the data plane is the one that touches guest memory: it is
+    # offered to QEMU whatever the backend says, and the backend (plain shadow ring) never gets it.
+    backend = VERSION_1 | EVENT_IDX | (ACCESS_PLATFORM if backend_has_it else 0)
+    offered = feat.device_features_for_qemu(backend)
+    assert offered & ACCESS_PLATFORM
+    assert feat.device_features_for_backend(offered, offered) == VERSION_1 | EVENT_IDX
+    # QEMU may also leave it unset (iommu_platform=off): nothing changes for the backend.
+    assert feat.device_features_for_backend(offered & ~ACCESS_PLATFORM, offered) == VERSION_1 | EVENT_IDX
+
+
 def test_device_specific_bits_are_kept():
     # Bits 0-23 belong to the device type (e.g. virtio-blk SEG_MAX, BLK_SIZE, FLUSH...).
-    assert feat.device_features_for_qemu(0xFFFFFF) == 0xFFFFFF | LOG_ALL
+    assert feat.device_features_for_qemu(0xFFFFFF) == 0xFFFFFF | PROVIDED_DEVICE
 
 
 def test_mem_slots_and_log_shmfd_are_provided_by_fastshadow_not_forwarded():

@@ -65,12 +65,18 @@ def test_stats_file_and_log_lines(workdir, start_qsd, start_proxy):
         # Bytes the backend read from the shadow (2 headers + the written data) and wrote
         # (the read data + 2 status bytes).
         assert st["bytes_in"] == 2 * 16 + len(data) and st["bytes_out"] == len(data) + 2
+        assert st["bounce_bytes"] == 0 and q0["refused_by_reason"] == {}
+        # The data plane's own histograms: both requests, once per hop, in true microseconds.
+        assert {h["hop"]: sum(h["counts"]) for h in q0["latency"]} == {
+            "kick_to_shadowed": 2, "backend": 2, "call_to_used": 2, "end_to_end": 2}
+        assert {h["unit"] for h in q0["latency"]} == {"us"}
         assert snap["interval_s"] == 0.2 and snap["uptime_s"] > 0
         # one data-plane thread (one isolated device); its shadow holds the 3 ring pages and the
         # bounce pages the requests used (given back only after --idle-trim-ms)
         assert iso["dataplane_thread"] == 0 and iso["shadow_resident_bytes"] >= 4 * 4096
     lines = proxy.wait_log(r"info stats dev=dev0 mode=isolated connected=True sessions=1 queues=1 requests=2 ")
     assert re.search(r"req_per_s=(-|[\d.]+) mb_in_per_s=(-|[\d.]+) mb_out_per_s=(-|[\d.]+)", lines[0]), lines[0]
+    assert re.search(r" bounce_kib=\d+ backpressure_ms=[\d.]+( |$)", lines[0]), lines[0]
     proxy.wait_log(r"info stats dev=dev1 mode=direct connected=False sessions=0$")
     # The front-end left: the device shows it.
     read_stats(stats, lambda s: not device(s, "dev0")["connected"])

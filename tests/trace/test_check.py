@@ -81,3 +81,28 @@ def test_trace_a_process_without_probes():
 def test_trace_requires_pid():
     r = trace()
     assert r.returncode == 2 and "--pid is required" in r.stderr
+
+
+def _build_for(tmp_path, release: str):
+    build = tmp_path / "build"
+    (build / "include" / "config").mkdir(parents=True)
+    (build / "include" / "config" / "kernel.release").write_text(release + "\n")
+    return build
+
+
+def test_check_says_when_headers_are_another_kernels(tmp_path):
+    """Here: a 6.18 kernel with Debian's 6.1 headers linked. Not fatal (the program reads no kernel
+    structure), but said, with what to do."""
+    import platform
+    r = trace("--check", env={"FASTSHADOW_KERNEL_BUILD": str(_build_for(tmp_path, "5.10.0-99-amd64"))})
+    [line] = [ln for ln in r.stdout.splitlines() if "headers match" in ln]
+    assert line.startswith("[   warn]") and "headers 5.10.0-99-amd64" in line and platform.release() in line
+    assert "--from-stats" in r.stdout
+    assert "[MISSING] headers match" not in r.stdout
+
+
+def test_check_headers_of_the_running_kernel(tmp_path):
+    import platform
+    r = trace("--check", env={"FASTSHADOW_KERNEL_BUILD": str(_build_for(tmp_path, platform.release()))})
+    [line] = [ln for ln in r.stdout.splitlines() if "headers match" in ln]
+    assert line.startswith("[    ok ]"), line

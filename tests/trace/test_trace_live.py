@@ -90,6 +90,7 @@ def test_isolated_exact_counts(workdir, start_qsd, start_proxy):
     assert (workdir / "trace.png").stat().st_size > 0
     text = (workdir / "trace.out").read_text()
     assert "usecs" in text and "guest kick -> request completed" in text
+    assert "[device dev0, queue 0]" in text      # named, although the device was gone at the end
 
 
 def test_direct_mode_driver_view(workdir, start_qsd, start_proxy):
