@@ -25,6 +25,8 @@ examples:
   fastshadow bench --modes isolated --variant nohist="--no-latency-histograms" \
       --traced bcc="" --traced sampled="--sample 64" --workload randread:4k:32 --reps 5
                                             # what tracing costs: ratios to isolated, one run
+  fastshadow bench --scale --out bench/results/scale   # 1-32 devices x 1-4 queues in one proxy
+  fastshadow bench --scale --scale-devices 1,4 --scale-queues 1 --duration 1   # a short one
 
 results.json (msgspec schema in bench/report.py), throughput-<backend>.png and
 latency-cdf-<backend>.png are written to --out; `python -m
@@ -52,6 +54,26 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     preset.add_argument("--full", dest="preset", action="store_const", const="full",
                         help="full preset: null and file backends, 512 B-1 MiB, QD1/QD32/QD8, read and write, "
                              "1 and 2 queues, 3 reps; about 10 min")
+    preset.add_argument("--scale", dest="preset", action="store_const", const="scale",
+                        help="scale preset: 1, 2, 4, 8, 16, 32 isolated devices x 1, 2, 4 queues in ONE proxy, "
+                             "4 KiB randread QD32 per queue on null-co exports of one qemu-storage-daemon: "
+                             "aggregate IOPS, proxy CPU per request, p99, proxy memory per device (RSS, shadow "
+                             "pages resident idle / busy / after the idle trim), plus memory against "
+                             "--bounce-per-queue; results.json and scale.png (bench/scale.py). Uses --out, "
+                             "--duration (default 2), --proxy-args, --workdir, --keep, --timeout, --no-plots")
+    p.add_argument("--scale-devices", default="1,2,4,8,16,32", metavar="LIST",
+                   help="--scale: device counts (default 1,2,4,8,16,32)")
+    p.add_argument("--scale-queues", default="1,2,4", metavar="LIST", help="--scale: queues per device (default 1,2,4)")
+    p.add_argument("--scale-threads", type=int, default=0, metavar="N",
+                   help="--scale: the proxy's --dataplane-threads (default: its own default, one per device up to "
+                        "the CPUs)")
+    p.add_argument("--scale-direct", action="store_true",
+                   help="--scale: also run each point without the proxy (the sessions on qsd's exports): the "
+                        "baseline that shows what the machine and the backend give")
+    p.add_argument("--scale-bounce", default="2M,16M,64M", metavar="LIST",
+                   help="--scale: the --bounce-per-queue sizes of the memory sweep, each more than 1M (the "
+                        "scale proxies' --max-request-bytes) (default 2M,16M,64M, at 8 devices x 4 queues, or the "
+                        "largest point below that)")
     p.add_argument("--modes", default=",".join(MODES), metavar="LIST",
                    help=f"comma-separated modes to compare (default {','.join(MODES)})")
     p.add_argument("--backend", action="append", choices=BACKENDS, dest="backends",
@@ -208,8 +230,80 @@ def config_from_args(args):
             shlex.quote(a) for a in sys.argv[2:]))
 
 
+def scale_config_from_args(args):
+    """--scale: the ScaleConfig of bench/scale.py."""
+    from fastshadow.sizes import SizeError, parse_size
+
+    from .scale import ScaleConfig
+
+    def ints(name: str, text: str, hi: int) -> list[int]:
+        try:
+            xs = [int(x) for x in text.split(",") if x.strip()]
+        except ValueError:
+            xs = []
+        if not xs or not all(1 <= x <= hi for x in xs):
+            raise ValueError(f"{name} {text!r}: want a comma-separated list of whole numbers 1..{hi}")
+        return xs
+    devices = ints("--scale-devices", args.scale_devices, 64)
+    queues = ints("--scale-queues", args.scale_queues, 4)
+    try:
+        bounce = [parse_size(b) for b in args.scale_bounce.split(",") if b.strip()]
+    except SizeError as e:
+        raise ValueError(f"--scale-bounce: {e}") from None
+    if not bounce or min(bounce) < 2 << 20:
+        raise ValueError(f"--scale-bounce {args.scale_bounce!r}: want sizes of at least 2M (one request of the "
+                         f"scale proxies' --max-request-bytes 1M and its header must fit)")
+    if args.duration is not None and args.duration <= 0:
+        raise ValueError(f"--duration {args.duration:g}: want seconds > 0")
+    if not 0 <= args.scale_threads <= 64:
+        raise ValueError(f"--scale-threads {args.scale_threads}: want 1..64 (0: the proxy's default)")
+    small = [d for d in devices if d <= 8] or devices
+    return ScaleConfig(devices=devices, queues=queues, duration=args.duration or 2.0, threads=args.scale_threads,
+                       bounce_sweep=bounce, sweep_devices=max(small), sweep_queues=max(queues),
+                       direct=args.scale_direct,
+                       proxy_args=_split("--proxy-args", args.proxy_args),
+                       out=Path(args.out if args.out != Path("out/bench") else "out/bench-scale"),
+                       workdir=args.workdir, keep=args.keep, timeout=max(args.timeout, 10.0),
+                       plots=not args.no_plots,
+                       command=getattr(args, "command_line", None) or "fastshadow bench " + " ".join(
+                           shlex.quote(a) for a in sys.argv[2:]))
+
+
+def run_scale(args) -> int:
+    """`fastshadow bench --scale`."""
+    try:
+        cfg = scale_config_from_args(args)
+    except ValueError as e:
+        print(f"fastshadow bench: {e}", file=sys.stderr)
+        return 2
+    if cfg.plots:
+        try:
+            import matplotlib  # noqa: F401  (checked before the long work, not after)
+        except ImportError:
+            print("fastshadow bench: no plots: matplotlib is not installed (pip install 'fastshadow[plot]'; "
+                  "--no-plots says you know)", file=sys.stderr)
+            cfg.plots = False
+    from .scale import markdown, run_scale as run_it
+    n = len(cfg.devices) * len(cfg.queues) * (2 if cfg.direct else 1) + len(cfg.bounce_sweep)
+    print(f"fastshadow bench: scale preset, {n} points ({cfg.duration:g} s of load each), devices "
+          f"{','.join(map(str, cfg.devices))} x queues {','.join(map(str, cfg.queues))}", flush=True)
+    try:
+        res = run_it(cfg, log=lambda s: print(s, flush=True))
+    except KeyboardInterrupt:
+        print("fastshadow bench: interrupted", file=sys.stderr)
+        return 130
+    print()
+    print(markdown(res))
+    print()
+    print(f"wrote {cfg.out / 'results.json'}" + "".join(f", {cfg.out / p}" for p in res.plots)
+          + f" ({res.wall_s:.0f} s)")
+    return 0 if res.points else 1
+
+
 def run(args) -> int:
     from . import report as rp
+    if args.preset == "scale":
+        return run_scale(args)
     try:
         cfg = config_from_args(args)
     except ValueError as e:

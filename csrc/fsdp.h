@@ -8,17 +8,21 @@
  * (fastshadow/dataplane.py) turns those into exceptions.
  *
  * Objects:
- *   struct fsdp_dp   one per process: the event loop thread (io_uring), the
- *                    command channel and the event ring.  When its loop is
- *                    not running, every call executes on the caller's thread
- *                    (the synchronous engine used by tests: fsdp_dev_poll).
+ *   struct fsdp_dp   one data-plane loop: its thread (io_uring), command
+ *                    channel, event ring and device table.  A process may
+ *                    have several, each serving its own devices (the Python
+ *                    DataPlane spreads devices over them); nothing is shared
+ *                    between two of them.  When its loop is not running,
+ *                    every call executes on the caller's thread (the
+ *                    synchronous engine used by tests: fsdp_dev_poll).
  *   struct fsdp_dev  one per vhost-user device in isolated mode: guest memory
  *                    table, the shadow region (a sealed memfd) and one shadow
  *                    split virtqueue per guest queue.
  *
  * Threading: every fsdp_dev_* / fsdp_queue_* call may come from any thread;
- * while the loop runs it is executed ON the loop thread between two batches
- * (the caller blocks until it is done), otherwise inline under the dp lock.
+ * while the loop runs it is executed ON the thread of the device's loop (the
+ * dp it was added to) between two batches (the caller blocks until it is
+ * done), otherwise inline under that dp's lock.
  * fsdp_dev_poll is refused (-EBUSY) while the loop runs.
  */
 #ifndef FSDP_H
@@ -35,7 +39,7 @@
 /* FSDP_C_ONLY_END */
 
 /* Bumped whenever this interface changes; checked at import. */
-#define FSDP_ABI_VERSION 5
+#define FSDP_ABI_VERSION 6
 int fsdp_abi_version(void);
 
 /* Limits and flags (enums so that cffi sees them as constants too). */
@@ -204,6 +208,10 @@ struct fsdp_dp_config {
                                    (both ways) with streaming stores (0: never) */
     uint32_t no_latency_hist;   /* 1: keep no latency histograms (hist.c; to measure
                                    what they cost) */
+    uint32_t idle_trim_ms;      /* a queue whose bounce area was used and has held no
+                                   request this long gets its bounce pages given back
+                                   (MADV_REMOVE on the shadow memfd); 0: never */
+    uint32_t loop_index;        /* names the thread "fsdp-loop<index>" */
 };
 
 struct fsdp_dev_config {
@@ -221,7 +229,7 @@ struct fsdp_dev_config {
 };
 
 struct fsdp_dev_info {
-    uint32_t id;
+    uint32_t id;                 /* unique in the process while the device exists (events, probes) */
     uint32_t num_queues;
     uint32_t max_queue_size;
     int32_t shadow_fd;           /* owned by the data plane; hand to the backend */
@@ -241,6 +249,10 @@ void fsdp_dp_free(struct fsdp_dp *dp);          /* stops the loop, frees devices
 int fsdp_dp_start(struct fsdp_dp *dp);
 int fsdp_dp_stop(struct fsdp_dp *dp);           /* joins the thread */
 int fsdp_dp_running(struct fsdp_dp *dp);
+/* The loop thread's kernel tid (for sched_setaffinity), 0 if not running. */
+int fsdp_dp_thread_id(struct fsdp_dp *dp);
+/* Bounce pages given back to the kernel by idle trims since the dp was made. */
+uint64_t fsdp_dp_trimmed_pages(struct fsdp_dp *dp);
 int fsdp_dp_event_fd(struct fsdp_dp *dp);
 /* The loop's current busy-poll window (adapts between 0 and busy_poll_us). */
 uint64_t fsdp_dp_poll_window_ns(struct fsdp_dp *dp);

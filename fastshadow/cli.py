@@ -197,6 +197,20 @@ def _configure_proxy(p: argparse.ArgumentParser) -> None:
                         "replay the backend's setup and re-submit what was in flight, so the guest sees a delay; "
                         "auto (default) does it for blk, scsi and net, whose requests are safe to run twice; "
                         "off ends the session (QEMU reconnects)")
+    p.add_argument("--dataplane-thread", type=int, metavar="K", action=_DeviceOption,
+                   help="isolated: the data-plane thread (0..threads-1) serving every queue of this device "
+                        "(default: the thread serving the fewest queues when QEMU connects)")
+    p.add_argument("--dataplane-threads", type=int, default=0, metavar="N",
+                   help="isolated: data-plane threads, each with its own io_uring; a device's queues are all "
+                        "served by one of them (default: one per isolated device, at most one per CPU of --cpus "
+                        "or of the process's affinity)")
+    p.add_argument("--cpus", metavar="LIST", default=None,
+                   help="isolated: pin data-plane thread i to CPU i (mod the list's length) of LIST, e.g. 2-5,8 "
+                        "(the kernel's cpulist format); for hosts that pin vCPUs and backends (default: no pinning)")
+    p.add_argument("--idle-trim-ms", type=int, default=2000, metavar="MS",
+                   help="isolated: a queue that has held no request for MS milliseconds gives its bounce pages back "
+                        "to the kernel (punched out of the shadow memfd), so idle devices cost no bounce memory "
+                        "whatever --bounce-per-queue is (default 2000; 0: never)")
     p.add_argument("--busy-poll-us", type=int, default=30, metavar="US",
                    help="isolated: the data plane keeps polling the rings up to this long after the last activity "
                         "before it sleeps on eventfds; the window adapts to how soon work arrives and the spin "
@@ -267,11 +281,14 @@ def build_proxy_config(args):
             max_request_bytes=args.max_request_bytes,
             bounce_per_queue=args.bounce_per_queue,
             backend_reconnect=args.backend_reconnect,
+            dataplane_thread=merged.get("dataplane_thread"),
         ))
     cfg = ProxyConfig(device=devices, log_level=args.log_level, log_format=args.log_format,
                       busy_poll_us=args.busy_poll_us, stream_copy_min=args.stream_copy_min,
-                      latency_histograms=args.latency_histograms, stats_interval=args.stats_interval, stats_file=args.stats_file,
-                      allow_shared_uid=bool(args.allow_shared_uid), metrics_listen=args.metrics_listen)
+                      latency_histograms=args.latency_histograms, stats_interval=args.stats_interval,
+                      stats_file=args.stats_file,
+                      allow_shared_uid=bool(args.allow_shared_uid), metrics_listen=args.metrics_listen,
+                      dataplane_threads=args.dataplane_threads, cpus=args.cpus, idle_trim_ms=args.idle_trim_ms)
     cfg.validate()
     return cfg
 

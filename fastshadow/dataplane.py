@@ -23,12 +23,24 @@ Typical use by the control plane (isolated mode)::
     dev.queue_start(0, event_idx=True)                                 # ENABLE / kick
     idx = dev.queue_stop(0)                                            # GET_VRING_BASE
     for ev in dp.drain_events(): log.warning(ev.message)              # when dp.event_fd is readable
+
+Threads: ``DataPlane(threads=N)`` runs N loops (csrc/loop.c), each its own
+thread, io_uring, command channel and event ring.  ``add_device`` places a
+device on the loop serving the fewest queues (ties: the next loop after the
+last one chosen, so a device that reconnects may land on another thread); the
+device stays there until removed, so each of its calls reaches the one thread
+that owns all its queues and the hot path shares nothing between loops.
+``event_fd`` stays one fd (an epoll set over the loops' event fds) and
+``drain_events`` drains every loop; a queue's events come from one loop, in
+order.  Device ids are unique in the process (csrc/loop.c gives them out).
 """
 
 from __future__ import annotations
 
 import errno
 import os
+import select
+import threading
 from typing import Iterable
 
 import msgspec
@@ -39,7 +51,7 @@ from . import _dataplane
 from ._dataplane import ffi, lib
 
 #: Must match FSDP_ABI_VERSION in csrc/fsdp.h; a stale build fails loudly here.
-ABI_VERSION = 5
+ABI_VERSION = 6
 
 if lib.fsdp_abi_version() != ABI_VERSION:  # pragma: no cover - build mismatch
     raise ImportError(
@@ -324,49 +336,136 @@ def _message(dev_name: str, queue: int, code: int, head: int, a: int, b: int) ->
 # Data plane and devices
 
 
+class _Loop:
+    """One C loop (struct fsdp_dp): a thread, its io_uring, its devices."""
+
+    def __init__(self, index: int, cfg):
+        cfg.loop_index = index
+        out = ffi.new("struct fsdp_dp **")
+        _check(lib.fsdp_dp_new(cfg, out), f"data plane loop {index}")
+        self.index = index
+        self.dp = out[0]
+        self.queues = 0                 # queues of the devices it serves (placement)
+        self.cpus: set[int] | None = None
+
+    def start(self) -> None:
+        _check(lib.fsdp_dp_start(self.dp), f"start data plane loop {self.index}")
+        if self.cpus:
+            self.pin(self.cpus)
+
+    def pin(self, cpus: set[int]) -> None:
+        """Run this loop's thread on `cpus` only (now, and again after each start)."""
+        self.cpus = set(cpus)
+        tid = lib.fsdp_dp_thread_id(self.dp)
+        if tid:
+            try:
+                os.sched_setaffinity(tid, self.cpus)
+            except OSError as e:
+                raise DataPlaneError(e.errno, f"pin data plane loop {self.index} to CPUs "
+                                              f"{sorted(self.cpus)}: {e.strerror} (CPUs this "
+                                              f"process may use: {sorted(os.sched_getaffinity(0))})"
+                                     ) from None
+
+
 class DataPlane:
-    """One per process: owns the event loop thread, the command channel and the event ring.
+    """The data plane of one process: ``threads`` loops, each its own thread.
 
     Not started, every call runs on the caller's thread and ``Device.poll``
     drives the engine synchronously (tests).  Started, every device/queue call
-    runs on the loop thread between two batches; the caller blocks until done.
+    runs on the thread of the device's loop between two batches; the caller
+    blocks until done.  ``threads=1`` is one loop: the behaviour of a single
+    data-plane thread.  `cpus`: one CPU set per loop (loop i gets
+    ``cpus[i % len(cpus)]``), applied when the loops start.  `idle_trim_ms`:
+    a queue's bounce pages are given back after it was idle that long (0:
+    never).
     """
 
     def __init__(self, *, busy_poll_us: int = 0, poll_interval_us: int = 100,
-                 event_ring_size: int = 1024, stream_copy_min: int = 0, latency_histograms: bool = True):
+                 event_ring_size: int = 1024, stream_copy_min: int = 0, latency_histograms: bool = True,
+                 threads: int = 1, cpus: list[set[int]] | None = None, idle_trim_ms: int = 0):
+        if not 1 <= threads <= 64:
+            raise InvalidRequest(errno.EINVAL, f"data plane threads: {threads} is not within 1..64")
         cfg = ffi.new("struct fsdp_dp_config *")
         cfg.no_latency_hist = 0 if latency_histograms else 1
         cfg.busy_poll_us = busy_poll_us
         cfg.stream_copy_min = stream_copy_min
         cfg.poll_interval_us = poll_interval_us
         cfg.event_ring_size = event_ring_size
-        out = ffi.new("struct fsdp_dp **")
-        _check(lib.fsdp_dp_new(cfg, out), "data plane")
-        self._dp = out[0]
+        cfg.idle_trim_ms = idle_trim_ms
+        self._loops: list[_Loop] = []
+        try:
+            for i in range(threads):
+                self._loops.append(_Loop(i, cfg))
+        except DataPlaneError:
+            self._free_loops()
+            raise
+        if cpus:
+            for lp in self._loops:
+                lp.cpus = set(cpus[lp.index % len(cpus)])
+        self._dp = self._loops[0].dp        # None once closed
         self._devices: dict[int, Device] = {}
         self._names: dict[int, str] = {}
+        self._next = 0                      # placement: where the next tie goes
+        self._lock = threading.Lock()       # placement and the tables above
+        self._epoll = None
+        if threads > 1:
+            self._epoll = select.epoll()
+            for lp in self._loops:
+                self._epoll.register(lib.fsdp_dp_event_fd(lp.dp), select.EPOLLIN)
+
+    def _free_loops(self) -> None:
+        for lp in self._loops:
+            lib.fsdp_dp_free(lp.dp)
+        self._loops = []
 
     # lifecycle -------------------------------------------------------------
     def start(self) -> None:
-        _check(lib.fsdp_dp_start(self._live()), "start data plane loop")
+        """Start every loop's thread (and pin it where `cpus` says)."""
+        self._live()
+        for lp in self._loops:
+            lp.start()
 
     def stop(self) -> None:
-        """Stop the loop thread (joins it).  Devices stay; calls run inline again."""
+        """Stop the loop threads (joins them).  Devices stay; calls run inline again."""
         if self._dp is not None:
-            _check(lib.fsdp_dp_stop(self._dp), "stop data plane loop")
+            for lp in self._loops:
+                _check(lib.fsdp_dp_stop(lp.dp), f"stop data plane loop {lp.index}")
 
     @property
     def running(self) -> bool:
-        return self._dp is not None and bool(lib.fsdp_dp_running(self._dp))
+        """Every loop's thread runs."""
+        return self._dp is not None and all(lib.fsdp_dp_running(lp.dp) for lp in self._loops)
+
+    @property
+    def threads(self) -> int:
+        """How many loops (data-plane threads) this data plane has."""
+        return len(self._loops)
+
+    def thread_ids(self) -> list[int]:
+        """The kernel tid of each loop's thread (0: not running), by loop index."""
+        self._live()
+        return [lib.fsdp_dp_thread_id(lp.dp) for lp in self._loops]
+
+    def pin(self, loop: int, cpus: set[int]) -> None:
+        """Run loop `loop`'s thread on `cpus` only (kept across stop/start)."""
+        self._live()
+        self._loops[loop].pin(cpus)
+
+    def trimmed_pages(self) -> int:
+        """Bounce pages given back to the kernel by idle trims, over every loop."""
+        self._live()
+        return sum(lib.fsdp_dp_trimmed_pages(lp.dp) for lp in self._loops)
 
     def close(self) -> None:
-        """Stop the loop and free every device (their fds and mappings included)."""
+        """Stop the loops and free every device (their fds and mappings included)."""
         if self._dp is not None:
             for dev in self._devices.values():
                 dev._dev = None
             self._devices.clear()
-            lib.fsdp_dp_free(self._dp)
+            self._free_loops()
             self._dp = None
+            if self._epoll is not None:
+                self._epoll.close()
 
     def __enter__(self) -> DataPlane:
         return self
@@ -386,16 +485,30 @@ class DataPlane:
         return self._dp
 
     # devices ---------------------------------------------------------------
+    def _place(self, loop: int | None) -> _Loop:
+        """The loop for a new device: `loop` if given, else the one serving the fewest
+        queues; among equals the first from the one after the last chosen."""
+        if loop is not None:
+            if not 0 <= loop < len(self._loops):
+                raise InvalidRequest(errno.EINVAL, f"data plane loop {loop}: there are "
+                                                   f"{len(self._loops)} (0..{len(self._loops) - 1})")
+            return self._loops[loop]
+        n = len(self._loops)
+        order = [self._loops[(self._next + i) % n] for i in range(n)]
+        return min(order, key=lambda lp: lp.queues)
+
     def add_device(self, name: str, *, num_queues: int, shadow_size: int | None = None,
                    max_request_bytes: int = 4 << 20, bounce_per_queue: int = 16 << 20,
                    max_queue_size: int = MAX_QUEUE_SIZE, failure: int = 0, failure_first_queue: int = 0,
-                   layout: tuple[int, int] = (0, 0), max_replays: int = 1) -> Device:
-        """A device of `num_queues` shadow queues.
+                   layout: tuple[int, int] = (0, 0), max_replays: int = 1,
+                   loop: int | None = None) -> Device:
+        """A device of `num_queues` shadow queues, served by one loop for its whole life.
 
         `max_request_bytes`: cap of one request's total buffer bytes; `failure`: how a refused
         or failed request completes toward the guest (devices.Failure, FSDP_FAIL_*; queues
         below `failure_first_queue` use len 0); `layout`: (readable, writable) bytes every
-        chain must have; `max_replays`: re-publications of one request before it is poisoned.
+        chain must have; `max_replays`: re-publications of one request before it is poisoned;
+        `loop`: the loop (thread) to serve it, else the least loaded.
         Raises InvalidRequest, NoSpace."""
         cfg = ffi.new("struct fsdp_dev_config *")
         cfg.num_queues = num_queues
@@ -408,37 +521,56 @@ class DataPlane:
         cfg.min_readable, cfg.min_writable = layout
         cfg.max_replays = max_replays
         out = ffi.new("struct fsdp_dev **")
-        _check(lib.fsdp_dev_add(self._live(), name.encode(), cfg, out), f"add device {name!r}")
-        dev = Device(self, out[0], name)
-        self._devices[dev.id] = dev
-        self._names[dev.id] = name
+        self._live()
+        with self._lock:
+            lp = self._place(loop)
+            _check(lib.fsdp_dev_add(lp.dp, name.encode(), cfg, out), f"add device {name!r}")
+            lp.queues += num_queues
+            self._next = (lp.index + 1) % len(self._loops)
+            dev = Device(self, out[0], name, lp.index)
+            self._devices[dev.id] = dev
+            self._names[dev.id] = name
         return dev
 
     def remove_device(self, dev: Device) -> None:
+        """Detach `dev` from its loop and free it."""
         if dev._dev is None:
             return
         _check(lib.fsdp_dev_remove(dev._dev), f"remove device {dev.name!r}")
         dev._dev = None
-        self._devices.pop(dev.id, None)
+        with self._lock:
+            if self._devices.pop(dev.id, None) is not None:
+                self._loops[dev.loop].queues -= dev.num_queues
 
     @property
     def poll_window_us(self) -> float:
-        """The loop's current busy-poll window: adapts between 0 and ``busy_poll_us``."""
+        """Loop 0's current busy-poll window: adapts between 0 and ``busy_poll_us``."""
         return lib.fsdp_dp_poll_window_ns(self._live()) / 1000
 
     # events ----------------------------------------------------------------
     @property
     def event_fd(self) -> int:
-        """Readable when events are waiting; drain with :meth:`drain_events`."""
-        return lib.fsdp_dp_event_fd(self._live())
+        """Readable when events are waiting (on any loop); drain with :meth:`drain_events`."""
+        self._live()
+        if self._epoll is not None:
+            return self._epoll.fileno()
+        return lib.fsdp_dp_event_fd(self._dp)
 
     def drain_events(self) -> list[Event]:
+        """Every loop's waiting events; those of one queue in the order they happened."""
+        self._live()
+        events: list[Event] = []
+        for lp in self._loops:
+            events += self._drain_loop(lp)
+        return events
+
+    def _drain_loop(self, lp: _Loop) -> list[Event]:
         buf = ffi.new("struct fsdp_event[]", 256)
         lost = ffi.new("uint64_t *")
         events: list[Event] = []
         total_lost = 0
         while True:
-            n = _check(lib.fsdp_dp_drain_events(self._live(), buf, 256, lost), "drain events")
+            n = _check(lib.fsdp_dp_drain_events(lp.dp, buf, 256, lost), "drain events")
             total_lost += lost[0]
             for i in range(n):
                 e = buf[i]
@@ -463,12 +595,15 @@ class Device:
     what it needs.
     """
 
-    def __init__(self, dp: DataPlane, ptr, name: str):
+    def __init__(self, dp: DataPlane, ptr, name: str, loop: int = 0):
         self._dp = dp
         self._dev = ptr
         self.name = name
+        #: The loop (data-plane thread) serving every queue of this device.
+        self.loop = loop
         info = ffi.new("struct fsdp_dev_info *")
         _check(lib.fsdp_dev_info(ptr, info), "device info")
+        #: Unique in the process (events, probes and the tracer name the device by it).
         self.id: int = info.id
         self.num_queues: int = info.num_queues
         self.max_queue_size: int = info.max_queue_size
@@ -480,7 +615,7 @@ class Device:
         self.bounce_per_queue: int = info.bounce_per_queue
 
     def __repr__(self) -> str:
-        return f"<Device {self.name!r} id={self.id} queues={self.num_queues}>"
+        return f"<Device {self.name!r} id={self.id} queues={self.num_queues} loop={self.loop}>"
 
     def _live(self):
         if self._dev is None:

@@ -12,6 +12,10 @@ A config file serves several devices from one process:
 
 Sizes (bounce_per_queue, max_request_bytes, stream_copy_min) are bytes or
 strings such as "16M" (fastshadow/sizes.py).
+
+Data-plane threads (top level): dataplane_threads = 4 (default: one per
+isolated device, up to the CPUs), cpus = "2-5" (loop i pinned to the i-th),
+idle_trim_ms = 2000; a device may name its thread: dataplane_thread = 1.
 """
 
 from __future__ import annotations
@@ -144,6 +148,9 @@ class DeviceConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     #: (devices.py replay_safe: blk, scsi, net); "on" for every device type; "off" ends
     #: the session (QEMU reconnects).
     backend_reconnect: str = "auto"
+    #: Isolated mode: the data-plane thread (loop index, 0..threads-1) serving every queue of
+    #: this device; None: the thread serving the fewest queues when the session starts.
+    dataplane_thread: int | None = None
 
     def reconnects_backend(self) -> bool:
         if self.mode is not Mode.ISOLATED or self.backend_reconnect == "off":
@@ -193,6 +200,9 @@ class DeviceConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
                 check_seconds(what, getattr(self, what))
         except ConfigError as e:
             raise ConfigError(f"device {self.name!r}: {e}") from None
+        if self.dataplane_thread is not None and self.dataplane_thread < 0:
+            raise ConfigError(f"device {self.name!r}: dataplane_thread {self.dataplane_thread}: want a thread "
+                              f"index >= 0")
         if not 0 <= self.max_replays <= 100:
             raise ConfigError(f"device {self.name!r}: max_replays {self.max_replays}: want 0 to 100")
         if not 1 <= self.iotlb_max_entries <= 1 << 20:
@@ -240,6 +250,27 @@ class ProxyConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     allow_shared_uid: bool = False
     #: Serve Prometheus metrics on HOST:PORT, [HOST]:PORT, :PORT or a unix socket path (None: off).
     metrics_listen: str | None = None
+    #: Data plane: how many loop threads (each its own io_uring) serve the isolated devices.
+    #: 0: one per isolated device, at most one per CPU of `cpus` (or of the process's affinity).
+    dataplane_threads: int = 0
+    #: Data plane: CPU list ("2-5,8"); loop thread i runs on CPU number i (mod the list's length)
+    #: of it. None: no pinning (the threads run where the process may).
+    cpus: str | None = None
+    #: Data plane: a queue's bounce pages are given back to the kernel once it has held no
+    #: request for this long (ms; 0: never), so idle devices cost no bounce memory.
+    idle_trim_ms: int = 2000
+
+    def cpu_list(self) -> list[int]:
+        """The CPUs of `cpus`, in the order given (empty: not given)."""
+        return parse_cpu_list(self.cpus) if self.cpus is not None else []
+
+    def thread_count(self) -> int:
+        """Data-plane threads to run: `dataplane_threads`, or one per isolated device up to the CPUs."""
+        if self.dataplane_threads:
+            return self.dataplane_threads
+        isolated = sum(1 for d in self.device if d.mode is Mode.ISOLATED)
+        cpus = len(self.cpu_list()) or len(os.sched_getaffinity(0))
+        return max(1, min(isolated, cpus))
 
     @property
     def stats_period(self) -> float:
@@ -253,6 +284,22 @@ class ProxyConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
         if self.stream_copy_min > MAX_REQUEST_BYTES + 1:   # no buffer is larger: streaming never happens
             raise ConfigError(f"stream_copy_min {self.stream_copy_min}: at most {MAX_REQUEST_BYTES + 1} "
                               f"(4 GiB: no buffer is larger; 0 turns streaming off)")
+        if not 0 <= self.dataplane_threads <= 64:
+            raise ConfigError(f"dataplane_threads {self.dataplane_threads}: want 1 to 64 (0: one per isolated "
+                              f"device, up to the CPUs)")
+        if not 0 <= self.idle_trim_ms <= 2**32 - 1:      # uint32_t in csrc/fsdp.h
+            raise ConfigError(f"idle_trim_ms {self.idle_trim_ms}: want milliseconds 0 to 4294967295 (0: never "
+                              f"give back)")
+        allowed = os.sched_getaffinity(0)
+        outside = [c for c in self.cpu_list() if c not in allowed]
+        if outside:
+            raise ConfigError(f"cpus {self.cpus!r}: CPU(s) {outside} are not among those this process may run "
+                              f"on ({format_cpu_list(sorted(allowed))})")
+        threads = self.thread_count()
+        for d in self.device:
+            if d.dataplane_thread is not None and d.dataplane_thread >= threads:
+                raise ConfigError(f"device {d.name!r}: dataplane_thread {d.dataplane_thread} but the data plane "
+                                  f"runs {threads} thread(s) (0..{threads - 1}); raise dataplane_threads")
         if self.stats_interval < 0:
             raise ConfigError(f"stats_interval {self.stats_interval:g}: want seconds >= 0 (0: no stats)")
         check_seconds("stats_interval", self.stats_interval, zero=True)
@@ -287,6 +334,30 @@ class ProxyConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
             if d.backend is not None and d.backend in ours:
                 raise ConfigError(f"device {d.name!r}: backend {d.backend} is one of fastshadow's own "
                                   f"sockets: it would connect to itself")
+
+
+def parse_cpu_list(text: str) -> list[int]:
+    """`--cpus`: "0-3,8,10-11" -> [0, 1, 2, 3, 8, 10, 11] (the kernel's cpulist format)."""
+    cpus: list[int] = []
+    for part in text.split(","):
+        lo, sep, hi = part.strip().partition("-")
+        if not lo.isdigit() or (sep and not hi.isdigit()) or (sep and int(hi) < int(lo)):
+            raise ConfigError(f"cpus {text!r}: want a CPU list such as 0-3,8 (numbers and ascending ranges)")
+        for c in range(int(lo), int(hi if sep else lo) + 1):
+            if c not in cpus:
+                cpus.append(c)
+    return cpus
+
+
+def format_cpu_list(cpus: list[int]) -> str:
+    """[0, 1, 2, 5] -> "0-2,5"."""
+    out: list[str] = []
+    for c in cpus:
+        if out and out[-1].split("-")[-1] == str(c - 1):
+            out[-1] = f"{out[-1].split('-')[0]}-{c}"
+        else:
+            out.append(str(c))
+    return ",".join(out)
 
 
 def parse_metrics_listen(text: str) -> tuple[str, int] | str:

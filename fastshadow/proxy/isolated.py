@@ -618,9 +618,10 @@ class IsolatedSession(Session):
                                           bounce_per_queue=max(self.cfg.bounce_per_queue, limit),
                                           failure=self.kind.failure, failure_first_queue=self.kind.failure_first_queue,
                                           layout=self.kind.layout,
-                                          max_replays=self.cfg.max_replays)
+                                          max_replays=self.cfg.max_replays, loop=self.cfg.dataplane_thread)
             kv(log, logging.INFO, "limits", dev=self.name, request_data_bytes=data_cap, reason=why)
             kv(log, logging.INFO, "shadow.created", dev=self.name, queues=self.dev.num_queues,
+               dataplane_thread=self.dev.loop,
                shadow_bytes=self.dev.shadow_size,
                shadow_gpa=hex(self.dev.shadow_gpa))
             if self.log_all:

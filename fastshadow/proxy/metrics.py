@@ -104,6 +104,12 @@ class ProxyCollector(Collector):
                                     labels=q_labels + ["kind"])
         inflight = GaugeMetricFamily("fastshadow_queue_inflight", "requests owned by fastshadow now",
                                      labels=q_labels)
+        resident = GaugeMetricFamily("fastshadow_device_shadow_resident_bytes",
+                                     "bytes of the device's shadow memfd holding pages (rings, bounce pages used "
+                                     "and not yet given back by the idle trim)", labels=dev_labels)
+        thread = GaugeMetricFamily("fastshadow_device_dataplane_thread",
+                                   "the data-plane thread (loop index) serving the device's queues",
+                                   labels=dev_labels)
         refused_by = CounterMetricFamily("fastshadow_queue_refused_by_reason", "guest chains refused, by reason "
                                          "(the data plane's event name, lower case)", labels=q_labels + ["reason"])
         bounce = GaugeMetricFamily("fastshadow_queue_bounce_bytes", "bounce space held by requests in flight now",
@@ -117,6 +123,9 @@ class ProxyCollector(Collector):
                                         "guest used element written), end_to_end (kick -> used)",
                                         labels=q_labels + ["hop"])
         for d in snap.devices:
+            if d.dataplane_thread is not None:
+                resident.add_metric([d.name], d.shadow_resident_bytes)
+                thread.add_metric([d.name], d.dataplane_thread)
             info.add_metric([d.name, d.device, d.mode], 1)
             connected.add_metric([d.name], int(d.connected))
             sessions.add_metric([d.name], d.sessions)
@@ -144,7 +153,8 @@ class ProxyCollector(Collector):
         uptime = GaugeMetricFamily("fastshadow_uptime_seconds", "seconds since the proxy started",
                                    value=snap.uptime_s)
         yield from (uptime, info, connected, sessions, reconnects, isolation, peer_uid, peer_pid,
-                    *counters.values(), nbytes, notes, inflight, refused_by, bounce, backpressure, latency)
+                    *counters.values(), nbytes, notes, inflight, refused_by, bounce, backpressure, latency,
+                    resident, thread)
 
 
 def _handler(registry: CollectorRegistry):

@@ -283,10 +283,16 @@ class Proxy:
     def get_dataplane(self):
         if self.dataplane is None:
             from ..dataplane import DataPlane
+            cpus = self.cfg.cpu_list()
             self.dataplane = DataPlane(busy_poll_us=self.cfg.busy_poll_us,
                                        stream_copy_min=self.cfg.stream_copy_min,
-                                       latency_histograms=self.cfg.latency_histograms)
+                                       latency_histograms=self.cfg.latency_histograms,
+                                       threads=self.cfg.thread_count(), cpus=[{c} for c in cpus] or None,
+                                       idle_trim_ms=self.cfg.idle_trim_ms)
             self.dataplane.start()
+            kv(log, logging.INFO, "dataplane.started", threads=self.dataplane.threads,
+               tids=",".join(map(str, self.dataplane.thread_ids())),
+               cpus=self.cfg.cpus or "any", idle_trim_ms=self.cfg.idle_trim_ms)
             self._events_thread = threading.Thread(target=self._log_dataplane_events, args=(self.dataplane,),
                                                    name="dataplane-events", daemon=True)
             self._events_thread.start()

@@ -68,6 +68,10 @@ class DeviceSnapshot(msgspec.Struct, frozen=True):
     backend_reconnects: int = 0
     qemu: Peer | None = None
     backend: Peer | None = None
+    #: isolated, in a session: the data-plane thread serving its queues, and the bytes of its
+    #: shadow memfd that hold pages (rings, bounce pages in use or not yet trimmed)
+    dataplane_thread: int | None = None
+    shadow_resident_bytes: int = 0
 
     def total(self, field: str) -> int:
         return sum(q.stats[field] for q in self.queues)
@@ -97,6 +101,7 @@ def snapshot_device(dev) -> DeviceSnapshot:
     session = dev.session
     connected = session is not None and not session.closing
     queues = []
+    thread, resident = _shadow(session)
     if session is not None:
         try:
             queues = [queue_snapshot(*row) for row in session.queue_stats()]
@@ -105,7 +110,18 @@ def snapshot_device(dev) -> DeviceSnapshot:
     return DeviceSnapshot(dev.cfg.name, dev.cfg.mode.value, dev.cfg.device.value, connected,
                           dev.sessions_served, queues, isolation=dev.isolation,
                           backend_reconnects=dev.backend_reconnects, qemu=_peer(dev.qemu_cred),
-                          backend=_peer(dev.backend_cred))
+                          backend=_peer(dev.backend_cred), dataplane_thread=thread, shadow_resident_bytes=resident)
+
+
+def _shadow(session) -> tuple[int | None, int]:
+    """(data-plane thread, shadow bytes resident) of an isolated session's device, else (None, 0)."""
+    dpdev = getattr(session, "dev", None)
+    if dpdev is None:
+        return None, 0
+    try:
+        return dpdev.loop, os.fstat(dpdev.shadow_fd).st_blocks * 512
+    except (OSError, AttributeError):      # the session ended under us: its device is gone
+        return None, 0
 
 
 def take_snapshot(proxy, interval: float) -> ProxySnapshot:
@@ -163,6 +179,8 @@ class StatsReporter(threading.Thread):
                 self._prev[d.name] = (now, d)
             if d.mode != "direct":
                 fields.update(backend_reconnects=d.backend_reconnects, isolation=d.isolation)
+                if d.dataplane_thread is not None:
+                    fields.update(thread=d.dataplane_thread, shadow_kib=d.shadow_resident_bytes // 1024)
             kv(log, logging.INFO, "stats", **fields)
         if self.path:
             write_atomically(self.path, msgspec.json.encode(snap))

@@ -140,6 +140,33 @@ def test_results_md_tables_are_generated_from_the_json():
         "bench/RESULTS.md's tables differ from `python -m fastshadow.bench.report results.json --markdown`"
 
 
+SCALE = ROOT / "bench" / "results" / "scale" / "results.json"
+
+
+def test_results_md_scale_section_is_the_json():
+    """bench/RESULTS.md's scale tables and its 64-core paragraph are `python -m fastshadow.bench.scale
+    results.json --markdown`; a few figures are recomputed here from the raw points."""
+    out = subprocess.run([sys.executable, "-m", "fastshadow.bench.scale", str(SCALE), "--markdown"],
+                         capture_output=True, text=True, check=True).stdout
+    text = (ROOT / "bench" / "RESULTS.md").read_text()
+    blocks = [b for b in out.strip().split("\n\n") if b.strip()]
+    assert len(blocks) == 3                              # two tables and the 64-core paragraph
+    missing = [b for b in blocks if b not in text]
+    assert not missing, "bench/RESULTS.md's scale section differs from `python -m fastshadow.bench.scale " \
+                        "bench/results/scale/results.json --markdown`:\n" + "\n\n".join(missing)
+    d = json.loads(SCALE.read_text())
+    iso = [p for p in d["points"] if p["mode"] == "isolated"]
+    assert sorted({(p["devices"], p["queues"]) for p in iso}) == [(n, q) for n in (1, 2, 4, 8, 16, 32)
+                                                                  for q in (1, 2, 4)]
+    for p in iso:
+        row = (f"| {p['devices']} | {p['queues']} | {p['threads']} | {p['iops'] / 1e3:.1f}k | ")
+        assert row in text, f"no scale row starting {row}"
+        assert p["idle"]["shadow_resident"] == p["trimmed"]["shadow_resident"], p   # everything given back
+    many = [p["proxy_cpu_us_per_request"] for p in iso if p["devices"] >= 8]
+    assert f"The proxy spends {statistics.median(many):.2f} µs of CPU per 4 KiB request" in squash(text)
+    assert "fastshadow bench --scale --scale-direct --out bench/results/scale" in text
+
+
 TRACING = ROOT / "bench" / "results" / "tracing" / "results.json"
 HIST_INSTRUCTIONS = ROOT / "bench" / "results" / "tracing" / "hist_instructions.json"
 

@@ -356,12 +356,15 @@ class Rig:
     def __init__(self, *, num: int = 16, nq: int = 1, event_idx: bool = False,
                  backend_event_idx: bool | None = None, bounce: int = 1 << 20,
                  max_request_bytes: int = 256 << 10, kick: bool = True, start: bool = True,
-                 busy_poll_us: int = 0, stream_copy_min: int = 0, latency_histograms: bool = True, **dev_kw):
-        """dev_kw: DataPlane.add_device's failure, failure_first_queue, layout, max_replays."""
+                 busy_poll_us: int = 0, stream_copy_min: int = 0, latency_histograms: bool = True,
+                 dp: DataPlane | None = None, name: str = "test0", **dev_kw):
+        """dev_kw: DataPlane.add_device's failure, failure_first_queue, layout, max_replays, loop.
+        dp: a data plane shared with other rigs (closed by its owner, not by this rig)."""
+        self.own_dp = dp is None
         self.dp = DataPlane(busy_poll_us=busy_poll_us, stream_copy_min=stream_copy_min,
-                            latency_histograms=latency_histograms)
+                            latency_histograms=latency_histograms) if dp is None else dp
         self.mem = GuestMem()
-        self.dev = self.dp.add_device("test0", num_queues=nq, bounce_per_queue=bounce,
+        self.dev = self.dp.add_device(name, num_queues=nq, bounce_per_queue=bounce,
                                       max_request_bytes=max_request_bytes, max_queue_size=1024,
                                       **dev_kw)
         self.dev.set_mem_table(self.mem.regions)
@@ -396,7 +399,10 @@ class Rig:
     def close(self) -> None:
         for b in self.be:
             b.close()
-        self.dp.close()
+        if self.own_dp:
+            self.dp.close()
+        else:
+            self.dp.remove_device(self.dev)
         for fd in self.kick + self.call:
             if fd is not None:
                 os.close(fd)

@@ -48,7 +48,8 @@ def test_stats_file_and_log_lines(workdir, start_qsd, start_proxy):
     idle = read_stats(stats, lambda s: len(s["devices"]) == 2)
     assert device(idle, "dev1") == {"name": "dev1", "mode": "direct", "device": "blk", "connected": False,
                                     "sessions": 0, "queues": [], "isolation": "direct", "backend_reconnects": 0,
-                                    "qemu": None, "backend": None}
+                                    "qemu": None, "backend": None, "dataplane_thread": None,
+                                    "shadow_resident_bytes": 0}
     data = os.urandom(8192)
     with BlkFront(str(workdir / "iso.sock")) as blk:
         blk.bring_up()
@@ -70,6 +71,9 @@ def test_stats_file_and_log_lines(workdir, start_qsd, start_proxy):
             "kick_to_shadowed": 2, "backend": 2, "call_to_used": 2, "end_to_end": 2}
         assert {h["unit"] for h in q0["latency"]} == {"us"}
         assert snap["interval_s"] == 0.2 and snap["uptime_s"] > 0
+        # one data-plane thread (one isolated device); its shadow holds the 3 ring pages and the
+        # bounce pages the requests used (given back only after --idle-trim-ms)
+        assert iso["dataplane_thread"] == 0 and iso["shadow_resident_bytes"] >= 4 * 4096
     lines = proxy.wait_log(r"info stats dev=dev0 mode=isolated connected=True sessions=1 queues=1 requests=2 ")
     assert re.search(r"req_per_s=(-|[\d.]+) mb_in_per_s=(-|[\d.]+) mb_out_per_s=(-|[\d.]+)", lines[0]), lines[0]
     assert re.search(r" bounce_kib=\d+ backpressure_ms=[\d.]+( |$)", lines[0]), lines[0]
