@@ -314,6 +314,12 @@ class VariantRatio(msgspec.Struct):
     proxy_cpu_per_request: float = math.nan  # the proxy's CPU µs per request alone, mode / isolated (medians)
 
 
+def _divide(a: float, b: float) -> float:
+    """a / b; NaN (printed as nan) where b measured nothing: a short run's CPU time can be
+    0 ticks (/proc counts in 10 ms steps)."""
+    return a / b if b else math.nan
+
+
 def variant_ratios(results: Results) -> list[VariantRatio]:
     s = results.settings
     runs: dict[tuple, dict[int, Run]] = {}
@@ -329,10 +335,10 @@ def variant_ratios(results: Results) -> list[VariantRatio]:
         if not paired:
             continue
         med = _median(r.iops for r in by_rep.values()) / _median(r.iops for r in base.values())
-        cpu = (_median(r.cpu_us_per_request for r in by_rep.values())
-               / _median(r.cpu_us_per_request for r in base.values()))
-        pcpu = (_median(proxy_us_per_request(r) for r in by_rep.values())
-                / _median(proxy_us_per_request(r) for r in base.values()))
+        cpu = _divide(_median(r.cpu_us_per_request for r in by_rep.values()),
+                      _median(r.cpu_us_per_request for r in base.values()))
+        pcpu = _divide(_median(proxy_us_per_request(r) for r in by_rep.values()),
+                       _median(proxy_us_per_request(r) for r in base.values()))
         out.append(VariantRatio(backend, wl, mode, mode in s.traced, len(paired), round(med, 4),
                                 round(min(paired), 4), round(max(paired), 4), round(cpu, 4), round(pcpu, 4)))
     return out
