@@ -269,6 +269,20 @@ def scale_config_from_args(args):
                            shlex.quote(a) for a in sys.argv[2:]))
 
 
+def plots_possible(wanted: bool) -> bool:
+    """Whether plots can be drawn: the [plot] extra is checked before the long work, not
+    after it (one line if matplotlib is missing; the run goes on without plots)."""
+    if not wanted:
+        return False
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError:
+        print("fastshadow bench: no plots: matplotlib is not installed (pip install 'fastshadow[plot]'; "
+              "--no-plots says you know)", file=sys.stderr)
+        return False
+    return True
+
+
 def run_scale(args) -> int:
     """`fastshadow bench --scale`."""
     try:
@@ -276,13 +290,7 @@ def run_scale(args) -> int:
     except ValueError as e:
         print(f"fastshadow bench: {e}", file=sys.stderr)
         return 2
-    if cfg.plots:
-        try:
-            import matplotlib  # noqa: F401  (checked before the long work, not after)
-        except ImportError:
-            print("fastshadow bench: no plots: matplotlib is not installed (pip install 'fastshadow[plot]'; "
-                  "--no-plots says you know)", file=sys.stderr)
-            cfg.plots = False
+    cfg.plots = plots_possible(cfg.plots)
     from .scale import markdown, run_scale as run_it
     n = len(cfg.devices) * len(cfg.queues) * (2 if cfg.direct else 1) + len(cfg.bounce_sweep)
     print(f"fastshadow bench: scale preset, {n} points ({cfg.duration:g} s of load each), devices "
@@ -310,13 +318,7 @@ def run(args) -> int:
         print(f"fastshadow bench: {e}", file=sys.stderr)
         return 2
     from .runner import run_bench
-    if cfg.plots:
-        try:
-            import matplotlib  # noqa: F401  (the [plot] extra: checked before the long work, not after)
-        except ImportError:
-            print("fastshadow bench: no plots: matplotlib is not installed (pip install 'fastshadow[plot]'; "
-                  "--no-plots says you know)", file=sys.stderr)
-            cfg.plots = False
+    cfg.plots = plots_possible(cfg.plots)
     runs = len(cfg.backends) * cfg.reps * len(cfg.workloads) * len(cfg.modes)
     what = f"{cfg.duration:g} s each" if cfg.duration else f"{cfg.requests} requests each"
     print(f"fastshadow bench: {cfg.preset} preset, {runs} runs ({what}), modes {', '.join(cfg.modes)}, "
