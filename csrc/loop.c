@@ -814,6 +814,17 @@ static unsigned drain_cqes(struct fsdp_dp *dp)
     return n;
 }
 
+/* Run the completions the kernel deferred to us (DEFER_TASKRUN: poll
+ * wake-ups of kicks and calls), without a syscall when there are none: the
+ * kernel raises IORING_SQ_TASKRUN in the shared ring when it queues some
+ * (IORING_SETUP_TASKRUN_FLAG; without the flag, always enter). */
+static void run_task_work(struct fsdp_dp *dp)
+{
+    if (!(dp->ring_flags & IORING_SETUP_TASKRUN_FLAG) ||
+        (IO_URING_READ_ONCE(*dp->ring.sq.kflags) & IORING_SQ_TASKRUN))
+        io_uring_get_events(&dp->ring);
+}
+
 static uint64_t now_ns(void)
 {
     struct timespec ts;
@@ -884,6 +895,7 @@ static void adapt_poll(struct fsdp_dp *dp, uint64_t idle_ns)
 static int setup_ring(struct fsdp_dp *dp)
 {
     static const unsigned tries[] = {
+        IORING_SETUP_SINGLE_ISSUER | IORING_SETUP_DEFER_TASKRUN | IORING_SETUP_TASKRUN_FLAG,
         IORING_SETUP_SINGLE_ISSUER | IORING_SETUP_DEFER_TASKRUN,
         IORING_SETUP_COOP_TASKRUN,
         0,
@@ -964,7 +976,7 @@ static void *loop_main(void *arg)
             idle_from = now_ns();
             if (dp->poll_ns && busy_poll(dp, idle_from + dp->poll_ns)) {
                 idle_from = 0;                   /* caught: the window stays */
-                io_uring_get_events(&dp->ring);  /* run deferred task work */
+                run_task_work(dp);
                 drain_cqes(dp);
                 continue;
             }
