@@ -101,6 +101,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                         "sampled=\"--sample 64\"; the table gives its IOPS over isolated's; repeatable (root, bcc)")
     p.add_argument("--loadgen-busy-poll-us", type=int, default=0, metavar="US",
                    help="the load generator spins this long before sleeping on a call eventfd (default 0)")
+    p.add_argument("--retry-noisy", type=int, default=2, metavar="N",
+                   help="run again, at most N times, a run that shared the machine (other work above 10 %% of "
+                        "a CPU, or hypervisor steal above 5 %%); the last attempt counts (default 2, 0: never)")
     p.add_argument("--loadgen-threads", choices=["one", "per-queue"], default="one",
                    help="one thread drives all queues (default), or one thread per queue")
     p.add_argument("--pin", choices=["split", "split-free-proxy", "none"], default="split",
@@ -211,6 +214,8 @@ def config_from_args(args):
     for name, value in (("--requests", args.requests), ("--reps", args.reps)):
         if value is not None and value < 1:
             raise ValueError(f"{name} {value}: want 1 or more")
+    if args.retry_noisy < 0:
+        raise ValueError(f"--retry-noisy {args.retry_noisy}: want 0 or more")
     try:
         file_size = parse_size(args.file_size)
     except ValueError as e:
@@ -224,7 +229,8 @@ def config_from_args(args):
         workdir=args.workdir, keep=args.keep, queue_size=args.queue_size, event_idx=not args.no_event_idx,
         busy_poll_us=args.loadgen_busy_poll_us, loadgen_threads=args.loadgen_threads,
         proxy_args=_split("--proxy-args", args.proxy_args), variants=variants, traced=traced, file_size=file_size,
-        pin=args.pin, setup_timeout=args.timeout, stall_timeout=args.timeout, memcpy=not args.no_memcpy,
+        pin=args.pin, retry_noisy=args.retry_noisy, setup_timeout=args.timeout, stall_timeout=args.timeout,
+        memcpy=not args.no_memcpy,
         plots=not args.no_plots,
         command=getattr(args, "command_line", None) or "fastshadow bench " + " ".join(
             shlex.quote(a) for a in sys.argv[2:]))

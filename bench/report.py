@@ -83,6 +83,11 @@ class Cpu(msgspec.Struct):
     def total(self) -> float:
         return self.loadgen + self.backend + (self.proxy or 0.0)
 
+    def noisy(self, duration_s: float) -> bool:
+        """True if a run of `duration_s` seconds shared the machine: other work took more than
+        10 % of a CPU, or the hypervisor stole more than 5 % of one (other VMs on the host)."""
+        return (self.other or 0) > 0.1 * duration_s or (self.steal or 0) > 0.05 * duration_s
+
 
 class Run(msgspec.Struct):
     index: int
@@ -176,6 +181,7 @@ class Settings(msgspec.Struct):
     workloads: list[Workload]
     variants: dict[str, list[str]] = {}   # extra isolated modes: name -> proxy arguments
     traced: dict[str, list[str]] = {}     # of which traced: name -> `fastshadow trace` arguments
+    retry_noisy: int = 0                  # a noisy run was run again at most this often (Cpu.noisy)
 
 
 class Results(msgspec.Struct):
@@ -420,8 +426,7 @@ def table(results: Results) -> str:
                          f"(per rep {v.iops_rep_min:.3f}-{v.iops_rep_max:.3f}, {v.reps} reps), "
                          f"CPU/IO x {v.cpu_per_request:.3f}, proxy CPU/IO x {v.proxy_cpu_per_request:.3f}  "
                          f"[{_variant_what(results.settings, v.mode)}]")
-    noisy = [r for r in results.runs if (r.cpu_s.other or 0) > 0.1 * r.duration_s
-             or (r.cpu_s.steal or 0) > 0.05 * r.duration_s]
+    noisy = [r for r in results.runs if r.cpu_s.noisy(r.duration_s)]
     if noisy:
         lines.append("")
         lines.append(f"warning: {len(noisy)} of {len(results.runs)} runs shared the machine with other work "

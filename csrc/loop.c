@@ -3,7 +3,7 @@
  *
  * Owns: struct fsdp_dp (the thread, its io_uring, the command channel, the
  * event ring, the device table) and, per queue, what only the loop needs
- * (struct watch: the armed reads, and a stop waiting for the queue to
+ * (struct watch: the armed polls, and a stop waiting for the queue to
  * drain); the public fsdp_dp_* functions except fsdp_dp_free (device.c).
  * Calls: queue (finishing a stop), shadow (a pass, busy-poll, notifications),
  * events, probes.  Knows devices only as struct fsdp_devctx, and commands
@@ -13,23 +13,27 @@
  * kernel takes them: completions are then only run when this thread waits,
  * which is exactly when it wants them, with no IPI or extra wakeup).
  *
- * How the loop waits.  Every guest kick eventfd, every backend call eventfd
- * and the command eventfd has one IORING_OP_READ of 8 bytes armed on it; the
- * read is re-armed after its completion.  Chosen over multishot poll because
- * the read both reports the wakeup AND resets the eventfd counter in the
- * same kernel round trip; with a multishot poll every wakeup also needs a
- * read(2) (or a second SQE + CQE) to clear the counter, which is the cost we
- * are trying to batch away.  The re-arm rides along with the next submit,
- * which we do anyway: a kick that lands between a completion and its re-arm
- * leaves the counter non-zero and the re-armed read completes at once, so no
- * wakeup is lost (it only costs a spurious pass).
+ * How the loop waits.  Every guest kick eventfd and every backend call
+ * eventfd has one multishot IORING_OP_POLL_ADD (POLLIN) armed on it, which
+ * posts a completion for every write the peer makes and stays armed
+ * (IORING_CQE_F_MORE; re-armed in the next pass only if the kernel ended
+ * it).  The loop never reads these eventfds: their counters only grow,
+ * which nobody looks at (a 64-bit counter of notifications cannot fill),
+ * and "kicked" is the completion itself.  A poll armed on a counter that is
+ * already non-zero completes at once, so a re-arm never loses a wakeup (it
+ * only costs a spurious pass).  The command eventfd keeps an
+ * IORING_OP_READ (it is ours, and the read tells "commands queued").
  *
- * Measured here (csrc/bench/eventfd_wait.c, kernel 6.18, ping-pong through
- * two eventfds, loop and peer on one CPU): read-armed 2.4 us per round trip,
- * multishot poll + read(2) 2.3 us: a wash for one fd.  The difference is in
- * batching: after a wakeup that completed N reads, the N re-arms ride along
- * in the one io_uring_enter we do anyway, where multishot would need N
- * read(2) calls.  Hence reads.
+ * Why no read: an eventfd read takes the eventfd's wait-queue lock, which
+ * the writer holds while it wakes us -- and on this 2-vCPU VM that wake-up
+ * (an IPI to an idle vCPU, a hypervisor exit) takes tens of microseconds, so
+ * the read, run as task work right after that very wake-up, spun on the
+ * lock.  Measured (perf on the proxy during bench 4k randread QD32,
+ * split-free-proxy): with armed reads 39 % of the proxy's samples were
+ * _raw_spin_unlock_irq under eventfd_read; with multishot polls eventfd_read
+ * is gone from the profile (bench/RESULTS.md, "Waiting without reading").
+ * An earlier ping-pong on one CPU (csrc/bench/eventfd_wait.c) saw no
+ * difference: there is no contention without a second CPU.
  *
  * Outgoing notifications are io_uring writes queued during the pass and
  * submitted with the wait, so N kicks/calls cost one syscall.  Caveat
@@ -42,7 +46,7 @@
  * One iteration:
  *   1. run queued control-plane commands (between two batches: no engine
  *      state changes under the engine's feet);
- *   2. arm reads that are not armed;
+ *   2. arm the polls (and the command read) that are not armed;
  *   3. engine pass over every queue that is due (harvest shadow used ->
  *      guest, guest avail -> shadow), see "Which queues a pass visits";
  *   4. queue one eventfd write per backend to kick / guest to call;
@@ -72,13 +76,13 @@
  * loops, 2 CPUs shared with the load and the backend, 2 runs each, noisy):
  * every queue 1.95-2.37 us of proxy CPU per request, due queues only
  * 1.39-1.62 us.  So a pass visits only
- * the queues that are due: a kick or call read completed for it, busy-poll
+ * the queues that are due: a kick or call poll completed for it, busy-poll
  * saw work on it, it ran out of budget (q->more), it must be polled (no kick
- * fd, or its read failed), a stop waits on it, or commands ran (every queue
+ * fd, or its poll failed), a stop waits on it, or commands ran (every queue
  * then: commands are rare and may change anything).  Nothing is lost: a pass
  * that leaves a queue idle has armed the notifications that will make it due
  * again (avail_event/used_event re-armed and re-checked in shadow.c, the
- * eventfd reads re-armed before the next wait), and a throttled queue
+ * eventfd polls stay armed), and a throttled queue
  * becomes due with the completion (a call) that frees space.
  *
  * Idle trim.  A queue's bounce pages become resident when requests use them
@@ -108,14 +112,14 @@
  * user_data = kind (8 bits) | device slot in this loop (16; the device id
  * for eventfd writes, whose completions only name it in an error event) |
  * queue (8) | token (32).  The
- * token identifies the armed read of a queue; completions of reads that were
- * cancelled or replaced carry an old token and are ignored.  All reads land
- * in one sink owned by the dp (the value is never used), so a read still in
- * flight when a device goes away never writes into freed memory.
+ * token identifies the armed poll of a queue; completions of polls that were
+ * cancelled or replaced carry an old token and are ignored.  The command
+ * read lands in a sink owned by the dp (the value is never used).
  */
 #define _GNU_SOURCE
 #include <errno.h>
 #include <liburing.h>
+#include <poll.h>
 #include <pthread.h>
 #include <sched.h>
 #include <stdatomic.h>
@@ -144,9 +148,9 @@ enum { K_CMD = 1, K_KICK = 2, K_CALL = 3, K_WRITE = 4, K_CANCEL = 5 };
 
 /* What the loop keeps per queue; nobody else reads it. */
 struct watch {
-    uint32_t kick_token, call_token;    /* of the armed reads (see user_data) */
+    uint32_t kick_token, call_token;    /* of the armed polls (see user_data) */
     bool kick_armed, call_armed;
-    bool kick_failed;                   /* read on the kick fd failed: poll this queue */
+    bool kick_failed;                   /* poll on the kick fd failed: poll this queue's ring */
     struct fsdp_cmd *stop;              /* a stop waiting for the queue to drain */
     struct fsdp_stop_result *stop_res;  /* ... and where its result goes */
     bool due;                           /* visit in the next pass (see the head comment) */
@@ -186,10 +190,11 @@ struct fsdp_dp {
     bool ring_ok;
     uint32_t token;
     bool cmd_armed;
-    uint64_t sink;                      /* target of every eventfd read */
+    uint64_t sink;                      /* target of the command eventfd read */
     uint64_t one;                       /* source of every eventfd write */
     struct fsdp_batch batch;            /* queue_notify's way to our ring */
     unsigned ring_flags;
+    unsigned ring_features;             /* IORING_FEAT_* of the ring */
     uint64_t poll_ns;                   /* current busy-poll window, <= busy_poll_us */
     bool all_due;                       /* commands ran: the next pass visits every queue */
     unsigned trims_left;                /* trims this pass may still do (one per pass) */
@@ -433,7 +438,7 @@ static struct io_uring_sqe *get_sqe(struct fsdp_dp *dp)
     return sqe;
 }
 
-static void cancel_read(struct fsdp_dp *dp, uint32_t slot, struct fsdp_queue *q, unsigned kind,
+static void cancel_watch(struct fsdp_dp *dp, uint32_t slot, struct fsdp_queue *q, unsigned kind,
                         uint32_t token)
 {
     struct io_uring_sqe *sqe;
@@ -455,7 +460,7 @@ void dp_kick_fd_changed(struct fsdp_dp *dp, struct fsdp_queue *q)
     if (!w)
         return;
     if (w->kick_armed) {
-        cancel_read(dp, (uint32_t)slot, q, K_KICK, w->kick_token);
+        cancel_watch(dp, (uint32_t)slot, q, K_KICK, w->kick_token);
         w->kick_armed = false;
     }
     w->kick_failed = false;
@@ -517,9 +522,9 @@ void dp_detach(struct fsdp_dp *dp, struct fsdp_devctx *d)
         if (w->stop)
             dp_cmd_complete(dp, finish_stop(q, w), -ENODEV);
         if (w->kick_armed)
-            cancel_read(dp, (uint32_t)slot, q, K_KICK, w->kick_token);
+            cancel_watch(dp, (uint32_t)slot, q, K_KICK, w->kick_token);
         if (w->call_armed)
-            cancel_read(dp, (uint32_t)slot, q, K_CALL, w->call_token);
+            cancel_watch(dp, (uint32_t)slot, q, K_CALL, w->call_token);
     }
     free(ld->w);
     ld->w = NULL;
@@ -546,8 +551,10 @@ struct fsdp_devctx *dp_take_dev(struct fsdp_dp *dp)
 /* ------------------------------------------------------------------------ */
 /* The loop.                                                                  */
 
-static void arm_read(struct fsdp_dp *dp, int fd, unsigned kind, uint32_t slot, struct fsdp_queue *q,
-                     uint32_t *token, bool *armed)
+/* Arm the wait on one eventfd: the command read, or a kick/call multishot
+ * poll (head comment, "How the loop waits"). */
+static void arm_watch(struct fsdp_dp *dp, int fd, unsigned kind, uint32_t slot, struct fsdp_queue *q,
+                      uint32_t *token, bool *armed)
 {
     struct io_uring_sqe *sqe = get_sqe(dp);
 
@@ -555,7 +562,10 @@ static void arm_read(struct fsdp_dp *dp, int fd, unsigned kind, uint32_t slot, s
         return;
     *token = ++dp->token;
     *armed = true;
-    io_uring_prep_read(sqe, fd, &dp->sink, sizeof(dp->sink), 0);
+    if (kind == K_CMD)
+        io_uring_prep_read(sqe, fd, &dp->sink, sizeof(dp->sink), 0);
+    else
+        io_uring_prep_poll_multishot(sqe, fd, POLLIN);
     io_uring_sqe_set_data64(sqe, ud_make(kind, slot, q ? q->idx : 0, *token));
 }
 
@@ -563,7 +573,7 @@ static void arm_all(struct fsdp_dp *dp)
 {
     if (!dp->cmd_armed) {
         uint32_t t;
-        arm_read(dp, dp->cmd_efd, K_CMD, 0, NULL, &t, &dp->cmd_armed);
+        arm_watch(dp, dp->cmd_efd, K_CMD, 0, NULL, &t, &dp->cmd_armed);
     }
     for (uint32_t d = 0; d < dp->ndevs; d++) {
         struct fsdp_devctx *dev = dp->devs[d].d;
@@ -571,9 +581,9 @@ static void arm_all(struct fsdp_dp *dp)
             struct fsdp_queue *q = &dev->q[i];
             struct watch *w = &dp->devs[d].w[i];
             if (!w->kick_armed && !w->kick_failed && q->guest_kick_fd >= 0)
-                arm_read(dp, q->guest_kick_fd, K_KICK, d, q, &w->kick_token, &w->kick_armed);
+                arm_watch(dp, q->guest_kick_fd, K_KICK, d, q, &w->kick_token, &w->kick_armed);
             if (!w->call_armed)
-                arm_read(dp, q->backend_call_fd, K_CALL, d, q, &w->call_token, &w->call_armed);
+                arm_watch(dp, q->backend_call_fd, K_CALL, d, q, &w->call_token, &w->call_armed);
         }
     }
 }
@@ -587,6 +597,11 @@ static void batch_write(void *arg, struct fsdp_queue *q, int fd)
     if (!sqe)
         return;
     io_uring_prep_write(sqe, fd, &dp->one, sizeof(dp->one), 0);
+    /* Only a failed write needs a completion (loop_error): a successful one
+     * would only make the next wait return at once, one io_uring_enter more
+     * per batch. */
+    if (dp->ring_features & IORING_FEAT_CQE_SKIP)
+        io_uring_sqe_set_flags(sqe, IOSQE_CQE_SKIP_SUCCESS);
     io_uring_sqe_set_data64(sqe, ud_make(K_WRITE, q->dev->id, q->idx, 0));
 }
 
@@ -748,7 +763,7 @@ static void handle_cqe(struct fsdp_dp *dp, struct io_uring_cqe *cqe)
         q = lookup_q(dp, ud, &w);
         if (!q || !w->kick_armed || w->kick_token != ud_token(ud))
             break;      /* stale: cancelled or replaced */
-        w->kick_armed = false;
+        w->kick_armed = (cqe->flags & IORING_CQE_F_MORE) != 0;
         w->due = true;
         if (cqe->res >= 0) {
             q->st.guest_kicks++;
@@ -765,7 +780,7 @@ static void handle_cqe(struct fsdp_dp *dp, struct io_uring_cqe *cqe)
         q = lookup_q(dp, ud, &w);
         if (!q || !w->call_armed || w->call_token != ud_token(ud))
             break;
-        w->call_armed = false;
+        w->call_armed = (cqe->flags & IORING_CQE_F_MORE) != 0;
         w->due = true;
         if (cqe->res >= 0) {
             q->st.backend_calls++;
@@ -797,6 +812,17 @@ static unsigned drain_cqes(struct fsdp_dp *dp)
     }
     io_uring_cq_advance(&dp->ring, n);
     return n;
+}
+
+/* Run the completions the kernel deferred to us (DEFER_TASKRUN: poll
+ * wake-ups of kicks and calls), without a syscall when there are none: the
+ * kernel raises IORING_SQ_TASKRUN in the shared ring when it queues some
+ * (IORING_SETUP_TASKRUN_FLAG; without the flag, always enter). */
+static void run_task_work(struct fsdp_dp *dp)
+{
+    if (!(dp->ring_flags & IORING_SETUP_TASKRUN_FLAG) ||
+        (IO_URING_READ_ONCE(*dp->ring.sq.kflags) & IORING_SQ_TASKRUN))
+        io_uring_get_events(&dp->ring);
 }
 
 static uint64_t now_ns(void)
@@ -869,6 +895,7 @@ static void adapt_poll(struct fsdp_dp *dp, uint64_t idle_ns)
 static int setup_ring(struct fsdp_dp *dp)
 {
     static const unsigned tries[] = {
+        IORING_SETUP_SINGLE_ISSUER | IORING_SETUP_DEFER_TASKRUN | IORING_SETUP_TASKRUN_FLAG,
         IORING_SETUP_SINGLE_ISSUER | IORING_SETUP_DEFER_TASKRUN,
         IORING_SETUP_COOP_TASKRUN,
         0,
@@ -883,6 +910,7 @@ static int setup_ring(struct fsdp_dp *dp)
         rc = io_uring_queue_init_params(SQ_ENTRIES, &dp->ring, &p);
         if (rc == 0) {
             dp->ring_flags = p.flags;
+            dp->ring_features = p.features;
             return 0;
         }
         if (rc != -EINVAL)
@@ -948,7 +976,7 @@ static void *loop_main(void *arg)
             idle_from = now_ns();
             if (dp->poll_ns && busy_poll(dp, idle_from + dp->poll_ns)) {
                 idle_from = 0;                   /* caught: the window stays */
-                io_uring_get_events(&dp->ring);  /* run deferred task work */
+                run_task_work(dp);
                 drain_cqes(dp);
                 continue;
             }

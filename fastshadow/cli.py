@@ -211,10 +211,10 @@ def _configure_proxy(p: argparse.ArgumentParser) -> None:
                    help="isolated: a queue that has held no request for MS milliseconds gives its bounce pages back "
                         "to the kernel (punched out of the shadow memfd), so idle devices cost no bounce memory "
                         "whatever --bounce-per-queue is (default 2000; 0: never)")
-    p.add_argument("--busy-poll-us", type=int, default=30, metavar="US",
+    p.add_argument("--busy-poll-us", type=int, default=200, metavar="US",
                    help="isolated: the data plane keeps polling the rings up to this long after the last activity "
                         "before it sleeps on eventfds; the window adapts to how soon work arrives and the spin "
-                        "yields the CPU to other runnable tasks (default 30; 0 never spins: idle proxies sleep "
+                        "yields the CPU to other runnable tasks (default 200, as KVM's halt_poll_ns; 0 never spins: idle proxies sleep "
                         "either way)")
     p.add_argument("--stream-copy-min", type=size_arg, default=STREAM_COPY_MIN_DEFAULT, metavar="SIZE",
                    help="isolated: buffers of at least this size are copied between guest RAM and the bounce "

@@ -232,8 +232,10 @@ class ProxyConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     log_format: str = "text"
     #: Data plane: at most this many microseconds of polling after the last activity before sleeping
     #: (0: never); the window adapts (csrc/loop.c, busy_poll).
-    #: 30 µs measured best here (bench/RESULTS.md, tuning): a cross-CPU eventfd wake-up costs 6-25 µs.
-    busy_poll_us: int = 30
+    #: 200 µs (KVM's halt_poll_ns default) measured best on the 2-vCPU VM of bench/RESULTS.md
+    #: ("The spin window"), where waking an idle vCPU costs ~50 µs: 30 µs (the earlier default,
+    #: chosen where a wake-up cost 6-25 µs) gave 0.4x the IOPS at 4k QD32 and QD1.
+    busy_poll_us: int = 200
     #: Data plane: buffers of at least this many bytes are copied (guest <-> bounce) with streaming
     #: (non-temporal) stores, which skip reading the destination first (0: never; csrc/copy.c).
     stream_copy_min: int = STREAM_COPY_MIN_DEFAULT

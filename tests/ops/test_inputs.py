@@ -134,6 +134,7 @@ def test_bench_bad_workload_is_one_line(tmp_path, workload, needle):
 def test_bench_bad_sizes_and_counts_are_one_line(tmp_path):
     assert_one_line(run_cli("bench", "--out", str(tmp_path / "o"), "--file-size", "big"), "--file-size", "'big'")
     assert_one_line(run_cli("bench", "--out", str(tmp_path / "o"), "--reps", "0"), "--reps 0")
+    assert_one_line(run_cli("bench", "--out", str(tmp_path / "o"), "--retry-noisy", "-1"), "--retry-noisy -1")
     assert_one_line(run_cli("bench", "--out", str(tmp_path / "o"), "--duration", "x"), "--duration")
 
 

@@ -17,7 +17,7 @@ def parse(*argv):
 
 def test_data_plane_options_from_the_command_line():
     cfg = parse("--listen", "/tmp/a.sock", "--backend", "/tmp/b.sock", "--mode", "isolated")
-    assert (cfg.busy_poll_us, cfg.stream_copy_min) == (30, 64 * 1024)   # the README's defaults
+    assert (cfg.busy_poll_us, cfg.stream_copy_min) == (200, 64 * 1024)   # the README's defaults
     cfg = parse("--listen", "/tmp/a.sock", "--backend", "/tmp/b.sock", "--mode", "isolated",
                 "--busy-poll-us", "0", "--stream-copy-min", "0")
     assert (cfg.busy_poll_us, cfg.stream_copy_min) == (0, 0)
