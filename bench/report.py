@@ -55,6 +55,11 @@ class Machine(msgspec.Struct):
     python: str
     qemu_storage_daemon: str
     fastshadow: str
+    #: Median round trip (µs) of two threads on CPUs 0 and 1 waking each other through eventfds
+    #: (runner.wake_round_trip_us): what one sleep/wake-up costs on this host. It differs by
+    #: host far more than anything fastshadow changes (13 µs and 100 µs on two days of the same
+    #: VM type), so runs of different days compare only through it. None: one CPU, or not measured.
+    wake_rtt_us: float | None = None
 
 
 class Memcpy(msgspec.Struct):
@@ -375,7 +380,8 @@ def table(results: Results) -> str:
     lines = []
     m = results.memcpy
     mach = results.machine
-    lines.append(f"machine: {mach.cpu_model}, {mach.nproc} CPUs, kernel {mach.kernel}")
+    lines.append(f"machine: {mach.cpu_model}, {mach.nproc} CPUs, kernel {mach.kernel}"
+                 + (f", cross-CPU wake-up round trip {mach.wake_rtt_us:.1f} us" if mach.wake_rtt_us else ""))
     if m.cold_bytes:
         lines.append(f"memcpy, one core: {m.cold_gb_per_s:.1f} GB/s cold ({size_label(m.cold_bytes)} buffers), "
                      f"{m.hot_gb_per_s:.1f} GB/s hot ({size_label(m.hot_bytes)})")

@@ -28,6 +28,7 @@ import statistics
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
@@ -490,7 +491,41 @@ def machine_info() -> rp.Machine:
     u = platform.uname()
     return rp.Machine(hostname=socket.gethostname(), nproc=os.cpu_count() or 0, kernel=f"{u.release} {u.machine}",
                       cpu_model=model, mem_total_bytes=mem, python=platform.python_version(),
-                      qemu_storage_daemon=qsd, fastshadow=__version__)
+                      qemu_storage_daemon=qsd, fastshadow=__version__, wake_rtt_us=wake_round_trip_us())
+
+
+def wake_round_trip_us(rounds: int = 2000) -> float | None:
+    """Median µs for a thread pinned on one CPU to wake a thread sleeping on another through an
+    eventfd and be woken back the same way (blocking reads: each side sleeps every time, as a
+    vhost-user peer that does not poll). Includes a few µs of the interpreter per round trip.
+    None if the process may use fewer than two CPUs."""
+    cpus = sorted(os.sched_getaffinity(0))
+    if len(cpus) < 2:
+        return None
+    ping, pong = os.eventfd(0), os.eventfd(0)
+
+    def peer():
+        os.sched_setaffinity(0, {cpus[1]})
+        for _ in range(rounds):
+            os.eventfd_read(ping)
+            os.eventfd_write(pong, 1)
+    saved = os.sched_getaffinity(0)
+    t = threading.Thread(target=peer, daemon=True)
+    try:
+        os.sched_setaffinity(0, {cpus[0]})
+        t.start()
+        times = []
+        for _ in range(rounds):
+            t0 = time.perf_counter_ns()
+            os.eventfd_write(ping, 1)
+            os.eventfd_read(pong)
+            times.append(time.perf_counter_ns() - t0)
+        t.join()
+    finally:
+        os.sched_setaffinity(0, saved)
+        os.close(ping)
+        os.close(pong)
+    return round(statistics.median(times[rounds // 10:]) / 1e3, 1)
 
 
 def memcpy_baseline(cold_bytes: int = 256 << 20, hot_bytes: int = 1 << 20,
