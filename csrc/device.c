@@ -710,7 +710,7 @@ static int cmd_set_guest_fd(struct fsdp_dp *dp, struct dev_cmd *c)
         q->guest_call_blocking = c->arg.set_guest_fd.blocking;
     c->arg.set_guest_fd.fd = -1;        /* consumed */
     if (!call)
-        dp_kick_fd_changed(dp, q);      /* cancel the read armed on the old kick fd */
+        dp_kick_fd_changed(dp, q);      /* cancel the poll armed on the old kick fd */
     if (old >= 0)
         close(old);
     return 0;

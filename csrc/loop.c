@@ -15,11 +15,13 @@
  *
  * How the loop waits.  Every guest kick eventfd and every backend call
  * eventfd has one multishot IORING_OP_POLL_ADD (POLLIN) armed on it, which
- * posts a completion for every write the peer makes and stays armed
+ * posts a completion after every write the peer makes (writes that land
+ * before the loop runs its task work share one completion) and stays armed
  * (IORING_CQE_F_MORE; re-armed in the next pass only if the kernel ended
  * it).  The loop never reads these eventfds: their counters only grow,
  * which nobody looks at (a 64-bit counter of notifications cannot fill),
- * and "kicked" is the completion itself.  A poll armed on a counter that is
+ * and "kicked" is the completion itself.  A queue's stop clears its kick
+ * counter once (queue_stop_finish: QEMU tests it when it stops vhost).  A poll armed on a counter that is
  * already non-zero completes at once, so a re-arm never loses a wakeup (it
  * only costs a spurious pass).  The command eventfd keeps an
  * IORING_OP_READ (it is ours, and the read tells "commands queued").
@@ -817,11 +819,13 @@ static unsigned drain_cqes(struct fsdp_dp *dp)
 /* Run the completions the kernel deferred to us (DEFER_TASKRUN: poll
  * wake-ups of kicks and calls), without a syscall when there are none: the
  * kernel raises IORING_SQ_TASKRUN in the shared ring when it queues some
- * (IORING_SETUP_TASKRUN_FLAG; without the flag, always enter). */
+ * (IORING_SETUP_TASKRUN_FLAG; without the flag, always enter), and
+ * IORING_SQ_CQ_OVERFLOW when completions wait in its overflow list (the
+ * mask liburing's cq_ring_needs_flush uses). */
 static void run_task_work(struct fsdp_dp *dp)
 {
     if (!(dp->ring_flags & IORING_SETUP_TASKRUN_FLAG) ||
-        (IO_URING_READ_ONCE(*dp->ring.sq.kflags) & IORING_SQ_TASKRUN))
+        (IO_URING_READ_ONCE(*dp->ring.sq.kflags) & (IORING_SQ_TASKRUN | IORING_SQ_CQ_OVERFLOW)))
         io_uring_get_events(&dp->ring);
 }
 
@@ -968,9 +972,9 @@ static void *loop_main(void *arg)
             adapt_poll(dp, now_ns() - idle_from);
             idle_from = 0;
         }
-        /* Spin only right after work: a wakeup that brought none (the
-         * completion of one of our own eventfd writes, a command) goes back
-         * to sleep, still counting the idle period from where it began. */
+        /* Spin only right after work: a wakeup that brought none (a
+         * command, a poll completion for a ring a spin already served) goes
+         * back to sleep, still counting the idle period from where it began. */
         if (dp->cfg.busy_poll_us && any) {
             io_uring_submit(&dp->ring);          /* notifications go out now */
             idle_from = now_ns();

@@ -507,6 +507,16 @@ void queue_stop_finish(struct fsdp_queue *q, struct fsdp_stop_result *res)
     q->stopping = false;
     if (res)
         queue_stop_result(q, res);
+    /* The loop polls the kick eventfd and never reads it (loop.c, "How the
+     * loop waits"): clear it now, as a backend that reads its kicks would
+     * have, so that QEMU's test-and-clear of the kick notifier when it stops
+     * vhost (virtio_bus_cleanup_host_notifier) sees only kicks made after
+     * the stop, and runs its own handle_output only for those. */
+    if (q->guest_kick_fd >= 0) {
+        uint64_t v;
+        ssize_t r = read(q->guest_kick_fd, &v, sizeof(v));   /* EAGAIN: no kick pending */
+        (void)r;
+    }
 }
 
 /* ------------------------------------------------------------------------ */

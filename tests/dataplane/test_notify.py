@@ -1,6 +1,9 @@
 """Notification suppression on both sides: flags without event idx, event idx with
 avail_event/used_event, and the values we publish ourselves."""
 
+import os
+import select
+
 import pytest
 
 from .harness import read_counter
@@ -129,3 +132,28 @@ def test_every_request_completes_and_notifies_once_per_pass(make_rig, guest_ei, 
         rig.poll()
         assert read_counter(rig.call[0]) == 1
         assert len(g.take_used()) == 4
+
+
+def test_a_stop_clears_the_kick_counter_once_and_keeps_later_kicks(make_rig):
+    """The loop polls the guest's kick eventfd and never reads it (csrc/loop.c): the queue's stop
+    clears it once, so QEMU's test-and-clear when it stops vhost sees only kicks made after the
+    stop (found by review: QEMU creates the notifier with a count of 1 and would always see it set)."""
+    rig = make_rig()
+    kick = os.dup(rig.kick[0])
+    try:
+        rig.dp.start()
+        rig.blk_write(0, b"s" * 100)
+        os.eventfd_write(kick, 1)
+        for _ in range(500):
+            if rig.dev.stats(0).guest_kicks:
+                break
+            select.select([], [], [], 0.01)
+        assert rig.dev.stats(0).guest_kicks >= 1
+        complete_all(rig)
+        rig.dev.queue_stop(0)
+        assert read_counter(kick) == 0                  # cleared by the stop
+        os.eventfd_write(kick, 1)                       # a kick after the stop ...
+        assert read_counter(kick) == 1                  # ... is QEMU's to see
+    finally:
+        os.close(kick)
+        rig.dp.stop()
