@@ -154,6 +154,8 @@ class IsolatedSession(Session):
         self.offered_device_features: int | None = None
         self.backend_protocol_features = 0
         self.backend_has_table = False
+        #: The current backend connection was sent fds of RENEWED_PER_BACKEND: the next one needs new ones.
+        self.backend_side_given = False
         self.started: set[int] = set()
         self.err_fds: dict[int, tuple[int, int | None]] = {}  # queue -> (ours, QEMU's)
         self.qemu_features: int | None = None  # QEMU's last SET_FEATURES
@@ -260,6 +262,8 @@ class IsolatedSession(Session):
         """The one way a message reaches the backend: what it accepts is recorded for replay."""
         if expect_reply is None:
             expect_reply = self.neg.expects_reply(msg)
+        if msg.request in RENEWED_PER_BACKEND and msg.fds:
+            self.backend_side_given = True        # before the send: a failed one may have passed them
         # super() closes msg's fds once sent; the record may keep one after the answer.
         kept = Message(msg.request, msg.payload, [os.dup(fd) for fd in msg.fds] if msg.request in STATE_REQUESTS
                        else [], msg.flags)
@@ -365,7 +369,7 @@ class IsolatedSession(Session):
             self.backend = Connection(sock, Channel.MAIN, receives_replies=True, name="backend")
             self._sel.register(sock, selectors.EVENT_READ, "backend")
             try:
-                # Each connection (a retry too: the one that left had them) gets fds of its own.
+                # Each connection (a retry too, if the one that left got them) gets fds of its own.
                 self.renew_backend_side()
             except DataPlaneError as e:
                 self._abort_parked(parked, f"the new backend could not be given fresh shadow memory: {e}")
@@ -396,11 +400,12 @@ class IsolatedSession(Session):
         previous backend that is still alive (cut off for lying, or qemu-storage-daemon finishing the
         requests of a deleted export) can then no longer fake completions or data in the shadow
         ring, swallow the new backend's kicks, or signal calls and ring errors. The queues must be
-        parked (QueueBusy otherwise). Nothing to do before the device exists: the backend was given
-        nothing yet."""
-        if self.dev is None:
+        parked (QueueBusy otherwise). Nothing to do while no backend was given any of them yet (a
+        connection that left before the replay reached them holds nothing)."""
+        if self.dev is None or not self.backend_side_given:
             return
         self.dev.renew_backend_side()
+        self.backend_side_given = False
         for q, (old, qemu_fd) in list(self.err_fds.items()):
             self.unwatch(old)
             os.close(old)
