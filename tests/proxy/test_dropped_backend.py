@@ -100,6 +100,7 @@ def test_a_dropped_backend_that_lives_on_reaches_nothing(workdir, start_qsd, sta
             zombie = Zombie(kept, blk.num)
             zombie.start()
             while zombie.faked < 10:                      # it acts before the I/O, and all along
+                assert zombie.is_alive(), "the old backend's thread died"
                 time.sleep(0.01)
             n = 0
             while n < 24 or (zombie.faked < 50 and n < 80):    # 80: what the test RAM holds
