@@ -39,7 +39,7 @@ void dp_detach(struct fsdp_dp *dp, struct fsdp_devctx *d);
  * none left), then free the dp itself (fsdp_dp_free, device.c). */
 struct fsdp_devctx *dp_take_dev(struct fsdp_dp *dp);
 void dp_destroy(struct fsdp_dp *dp);
-/* The guest kick fd of q was replaced (on loop): cancel the read armed on the old one. */
+/* The guest kick fd of q was replaced (on loop): cancel the poll armed on the old one. */
 void dp_kick_fd_changed(struct fsdp_dp *dp, struct fsdp_queue *q);
 /* Stops that wait for a queue to drain (on loop).  dp_stop_wait parks c
  * (deferred) until nothing the backend took is left in flight; the loop then
