@@ -270,11 +270,12 @@ def run_point(cfg: ScaleConfig, workdir: Path, devices: int, queues: int, bounce
         time.sleep(0.2)            # the last SET_VRING_* reach the data plane
         pid = proxy.proc.pid if proxy is not None else None
         idle = proxy_memory(pid) if pid else none
-        # Warm-up, not measured: until every queue has walked its whole bounce area once (next-fit
-        # allocation), each request faults fresh shadow pages in, in the proxy AND in the backend
-        # (its own page tables); bench --scale measured 7 us of proxy CPU per request then, against
-        # 1.2-1.8 steady. idle_trim_ms is long enough that a session done early is not trimmed
-        # while the others finish.
+        # Warm-up, not measured: the first requests fault fresh shadow pages in, in the proxy AND
+        # in the backend (its own page tables); with the next-fit allocator of the time, bench
+        # --scale measured 7 us of proxy CPU per request then, against 1.2-1.8 steady. The count
+        # is still the one that made next-fit walk the whole area, so that runs before and after
+        # the LIFO bounce reuse are taken after the same load. idle_trim_ms is long enough that a
+        # session done early is not trimmed while the others finish.
         warm = queues * (bounce // (2 * 4096) + cfg.qd) if pid else queues * cfg.qd * 8
         log(f"  warm-up: {warm} requests per device" + (" (first touch of the bounce areas)" if pid else ""))
         drive_all(sessions, dict(requests=warm, duration=None), queues, cfg)
@@ -438,13 +439,15 @@ def projection(res: ScaleResults, cores: int = 64, vms: int = 100, queues: int =
         f"queues are all on one thread, so a single VM tops out at {per_core * 1000:.0f}k/s. Memory: an idle "
         f"device costs {rss:.2f} MiB of proxy RSS (averaged over the {top.devices} devices of the largest point: "
         f"the control plane's session) and {ring:.0f} KiB of shadow (the rings) per queue whatever --bounce-per-queue is: "
-        f"{idle_mib:.0f} MiB for {vms} idle VMs. A busy queue holds {busy_q:.1f} MiB of shadow (all of its "
-        f"bounce area: next-fit allocation walks it), {busy_gib:.1f} GiB if all {vms * queues} queues are busy "
+        f"{idle_mib:.0f} MiB for {vms} idle VMs. A busy queue holds {busy_q:.1f} MiB of shadow (the slabs of its "
+        f"requests in flight: freed bounce runs are reused last in, first out), {busy_gib:.1f} GiB if all {vms * queues} queues are busy "
         f"at once, given back --idle-trim-ms after each goes idle ({res.settings['idle_trim_ms']} ms in this "
         f"run). What bounds it then: the backend's {backend:.2f} µs per request ({than} than the proxy's), "
         f"the copies at large blocks (every byte crosses memory twice; one core copied {cold:.1f} GB/s cold "
         f"at this run's start, and {dataplane_cores} cores copying at once share the socket's memory "
-        f"bandwidth, not {dataplane_cores}x that), and busy-queue residency with next-fit bounce allocation.")
+        f"bandwidth, not {dataplane_cores}x that). The proxy's CPU per request includes its busy-poll spin "
+        f"(--busy-poll-us), which a data-plane thread with more work than one CPU no longer spends: the "
+        f"per-thread ceiling above is a floor.")
 
 
 def write_plot(res: ScaleResults, out: Path, log: Callable[[str], None] = print) -> list[str]:

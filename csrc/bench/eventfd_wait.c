@@ -4,7 +4,8 @@
  * Ping-pong between a "peer" thread and an io_uring "loop" thread through two
  * eventfds, the loop waiting in one of two ways:
  *   read:      an IORING_OP_READ of 8 bytes armed on the eventfd, re-armed
- *              after each completion (what csrc/loop.c does);
+ *              after each completion (what csrc/loop.c did until it moved to
+ *              multishot polls that never read: bench/RESULTS.md, "Waiting");
  *   multishot: IORING_OP_POLL_ADD with IORING_POLL_ADD_MULTI, plus a read(2)
  *              per wakeup to reset the counter.
  * The loop answers with an io_uring write submitted together with the re-arm

@@ -71,7 +71,7 @@ def test_readme_paragraph_is_the_json():
             f"workloads; {ratio(min(f))}-{ratio(max(f))}× by workload); on `null-co`, where direct mode does "
             f"almost nothing, {ratio(geomean(n))}× (geometric mean over {len(n)} workloads; "
             f"{ratio(min(n))}-{ratio(max(n))}× by workload, {sum(x < 0.2 for x in n)} of {len(n)} below 0.2×); "
-            f"4 KiB QD1 p50 latency +{qd1:.1f} µs (`null-co`). With a CPU of its own "
+            f"4 KiB QD1 p50 latency {qd1:+.1f} µs against direct (`null-co`). With a CPU of its own "
             f"(`bench/results/free-proxy/results.json`) the data plane copies 1 MiB reads at {big:.1f} GB/s "
             f"({big / free.cold:.2f}× a single-core cold memcpy).")
     readme = squash((ROOT / "README.md").read_text())
@@ -93,7 +93,7 @@ def test_results_md_headline_is_the_json():
     gm = {(b, m): geomean(d.iops_ratios(b, m)) for b in ("file", "null") for m in modes[1:]}
     count = {b: len(d.iops_ratios(b, "isolated")) for b in ("file", "null")}
     rows = [
-        row("4 KiB randread QD1, p50", [f"{x:.1f} µs" for x in p50], f"added latency +{p50[2] - p50[0]:.1f} µs"),
+        row("4 KiB randread QD1, p50", [f"{x:.1f} µs" for x in p50], f"added latency {p50[2] - p50[0]:+.1f} µs"),
         row("4 KiB randread QD32, 1 queue", [f"{x:.0f}k IOPS" for x in q32], f"{q32[2] / q32[0]:.2f} (target 0.90)"),
         row("256 KiB read QD8", [f"{x:.1f} GB/s" for x in r256],
             f"{r256[2] / r256[0]:.2f} (target 0.80; see below)"),
@@ -120,7 +120,7 @@ def test_results_md_own_cpu_table_is_the_json():
     r1m = [d.get(m, "read", MiB, 8)["mb_per_s"] / 1e3 for m in ("direct", "isolated")]
     w1m = d.get("isolated", "write", MiB, 8)["mb_per_s"] / 1e3
     rows = [
-        f"| 4 KiB randread QD1, p50 | {p50[0]:.1f} µs | {p50[1]:.1f} µs | +{p50[1] - p50[0]:.1f} µs |",
+        f"| 4 KiB randread QD1, p50 | {p50[0]:.1f} µs | {p50[1]:.1f} µs | {p50[1] - p50[0]:+.1f} µs |",
         f"| 4 KiB randread QD32 | {q32[0]:.0f}k IOPS | {q32[1]:.0f}k IOPS | {q32[1] / q32[0]:.2f} |",
         f"| 256 KiB read QD8 | {r256[0]:.1f} GB/s | {r256[1]:.1f} GB/s | {r256[1] / r256[0]:.2f} |",
         f"| 1 MiB read QD8 | {r1m[0]:.1f} GB/s | {r1m[1]:.1f} GB/s | **{r1m[1] / d.cold:.2f}× cold memcpy** |",

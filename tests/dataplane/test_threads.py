@@ -18,6 +18,7 @@ from __future__ import annotations
 import os
 import select
 import struct
+import threading
 import time
 
 import pytest
@@ -345,3 +346,46 @@ def test_loops_stopped_and_started_with_devices_on_each(shared_dp, make_rig):
             roundtrip(r, 0, 2048)
         finally:
             bt.stop()
+
+
+def test_a_kick_flood_starves_no_other_device_of_its_loop(shared_dp, make_rig):
+    """A hostile guest writing its kick eventfd as fast as it can: every write is a
+    completion of the loop's multishot poll (csrc/loop.c "How the loop waits"), thousands
+    a second. Another device on the same
+    loop is still served, every request of it exactly once, and the flooded device's own
+    request too."""
+    dp = shared_dp(threads=1)
+    flooded, other = make_rig(dp=dp, name="flooded", num=32), make_rig(dp=dp, name="other", num=32)
+    bts = [BackendThread(flooded, 0), BackendThread(other, 0)]
+    for b in bts:
+        b.start()
+    stop = threading.Event()
+    writes = [0]
+
+    def flood():
+        fd = os.dup(flooded.kick[0])
+        try:
+            while not stop.is_set():
+                os.eventfd_write(fd, 1)
+                writes[0] += 1
+        finally:
+            os.close(fd)
+    t = threading.Thread(target=flood, daemon=True)
+    t.start()
+    try:
+        wait_until(lambda: flooded.dev.stats(0).guest_kicks > 1000, "the loop to see the flood")
+        for _ in range(50):
+            roundtrip(other, 0, 512)
+        roundtrip(flooded, 0, 4096)
+    finally:
+        stop.set()
+        t.join()
+        for b in bts:
+            b.stop()
+    assert writes[0] > 1000
+    st = other.dev.stats(0)
+    assert (st.requests, st.completed, st.inflight) == (50, 50, 0)
+    fs = flooded.dev.stats(0)
+    assert (fs.requests, fs.completed, fs.inflight) == (1, 1, 0)
+    assert fs.guest_kicks >= 1000                    # the loop saw them: not a test of a quiet loop
+    assert [e for e in other.events() if e.name == "LOOP_ERROR"] == []

@@ -22,7 +22,6 @@ import hashlib
 import os
 import random
 import re
-import time
 
 import pytest
 
@@ -31,38 +30,19 @@ from fastshadow.guest.virtiofsd import Virtiofsd, find_virtiofsd
 
 from ..proxy.interposer import Interposer
 from .isolation_watch import IsolationWatch
+from .virtiofs_guest import GUEST_CMD, guest_script
 
 pytestmark = pytest.mark.vm
 
-# Runs in the guest from a copy (so that /mnt can be unmounted at the end).
-GUEST_SCRIPT = """\
-set -e
-echo FS-MOUNTED
-i=0
-while [ ! -e /mnt/go ]; do
-    i=$((i + 1))
-    [ $i -lt 600 ] || { echo "host never said go"; exit 3; }
-    usleep 100000
-done
+# The guest's reads and writes between the host's "go" and "go2" (virtiofs_guest.py).
+GUEST_WORK = """\
 cd /mnt/in
 sha256sum * > /mnt/guest-read.sha
 mkdir /mnt/out
 cp * /mnt/out/
 dd if=/dev/urandom of=/mnt/guest.bin bs=64k count=64 2>/dev/null
 sha256sum /mnt/guest.bin > /mnt/guest-write.sha
-echo FS-WRITTEN
-i=0
-while [ ! -e /mnt/go2 ]; do
-    i=$((i + 1))
-    [ $i -lt 600 ] || { echo "host never said go2"; exit 3; }
-    usleep 100000
-done
-cd /
-umount /mnt
-echo FS-UNMOUNTED
 """
-
-GUEST_CMD = "mount -t virtiofs myfs /mnt && cp /mnt/run.sh /run.sh && sh /run.sh"
 
 
 def sha256(path) -> str:
@@ -78,7 +58,7 @@ def make_share(share) -> dict[str, str]:
         sizes[f"f{i:02d}.bin"] = base + rng.randrange(0, 3)
     for name, size in sizes.items():
         (share / "in" / name).write_bytes(rng.randbytes(size))
-    (share / "run.sh").write_text(GUEST_SCRIPT)
+    (share / "run.sh").write_text(guest_script(GUEST_WORK))
     return {name: sha256(share / "in" / name) for name in sizes}
 
 

@@ -54,6 +54,7 @@ from fastshadow.guest.virtiofsd import find_virtiofsd
 from fastshadow.isolation import check_isolation, process_tree
 
 from ..conftest import need_binary
+from .virtiofs_guest import GUEST_CMD, guest_script
 
 pytestmark = [pytest.mark.vm,
               pytest.mark.skipif(os.geteuid() != 0, reason="starts libvirtd and runs peers as other users: needs root")]
@@ -96,30 +97,12 @@ README_SOCKETS = {"blk": "/run/fastshadow/disk0.sock", "net": "/run/fastshadow/n
 README_CMDLINE = BLK_CMDLINE  # the README's domain shows the disk test's guest command line
 
 
-FS_CMDLINE = 'console=ttyS0 panic=-1 fastshadow.cmd="mount -t virtiofs myfs /mnt && cp /mnt/run.sh /run.sh && sh /run.sh"'
-# Runs in the guest from a copy, so that /mnt can be unmounted at the end.
-FS_GUEST_SCRIPT = """\
-set -e
-echo FS-MOUNTED
-i=0
-while [ ! -e /mnt/go ]; do
-    i=$((i + 1))
-    [ $i -lt 600 ] || { echo "host never said go"; exit 3; }
-    usleep 100000
-done
+FS_CMDLINE = f'console=ttyS0 panic=-1 fastshadow.cmd="{GUEST_CMD}"'
+# The guest's reads and writes between the host's "go" and "go2" (virtiofs_guest.py).
+FS_GUEST_WORK = """\
 sha256sum /mnt/in.bin > /mnt/guest-read.sha
 dd if=/dev/urandom of=/mnt/guest.bin bs=64k count=32 2>/dev/null
 sha256sum /mnt/guest.bin > /mnt/guest-write.sha
-echo FS-WRITTEN
-i=0
-while [ ! -e /mnt/go2 ]; do
-    i=$((i + 1))
-    [ $i -lt 600 ] || { echo "host never said go2"; exit 3; }
-    usleep 100000
-done
-cd /
-umount /mnt
-echo FS-UNMOUNTED
 """
 
 def virsh(*args: str, timeout: float = 30, check: bool = True) -> subprocess.CompletedProcess:
@@ -442,7 +425,7 @@ def test_libvirt_domain_with_isolated_virtiofs(deployment):
     share.mkdir()
     data = random.Random(11).randbytes((4 << 20) + 4097)
     (share / "in.bin").write_bytes(data)
-    (share / "run.sh").write_text(FS_GUEST_SCRIPT)
+    (share / "run.sh").write_text(guest_script(FS_GUEST_WORK))
     for p in (share, *share.iterdir()):
         os.chown(p, d.backend_pw.pw_uid, d.backend_pw.pw_gid)
 
