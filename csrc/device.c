@@ -28,6 +28,12 @@
  *   ring_reserve = the three ring sizes for max_queue_size, each rounded up
  *   to a page, so the slot does not move when num changes.  queue.c places
  *   the rings (queue_set_num) and the bounce area (queue_open) in the slot.
+ *
+ * One backend, one shadow: each new backend connection gets a new memfd
+ * and new backend kick/call eventfds (fsdp_dev_renew_backend_side), mapped
+ * at the same address, so that a dropped backend that lives on with the old
+ * ones mapped and open (a liar we cut off, qemu-storage-daemon finishing a
+ * deleted export's requests) reaches nothing of the device any more.
  */
 #define _GNU_SOURCE
 #include <errno.h>
@@ -79,6 +85,7 @@ enum dev_op {
     CMD_ADD_REGION,
     CMD_REMOVE_REGION,
     CMD_RESET,
+    CMD_RENEW_BACKEND_SIDE,
     CMD_SET_LOG_BASE,
     CMD_SET_LOGGING,
     CMD_POLL,
@@ -88,6 +95,7 @@ enum dev_op {
     CMD_SET_BASE,
     CMD_SET_ADDR,
     CMD_SET_GUEST_FD,
+    CMD_BACKEND_FDS,
     CMD_SHADOW_ADDRS,
     CMD_START,
     CMD_SET_EVENT_IDX,
@@ -134,6 +142,10 @@ struct dev_cmd {
             uint64_t *out;                 /* translate: uaddr, avail */
         } iotlb_msg;
         struct {
+            int shadow_fd;                 /* in: the new memfd; out: the one to close */
+            int *kick, *call;              /* per queue, the same: new eventfds in, old out */
+        } renew;
+        struct {
             struct fsdp_log *log;          /* in: the new log; out: the replaced one */
         } set_log_base;
         struct {
@@ -160,6 +172,9 @@ struct dev_cmd {
             bool call;                     /* guest call fd, else guest kick fd */
             bool blocking;                 /* fd lacks O_NONBLOCK */
         } set_guest_fd;
+        struct {
+            int kick, call;                /* out: the backend eventfds, ours */
+        } backend_fds;
         struct {
             uint64_t desc, avail, used;    /* out: the backend's user addresses */
         } shadow_addrs;
@@ -222,21 +237,35 @@ static void dev_destroy(struct fsdp_dev *dev)
     free(dev);
 }
 
-static int make_shadow(struct fsdp_dev *dev)
+/* A new shadow memfd for dev: sized, sealed, not mapped.  The fd, or -errno.
+ * Used at creation and for each new backend (fsdp_dev_renew_backend_side). */
+static int shadow_memfd(const struct fsdp_dev *dev)
 {
-    char name[16 + FSDP_NAME_MAX];
-    void *p;
+    char name[sizeof("fastshadow-shadow:") + FSDP_NAME_MAX];
+    int fd, rc;
 
     snprintf(name, sizeof(name), "fastshadow-shadow:%s", dev->name);
-    dev->shadow_fd = memfd_create(name, MFD_CLOEXEC | MFD_ALLOW_SEALING);
-    if (dev->shadow_fd < 0)
-        return -errno;
-    if (ftruncate(dev->shadow_fd, (off_t)dev->shadow_size) < 0)
+    fd = memfd_create(name, MFD_CLOEXEC | MFD_ALLOW_SEALING);
+    if (fd < 0)
         return -errno;
     /* The size is fixed for good: the backend cannot shrink it under our
      * mapping (SIGBUS) nor grow it; F_SEAL_SEAL so nobody changes that. */
-    if (fcntl(dev->shadow_fd, F_ADD_SEALS, F_SEAL_SHRINK | F_SEAL_GROW | F_SEAL_SEAL) < 0)
-        return -errno;
+    if (ftruncate(fd, (off_t)dev->shadow_size) < 0 ||
+        fcntl(fd, F_ADD_SEALS, F_SEAL_SHRINK | F_SEAL_GROW | F_SEAL_SEAL) < 0) {
+        rc = -errno;
+        close(fd);
+        return rc;
+    }
+    return fd;
+}
+
+static int make_shadow(struct fsdp_dev *dev)
+{
+    void *p;
+
+    dev->shadow_fd = shadow_memfd(dev);
+    if (dev->shadow_fd < 0)
+        return dev->shadow_fd;
     p = mmap(NULL, dev->shadow_size, PROT_READ | PROT_WRITE, MAP_SHARED, dev->shadow_fd, 0);
     if (p == MAP_FAILED)
         return -errno;
@@ -340,12 +369,14 @@ fail:
 
 int fsdp_dev_info(struct fsdp_dev *dev, struct fsdp_dev_info *out)
 {
-    /* Immutable after creation: no command needed. */
+    /* Immutable after creation, but for shadow_fd, which each new backend
+     * replaces (on the loop, cmd_renew_backend_side): read atomically, no
+     * command needed. */
     memset(out, 0, sizeof(*out));
     out->id = dev->ctx.id;
     out->num_queues = dev->ctx.num_queues;
     out->max_queue_size = dev->cfg.max_queue_size;
-    out->shadow_fd = dev->shadow_fd;
+    out->shadow_fd = __atomic_load_n(&dev->shadow_fd, __ATOMIC_RELAXED);
     out->shadow_size = dev->shadow_size;
     out->shadow_gpa = FSDP_SHADOW_GPA_BASE;
     out->shadow_uaddr = FSDP_SHADOW_UADDR_BASE;
@@ -555,6 +586,152 @@ int fsdp_dev_reset(struct fsdp_dev *dev)
 }
 
 /* ------------------------------------------------------------------------ */
+/* A new backend: new shadow memory and eventfds.                             */
+
+/* Copy what old_fd holds in [off, end) into new_fd, reading it through the
+ * old mapping src: only the ranges that hold data (SEEK_DATA / SEEK_HOLE),
+ * so that holes -- pages never touched, bounce areas given back by an idle
+ * trim -- are not faulted in on either side. */
+static int copy_data(int old_fd, const uint8_t *src, int new_fd, uint64_t off, uint64_t end)
+{
+    while (off < end) {
+        off_t d = lseek(old_fd, (off_t)off, SEEK_DATA), h;
+
+        if (d < 0)
+            return errno == ENXIO ? 0 : -errno;     /* ENXIO: no data past off */
+        if ((uint64_t)d >= end)
+            return 0;
+        h = lseek(old_fd, d, SEEK_HOLE);
+        if (h < 0)
+            return -errno;
+        if ((uint64_t)h > end)
+            h = (off_t)end;
+        for (off_t at = d; at < h;) {
+            ssize_t n = pwrite(new_fd, src + at, (size_t)(h - at), at);
+            if (n < 0 && errno != EINTR)
+                return -errno;
+            if (n > 0)
+                at += n;
+        }
+        off = (uint64_t)h;
+    }
+    return 0;
+}
+
+/* The bounce bytes of the requests the queues keep (parked, re-published at
+ * the next start) go to the new memfd: writes carry guest data there.  The
+ * shadow rings are not copied: the new region starts with zeroed rings,
+ * which is what queue_clear_shadow leaves for a new backend, so nothing the
+ * old backend wrote after its queues were parked (a used index, a fake used
+ * element) reaches the new one.  Bounce areas holding no request are not
+ * copied either (stale bytes, or the old backend's scribbles). */
+static int copy_kept_bounce(struct fsdp_dev *dev, int new_fd)
+{
+    for (uint32_t i = 0; i < dev->ctx.num_queues; i++) {
+        struct fsdp_queue *q = &dev->ctx.q[i];
+        uint64_t len = (uint64_t)q->bounce.npages * FSDP_PAGE;
+        int rc;
+
+        if (q->bounce.nfree == q->bounce.npages)
+            continue;                               /* holds no request */
+        rc = copy_data(dev->shadow_fd, dev->ctx.shadow, new_fd, q->s_bounce_off,
+                       q->s_bounce_off + len);
+        if (rc)
+            return rc;
+    }
+    return 0;
+}
+
+/*
+ * On the loop, between two passes, no queue started: the data plane does not
+ * touch the shadow region meanwhile.  The old backend may: what it writes
+ * from now on lands in the old memfd, or in kept bounce bytes being copied,
+ * whose readable part the re-publication copies again from the guest
+ * (copy_in) and whose writable part the new backend writes.  The new memfd
+ * is mapped over the old mapping at the same address (MAP_FIXED), so every
+ * pointer into the region (rings, bounce areas, requests' offsets) stays
+ * valid.  Swaps: the caller gets back the old fds to close (or, on failure,
+ * its new ones).
+ */
+static int cmd_renew_backend_side(struct fsdp_dp *dp, struct dev_cmd *c)
+{
+    struct fsdp_dev *dev = c->dev;
+    int new_fd = c->arg.renew.shadow_fd, rc;
+
+    for (uint32_t i = 0; i < dev->ctx.num_queues; i++)
+        if (dev->ctx.q[i].started)
+            return -EBUSY;      /* the backend being replaced may still run it */
+    rc = copy_kept_bounce(dev, new_fd);
+    if (rc)
+        return rc;
+    if (mmap(dev->ctx.shadow, dev->shadow_size, PROT_READ | PROT_WRITE, MAP_SHARED | MAP_FIXED,
+             new_fd, 0) == MAP_FAILED) {
+        rc = -errno;
+        /* A failed MAP_FIXED may have unmapped the range already: map the
+         * old memfd back, so that the region stays what it was. */
+        mmap(dev->ctx.shadow, dev->shadow_size, PROT_READ | PROT_WRITE, MAP_SHARED | MAP_FIXED,
+             dev->shadow_fd, 0);
+        return rc;
+    }
+    c->arg.renew.shadow_fd = dev->shadow_fd;
+    __atomic_store_n(&dev->shadow_fd, new_fd, __ATOMIC_RELAXED);   /* fsdp_dev_info */
+    for (uint32_t i = 0; i < dev->ctx.num_queues; i++) {
+        struct fsdp_queue *q = &dev->ctx.q[i];
+        int kick = q->backend_kick_fd, call = q->backend_call_fd;
+
+        q->backend_kick_fd = c->arg.renew.kick[i];
+        q->backend_call_fd = c->arg.renew.call[i];
+        c->arg.renew.kick[i] = kick;
+        c->arg.renew.call[i] = call;
+        dp_call_fd_changed(dp, q);      /* its poll moves to the new call fd */
+    }
+    return 0;
+}
+
+int fsdp_dev_renew_backend_side(struct fsdp_dev *dev)
+{
+    uint32_t n = dev->ctx.num_queues;
+    struct dev_cmd c = {.op = CMD_RENEW_BACKEND_SIDE, .dev = dev,
+                        .arg.renew = {.shadow_fd = -1}};
+    int *fds = malloc(2 * n * sizeof(*fds));
+    int rc = fds ? 0 : -ENOMEM;
+
+    /* Slow work on the caller's thread: the new fds are made here, the old
+     * ones closed here once the loop has let go of them. */
+    for (uint32_t i = 0; fds && i < 2 * n; i++)
+        fds[i] = -1;
+    for (uint32_t i = 0; !rc && i < 2 * n; i++) {
+        fds[i] = queue_backend_eventfd();
+        if (fds[i] < 0)
+            rc = fds[i];
+    }
+    if (!rc) {
+        c.arg.renew.shadow_fd = shadow_memfd(dev);
+        if (c.arg.renew.shadow_fd < 0)
+            rc = c.arg.renew.shadow_fd;
+    }
+    if (!rc) {
+        c.arg.renew.kick = fds;
+        c.arg.renew.call = fds + n;
+        rc = exec(&c);
+    }
+    if (!rc) {
+        /* The old memfd lives on in a backend that kept it: give its pages
+         * back now (they would stay resident as long as that process lives),
+         * and that backend reads only zeros from then on. */
+        (void)fallocate(c.arg.renew.shadow_fd, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE, 0,
+                        (off_t)dev->shadow_size);
+    }
+    if (c.arg.renew.shadow_fd >= 0)
+        close(c.arg.renew.shadow_fd);   /* the old memfd, or the new one not taken */
+    for (uint32_t i = 0; fds && i < 2 * n; i++)
+        if (fds[i] >= 0)
+            close(fds[i]);              /* the same for the eventfds */
+    free(fds);
+    return rc;
+}
+
+/* ------------------------------------------------------------------------ */
 /* Dirty log (log.c).                                                         */
 
 static int cmd_set_log_base(struct fsdp_dp *dp, struct dev_cmd *c)
@@ -747,14 +924,29 @@ int fsdp_queue_set_guest_call(struct fsdp_dev *dev, uint32_t q, int fd)
     return set_guest_fd(dev, q, fd, true);
 }
 
+static int cmd_backend_fds(struct fsdp_dp *dp, struct dev_cmd *c)
+{
+    struct fsdp_queue *q = get_q(c->dev, c->q);
+
+    if (!q)
+        return -EINVAL;
+    c->arg.backend_fds.kick = q->backend_kick_fd;
+    c->arg.backend_fds.call = q->backend_call_fd;
+    return 0;
+}
+
 int fsdp_queue_backend_fds(struct fsdp_dev *dev, uint32_t q, int *kick_fd, int *call_fd)
 {
-    /* Created with the device, never replaced: no command needed. */
-    if (q >= dev->ctx.num_queues)
-        return -EINVAL;
-    *kick_fd = dev->ctx.q[q].backend_kick_fd;
-    *call_fd = dev->ctx.q[q].backend_call_fd;
-    return 0;
+    /* Created with the device, replaced for each new backend (on the loop,
+     * cmd_renew_backend_side): read on the loop too.  Still ours: the
+     * caller dups what it sends. */
+    struct dev_cmd c = {.op = CMD_BACKEND_FDS, .dev = dev, .q = q,
+                        .arg.backend_fds = {.kick = -1, .call = -1}};
+    int rc = exec(&c);
+
+    *kick_fd = c.arg.backend_fds.kick;
+    *call_fd = c.arg.backend_fds.call;
+    return rc;
 }
 
 static int cmd_shadow_addrs(struct fsdp_dp *dp, struct dev_cmd *c)
@@ -1104,6 +1296,7 @@ static int run_cmd(struct fsdp_dp *dp, struct fsdp_cmd *link)
     case CMD_ADD_REGION:    return cmd_add_region(dp, c);
     case CMD_REMOVE_REGION: return cmd_remove_region(dp, c);
     case CMD_RESET:         return cmd_reset(dp, c);
+    case CMD_RENEW_BACKEND_SIDE: return cmd_renew_backend_side(dp, c);
     case CMD_SET_LOG_BASE:  return cmd_set_log_base(dp, c);
     case CMD_SET_LOGGING:   return cmd_set_logging(dp, c);
     case CMD_POLL:          return cmd_poll(dp, c);
@@ -1112,6 +1305,7 @@ static int run_cmd(struct fsdp_dp *dp, struct fsdp_cmd *link)
     case CMD_SET_BASE:      return cmd_set_base(dp, c);
     case CMD_SET_ADDR:      return cmd_set_addr(dp, c);
     case CMD_SET_GUEST_FD:  return cmd_set_guest_fd(dp, c);
+    case CMD_BACKEND_FDS:   return cmd_backend_fds(dp, c);
     case CMD_SHADOW_ADDRS:  return cmd_shadow_addrs(dp, c);
     case CMD_START:         return cmd_start(dp, c);
     case CMD_SET_EVENT_IDX: return cmd_set_event_idx(dp, c);

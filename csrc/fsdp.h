@@ -39,7 +39,7 @@
 /* FSDP_C_ONLY_END */
 
 /* Bumped whenever this interface changes; checked at import. */
-#define FSDP_ABI_VERSION 6
+#define FSDP_ABI_VERSION 7
 int fsdp_abi_version(void);
 
 /* Limits and flags (enums so that cffi sees them as constants too). */
@@ -232,7 +232,8 @@ struct fsdp_dev_info {
     uint32_t id;                 /* unique in the process while the device exists (events, probes) */
     uint32_t num_queues;
     uint32_t max_queue_size;
-    int32_t shadow_fd;           /* owned by the data plane; hand to the backend */
+    int32_t shadow_fd;           /* owned by the data plane; hand to the backend (each
+                                    fsdp_dev_renew_backend_side replaces it) */
     uint64_t shadow_size;
     uint64_t shadow_gpa;         /* FSDP_SHADOW_GPA_BASE */
     uint64_t shadow_uaddr;       /* FSDP_SHADOW_UADDR_BASE */
@@ -273,6 +274,18 @@ int fsdp_dev_set_mem_table(struct fsdp_dev *dev, const struct fsdp_mem_region *r
 int fsdp_dev_add_mem_region(struct fsdp_dev *dev, const struct fsdp_mem_region *region);
 int fsdp_dev_remove_mem_region(struct fsdp_dev *dev, uint64_t gpa, uint64_t size);
 int fsdp_dev_reset(struct fsdp_dev *dev);
+/* Each new backend connection: a new shadow memfd (same size, sealed, mapped
+ * at the old one's address) and new backend kick and call eventfds for every
+ * queue, the old ones closed.  A previous backend that is still alive (cut
+ * off for lying, or finishing the requests of a deleted export) then keeps
+ * nothing that reaches the device: its writes to the old shadow rings and
+ * bounce buffers, its reads of the old kick eventfds and writes to the old
+ * call eventfds have no effect.  The bounce bytes of requests the queues
+ * keep are copied; the shadow rings start zeroed.  fds taken from
+ * fsdp_dev_info / fsdp_queue_backend_fds before are closed: take them again.
+ * Only while no queue is started: -EBUSY otherwise; -errno (ENOMEM, EMFILE,
+ * ...) if the new fds cannot be made, and nothing changed. */
+int fsdp_dev_renew_backend_side(struct fsdp_dev *dev);
 /* Dirty log for migration: QEMU's log (SET_LOG_BASE: fd mapped, never kept;
  * fd < 0 unmaps), and whether writes are logged (VHOST_F_LOG_ALL). */
 int fsdp_dev_set_log_base(struct fsdp_dev *dev, int fd, uint64_t size, uint64_t offset);
@@ -310,6 +323,9 @@ int fsdp_queue_set_addr(struct fsdp_dev *dev, uint32_t q, uint64_t desc_uaddr,
                         uint64_t avail_uaddr, uint64_t used_uaddr);
 int fsdp_queue_set_guest_kick(struct fsdp_dev *dev, uint32_t q, int fd);  /* -1: poll */
 int fsdp_queue_set_guest_call(struct fsdp_dev *dev, uint32_t q, int fd);  /* -1: none */
+/* The eventfds to send the backend (SET_VRING_KICK / CALL): the data
+ * plane's, the caller dups what it sends; valid until the next
+ * fsdp_dev_renew_backend_side. */
 int fsdp_queue_backend_fds(struct fsdp_dev *dev, uint32_t q, int *kick_fd, int *call_fd);
 int fsdp_queue_shadow_addrs(struct fsdp_dev *dev, uint32_t q, uint64_t *desc,
                             uint64_t *avail, uint64_t *used);

@@ -23,8 +23,13 @@
  * and "kicked" is the completion itself.  A queue's stop clears its kick
  * counter once (queue_stop_finish: QEMU tests it when it stops vhost).  A poll armed on a counter that is
  * already non-zero completes at once, so a re-arm never loses a wakeup (it
- * only costs a spurious pass).  The command eventfd keeps an
- * IORING_OP_READ (it is ours, and the read tells "commands queued").
+ * only costs a spurious pass).  A replaced fd (a guest kick fd QEMU sends
+ * again, the backend call fds a new backend gets) has its poll cancelled
+ * (dp_kick_fd_changed, dp_call_fd_changed) and the new one armed in the
+ * next iteration: the poll holds the old file, so without the cancel a
+ * dropped backend that kept the fd could still wake us.  The command
+ * eventfd keeps an IORING_OP_READ (it is ours, and the read tells
+ * "commands queued").
  *
  * Why no read: an eventfd read takes the eventfd's wait-queue lock, which
  * the writer holds while it wakes us -- and on this 2-vCPU VM that wake-up
@@ -466,6 +471,23 @@ void dp_kick_fd_changed(struct fsdp_dp *dp, struct fsdp_queue *q)
         w->kick_armed = false;
     }
     w->kick_failed = false;
+}
+
+void dp_call_fd_changed(struct fsdp_dp *dp, struct fsdp_queue *q)
+{
+    int slot = slot_of(dp, q->dev);
+    struct watch *w = watch_of(dp, q);
+
+    if (!w)
+        return;
+    /* The poll holds the old eventfd's file: cancelled, so that a write to
+     * it (by a backend that kept the fd) wakes nobody; arm_all arms the new
+     * fd in the next iteration, and a completion of the old poll that was
+     * already queued carries the old token and is ignored. */
+    if (w->call_armed) {
+        cancel_watch(dp, (uint32_t)slot, q, K_CALL, w->call_token);
+        w->call_armed = false;
+    }
 }
 
 /* The stop waiting on q, finished (queue_stop_finish fills its result), for

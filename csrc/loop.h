@@ -41,6 +41,8 @@ struct fsdp_devctx *dp_take_dev(struct fsdp_dp *dp);
 void dp_destroy(struct fsdp_dp *dp);
 /* The guest kick fd of q was replaced (on loop): cancel the poll armed on the old one. */
 void dp_kick_fd_changed(struct fsdp_dp *dp, struct fsdp_queue *q);
+/* The backend call fd of q was replaced (on loop): the same for it. */
+void dp_call_fd_changed(struct fsdp_dp *dp, struct fsdp_queue *q);
 /* Stops that wait for a queue to drain (on loop).  dp_stop_wait parks c
  * (deferred) until nothing the backend took is left in flight; the loop then
  * finishes the stop (queue_stop_finish fills res) and completes c with 0.

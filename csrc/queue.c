@@ -40,16 +40,23 @@ void queue_init(struct fsdp_queue *q, struct fsdp_devctx *dev, uint32_t idx)
     q->backend_kick_fd = q->backend_call_fd = -1;
 }
 
+int queue_backend_eventfd(void)
+{
+    /* Non-blocking like QEMU's own event notifiers: the file status
+     * flags are shared with the backend once it receives the fd. */
+    int fd = eventfd(0, EFD_CLOEXEC | EFD_NONBLOCK);
+
+    return fd < 0 ? -errno : fd;
+}
+
 int queue_open(struct fsdp_queue *q)
 {
     struct fsdp_devctx *dev = q->dev;
 
-    /* Non-blocking like QEMU's own event notifiers: the file status
-     * flags are shared with the backend once it receives the fd. */
-    q->backend_kick_fd = eventfd(0, EFD_CLOEXEC | EFD_NONBLOCK);
-    q->backend_call_fd = eventfd(0, EFD_CLOEXEC | EFD_NONBLOCK);
+    q->backend_kick_fd = queue_backend_eventfd();
+    q->backend_call_fd = queue_backend_eventfd();
     if (q->backend_kick_fd < 0 || q->backend_call_fd < 0)
-        return -errno;
+        return q->backend_kick_fd < 0 ? q->backend_kick_fd : q->backend_call_fd;
     q->s_bounce_off = (uint64_t)q->idx * dev->slot_size + dev->ring_reserve;
     q->s_bounce = dev->shadow + q->s_bounce_off;
     return bounce_init(&q->bounce, (uint32_t)((dev->slot_size - dev->ring_reserve) / FSDP_PAGE));

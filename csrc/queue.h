@@ -14,6 +14,9 @@
 void queue_init(struct fsdp_queue *q, struct fsdp_devctx *dev, uint32_t idx);
 /* Its backend eventfds and its bounce area (the tail of its shadow slot). */
 int queue_open(struct fsdp_queue *q);
+/* A new backend kick or call eventfd (the fd, or -errno); also what
+ * fsdp_dev_renew_backend_side puts in place of the old ones. */
+int queue_backend_eventfd(void);
 void queue_destroy(struct fsdp_queue *q);
 
 /* SET_VRING_NUM: private arrays for num entries, shadow rings placed in the slot. */

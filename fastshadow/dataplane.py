@@ -51,7 +51,7 @@ from . import _dataplane
 from ._dataplane import ffi, lib
 
 #: Must match FSDP_ABI_VERSION in csrc/fsdp.h; a stale build fails loudly here.
-ABI_VERSION = 6
+ABI_VERSION = 7
 
 if lib.fsdp_abi_version() != ABI_VERSION:  # pragma: no cover - build mismatch
     raise ImportError(
@@ -590,7 +590,8 @@ class Device:
     """One vhost-user device in isolated mode (created by :meth:`DataPlane.add_device`).
 
     ``shadow_fd`` (and the backend eventfds) belong to the data plane: send
-    them to the backend, never close them.  fds passed in (memory regions,
+    them to the backend, never close them; :meth:`renew_backend_side` replaces
+    them for each new backend connection.  fds passed in (memory regions,
     guest kick/call) stay the caller's: the data plane maps or duplicates
     what it needs.
     """
@@ -607,7 +608,6 @@ class Device:
         self.id: int = info.id
         self.num_queues: int = info.num_queues
         self.max_queue_size: int = info.max_queue_size
-        self.shadow_fd: int = info.shadow_fd
         self.shadow_size: int = info.shadow_size
         self.shadow_gpa: int = info.shadow_gpa
         self.shadow_uaddr: int = info.shadow_uaddr
@@ -616,6 +616,14 @@ class Device:
 
     def __repr__(self) -> str:
         return f"<Device {self.name!r} id={self.id} queues={self.num_queues} loop={self.loop}>"
+
+    @property
+    def shadow_fd(self) -> int:
+        """The shadow memfd to give the backend now (data plane's: send a dup); each
+        :meth:`renew_backend_side` replaces it, so look it up when sending, never keep it."""
+        info = ffi.new("struct fsdp_dev_info *")
+        _check(lib.fsdp_dev_info(self._live(), info), f"{self.name}: device info")
+        return info.shadow_fd
 
     def _live(self):
         if self._dev is None:
@@ -651,6 +659,25 @@ class Device:
     def reset(self) -> None:
         """Device reset: every queue forgets its state; requests in flight are dropped."""
         _check(lib.fsdp_dev_reset(self._live()), f"{self.name}: reset")
+
+    def renew_backend_side(self) -> None:
+        """Give the next backend connection fds no earlier backend ever had: a new shadow memfd
+        (mapped where the old one was) and new kick and call eventfds for every queue; the old
+        ones are closed.
+
+        Why: a backend that was dropped may live on (cut off for lying, or qemu-storage-daemon
+        finishing the requests of a deleted export) with the old memfd mapped and the old
+        eventfds open. Afterwards its writes to the old shadow rings and bounce buffers, its
+        reads of the old kick eventfds (kicks swallowed) and writes to the old call eventfds
+        reach nothing. The bounce bytes of the requests the queues keep are copied (they are
+        re-published to the new backend); the shadow rings start zeroed. `shadow_fd` and
+        `queue_backend_fds` give the new fds from now on.
+
+        Raises QueueBusy while a queue is started (stop or park every queue first), and
+        DataPlaneError (ENOMEM, EMFILE, ...) when the new memfd or eventfds cannot be made;
+        then nothing changed."""
+        _check(lib.fsdp_dev_renew_backend_side(self._live()),
+               f"{self.name}: new shadow memory and eventfds for a new backend")
 
     # device IOTLB (vIOMMU) -------------------------------------------------------
     def iotlb_enable(self, on: bool, cap: int = 0, keep_completed: bool = False) -> None:
@@ -741,7 +768,8 @@ class Device:
                self._q("set guest call fd", q))
 
     def queue_backend_fds(self, q: int) -> tuple[int, int]:
-        """(kick_fd, call_fd): eventfds owned by the data plane, to hand to the backend."""
+        """(kick_fd, call_fd): eventfds owned by the data plane, to hand to the backend (send
+        dups); replaced by :meth:`renew_backend_side`, so look them up when sending."""
         k = ffi.new("int *")
         c = ffi.new("int *")
         _check(lib.fsdp_queue_backend_fds(self._live(), q, k, c), self._q("backend fds", q))

@@ -76,6 +76,11 @@ class BackendGone(PeerClosed):
     QEMU's (the end of the session)."""
 
 
+#: Requests whose fd is fastshadow's own and new for each backend connection (renew_backend_side):
+#: the record keeps none of them, a replay sends the current one.
+RENEWED_PER_BACKEND = frozenset({FrontendReq.SET_MEM_TABLE, FrontendReq.SET_VRING_KICK, FrontendReq.SET_VRING_CALL,
+                                 FrontendReq.SET_VRING_ERR})
+
 #: Requests refused in isolated mode, with the reason (their features are never offered).
 REFUSED = {
     FrontendReq.SET_LOG_FD: "log-change notifications are not offered in isolated mode (QEMU reads the log "
@@ -140,7 +145,7 @@ class IsolatedSession(Session):
         self.reconnect = reconnect
         self.survives_backend_loss = reconnect is not None and cfg.reconnects_backend()
         #: What the backend has been told (filled by to_backend), to tell a restarted one.
-        self.record = BackendRecord()
+        self.record = BackendRecord(renewed=RENEWED_PER_BACKEND)
         self._losses: list[float] = []  # monotonic times of backend losses (reconnect back-off)
         self.dp = dataplane
         self.dev = None
@@ -149,6 +154,8 @@ class IsolatedSession(Session):
         self.offered_device_features: int | None = None
         self.backend_protocol_features = 0
         self.backend_has_table = False
+        #: The current backend connection was sent fds of RENEWED_PER_BACKEND: the next one needs new ones.
+        self.backend_side_given = False
         self.started: set[int] = set()
         self.err_fds: dict[int, tuple[int, int | None]] = {}  # queue -> (ours, QEMU's)
         self.qemu_features: int | None = None  # QEMU's last SET_FEATURES
@@ -255,6 +262,8 @@ class IsolatedSession(Session):
         """The one way a message reaches the backend: what it accepts is recorded for replay."""
         if expect_reply is None:
             expect_reply = self.neg.expects_reply(msg)
+        if msg.request in RENEWED_PER_BACKEND and msg.fds:
+            self.backend_side_given = True        # before the send: a failed one may have passed them
         # super() closes msg's fds once sent; the record may keep one after the answer.
         kept = Message(msg.request, msg.payload, [os.dup(fd) for fd in msg.fds] if msg.request in STATE_REQUESTS
                        else [], msg.flags)
@@ -360,8 +369,16 @@ class IsolatedSession(Session):
             self.backend = Connection(sock, Channel.MAIN, receives_replies=True, name="backend")
             self._sel.register(sock, selectors.EVENT_READ, "backend")
             try:
+                # Each connection (a retry too, if the one that left got them) gets fds of its own.
+                self.renew_backend_side()
+            except DataPlaneError as e:
+                self._abort_parked(parked, f"the new backend could not be given fresh shadow memory: {e}")
+                raise PeerClosed(f"{reason}; the new backend could not be given fresh shadow memory and "
+                                 f"eventfds: {e}") from None
+            try:
                 replay(self.record, lambda m, expect: self.to_backend(m, expect_reply=expect),
-                       before_kick=start_parked, new_channel=lambda: self._new_relay(self.relay.take_qemu_side()))
+                       before_kick=start_parked, new_channel=lambda: self._new_relay(self.relay.take_qemu_side()),
+                       fresh_fd=self.fresh_fd)
                 break
             except PeerClosed as e:
                 # A dying backend's listening socket can outlive its connection and take
@@ -375,6 +392,38 @@ class IsolatedSession(Session):
                 time.sleep(max(0.05, self._backoff()))
         kv(log, logging.INFO, "backend.reconnected", dev=self.name, requeued=sum(parked.values()),
            queues=len(parked), seconds=f"{time.monotonic() - t0:.3f}")
+
+    def renew_backend_side(self) -> None:
+        """Before a new backend connection is told the device: everything of fastshadow's that the
+        previous backend held and that reaches the device is replaced -- the shadow memory and every
+        ring's kick and call eventfds (the data plane's), and the ring error eventfds (ours). A
+        previous backend that is still alive (cut off for lying, or qemu-storage-daemon finishing the
+        requests of a deleted export) can then no longer fake completions or data in the shadow
+        ring, swallow the new backend's kicks, or signal calls and ring errors. The queues must be
+        parked (QueueBusy otherwise). Nothing to do while no backend was given any of them yet (a
+        connection that left before the replay reached them holds nothing)."""
+        if self.dev is None or not self.backend_side_given:
+            return
+        self.dev.renew_backend_side()
+        self.backend_side_given = False
+        for q, (old, qemu_fd) in list(self.err_fds.items()):
+            self.unwatch(old)
+            os.close(old)
+            ours = os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK)
+            self.err_fds[q] = (ours, qemu_fd)
+            self.watch(ours, lambda q=q: self._on_backend_err(q))
+        kv(log, logging.INFO, "backend.renewed", dev=self.name, queues=self.dev.num_queues,
+           what="new shadow memory and eventfds: the previous backend keeps nothing that reaches this device")
+
+    def fresh_fd(self, request: FrontendReq, payload: p.Payload) -> int | None:
+        """The fd a request of RENEWED_PER_BACKEND carries to the backend now (ours: send a dup)."""
+        if request == FrontendReq.SET_MEM_TABLE:
+            return self.dev.shadow_fd
+        if request == FrontendReq.SET_VRING_ERR:
+            pair = self.err_fds.get(payload.index)
+            return pair[0] if pair is not None else None
+        kick, call = self.dev.queue_backend_fds(payload.index)
+        return kick if request == FrontendReq.SET_VRING_KICK else call
 
     def _abort_parked(self, parked: dict[int, int], why: str) -> None:
         """The session ends without a backend: the requests fastshadow kept for the next one

@@ -24,7 +24,11 @@ rings"):
 fds: the record keeps its own duplicate of each fd it was sent (closed when
 superseded or at close()), except the back-end request channel, which is
 re-created for each backend (`replay(new_channel=...)`): keeping the old
-backend's end open would hide that backend's death from the relay.
+backend's end open would hide that backend's death from the relay; and
+except the fds the session renews for each backend (`BackendRecord(renewed=...)`:
+in isolated mode the shadow memory and the rings' eventfds), which
+`replay(fresh_fd=...)` looks up when it sends them: a new backend must never
+get what a previous one had, which may still be alive and holding it.
 """
 
 from __future__ import annotations
@@ -73,8 +77,10 @@ def key_of(request: FrontendReq, payload: p.Payload) -> tuple:
 class BackendRecord:
     """The state-setting requests the current backend accepted, in the order first sent."""
 
-    def __init__(self) -> None:
+    def __init__(self, renewed: frozenset = frozenset()) -> None:
+        """renewed: requests whose fd the session replaces for each backend: none is kept."""
         self._entries: dict[tuple, Entry] = {}
+        self.renewed = renewed
 
     def sent(self, msg: Message, accepted: bool = True) -> None:
         """`msg` reached the backend (and, if it was asked to, acked it with `accepted`).
@@ -88,7 +94,7 @@ class BackendRecord:
                 self._drop(key)
         if msg.request not in STATE_REQUESTS or not accepted:
             return
-        keep_fd = msg.fds and msg.request != R.SET_BACKEND_REQ_FD
+        keep_fd = msg.fds and msg.request != R.SET_BACKEND_REQ_FD and msg.request not in self.renewed
         fd = msg.fds.pop(0) if keep_fd else None
         key = key_of(msg.request, msg.payload)
         old = self._entries.get(key)
@@ -113,15 +119,18 @@ class BackendRecord:
 
 
 def replay(record: BackendRecord, send: Callable[[Message, bool], Message | None], *,
-           before_kick: Callable[[int], None], new_channel: Callable[[], int]) -> None:
+           before_kick: Callable[[int], None], new_channel: Callable[[], int],
+           fresh_fd: Callable[[FrontendReq, p.Payload], int | None] = lambda request, payload: None) -> None:
     """Tell a new backend everything `record` holds, in order.
 
     `send(msg, expect_reply)` sends one message (closing its fds) and returns the
     reply; `before_kick(q)` runs before queue q's kick fd is sent (the data plane
     starts its side of the ring first); `new_channel()` gives the backend's end of
-    a new back-end request channel. Raises UnexpectedMessage when the new backend
-    lacks a feature the session negotiated or refuses a request; the transport's
-    errors (the backend left again) pass through.
+    a new back-end request channel; `fresh_fd(request, payload)` gives the fd to send
+    now with a request of `record.renewed` (the session's own, which it may not close;
+    None: none). Raises UnexpectedMessage when the new backend lacks a feature the
+    session negotiated or refuses a request; the transport's errors (the backend
+    left again) pass through.
     """
     _check_features(record, send)
     acks = False  # REPLY_ACK holds from the replayed SET_PROTOCOL_FEATURES on
@@ -130,6 +139,9 @@ def replay(record: BackendRecord, send: Callable[[Message, bool], Message | None
             before_kick(payload.index)
         if request == R.SET_BACKEND_REQ_FD:
             fds = [new_channel()]
+        elif request in record.renewed:
+            now = fresh_fd(request, payload)   # looked up at send time, never the recorded one
+            fds = [] if now is None else [os.dup(now)]
         else:
             fds = [os.dup(fd)] if fd is not None else []
         need = acks and request not in _NO_ACK
