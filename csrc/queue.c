@@ -17,6 +17,7 @@
 #include <stdlib.h>
 #include <string.h>
 #include <sys/eventfd.h>
+#include <sys/uio.h>
 #include <unistd.h>
 
 #include "queue.h"
@@ -520,8 +521,14 @@ void queue_stop_finish(struct fsdp_queue *q, struct fsdp_stop_result *res)
      * vhost (virtio_bus_cleanup_host_notifier) sees only kicks made after
      * the stop, and runs its own handle_output only for those. */
     if (q->guest_kick_fd >= 0) {
+        /* RWF_NOWAIT, not read(2): the fd may be blocking (the front-end's
+         * choice, shared file flags we must not change), and a read of an
+         * empty blocking eventfd would hang the loop thread and every device
+         * on it.  EAGAIN: no kick pending; EOPNOTSUPP (a kernel without
+         * FMODE_NOWAIT on eventfds): not cleared, nothing lost. */
         uint64_t v;
-        ssize_t r = read(q->guest_kick_fd, &v, sizeof(v));   /* EAGAIN: no kick pending */
+        struct iovec iov = {.iov_base = &v, .iov_len = sizeof(v)};
+        ssize_t r = preadv2(q->guest_kick_fd, &iov, 1, -1, RWF_NOWAIT);
         (void)r;
     }
 }

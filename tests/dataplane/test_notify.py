@@ -3,6 +3,7 @@ avail_event/used_event, and the values we publish ourselves."""
 
 import os
 import select
+import threading
 
 import pytest
 
@@ -157,3 +158,24 @@ def test_a_stop_clears_the_kick_counter_once_and_keeps_later_kicks(make_rig):
     finally:
         os.close(kick)
         rig.dp.stop()
+
+
+def test_a_stop_never_blocks_on_a_blocking_kick_fd(make_rig):
+    """The front-end chooses its kick eventfd's flags. A blocking one with no kick pending
+    must not hang the stop's clearing read, which runs on the loop thread and would take
+    every device of that loop with it (found: CI's proxy under strace never exited)."""
+    rig = make_rig()
+    kfd = os.eventfd(0)                              # blocking, counter 0
+    try:
+        rig.dev.queue_set_guest_kick(0, kfd)
+        rig.dp.start()
+        done = []
+        t = threading.Thread(target=lambda: done.append(rig.dev.queue_stop(0)), daemon=True)
+        t.start()
+        t.join(5)
+        assert done, "queue_stop hung on a blocking, empty kick eventfd"
+        os.eventfd_write(kfd, 1)                     # and a kick after the stop stays QEMU's
+        assert read_counter(kfd) == 1
+    finally:
+        rig.dp.stop()
+        os.close(kfd)

@@ -162,7 +162,19 @@ def test_unit_sandbox_holds_at_run_time(workdir, start_qsd):
                 blk.write(0, data)
                 assert blk.read(0, len(data)) == bytes(len(data))  # null-co reads zeroes
             os.kill(pid, signal.SIGTERM)
-            assert proc.wait(60) == 0, (workdir / "unit-proxy.log").read_text()[-3000:]  # strace: the proxy's status
+            try:
+                rc = proc.wait(60)                   # strace exits with the proxy's status
+            except subprocess.TimeoutExpired:
+                # Say where it hung (a CI run once timed out here, never reproduced): the
+                # proxy's log and the last system calls of each of its threads.
+                calls = trace.read_text().splitlines()
+                last = {}
+                for line in calls:
+                    last[line.split(" ", 1)[0]] = line
+                raise AssertionError("the proxy did not exit within 60 s of SIGTERM\n"
+                                     + (workdir / "unit-proxy.log").read_text()[-3000:]
+                                     + "\nlast system call per thread:\n" + "\n".join(last.values())) from None
+            assert rc == 0, (workdir / "unit-proxy.log").read_text()[-3000:]
         finally:
             if proc.poll() is None:
                 proc.kill()
