@@ -20,6 +20,7 @@ import select
 import struct
 import threading
 import time
+from contextlib import contextmanager
 
 import pytest
 
@@ -68,6 +69,19 @@ def shared_dp():
     yield make
     for dp in made:
         dp.close()
+
+
+@contextmanager
+def served(*rigs: Rig):
+    """Queue 0 of each rig served by its own BackendThread for the with-block."""
+    bts = [BackendThread(r) for r in rigs]
+    for b in bts:
+        b.start()
+    try:
+        yield bts
+    finally:
+        for b in bts:
+            b.stop()
 
 
 def roundtrip(rig: Rig, q: int, nbytes: int) -> None:
@@ -159,23 +173,15 @@ def test_reconnect_lands_on_another_loop_and_is_served(shared_dp, make_rig):
     dp = shared_dp(threads=2)
     first = make_rig(dp=dp, name="vm0")
     assert first.dev.loop == 0
-    bt = BackendThread(first)
-    bt.start()
-    try:
+    with served(first):
         roundtrip(first, 0, 4096)
-    finally:
-        bt.stop()
     old_id = first.dev.id
     dp.remove_device(first.dev)                      # QEMU went away
     again = make_rig(dp=dp, name="vm0")
     assert again.dev.loop == 1 and again.dev.id == old_id     # the lowest free id, now on loop 1
-    bt = BackendThread(again)
-    bt.start()
-    try:
+    with served(again):
         for _ in range(5):
             roundtrip(again, 0, 4096)
-    finally:
-        bt.stop()
     st = again.dev.stats(0)
     assert (st.requests, st.completed) == (5, 5)
     # an event of the new device carries its id and name
@@ -340,25 +346,17 @@ def test_loops_stopped_and_started_with_devices_on_each(shared_dp, make_rig):
         assert r.gq[0].take_used() == [(head, 513)]
         r.accept_writable(bufs)
     for r in rigs:
-        bt = BackendThread(r)
-        bt.start()
-        try:
+        with served(r):
             roundtrip(r, 0, 2048)
-        finally:
-            bt.stop()
 
 
 def test_a_kick_flood_starves_no_other_device_of_its_loop(shared_dp, make_rig):
     """A hostile guest writing its kick eventfd as fast as it can: every write is a
     completion of the loop's multishot poll (csrc/loop.c "How the loop waits"), thousands
-    a second. Another device on the same
-    loop is still served, every request of it exactly once, and the flooded device's own
-    request too."""
+    a second. Another device on the same loop is still served, every request of it exactly
+    once, and the flooded device's own request too."""
     dp = shared_dp(threads=1)
     flooded, other = make_rig(dp=dp, name="flooded", num=32), make_rig(dp=dp, name="other", num=32)
-    bts = [BackendThread(flooded, 0), BackendThread(other, 0)]
-    for b in bts:
-        b.start()
     stop = threading.Event()
     writes = [0]
 
@@ -371,17 +369,16 @@ def test_a_kick_flood_starves_no_other_device_of_its_loop(shared_dp, make_rig):
         finally:
             os.close(fd)
     t = threading.Thread(target=flood, daemon=True)
-    t.start()
-    try:
-        wait_until(lambda: flooded.dev.stats(0).guest_kicks > 1000, "the loop to see the flood")
-        for _ in range(50):
-            roundtrip(other, 0, 512)
-        roundtrip(flooded, 0, 4096)
-    finally:
-        stop.set()
-        t.join()
-        for b in bts:
-            b.stop()
+    with served(flooded, other):
+        t.start()
+        try:
+            wait_until(lambda: flooded.dev.stats(0).guest_kicks > 1000, "the loop to see the flood")
+            for _ in range(50):
+                roundtrip(other, 0, 512)
+            roundtrip(flooded, 0, 4096)
+        finally:
+            stop.set()
+            t.join()
     assert writes[0] > 1000
     st = other.dev.stats(0)
     assert (st.requests, st.completed, st.inflight) == (50, 50, 0)
