@@ -21,13 +21,13 @@
  * it).  The loop never reads these eventfds: their counters only grow,
  * which nobody looks at (a 64-bit counter of notifications cannot fill),
  * and "kicked" is the completion itself.  A queue's stop clears its kick
- * counter once (queue_stop_finish: QEMU tests it when it stops vhost).  A poll armed on a counter that is
- * already non-zero completes at once, so a re-arm never loses a wakeup (it
- * only costs a spurious pass).  A replaced fd (a guest kick fd QEMU sends
- * again, the backend call fds a new backend gets) has its poll cancelled
- * (dp_kick_fd_changed, dp_call_fd_changed) and the new one armed in the
- * next iteration: the poll holds the old file, so without the cancel a
- * dropped backend that kept the fd could still wake us.  The command
+ * counter once (queue_stop_finish: QEMU tests it when it stops vhost).  A
+ * poll armed on a counter that is already non-zero completes at once, so a
+ * re-arm never loses a wakeup (it only costs a spurious pass).  A replaced
+ * fd (a guest kick fd QEMU sends again, the backend call fds a new backend
+ * gets) has its poll cancelled (disarm) and the new one armed in the next
+ * iteration: the poll holds the old file, so without the cancel a dropped
+ * backend that kept the fd could still wake us.  The command
  * eventfd keeps an IORING_OP_READ (it is ours, and the read tells
  * "commands queued").
  *
@@ -38,7 +38,7 @@
  * lock.  Measured (perf on the proxy during bench 4k randread QD32,
  * split-free-proxy): with armed reads 39 % of the proxy's samples were
  * _raw_spin_unlock_irq under eventfd_read; with multishot polls eventfd_read
- * is gone from the profile (bench/RESULTS.md, "Waiting without reading").
+ * is gone from the profile (bench/RESULTS.md, "Waiting").
  * An earlier ping-pong on one CPU (csrc/bench/eventfd_wait.c) saw no
  * difference: there is no contention without a second CPU.
  *
@@ -459,35 +459,36 @@ static void cancel_watch(struct fsdp_dp *dp, uint32_t slot, struct fsdp_queue *q
     io_uring_sqe_set_data64(sqe, ud_make(K_CANCEL, 0, 0, 0));
 }
 
+/* Cancel q's armed poll of kind K_KICK or K_CALL, if any.  The poll holds
+ * its eventfd's file: once cancelled, a write to that file (by a peer that
+ * kept the fd) wakes nobody; arm_all arms the queue's current fd in the next
+ * iteration, and a completion of the old poll already queued carries the old
+ * token and is ignored. */
+static void disarm(struct fsdp_dp *dp, uint32_t slot, struct fsdp_queue *q, struct watch *w, unsigned kind)
+{
+    bool *armed = kind == K_KICK ? &w->kick_armed : &w->call_armed;
+
+    if (*armed)
+        cancel_watch(dp, slot, q, kind, kind == K_KICK ? w->kick_token : w->call_token);
+    *armed = false;
+}
+
 void dp_kick_fd_changed(struct fsdp_dp *dp, struct fsdp_queue *q)
 {
-    int slot = slot_of(dp, q->dev);
     struct watch *w = watch_of(dp, q);
 
     if (!w)
         return;
-    if (w->kick_armed) {
-        cancel_watch(dp, (uint32_t)slot, q, K_KICK, w->kick_token);
-        w->kick_armed = false;
-    }
+    disarm(dp, (uint32_t)slot_of(dp, q->dev), q, w, K_KICK);
     w->kick_failed = false;
 }
 
 void dp_call_fd_changed(struct fsdp_dp *dp, struct fsdp_queue *q)
 {
-    int slot = slot_of(dp, q->dev);
     struct watch *w = watch_of(dp, q);
 
-    if (!w)
-        return;
-    /* The poll holds the old eventfd's file: cancelled, so that a write to
-     * it (by a backend that kept the fd) wakes nobody; arm_all arms the new
-     * fd in the next iteration, and a completion of the old poll that was
-     * already queued carries the old token and is ignored. */
-    if (w->call_armed) {
-        cancel_watch(dp, (uint32_t)slot, q, K_CALL, w->call_token);
-        w->call_armed = false;
-    }
+    if (w)
+        disarm(dp, (uint32_t)slot_of(dp, q->dev), q, w, K_CALL);
 }
 
 /* The stop waiting on q, finished (queue_stop_finish fills its result), for
@@ -545,10 +546,8 @@ void dp_detach(struct fsdp_dp *dp, struct fsdp_devctx *d)
         struct watch *w = &ld->w[i];
         if (w->stop)
             dp_cmd_complete(dp, finish_stop(q, w), -ENODEV);
-        if (w->kick_armed)
-            cancel_watch(dp, (uint32_t)slot, q, K_KICK, w->kick_token);
-        if (w->call_armed)
-            cancel_watch(dp, (uint32_t)slot, q, K_CALL, w->call_token);
+        disarm(dp, (uint32_t)slot, q, w, K_KICK);
+        disarm(dp, (uint32_t)slot, q, w, K_CALL);
     }
     free(ld->w);
     ld->w = NULL;

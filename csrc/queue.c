@@ -519,13 +519,13 @@ void queue_stop_finish(struct fsdp_queue *q, struct fsdp_stop_result *res)
      * loop waits"): clear it now, as a backend that reads its kicks would
      * have, so that QEMU's test-and-clear of the kick notifier when it stops
      * vhost (virtio_bus_cleanup_host_notifier) sees only kicks made after
-     * the stop, and runs its own handle_output only for those. */
+     * the stop, and runs its own handle_output only for those.
+     * RWF_NOWAIT, not read(2): the fd may be blocking (the front-end's
+     * choice, shared file flags we must not change), and a read of an empty
+     * blocking eventfd would hang the loop thread and every device on it.
+     * EAGAIN: no kick pending; EOPNOTSUPP (a kernel without FMODE_NOWAIT on
+     * eventfds): not cleared, nothing lost. */
     if (q->guest_kick_fd >= 0) {
-        /* RWF_NOWAIT, not read(2): the fd may be blocking (the front-end's
-         * choice, shared file flags we must not change), and a read of an
-         * empty blocking eventfd would hang the loop thread and every device
-         * on it.  EAGAIN: no kick pending; EOPNOTSUPP (a kernel without
-         * FMODE_NOWAIT on eventfds): not cleared, nothing lost. */
         uint64_t v;
         struct iovec iov = {.iov_base = &v, .iov_len = sizeof(v)};
         ssize_t r = preadv2(q->guest_kick_fd, &iov, 1, -1, RWF_NOWAIT);
