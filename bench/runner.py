@@ -611,15 +611,13 @@ def _run_bench(cfg: Config, log, t_start, created, workdir, own_workdir, machine
                                 log(f"{tag}: skipped")
                                 continue
                             try:
-                                r, cpu = run_once(tb, mode, wl, cfg, duration=cfg.duration, requests=cfg.requests,
-                                                  seed=1000 * rep + wi + 1)
-                                for _ in range(cfg.retry_noisy):
-                                    if not cpu.noisy(r.seconds):
+                                for attempt in range(cfg.retry_noisy + 1):
+                                    r, cpu = run_once(tb, mode, wl, cfg, duration=cfg.duration,
+                                                      requests=cfg.requests, seed=1000 * rep + wi + 1)
+                                    if attempt == cfg.retry_noisy or not cpu.noisy(r.seconds):
                                         break
                                     log(f"{tag}: shared the machine (other {cpu.other:.2f} CPU s, steal "
                                         f"{cpu.steal:.2f} s in {r.seconds:.1f} s): again")
-                                    r, cpu = run_once(tb, mode, wl, cfg, duration=cfg.duration,
-                                                      requests=cfg.requests, seed=1000 * rep + wi + 1)
                             except (LoadGenError, OSError) as e:
                                 reason = f"{type(e).__name__}: {e}" + _proxy_hint(tb, mode)
                                 log(f"{tag}: FAILED: {reason}")
