@@ -40,12 +40,3 @@ def test_scale_points_serve_every_device_and_give_memory_back(workdir, tmp_path)
     table = markdown(res)
     assert table.count("\n| 3 | 2 | ") == 1 and "| 32m | 2 x 2 |" in table
 
-
-def test_a_run_is_noisy_when_other_work_or_steal_took_the_machine():
-    """Cpu.noisy: the one rule for the report's warning and `--retry-noisy` (bench/report.py)."""
-    from fastshadow.bench.report import Cpu
-    quiet = Cpu(loadgen=1.0, backend=1.0, proxy=1.0, other=0.19, steal=0.09)
-    assert not quiet.noisy(2.0)
-    assert Cpu(loadgen=1.0, backend=1.0, other=0.21, steal=0.0).noisy(2.0)
-    assert Cpu(loadgen=1.0, backend=1.0, other=0.0, steal=0.11).noisy(2.0)
-    assert not Cpu(loadgen=1.0, backend=1.0).noisy(2.0)     # not measured: not called noisy
