@@ -298,6 +298,32 @@ def test_vring_fd_reserved_bits(pair):
                                                      payload=struct.pack("=Q", 0x1_0000)))
 
 
+def test_iotlb_invalidation_with_any_perm_and_uaddr(pair):
+    """QEMU 7.2 sends VHOST_IOTLB_INVALIDATE with perm and uaddr uninitialized (vhost-backend.c
+    vhost_backend_invalidate_device_iotlb sets iova, size and type only); a virtio-iommu guest's
+    unmap arrived with perm 67. An invalidation grants no access: it decodes as sent."""
+    payload = p.IotlbMsg(0xFFFF_E000, 0x2000, 0x7F3A_DEAD_B000, 67, p.IOTLB_INVALIDATE).encode()
+    a, b = pair
+    raw_send(a, FrontendReq.IOTLB_MSG, VERSION, payload)
+    got = Connection(b, Channel.MAIN, receives_replies=False, name="peer").recv(timeout=5)
+    assert (got.payload.type, got.payload.iova, got.payload.size, got.payload.perm) == (
+        p.IOTLB_INVALIDATE, 0xFFFF_E000, 0x2000, 67)
+
+
+@pytest.mark.parametrize("kind", [p.IOTLB_UPDATE, p.IOTLB_MISS, p.IOTLB_ACCESS_FAIL])
+def test_iotlb_perm_out_of_range_where_it_means_an_access(pair, kind):
+    """Where perm is an access (VHOST_ACCESS_RO 1, WO 2, RW 3), anything above 3 is refused."""
+    payload = p.IotlbMsg(0x1000, 0x1000, 0x7F00_0000_0000, 67, kind).encode()
+    expect_error(pair, InvalidPayload, lambda s: raw_send(s, FrontendReq.IOTLB_MSG, VERSION, payload),
+                 words=["IOTLB permission 67 is not 0-3"])
+
+
+def test_iotlb_unknown_type(pair):
+    payload = p.IotlbMsg(0x1000, 0x1000, 0, 3, 5).encode()
+    expect_error(pair, InvalidPayload, lambda s: raw_send(s, FrontendReq.IOTLB_MSG, VERSION, payload),
+                 words=["type 5 is not 1-4"])
+
+
 def test_stream_split_in_pieces(pair):
     """A message may arrive in several pieces; the fds come with the first byte."""
     a, b = pair

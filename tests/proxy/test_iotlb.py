@@ -14,8 +14,11 @@ import socket
 import struct
 import threading
 
+import pytest
+
 from fastshadow.protocol import Channel, Connection
 from fastshadow.protocol import payloads as p
+from fastshadow.protocol.errors import VhostUserError
 from fastshadow.protocol.messages import BackendReq, FrontendReq, Message
 
 from ..dataplane.harness import Buf
@@ -24,6 +27,8 @@ from .interposer import Interposer
 
 PAGE = 4096
 ACCESS_PLATFORM = 1 << 33
+#: What the uninitialized perm and uaddr of QEMU 7.2's invalidations held in a virtio-iommu run.
+STALE_PERM, STALE_UADDR = 67, 0x7F3A_DEAD_B000
 VIRTIO_BLK_S_IOERR = 1
 
 
@@ -66,8 +71,12 @@ class Viommu:
         assert reply.payload.value == 0, f"update of {iova_page:#x} refused"
 
     def invalidate(self, iova: int, size: int) -> None:
+        """VHOST_IOTLB_INVALIDATE as QEMU 7.2 sends it: perm and uaddr are whatever its stack
+        held (vhost_backend_invalidate_device_iotlb sets iova, size and type only; 67 and a
+        stale address were seen with a virtio-iommu guest)."""
         with self.lock:
-            reply = self.blk.fe.call(FrontendReq.IOTLB_MSG, p.IotlbMsg(iova, size, 0, 0, p.IOTLB_INVALIDATE))
+            reply = self.blk.fe.call(FrontendReq.IOTLB_MSG, p.IotlbMsg(iova, size, STALE_UADDR, STALE_PERM,
+                                                                       p.IOTLB_INVALIDATE))
         assert reply.payload.value == 0
 
     def _serve(self) -> None:
@@ -238,6 +247,49 @@ def test_invalidation_while_a_request_is_in_flight_is_never_written_through(work
         os.close(gate)
     [line] = proxy.wait_log(r"dataplane\.refused .*unmapped before completion")
     assert f"{blk.iova(buf):#x}" in line
+
+
+def test_invalidation_with_qemus_uninitialized_perm_is_applied(workdir, start_qsd, start_proxy):
+    """QEMU 7.2 turns a virtio-iommu guest's unmaps into VHOST_IOTLB_INVALIDATE messages whose
+    perm and uaddr are uninitialized (perm 67 in a real run, which the codec refused: QEMU's
+    session ended mid-I/O and the guest hung). An invalidation carries no access: it is acked
+    and applied whatever those fields hold (the page kept with --iotlb-keep-completed is asked
+    for again), while an update with such a perm is still refused with one line."""
+    proxy, blk, vi, rec, _ = start(workdir, start_qsd, start_proxy, "--iotlb-keep-completed")
+    buf = blk.mem.alloc(4096, align=4096)
+    page = vi.page_of(buf)
+
+    def write_from_buf(sector: int, fill: int) -> None:
+        blk.mem.write(buf, bytes([fill]) * 4096)
+        hdr, st = blk.mem.alloc(16), blk.mem.alloc(1)
+        blk.mem.write(hdr, struct.pack("<IIQ", T_OUT, 0, sector))
+        head = blk.q.add([Buf(blk.iova(hdr), 16), Buf(blk.iova(buf), 4096), Buf(blk.iova(st), 1, writable=True)])
+        os.eventfd_write(blk.kick, 1)
+        assert blk.wait_used(1) == [(head, 1)]
+        assert status_of(blk, st) == 0
+
+    def asked() -> int:
+        return sum(1 for iova, _ in vi.misses if iova & ~(PAGE - 1) == page)
+
+    try:
+        write_from_buf(0, 0x11)
+        write_from_buf(8, 0x22)
+        assert asked() == 1                      # kept after the first request
+        vi.invalidate(page, PAGE)                # perm STALE_PERM, uaddr STALE_UADDR
+        write_from_buf(16, 0x33)
+        assert asked() == 2                      # the translation was gone: asked again
+        assert blk.read(8, 4096) == b"\x22" * 4096 and blk.read(16, 4096) == b"\x33" * 4096
+        assert "session.refused" not in proxy.log()
+        # Where perm is an access, 67 is no access: refused, one line (a malformed message ends
+        # the session, QEMU reconnects).
+        with vi.lock:
+            with pytest.raises(VhostUserError):
+                blk.fe.call(FrontendReq.IOTLB_MSG, p.IotlbMsg(page, PAGE, blk.mem.uaddr(buf), STALE_PERM,
+                                                              p.IOTLB_UPDATE))
+    finally:
+        finish(blk, vi, rec)
+    [line] = proxy.wait_log(r"session\.refused")
+    assert "IOTLB permission 67 is not 0-3" in line, line
 
 
 def test_iotlb_flood_is_bounded_and_refused_with_one_line(workdir, start_qsd, start_proxy):
