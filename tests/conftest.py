@@ -132,3 +132,16 @@ def guest_image():
     need_binary("qemu-system-x86_64")
     from fastshadow.guest import build_guest_image
     return build_guest_image(log=lambda *a: None)
+
+
+@pytest.fixture(scope="session")
+def virtio_iommu_image():
+    """The guest behind a virtio-iommu-pci, built once and cached: the release's backports
+    kernel (Debian 12's own is built without CONFIG_VIRTIO_IOMMU) with the virtio_iommu module.
+    Skips (a failure in CI) when apt knows no such kernel; any other build error fails."""
+    need_binary("qemu-system-x86_64")
+    from fastshadow.guest import KernelUnavailable, build_guest_image
+    try:
+        return build_guest_image(log=lambda *a: None, virtio_iommu=True)
+    except KernelUnavailable as e:
+        pytest.skip(str(e))

@@ -8,7 +8,14 @@
   backend.
 """
 
-from .image import GuestImage, GuestImageError, build_guest_image, compile_checker, default_cache_dir
+from .image import (
+    GuestImage,
+    GuestImageError,
+    KernelUnavailable,
+    build_guest_image,
+    compile_checker,
+    default_cache_dir,
+)
 from .qemu import (
     BootResult,
     CheckLine,
@@ -35,6 +42,7 @@ __all__ = [
     "GuestPanic",
     "GuestTimeout",
     "GuestVM",
+    "KernelUnavailable",
     "QemuNotFound",
     "StorageDaemon",
     "StorageDaemonError",

@@ -6,7 +6,10 @@ Debian mirror:
 * kernel: Debian's ``linux-image-<abi>-amd64`` (the one ``linux-image-amd64``
   depends on), fetched with ``apt-get download`` and unpacked with
   ``dpkg -x``; the virtio drivers are modules, so the needed ``.ko`` files
-  (and their dependencies, from ``modules.dep``) go into the initramfs;
+  (and their dependencies, from ``modules.dep``) go into the initramfs.  The
+  guest behind a virtio-iommu (``build_guest_image(virtio_iommu=True)``)
+  takes ``linux-image-amd64`` from the release's backports suite instead (see
+  ``VIRTIO_IOMMU_CONFIG``);
 * userland: ``busybox-static`` with its applet symlinks, ``/init`` (init.sh)
   and ``/checker`` (checker.c, compiled ``gcc -static``).
 
@@ -40,6 +43,9 @@ __all__ = [
     "GUEST_MODULES",
     "GuestImage",
     "GuestImageError",
+    "KernelUnavailable",
+    "VIRTIO_IOMMU_MODULES",
+    "backports_release",
     "build_guest_image",
     "compile_checker",
     "default_cache_dir",
@@ -61,6 +67,28 @@ GUEST_MODULES: tuple[str, ...] = (
     "virtio_net",
 )
 
+#: The virtio-iommu guest's extra module: the paravirtual IOMMU's driver (the
+#: vhost-user device behind it is probed once it has registered).
+VIRTIO_IOMMU_MODULES: tuple[str, ...] = ("virtio_iommu",)
+
+
+def with_virtio_iommu(modules: tuple[str, ...]) -> tuple[str, ...]:
+    """`modules` with VIRTIO_IOMMU_MODULES loaded as early as they can be, before virtio_pci:
+    a PCI device behind the IOMMU is not probed until the IOMMU's driver has registered
+    (Linux defers it), so the sooner it loads, the sooner the disk appears. (The backports
+    kernel has virtio_pci built in: its probe of the disk waits for this module; see
+    GuestVM's deferred_probe_timeout.)"""
+    i = modules.index("virtio_pci")
+    return modules[:i] + VIRTIO_IOMMU_MODULES + modules[i:]
+
+
+#: What the virtio-iommu guest's kernel must have been built with: the driver,
+#: and on x86 the ACPI VIOT table, the only way the guest learns which PCI
+#: devices sit behind a virtio-iommu-pci (QEMU writes it; there is no device
+#: tree).  Debian 12's 6.1 kernel has neither ("# CONFIG_VIRTIO_IOMMU is not
+#: set"); its backports kernel (6.12) has both, the driver as a module.
+VIRTIO_IOMMU_CONFIG: tuple[str, ...] = ("CONFIG_VIRTIO_IOMMU", "CONFIG_ACPI_VIOT")
+
 #: Bump when the build recipe changes in a way the hashed inputs do not show.
 BUILD_FORMAT = 1
 
@@ -79,6 +107,11 @@ Log = Callable[[str], None]
 
 class GuestImageError(RuntimeError):
     """The guest image could not be built; the message says what to do."""
+
+
+class KernelUnavailable(GuestImageError):
+    """apt knows no kernel package of the kind asked for (the virtio-iommu guest's needs the
+    release's backports suite in apt's sources, which scripts/setup adds)."""
 
 
 @dataclass(frozen=True)
@@ -139,15 +172,33 @@ def _elf_is_static(path: Path) -> bool:
 # -------------------------------------------------------------------- kernel
 
 
-def _apt_kernel_package() -> tuple[str, str]:
-    """(package name, version) of the kernel image ``linux-image-amd64`` points to."""
+#: The exact image package in the meta package's Depends, e.g. "linux-image-6.1.0-56-amd64
+#: (= 6.1.192-2)" or, from backports, "linux-image-6.12.95+deb12-amd64 (= 6.12.95-1~bpo12+1)".
+_IMAGE_DEPENDS = re.compile(r"^Depends:.*?\b(linux-image-\d[^\s,|()]*-amd64)\s*\(=\s*([^)\s]+)\)", re.M)
+
+
+def parse_kernel_depends(show: str) -> tuple[str, str] | None:
+    """(package, version) of the kernel image an `apt-cache show linux-image-amd64` stanza pins."""
+    m = _IMAGE_DEPENDS.search(show)
+    return (m.group(1), m.group(2)) if m else None
+
+
+def _apt_kernel_package(release: str | None = None) -> tuple[str, str]:
+    """(package name, version) of the kernel image ``linux-image-amd64`` points to: the
+    candidate apt would install, or with `release` the one from that suite (``apt-cache -t``)."""
+    target = ["-t", release] if release else []
     # The meta package pins the exact image: "Depends: linux-image-6.1.0-56-amd64 (= 6.1.192-2)".
-    show = _run(["apt-cache", "show", "--no-all-versions", _KERNEL_META],
+    show = _run(["apt-cache", *target, "show", "--no-all-versions", _KERNEL_META],
                 "looking up the kernel package", timeout=120).stdout
-    m = re.search(r"^Depends:.*?\b(linux-image-\d+\.\d+\.\d+-\d+-amd64)\s*\(=\s*([^)\s]+)\)",
-                  show, re.M)
-    if m:
-        return m.group(1), m.group(2)
+    found = parse_kernel_depends(show)
+    if found and release and not _is_backport(found[1]):
+        # A suite in the sources whose index apt has not fetched yet: -t falls back quietly.
+        raise GuestImageError(f"apt has no index of {release} yet (its candidate {found[0]} {found[1]} "
+                              f"is the release's own)")
+    if found:
+        return found
+    if release:
+        raise GuestImageError(f"`apt-cache -t {release} show {_KERNEL_META}` names no linux-image-*-amd64:\n{show}")
     # Otherwise ask `apt-cache depends` for the name and look its version up.
     out = _run(["apt-cache", "depends", _KERNEL_META], "looking up the kernel package",
                timeout=120).stdout
@@ -163,16 +214,52 @@ def _apt_kernel_package() -> tuple[str, str]:
     return name, v.group(1)
 
 
-def _resolve_kernel(debs: Path, log: Log) -> tuple[str, str]:
+def backports_release() -> str:
+    """The host release's backports suite (Debian 12: bookworm-backports), where the
+    virtio-iommu guest's kernel comes from."""
+    codename = ""
     try:
-        return _apt_kernel_package()
+        for line in Path("/etc/os-release").read_text().splitlines():
+            if line.startswith("VERSION_CODENAME="):
+                codename = line.split("=", 1)[1].strip().strip('"')
+    except OSError:
+        pass
+    if not codename:
+        raise KernelUnavailable("the guest kernel of this release is built without CONFIG_VIRTIO_IOMMU, "
+                                "and /etc/os-release has no VERSION_CODENAME to name the backports "
+                                "suite of one built with it")
+    return f"{codename}-backports"
+
+
+def _apt_knows_release(release: str) -> bool:
+    out = _run(["apt-get", "indextargets", "--format", "$(RELEASE)"], "listing apt's suites",
+               timeout=120).stdout
+    return release in out.split()
+
+
+def _is_backport(version: str) -> bool:
+    return "~bpo" in version
+
+
+def _resolve_kernel(debs: Path, log: Log, release: str | None = None) -> tuple[str, str]:
+    if release and not _apt_knows_release(release):
+        # apt-cache -t with an unknown suite quietly answers with the default candidate.
+        raise KernelUnavailable(
+            f"the guest kernel (Debian's {_KERNEL_META} of this release) is built without "
+            f"CONFIG_VIRTIO_IOMMU and CONFIG_ACPI_VIOT, and apt knows no {release} suite to take "
+            f"one built with them from: run scripts/setup as root (it adds {release} to apt's sources)")
+    try:
+        return _apt_kernel_package(release)
     except GuestImageError as first:
         log(f"fastshadow guest: kernel lookup failed ({first}); running apt-get update")
         try:
             _run(["apt-get", "update"], "apt-get update", timeout=600)
-            return _apt_kernel_package()
+            return _apt_kernel_package(release)
         except GuestImageError as second:
-            cached = sorted(debs.glob("linux-image-*-amd64_*.deb"), key=lambda p: p.stat().st_mtime)
+            # The cache holds both kinds of kernel: only the one of the kind asked for will do.
+            cached = sorted((p for p in debs.glob("linux-image-*-amd64_*.deb")
+                             if _is_backport(p.name) == bool(release)),
+                            key=lambda p: p.stat().st_mtime)
             if cached:
                 name, version = cached[-1].name.split("_")[:2]
                 log(f"fastshadow guest: apt unavailable, using cached {cached[-1].name}")
@@ -181,6 +268,12 @@ def _resolve_kernel(debs: Path, log: Log) -> tuple[str, str]:
                 "cannot determine the guest kernel package: "
                 f"{second}\nCheck that the Debian mirror is reachable (apt-get update) "
                 f"and that `apt-cache depends {_KERNEL_META}` works.") from None
+
+
+def _kernel_config_lacks(config: Path, options: Iterable[str]) -> list[str]:
+    """The options of `options` the kernel's boot/config-* does not set (=y or =m)."""
+    text = config.read_text(errors="replace") if config.exists() else ""
+    return [o for o in options if not re.search(rf"^{o}=[ym]$", text, re.M)]
 
 
 def _deb_filename(name: str, version: str) -> str:
@@ -400,10 +493,10 @@ def _build_initramfs(busybox: Path, programs: dict[str, Path], modules: list[tup
 # --------------------------------------------------------------------- build
 
 
-def _image_key(name: str, version: str, busybox: Path) -> str:
+def _image_key(name: str, version: str, busybox: Path, modules: Iterable[str] = GUEST_MODULES) -> str:
     h = hashlib.sha256()
     for part in (f"format={BUILD_FORMAT}", f"kernel={name}={version}", f"busybox={busybox}",
-                 f"busybox-sha={_sha256_file(busybox)}", f"modules={','.join(GUEST_MODULES)}"):
+                 f"busybox-sha={_sha256_file(busybox)}", f"modules={','.join(modules)}"):
         h.update(part.encode() + b"\n")
     for src in (*GUEST_PROGRAMS.values(), *GUEST_HEADERS, INIT_SOURCE):
         h.update(src.name.encode() + b"\0" + src.read_bytes() + b"\0")
@@ -422,18 +515,25 @@ def _load(final: Path) -> GuestImage | None:
     return None
 
 
-def build_guest_image(cache_dir: Path | str | None = None, log: Log = print) -> GuestImage:
+def build_guest_image(cache_dir: Path | str | None = None, log: Log = print, *,
+                      virtio_iommu: bool = False) -> GuestImage:
     """Return the cached guest image, building it first if any input changed.
 
+    virtio_iommu: the guest for ``GuestVM(viommu="virtio")``: the backports kernel
+    (``VIRTIO_IOMMU_CONFIG``) and the ``virtio_iommu`` module; a separate image.
+
     Raises :class:`GuestImageError` with an actionable message when a tool or
-    package is missing or a step fails.
+    package is missing or a step fails (:class:`KernelUnavailable` when apt
+    knows no such kernel).
     """
     root = (Path(cache_dir) if cache_dir is not None else default_cache_dir()) / "guest"
     root.mkdir(parents=True, exist_ok=True)
     debs = root / "debs"
     busybox = _find_busybox()
-    name, version = _resolve_kernel(debs, log)
-    key = _image_key(name, version, busybox)
+    release = backports_release() if virtio_iommu else None
+    wanted = with_virtio_iommu(GUEST_MODULES) if virtio_iommu else GUEST_MODULES
+    name, version = _resolve_kernel(debs, log, release)
+    key = _image_key(name, version, busybox, wanted)
     final = root / f"image-{key}"
     image = _load(final)
     if image:
@@ -463,11 +563,16 @@ def build_guest_image(cache_dir: Path | str | None = None, log: Log = print) -> 
                                        unpacked / "usr/lib/modules" / kver) if d.is_dir()), None)
             if moddir is None:
                 raise GuestImageError(f"{deb.name}: no lib/modules/{kver}")
+            if virtio_iommu:
+                lacks = _kernel_config_lacks(unpacked / "boot" / f"config-{kver}", VIRTIO_IOMMU_CONFIG)
+                if lacks:
+                    raise GuestImageError(f"{deb.name} ({release}) is built without {', '.join(lacks)}: "
+                                          f"its guest cannot use a virtio-iommu")
             builtin_file = moddir / "modules.builtin"
             builtin = ({_module_name(p) for p in builtin_file.read_text().split()}
                        if builtin_file.exists() else set())
             table, lazy = _module_table(moddir, kver, unpacked, log)
-            modules = _module_order(GUEST_MODULES, table, lazy, moddir, builtin)
+            modules = _module_order(wanted, table, lazy, moddir, builtin)
             log("fastshadow guest: modules (load order): " + " ".join(n for n, _ in modules))
 
             programs = {name: compile_checker(tmp / name, source=src) for name, src in GUEST_PROGRAMS.items()}

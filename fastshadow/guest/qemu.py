@@ -131,8 +131,9 @@ class GuestVM:
         self.machine = machine
         #: VIRTIO_F_ACCESS_PLATFORM on the vhost-user devices (confidential-guest and vIOMMU users).
         self.iommu_platform = iommu_platform or viommu is not None
-        if viommu not in (None, "intel"):
-            raise ValueError(f"viommu {viommu!r}: only 'intel' (intel-iommu with a device IOTLB) is known")
+        if viommu not in (None, "intel", "virtio"):
+            raise ValueError(f"viommu {viommu!r}: 'intel' (intel-iommu with a device IOTLB) or 'virtio' "
+                             f"(virtio-iommu-pci; the image of build_guest_image(virtio_iommu=True))")
         self.viommu = viommu
         self._qemu = qemu or find_qemu()
 
@@ -155,6 +156,12 @@ class GuestVM:
         params = ["console=ttyS0", "panic=-1"]
         if self.viommu == "intel":
             params.append("intel_iommu=on")   # the guest's DMA goes through the vIOMMU's mappings
+        elif self.viommu == "virtio":
+            # The disk's PCI function is probed at boot (virtio_pci is built into the backports
+            # kernel) and waits for virtio_iommu, a module /init loads. Linux stops waiting 10 s
+            # after its initcalls and then drives the device without its IOMMU
+            # (driver_deferred_probe_timeout); under TCG on a busy machine /init can be later.
+            params.append("deferred_probe_timeout=120")
         params += [_kernel_param(k, v) for k, v in self.cmdline.items()]
         return " ".join(params)
 
@@ -180,6 +187,11 @@ class GuestVM:
             # takes too (QEMU 7.2 refuses intremap without kernel-irqchip=split).
             argv[argv.index(self.machine)] = f"{self.machine},kernel-irqchip=split"
             argv += ["-device", "intel-iommu,intremap=on,device-iotlb=on"]
+        elif self.viommu == "virtio":
+            # Before the other PCI devices: a device takes its DMA address space when it is
+            # realized, so only those created after the IOMMU sit behind it. No device IOTLB
+            # (QEMU 7.2's virtio-iommu has none): vhost gets its unmap notifications instead.
+            argv += ["-device", "virtio-iommu-pci"]
         if self.blk_socket is not None:
             argv += ["-chardev", self._chardev("blk0", self.blk_socket),
                      "-device", f"vhost-user-blk-pci,chardev=blk0,num-queues={self.blk_num_queues}"
@@ -199,11 +211,11 @@ class GuestVM:
         """Device properties for VIRTIO_F_ACCESS_PLATFORM: none, or iommu_platform=on on a
         modern-only device (QEMU 7.2: "VIRTIO_F_IOMMU_PLATFORM was supported by neither legacy
         nor transitional device"; vhost-user-fs-pci is modern-only and has no disable-legacy),
-        with a vIOMMU also ats=on (the device IOTLB)."""
+        with intel-iommu also ats=on (the device IOTLB; virtio-iommu has no ATS)."""
         if not self.iommu_platform:
             return ""
         opts = ",iommu_platform=on" + (",disable-legacy=on" if transitional else "")
-        return opts if self.viommu is None else opts + ",ats=on"
+        return opts + ",ats=on" if self.viommu == "intel" else opts
 
     def _chardev(self, name: str, path: str) -> str:
         chardev = f"socket,id={name},path={path}"

@@ -261,6 +261,53 @@ def test_concurrent_builds_share_one_image(tmp_path: Path, guest_image: GuestIma
 # ---------------------------------------------------------- qemu-storage-daemon
 
 
+def test_kernel_package_pinned_by_the_meta_package() -> None:
+    """The image package `apt-cache show linux-image-amd64` pins, as apt prints it here: the
+    release's kernel, and the backports one (its ABI name ends +deb12, not -N)."""
+    assert image_mod.parse_kernel_depends(
+        "Package: linux-image-amd64\nVersion: 6.1.192-3\nDepends: linux-image-6.1.0-57-amd64 (= 6.1.192-3)\n"
+    ) == ("linux-image-6.1.0-57-amd64", "6.1.192-3")
+    assert image_mod.parse_kernel_depends(
+        "Package: linux-image-amd64\nVersion: 6.12.95-1~bpo12+1\n"
+        "Depends: linux-image-6.12.95+deb12-amd64 (= 6.12.95-1~bpo12+1)\n"
+    ) == ("linux-image-6.12.95+deb12-amd64", "6.12.95-1~bpo12+1")
+    # Not the meta package itself, nor a depends without an exact version.
+    assert image_mod.parse_kernel_depends("Depends: linux-image-amd64 (= 6.1.192-3)\n") is None
+    assert image_mod.parse_kernel_depends("Depends: linux-image-6.1.0-57-amd64\n") is None
+
+
+def test_kernel_config_check(tmp_path: Path) -> None:
+    """The virtio-iommu guest's kernel needs the driver (module or built in) and ACPI VIOT."""
+    config = tmp_path / "config-6.1.0-57-amd64"
+    config.write_text("CONFIG_VIRTIO=m\n# CONFIG_VIRTIO_IOMMU is not set\nCONFIG_INTEL_IOMMU=y\n")
+    assert image_mod._kernel_config_lacks(config, image_mod.VIRTIO_IOMMU_CONFIG) == [
+        "CONFIG_VIRTIO_IOMMU", "CONFIG_ACPI_VIOT"]
+    config.write_text("CONFIG_ACPI_VIOT=y\nCONFIG_VIRTIO_IOMMU=m\n")
+    assert image_mod._kernel_config_lacks(config, image_mod.VIRTIO_IOMMU_CONFIG) == []
+    assert image_mod._kernel_config_lacks(tmp_path / "absent", ["CONFIG_ACPI_VIOT"]) == ["CONFIG_ACPI_VIOT"]
+
+
+def test_virtio_iommu_image(virtio_iommu_image: GuestImage, guest_image: GuestImage) -> None:
+    """The guest behind a virtio-iommu: an image of its own (another kernel, in the cache
+    beside the default one), with virtio_iommu loaded before the disk's drivers, and cached."""
+    assert virtio_iommu_image.kernel.parent != guest_image.kernel.parent
+    assert virtio_iommu_image.kernel_version != guest_image.kernel_version
+    manifest = json.loads((virtio_iommu_image.kernel.parent / "manifest.json").read_text())
+    assert "~bpo" in manifest["kernel_package_version"]
+    order = manifest["modules"]
+    # virtio_pci and virtio are built into the backports kernel (then not in the list).
+    for driver in ("virtio_pci", "virtio_blk"):
+        if driver in order:
+            assert order.index("virtio_iommu") < order.index(driver), order
+    assert "virtio_blk" in order
+    listing = subprocess.run(["cpio", "-it", "--quiet"],
+                             input=gzip.decompress(virtio_iommu_image.initrd.read_bytes()),
+                             capture_output=True, check=True).stdout.decode().split()
+    assert "lib/modules/virtio_iommu.ko" in listing and "lib/modules/virtio_blk.ko" in listing
+    again = build_guest_image(log=lambda msg: pytest.fail(f"rebuilt: {msg}"), virtio_iommu=True)
+    assert again == virtio_iommu_image
+
+
 def test_storage_daemon_missing_binary(tmp_path: Path) -> None:
     with pytest.raises(StorageDaemonError, match="not found"):
         StorageDaemon(tmp_path / "s.sock", driver="null", binary="no-such-qemu-storage-daemon").start()
@@ -294,6 +341,21 @@ def test_qemu_command_line(guest_image: GuestImage) -> None:
     assert append == 'console=ttyS0 panic=-1 fastshadow.check="--total 8M" fastshadow.boots=2 quiet'
     with pytest.raises(ValueError):
         GuestVM(guest_image, cmdline={"fastshadow.cmd": 'echo "x"'}).command
+
+
+def test_qemu_command_line_virtio_iommu(guest_image: GuestImage) -> None:
+    """viommu="virtio": the IOMMU is created before the disk (a PCI device realized before it
+    would not sit behind it), the disk is modern-only with iommu_platform=on and no ATS (the
+    virtio-iommu has no device IOTLB), and the guest gets no intel_iommu=on."""
+    argv = GuestVM(guest_image, blk_socket="/run/x.sock", viommu="virtio").command
+    devices = [argv[i + 1] for i, a in enumerate(argv) if a == "-device"]
+    assert devices == ["virtio-iommu-pci",
+                       "vhost-user-blk-pci,chardev=blk0,num-queues=1,iommu_platform=on,disable-legacy=on"]
+    assert argv[argv.index("-M") + 1] == "q35"
+    append = argv[argv.index("-append") + 1]
+    assert "intel_iommu" not in append and "deferred_probe_timeout=120" in append.split()
+    with pytest.raises(ValueError):
+        GuestVM(guest_image, viommu="smmuv3")
 
 
 
