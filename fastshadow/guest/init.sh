@@ -15,7 +15,7 @@
 #
 # Console markers (parsed by fastshadow.guest.qemu):
 #   FASTSHADOW-GUEST READY                      modules loaded
-#   FASTSHADOW-VIRTIO virtioN device=ID features=0101...   one per probed device
+#   FASTSHADOW-VIRTIO virtioN device=ID features=0101... iommu=TYPE   one per probed device
 #   FASTSHADOW-CHECK PASS|FAIL tag=... ...      one per checker instance
 #   FASTSHADOW-GUEST DONE boot=<n> result=PASS|FAIL
 # then `reboot -f` (more boots wanted) or `poweroff -f`.
@@ -131,10 +131,14 @@ else
 fi
 
 # Negotiated virtio features of every device probed so far, one line each (sysfs: one
-# character per bit, bit 0 first), so that a test can see what the guest accepted.
+# character per bit, bit 0 first), so that a test can see what the guest accepted; and how
+# the guest's DMA to it is translated: the IOMMU domain type of its PCI function's group
+# (DMA: strict, DMA-FQ: lazy invalidation, identity: none), or none without an IOMMU.
 set +f
 for d in /sys/bus/virtio/devices/*; do
-    [ -e "$d/features" ] && echo "FASTSHADOW-VIRTIO ${d##*/} device=$(cat "$d/device") features=$(cat "$d/features")"
+    [ -e "$d/features" ] || continue
+    iommu=$(cat "$d/../iommu_group/type" 2>/dev/null) || iommu=none
+    echo "FASTSHADOW-VIRTIO ${d##*/} device=$(cat "$d/device") features=$(cat "$d/features") iommu=${iommu:-none}"
 done
 set -f
 

@@ -30,8 +30,11 @@ pytestmark = pytest.mark.vm
 CHECK = {"fastshadow.check": "--total 8M --min 512 --max 1M", "fastshadow.queues": "2"}
 
 
-def run_blk(guest_image, workdir, start_qsd, start_proxy, extra_cmdline=None, **vm_options):
-    """One boot, two queues of checked I/O through the isolated proxy; returns (result, proxy, watch)."""
+def run_blk(guest_image, workdir, start_qsd, start_proxy, extra_cmdline=None, *, guest_iommu: str,
+            **vm_options):
+    """One boot, two queues of checked I/O through the isolated proxy; returns (result, proxy log).
+    guest_iommu: the IOMMU domain type the guest must have put the disk in (init.sh), "none"
+    without an IOMMU: a guest that silently drove the disk untranslated must not pass."""
     qsd = start_qsd(str(workdir / "qsd.sock"), disk=workdir / "disk.img", num_queues=2)
     rec = Interposer(str(workdir / "rec.sock"), str(workdir / "qsd.sock"))
     proxy = start_proxy(["--listen", str(workdir / "fs.sock"), "--backend", str(workdir / "rec.sock"),
@@ -55,13 +58,17 @@ def run_blk(guest_image, workdir, start_qsd, start_proxy, extra_cmdline=None, **
     watch.assert_isolated(points=1)
     log = proxy.log()
     assert "session.refused" not in log and "dataplane.refused" not in log, log[-3000:]
+    features, iommu = guest_virtio_line(console, "0x0002")
     # The guest's driver accepted VIRTIO_F_ACCESS_PLATFORM (bit 33; sysfs: one character per bit).
-    assert guest_features_line(console, "0x0002")[33] == "1"
+    assert features[33] == "1"
+    assert iommu == guest_iommu, console[-3000:]
     return result, log
 
 
-def guest_features_line(console: str, device_id: str) -> str:
-    found = re.findall(rf"^FASTSHADOW-VIRTIO \S+ device={device_id} features=([01]+)", console, re.M)
+def guest_virtio_line(console: str, device_id: str) -> tuple[str, str]:
+    """(features, IOMMU domain type) of the guest's virtio device `device_id` (init.sh)."""
+    found = re.findall(rf"^FASTSHADOW-VIRTIO \S+ device={device_id} features=([01]+) iommu=(\S+)",
+                       console, re.M)
     assert found, console[-3000:]
     return found[0]
 
@@ -79,7 +86,7 @@ def test_qemu_refuses_iommu_platform_with_qsd_alone(guest_image, workdir, start_
 def test_blk_iommu_platform_without_viommu(guest_image, workdir, start_qsd, start_proxy):
     """iommu_platform=on, no vIOMMU: QEMU starts (it refuses with qsd alone) and the guest's I/O
     is checked byte for byte; the backend's features never include ACCESS_PLATFORM."""
-    _, log = run_blk(guest_image, workdir, start_qsd, start_proxy, iommu_platform=True)
+    _, log = run_blk(guest_image, workdir, start_qsd, start_proxy, iommu_platform=True, guest_iommu="none")
     # No vIOMMU: QEMU keeps the bit from the vhost device (vhost_dev_set_features) and sends no
     # IOTLB traffic; addresses are guest-physical and the backend's features never had it.
     assert "IOTLB" not in log
@@ -94,6 +101,7 @@ def test_blk_intel_iommu(strict, guest_image, workdir, start_qsd, start_proxy):
     invalidation of an unmapped IOVA comes late, or through QEMU 7.2 not at all, so
     fastshadow forgets a request's translations when it completes) and strict."""
     result, log = run_blk(guest_image, workdir, start_qsd, start_proxy, viommu="intel",
-                          extra_cmdline={"iommu.strict": "1" if strict else "0"})
+                          extra_cmdline={"iommu.strict": "1" if strict else "0"},
+                          guest_iommu="DMA" if strict else "DMA-FQ")
     assert "iotlb.enabled" in log
     assert "iotlb.miss_unanswered" not in log, log[-3000:]
