@@ -104,6 +104,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--retry-noisy", type=int, default=2, metavar="N",
                    help="run again, at most N times, a run that shared the machine (other work above 10 %% of "
                         "a CPU, or hypervisor steal above 5 %%); the last attempt counts (default 2, 0: never)")
+    p.add_argument("--guest-halt-poll-ns", type=_nonnegative, metavar="NS",
+                   help="set haltpoll.guest_halt_poll_ns (how long an idle vCPU of this KVM guest polls before "
+                        "it halts: what a wake-up costs here) for the bench, and put the old value back after "
+                        "(root; results.json records the value either way)")
     p.add_argument("--loadgen-threads", choices=["one", "per-queue"], default="one",
                    help="one thread drives all queues (default), or one thread per queue")
     p.add_argument("--pin", choices=["split", "split-free-proxy", "none"], default="split",
@@ -122,6 +126,16 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-memcpy", action="store_true", help="skip the memcpy baseline")
     p.add_argument("--no-plots", action="store_true", help="skip the PNGs")
     p.set_defaults(preset=None)
+
+
+def _nonnegative(text: str) -> int:
+    try:
+        n = int(text)
+    except ValueError:
+        n = -1
+    if n < 0:
+        raise argparse.ArgumentTypeError(f"{text!r}: want a whole number, 0 or more")
+    return n
 
 
 def parse_workload(text: str):
@@ -301,8 +315,13 @@ def run_scale(args) -> int:
     n = len(cfg.devices) * len(cfg.queues) * (2 if cfg.direct else 1) + len(cfg.bounce_sweep)
     print(f"fastshadow bench: scale preset, {n} points ({cfg.duration:g} s of load each), devices "
           f"{','.join(map(str, cfg.devices))} x queues {','.join(map(str, cfg.queues))}", flush=True)
+    from .runner import IdlePolicyError, guest_halt_poll
     try:
-        res = run_it(cfg, log=lambda s: print(s, flush=True))
+        with guest_halt_poll(args.guest_halt_poll_ns):
+            res = run_it(cfg, log=lambda s: print(s, flush=True))
+    except IdlePolicyError as e:
+        print(f"fastshadow bench: {e}", file=sys.stderr)
+        return 2
     except KeyboardInterrupt:
         print("fastshadow bench: interrupted", file=sys.stderr)
         return 130
@@ -323,7 +342,7 @@ def run(args) -> int:
     except ValueError as e:
         print(f"fastshadow bench: {e}", file=sys.stderr)
         return 2
-    from .runner import run_bench
+    from .runner import IdlePolicyError, guest_halt_poll, run_bench
     cfg.plots = plots_possible(cfg.plots)
     runs = len(cfg.backends) * cfg.reps * len(cfg.workloads) * len(cfg.modes)
     what = f"{cfg.duration:g} s each" if cfg.duration else f"{cfg.requests} requests each"
@@ -338,7 +357,11 @@ def run(args) -> int:
             raise KeyboardInterrupt
         old = signal.signal(signal.SIGTERM, _term)
     try:
-        results = run_bench(cfg, log=lambda s: print(s, flush=True))
+        with guest_halt_poll(args.guest_halt_poll_ns):
+            results = run_bench(cfg, log=lambda s: print(s, flush=True))
+    except IdlePolicyError as e:
+        print(f"fastshadow bench: {e}", file=sys.stderr)
+        return 2
     except KeyboardInterrupt:
         print("fastshadow bench: interrupted", file=sys.stderr)
         return 130

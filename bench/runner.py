@@ -30,6 +30,8 @@ import sys
 import tempfile
 import threading
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
@@ -491,7 +493,49 @@ def machine_info() -> rp.Machine:
     u = platform.uname()
     return rp.Machine(hostname=socket.gethostname(), nproc=os.cpu_count() or 0, kernel=f"{u.release} {u.machine}",
                       cpu_model=model, mem_total_bytes=mem, python=platform.python_version(),
-                      qemu_storage_daemon=qsd, fastshadow=__version__, wake_rtt_us=wake_round_trip_us())
+                      qemu_storage_daemon=qsd, fastshadow=__version__, wake_rtt_us=wake_round_trip_us(),
+                      **idle_policy())
+
+
+class IdlePolicyError(RuntimeError):
+    """The machine's idle policy cannot be set as asked (--guest-halt-poll-ns)."""
+
+
+CPUIDLE_GOVERNOR = Path("/sys/devices/system/cpu/cpuidle/current_governor")
+GUEST_HALT_POLL_NS = Path("/sys/module/haltpoll/parameters/guest_halt_poll_ns")
+
+
+def idle_policy(governor: Path = CPUIDLE_GOVERNOR, halt_poll: Path = GUEST_HALT_POLL_NS) -> dict:
+    """{"cpuidle_governor": str | None, "guest_halt_poll_ns": int | None}: what an idle CPU does
+    here (Documentation/virt/guest-halt-polling.rst in the kernel). None where the file is
+    absent: no cpuidle, or not a guest with the haltpoll driver."""
+    def read(path: Path) -> str | None:
+        try:
+            return path.read_text().strip() or None
+        except OSError:
+            return None
+    ns = read(halt_poll)
+    return {"cpuidle_governor": read(governor) or read(governor.with_name("current_governor_ro")),
+            "guest_halt_poll_ns": int(ns) if ns and ns.isdigit() else None}
+
+
+@contextmanager
+def guest_halt_poll(ns: int | None, path: Path = GUEST_HALT_POLL_NS) -> Iterator[None]:
+    """Set haltpoll.guest_halt_poll_ns to `ns` for the block, then put the old value back (None:
+    leave it). Raises IdlePolicyError when the machine has no such setting or it cannot be written."""
+    if ns is None:
+        yield
+        return
+    try:
+        old = path.read_text().strip()
+        path.write_text(f"{ns}\n")
+    except OSError as e:
+        raise IdlePolicyError(f"--guest-halt-poll-ns {ns}: cannot set {path} ({e.strerror or e}); it needs root "
+                         "and a KVM guest kernel with the haltpoll cpuidle driver") from None
+    try:
+        yield
+    finally:
+        path.write_text(f"{old}\n")
 
 
 def wake_round_trip_us(rounds: int = 2000) -> float | None:
