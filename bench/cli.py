@@ -110,11 +110,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                         "(root; results.json records the value either way)")
     p.add_argument("--loadgen-threads", choices=["one", "per-queue"], default="one",
                    help="one thread drives all queues (default), or one thread per queue")
-    p.add_argument("--pin", choices=["split", "split-free-proxy", "none"], default="split",
+    p.add_argument("--pin", choices=["split", "split-free-proxy", "own", "none"], default="split",
                    help="split (default): the load generator on the first CPU, qemu-storage-daemon and the proxy "
                         "on the others, as a guest's vCPU and its backend would be; split-free-proxy: the same "
-                        "but the proxy may run on any CPU; none: the scheduler decides (a wakeup on the same CPU "
-                        "is ~10x cheaper here, so results then vary with placement)")
+                        "but the proxy may run on any CPU; own: the load generator on the first CPU, "
+                        "qemu-storage-daemon on the second, the proxy on the rest (3+ CPUs); none: the scheduler "
+                        "decides (a wakeup on the same CPU is ~10x cheaper here, so results then vary with "
+                        "placement)")
     p.add_argument("--no-event-idx", action="store_true", help="do not negotiate VIRTIO_RING_F_EVENT_IDX")
     p.add_argument("--queue-size", type=int, default=256, help="virtqueue size (default 256; raised for QD > 85)")
     p.add_argument("--file-size", default="512M", help="size of the file backend's image (default 512M)")
@@ -192,8 +194,9 @@ def _creatable(path: Path) -> bool:
 def config_from_args(args):
     from . import MODES, OPTIONAL_MODES
     from fastshadow.sizes import parse_size
-    from .runner import PRESETS, Config
+    from .runner import PRESETS, Config, placement
     preset = PRESETS[args.preset or "quick"]
+    placement(args.pin)                     # a policy this machine cannot give fails here, not mid-run
     variants = parse_variants(args.variant)
     traced = parse_variants(args.traced)
     clash = set(traced) & set(variants)

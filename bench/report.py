@@ -189,7 +189,8 @@ class Settings(msgspec.Struct):
     file_size: int
     null_size: int
     pin: str                   # "split": loadgen on CPU 0, backend and proxy on the others; "split-free-proxy"
-                               # (the proxy on any CPU); "none" (the scheduler decides)
+                               # (the proxy on any CPU); "own" (loadgen CPU 0, backend CPU 1, proxy the
+                               # rest); "none" (the scheduler decides)
     workloads: list[Workload]
     variants: dict[str, list[str]] = {}   # extra isolated modes: name -> proxy arguments
     traced: dict[str, list[str]] = {}     # of which traced: name -> `fastshadow trace` arguments

@@ -109,7 +109,7 @@ class Config:
     stall_timeout: float = 5.0       # seconds without a completion (requests in flight) before failing
     retry_noisy: int = 0             # a run that shared the machine (Cpu.noisy) runs again, at most this often
     warmup: float = 0.3              # seconds of unrecorded I/O per mode and backend before measuring
-    pin: str = "split"               # see placement(): "split", "split-free-proxy", "none"
+    pin: str = "split"               # see placement(): "split", "split-free-proxy", "own", "none"
     memcpy: bool = True
     plots: bool = True
     command: str = ""
@@ -137,7 +137,7 @@ def self_cpu_seconds() -> float:
     return ru.ru_utime + ru.ru_stime
 
 
-PIN_POLICIES = ("split", "split-free-proxy", "none")
+PIN_POLICIES = ("split", "split-free-proxy", "own", "none")
 
 
 @dataclass
@@ -155,11 +155,18 @@ def placement(pin: str) -> Placement:
     scheduler happens to put the load generator and the backend decides a QD1 run's latency by a
     factor of ten. "split" fixes the placement a real guest has (its vCPU on one CPU, the backend
     and the proxy on the others); "split-free-proxy" lets the proxy run on any CPU (the load
-    generator's CPU is mostly idle at large blocks); "none" pins nothing.
+    generator's CPU is mostly idle at large blocks); "own" gives each of the three its own
+    CPU(s), the proxy all but the first two: the only placement where the proxy's CPU per
+    request is not also its peers' (needs 3 CPUs; ValueError otherwise); "none" pins nothing.
     """
     if pin not in PIN_POLICIES:
         raise ValueError(f"pinning policy {pin!r}: choose from {', '.join(PIN_POLICIES)}")
     cpus = sorted(os.sched_getaffinity(0))
+    if pin == "own":
+        if len(cpus) < 3:
+            raise ValueError(f"--pin own needs 3 CPUs (load generator, backend, proxy), this process may use "
+                             f"{len(cpus)}: run on a larger machine, or use split-free-proxy")
+        return Placement(loadgen={cpus[0]}, backend={cpus[1]}, proxy=set(cpus[2:]))
     if pin == "none" or len(cpus) < 2:
         return Placement()
     rest = set(cpus[1:])

@@ -90,3 +90,21 @@ def test_the_bench_refuses_a_negative_halt_poll():
     out = subprocess.run([sys.executable, "-m", "fastshadow.bench.cli", "--guest-halt-poll-ns", "-3"],
                          capture_output=True, text=True)
     assert out.returncode == 2 and "--guest-halt-poll-ns: '-3': want a whole number, 0 or more" in out.stderr
+
+
+def test_pin_own_gives_each_process_its_own_cpus(monkeypatch):
+    from fastshadow.bench import runner
+    monkeypatch.setattr(runner.os, "sched_getaffinity", lambda pid: {0, 1, 2, 3})
+    p = runner.placement("own")
+    assert (p.loadgen, p.backend, p.proxy) == ({0}, {1}, {2, 3})
+    p = runner.placement("split-free-proxy")        # the others as they were
+    assert (p.loadgen, p.backend, p.proxy) == ({0}, {1, 2, 3}, {0, 1, 2, 3})
+    monkeypatch.setattr(runner.os, "sched_getaffinity", lambda pid: {0, 1})
+    with pytest.raises(ValueError, match=r"--pin own needs 3 CPUs .* may use 2"):
+        runner.placement("own")
+
+
+def test_the_bench_refuses_pin_own_on_two_cpus_before_it_runs():
+    out = subprocess.run(["taskset", "-c", "0,1", sys.executable, "-m", "fastshadow.bench.cli", "--pin", "own",
+                          "--out", "/nonexistent/never-created"], capture_output=True, text=True, timeout=60)
+    assert out.returncode == 2 and "--pin own needs 3 CPUs" in out.stderr, out.stderr
