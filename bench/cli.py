@@ -306,6 +306,13 @@ def plots_possible(wanted: bool) -> bool:
     return True
 
 
+def _said_halt_poll(ns: int | None, old: str | None) -> None:
+    from .runner import GUEST_HALT_POLL_NS
+    if ns is not None:
+        print(f"fastshadow bench: haltpoll.guest_halt_poll_ns {old} -> {ns} for this bench; it is put back "
+              f"after (if the bench is killed with SIGKILL: echo {old} > {GUEST_HALT_POLL_NS})", flush=True)
+
+
 def run_scale(args) -> int:
     """`fastshadow bench --scale`."""
     try:
@@ -320,7 +327,8 @@ def run_scale(args) -> int:
           f"{','.join(map(str, cfg.devices))} x queues {','.join(map(str, cfg.queues))}", flush=True)
     from .runner import IdlePolicyError, guest_halt_poll
     try:
-        with guest_halt_poll(args.guest_halt_poll_ns):
+        with guest_halt_poll(args.guest_halt_poll_ns) as old_ns:
+            _said_halt_poll(args.guest_halt_poll_ns, old_ns)
             res = run_it(cfg, log=lambda s: print(s, flush=True))
     except IdlePolicyError as e:
         print(f"fastshadow bench: {e}", file=sys.stderr)
@@ -360,7 +368,8 @@ def run(args) -> int:
             raise KeyboardInterrupt
         old = signal.signal(signal.SIGTERM, _term)
     try:
-        with guest_halt_poll(args.guest_halt_poll_ns):
+        with guest_halt_poll(args.guest_halt_poll_ns) as old_ns:
+            _said_halt_poll(args.guest_halt_poll_ns, old_ns)
             results = run_bench(cfg, log=lambda s: print(s, flush=True))
     except IdlePolicyError as e:
         print(f"fastshadow bench: {e}", file=sys.stderr)

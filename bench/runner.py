@@ -527,11 +527,12 @@ def idle_policy(governor: Path = CPUIDLE_GOVERNOR, halt_poll: Path = GUEST_HALT_
 
 
 @contextmanager
-def guest_halt_poll(ns: int | None, path: Path = GUEST_HALT_POLL_NS) -> Iterator[None]:
+def guest_halt_poll(ns: int | None, path: Path = GUEST_HALT_POLL_NS) -> Iterator[str | None]:
     """Set haltpoll.guest_halt_poll_ns to `ns` for the block, then put the old value back (None:
-    leave it). Raises IdlePolicyError when the machine has no such setting or it cannot be written."""
+    leave it). Yields the old value (None when not asked). Raises IdlePolicyError when the
+    machine has no such setting or it cannot be written."""
     if ns is None:
-        yield
+        yield None
         return
     try:
         old = path.read_text().strip()
@@ -540,7 +541,7 @@ def guest_halt_poll(ns: int | None, path: Path = GUEST_HALT_POLL_NS) -> Iterator
         raise IdlePolicyError(f"--guest-halt-poll-ns {ns}: cannot set {path} ({e.strerror or e}); it needs root "
                          "and a KVM guest kernel with the haltpoll cpuidle driver") from None
     try:
-        yield
+        yield old
     finally:
         path.write_text(f"{old}\n")
 

@@ -68,15 +68,15 @@ def test_guest_halt_poll_sets_the_value_for_the_block_and_puts_the_old_one_back(
     from fastshadow.bench.runner import guest_halt_poll
     poll = tmp_path / "guest_halt_poll_ns"
     poll.write_text("0\n")
-    with guest_halt_poll(200000, poll):
-        assert poll.read_text() == "200000\n"
+    with guest_halt_poll(200000, poll) as old:
+        assert poll.read_text() == "200000\n" and old == "0"
     assert poll.read_text() == "0\n"
     with pytest.raises(KeyboardInterrupt):          # Ctrl-C / SIGTERM during the bench
         with guest_halt_poll(5, poll):
             raise KeyboardInterrupt
     assert poll.read_text() == "0\n"
-    with guest_halt_poll(None, poll):               # not asked: not touched
-        assert poll.read_text() == "0\n"
+    with guest_halt_poll(None, poll) as old:        # not asked: not touched
+        assert poll.read_text() == "0\n" and old is None
 
 
 def test_guest_halt_poll_says_why_it_cannot_set_the_value(tmp_path):
