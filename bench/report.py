@@ -629,7 +629,15 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--plots", action="store_true", help="rewrite the PNGs next to results.json")
     ap.add_argument("--markdown", action="store_true", help="print the Markdown table instead")
     args = ap.parse_args(argv)
-    res = read_json(args.results)
+    try:
+        res = read_json(args.results)
+    except OSError as e:
+        print(f"{ap.prog}: cannot read {args.results}: {e.strerror or e}", file=sys.stderr)
+        return 2
+    except msgspec.DecodeError as e:      # ValidationError too: a file of another schema
+        print(f"{ap.prog}: {args.results} is not the results.json of a `fastshadow bench` run ({e}); a --scale "
+              f"run's reads with python -m fastshadow.bench.scale", file=sys.stderr)
+        return 2
     print(markdown_table(res) if args.markdown else table(res))
     if args.plots:
         for name in write_plots(res, args.results.parent):
