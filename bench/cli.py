@@ -104,7 +104,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--retry-noisy", type=int, default=2, metavar="N",
                    help="run again, at most N times, a run that shared the machine (other work above 10 %% of "
                         "a CPU, or hypervisor steal above 5 %%); the last attempt counts (default 2, 0: never)")
-    p.add_argument("--guest-halt-poll-ns", type=_nonnegative, metavar="NS",
+    p.add_argument("--guest-halt-poll-ns", type=_halt_poll_ns, metavar="NS",
                    help="set haltpoll.guest_halt_poll_ns (how long an idle vCPU of this KVM guest polls before "
                         "it halts: what a wake-up costs here) for the bench, and put the old value back after "
                         "(root; results.json records the value either way)")
@@ -130,13 +130,18 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.set_defaults(preset=None)
 
 
-def _nonnegative(text: str) -> int:
+#: --guest-halt-poll-ns at most. The kernel takes up to 2^32-1 ns; 1 s is already far past any
+#: useful window (the driver's default is 200 µs) and makes an idle vCPU burn its CPU.
+HALT_POLL_MAX_NS = 1_000_000_000
+
+
+def _halt_poll_ns(text: str) -> int:
     try:
-        n = int(text)
+        n = int(text) if text.isdigit() else -1
     except ValueError:
         n = -1
-    if n < 0:
-        raise argparse.ArgumentTypeError(f"{text!r}: want a whole number, 0 or more")
+    if not 0 <= n <= HALT_POLL_MAX_NS:
+        raise argparse.ArgumentTypeError(f"{text!r}: want a whole number of ns, 0 to {HALT_POLL_MAX_NS} (1 s)")
     return n
 
 
@@ -267,6 +272,9 @@ def scale_config_from_args(args):
         if not xs or not all(1 <= x <= hi for x in xs):
             raise ValueError(f"{name} {text!r}: want a comma-separated list of whole numbers 1..{hi}")
         return xs
+    if args.pin != "split":
+        raise ValueError(f"--pin {args.pin}: --scale does not pin its processes (one proxy serves every device "
+                         f"there); --pin is for the other presets")
     devices = ints("--scale-devices", args.scale_devices, 64)
     queues = ints("--scale-queues", args.scale_queues, 4)
     try:
@@ -306,11 +314,41 @@ def plots_possible(wanted: bool) -> bool:
     return True
 
 
-def _said_halt_poll(ns: int | None, old: str | None) -> None:
-    from .runner import GUEST_HALT_POLL_NS
-    if ns is not None:
-        print(f"fastshadow bench: haltpoll.guest_halt_poll_ns {old} -> {ns} for this bench; it is put back "
-              f"after (if the bench is killed with SIGKILL: echo {old} > {GUEST_HALT_POLL_NS})", flush=True)
+#: Signals that end a bench as Ctrl-C does: the run drains, sessions close, qsd and the proxies
+#: stop, the idle policy is put back. SIGHUP is a closed terminal or a dropped ssh session.
+STOP_SIGNALS = ("SIGTERM", "SIGHUP")
+
+
+def _run_body(args, body):
+    """(exit code, what body returned or None): body run under --guest-halt-poll-ns, with
+    STOP_SIGNALS raised as KeyboardInterrupt in it."""
+    import signal
+    import threading
+
+    from .runner import GUEST_HALT_POLL_NS, IdlePolicyError, guest_halt_poll
+    old = {}
+    if threading.current_thread() is threading.main_thread():
+        def _stop(signum, frame):
+            raise KeyboardInterrupt
+        for name in STOP_SIGNALS:
+            sig = getattr(signal, name)
+            old[sig] = signal.signal(sig, _stop)
+    try:
+        with guest_halt_poll(args.guest_halt_poll_ns) as old_ns:
+            if args.guest_halt_poll_ns is not None:
+                print(f"fastshadow bench: haltpoll.guest_halt_poll_ns {old_ns} -> {args.guest_halt_poll_ns} "
+                      f"for this bench; it is put back after (if the bench is killed with SIGKILL: "
+                      f"echo {old_ns} > {GUEST_HALT_POLL_NS})", flush=True)
+            return 0, body()
+    except IdlePolicyError as e:
+        print(f"fastshadow bench: {e}", file=sys.stderr)
+        return 2, None
+    except KeyboardInterrupt:
+        print("fastshadow bench: interrupted", file=sys.stderr)
+        return 130, None
+    finally:
+        for sig, handler in old.items():
+            signal.signal(sig, handler)
 
 
 def run_scale(args) -> int:
@@ -325,17 +363,9 @@ def run_scale(args) -> int:
     n = len(cfg.devices) * len(cfg.queues) * (2 if cfg.direct else 1) + len(cfg.bounce_sweep)
     print(f"fastshadow bench: scale preset, {n} points ({cfg.duration:g} s of load each), devices "
           f"{','.join(map(str, cfg.devices))} x queues {','.join(map(str, cfg.queues))}", flush=True)
-    from .runner import IdlePolicyError, guest_halt_poll
-    try:
-        with guest_halt_poll(args.guest_halt_poll_ns) as old_ns:
-            _said_halt_poll(args.guest_halt_poll_ns, old_ns)
-            res = run_it(cfg, log=lambda s: print(s, flush=True))
-    except IdlePolicyError as e:
-        print(f"fastshadow bench: {e}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print("fastshadow bench: interrupted", file=sys.stderr)
-        return 130
+    rc, res = _run_body(args, lambda: run_it(cfg, log=lambda s: print(s, flush=True)))
+    if res is None:
+        return rc
     print()
     print(markdown(res))
     print()
@@ -353,33 +383,15 @@ def run(args) -> int:
     except ValueError as e:
         print(f"fastshadow bench: {e}", file=sys.stderr)
         return 2
-    from .runner import IdlePolicyError, guest_halt_poll, run_bench
+    from .runner import run_bench
     cfg.plots = plots_possible(cfg.plots)
     runs = len(cfg.backends) * cfg.reps * len(cfg.workloads) * len(cfg.modes)
     what = f"{cfg.duration:g} s each" if cfg.duration else f"{cfg.requests} requests each"
     print(f"fastshadow bench: {cfg.preset} preset, {runs} runs ({what}), modes {', '.join(cfg.modes)}, "
           f"backends {', '.join(cfg.backends)}", flush=True)
-    # SIGTERM like Ctrl-C: the run drains, sessions close, qsd and the proxies are stopped.
-    import signal
-    import threading
-    old = None
-    if threading.current_thread() is threading.main_thread():
-        def _term(signum, frame):
-            raise KeyboardInterrupt
-        old = signal.signal(signal.SIGTERM, _term)
-    try:
-        with guest_halt_poll(args.guest_halt_poll_ns) as old_ns:
-            _said_halt_poll(args.guest_halt_poll_ns, old_ns)
-            results = run_bench(cfg, log=lambda s: print(s, flush=True))
-    except IdlePolicyError as e:
-        print(f"fastshadow bench: {e}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print("fastshadow bench: interrupted", file=sys.stderr)
-        return 130
-    finally:
-        if old is not None:
-            signal.signal(signal.SIGTERM, old)
+    rc, results = _run_body(args, lambda: run_bench(cfg, log=lambda s: print(s, flush=True)))
+    if results is None:
+        return rc
     print()
     print(rp.table(results))
     print()

@@ -61,8 +61,9 @@ class Machine(msgspec.Struct):
     #: VM type), so runs of different days compare only through it. None: one CPU, or not measured.
     wake_rtt_us: float | None = None
     #: What an idle CPU of this (virtual) machine does (runner.idle_policy): the cpuidle governor
-    #: and, with the haltpoll driver of a KVM guest, how long an idle vCPU polls before it halts
-    #: (haltpoll.guest_halt_poll_ns). It sets wake_rtt_us: on the 2-vCPU test VM, 0 ns (its
+    #: and, with the haltpoll driver of a KVM guest, the most an idle vCPU polls before it halts
+    #: (haltpoll.guest_halt_poll_ns; the haltpoll governor's, ignored by the others; each vCPU's
+    #: window adapts below it). It sets wake_rtt_us: on the 2-vCPU test VM, 0 ns (its
     #: boot setting) gave a ~95 µs round trip and 200000 ns (the driver's default) ~8 µs, and
     #: direct mode's 4 KiB QD32 IOPS moved by up to 1.8x with it. None: not known here.
     cpuidle_governor: str | None = None
@@ -384,12 +385,13 @@ def _ratio(x: float | None) -> str:
 
 
 def idle_label(mach: Machine) -> str:
-    """", idle: haltpoll, polls 200 us before halting" for the machine line ("" when unknown)."""
+    """", idle: haltpoll, polls up to 200 us before halting" for the machine line ("" when
+    unknown). guest_halt_poll_ns is the haltpoll governor's: other governors ignore it."""
     if mach.cpuidle_governor is None:
         return ""
     poll = ""
-    if mach.guest_halt_poll_ns is not None:
-        poll = (f", polls {mach.guest_halt_poll_ns / 1000:g} us before halting" if mach.guest_halt_poll_ns
+    if mach.cpuidle_governor == "haltpoll" and mach.guest_halt_poll_ns is not None:
+        poll = (f", polls up to {mach.guest_halt_poll_ns / 1000:.0f} us before halting" if mach.guest_halt_poll_ns
                 else ", halts at once (guest_halt_poll_ns 0)")
     return f", idle: {mach.cpuidle_governor}{poll}"
 
@@ -622,6 +624,15 @@ def write_plots(results: Results, out_dir: Path, log: Callable[[str], None] = pr
     return written
 
 
+def _is_scale(path: Path) -> bool:
+    """Whether path holds a --scale run's results (bench/scale.py: its points, no runs)."""
+    try:
+        raw = msgspec.json.decode(path.read_bytes())
+    except (OSError, msgspec.DecodeError):
+        return False
+    return isinstance(raw, dict) and "points" in raw and "runs" not in raw
+
+
 def main(argv: list[str] | None = None) -> int:
     import argparse
     ap = argparse.ArgumentParser(prog="python -m fastshadow.bench.report", description="print (and re-plot) a results.json")
@@ -635,8 +646,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{ap.prog}: cannot read {args.results}: {e.strerror or e}", file=sys.stderr)
         return 2
     except msgspec.DecodeError as e:      # ValidationError too: a file of another schema
-        print(f"{ap.prog}: {args.results} is not the results.json of a `fastshadow bench` run ({e}); a --scale "
-              f"run's reads with python -m fastshadow.bench.scale", file=sys.stderr)
+        hint = "; a --scale run's reads with python -m fastshadow.bench.scale" if _is_scale(args.results) else ""
+        print(f"{ap.prog}: {args.results} is not the results.json of a `fastshadow bench` run ({e}){hint}",
+              file=sys.stderr)
         return 2
     print(markdown_table(res) if args.markdown else table(res))
     if args.plots:

@@ -165,7 +165,7 @@ def placement(pin: str) -> Placement:
     if pin == "own":
         if len(cpus) < 3:
             raise ValueError(f"--pin own needs 3 CPUs (load generator, backend, proxy), this process may use "
-                             f"{len(cpus)}: run on a larger machine, or use split-free-proxy")
+                             f"{len(cpus)}: run it on a machine with 3 or more CPUs")
         return Placement(loadgen={cpus[0]}, backend={cpus[1]}, proxy=set(cpus[2:]))
     if pin == "none" or len(cpus) < 2:
         return Placement()
@@ -526,24 +526,56 @@ def idle_policy(governor: Path = CPUIDLE_GOVERNOR, halt_poll: Path = GUEST_HALT_
             "guest_halt_poll_ns": int(ns) if ns and ns.isdigit() else None}
 
 
+#: Held (flock) by a bench that set guest_halt_poll_ns, until it has put the old value back:
+#: two benches that both set it would each restore the other's value.
+HALT_POLL_LOCK = Path("/run/lock/fastshadow-bench-halt-poll.lock")
+
+
 @contextmanager
-def guest_halt_poll(ns: int | None, path: Path = GUEST_HALT_POLL_NS) -> Iterator[str | None]:
-    """Set haltpoll.guest_halt_poll_ns to `ns` for the block, then put the old value back (None:
-    leave it). Yields the old value (None when not asked). Raises IdlePolicyError when the
-    machine has no such setting or it cannot be written."""
+def guest_halt_poll(ns: int | None, path: Path = GUEST_HALT_POLL_NS, governor: Path = CPUIDLE_GOVERNOR,
+                    lock: Path = HALT_POLL_LOCK) -> Iterator[str | None]:
+    """Set haltpoll.guest_halt_poll_ns (Documentation/virt/guest-halt-polling.rst: the most an
+    idle vCPU polls before it halts) to `ns` for the block, then put the old value back, unless
+    something else changed it meanwhile (then it is left, with a line on stderr). None: leave
+    it. Yields the old value (None when not asked). Raises IdlePolicyError when the machine has
+    no such setting, its cpuidle governor is not haltpoll (the value would do nothing), another
+    bench holds it, or it cannot be written."""
     if ns is None:
         yield None
         return
+    gov = idle_policy(governor, path)["cpuidle_governor"]
+    if gov != "haltpoll":
+        raise IdlePolicyError(f"--guest-halt-poll-ns {ns}: the cpuidle governor here is {gov or 'none'}, not "
+                              f"haltpoll, so the value would change nothing (it needs a KVM guest kernel with "
+                              f"the haltpoll cpuidle driver)")
+    import fcntl
     try:
-        old = path.read_text().strip()
-        path.write_text(f"{ns}\n")
+        lock.parent.mkdir(parents=True, exist_ok=True)
+        held = open(lock, "a")
     except OSError as e:
-        raise IdlePolicyError(f"--guest-halt-poll-ns {ns}: cannot set {path} ({e.strerror or e}); it needs root "
-                         "and a KVM guest kernel with the haltpoll cpuidle driver") from None
-    try:
-        yield old
-    finally:
-        path.write_text(f"{old}\n")
+        raise IdlePolicyError(f"--guest-halt-poll-ns {ns}: cannot open the lock {lock} ({e.strerror or e}); "
+                              f"it needs root") from None
+    with held:
+        try:
+            fcntl.flock(held, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise IdlePolicyError(f"--guest-halt-poll-ns {ns}: another bench has set the value and not yet "
+                                  f"put it back ({lock} is locked); wait for it to end") from None
+        try:
+            old = path.read_text().strip()
+            path.write_text(f"{ns}\n")
+        except OSError as e:
+            raise IdlePolicyError(f"--guest-halt-poll-ns {ns}: cannot set {path} ({e.strerror or e}); it needs "
+                                  f"root and a KVM guest kernel with the haltpoll cpuidle driver") from None
+        try:
+            yield old
+        finally:
+            now = path.read_text().strip()
+            if now == str(ns):
+                path.write_text(f"{old}\n")
+            else:
+                print(f"fastshadow bench: {path} is {now}, set by someone else during the bench: left as it "
+                      f"is, not put back to {old}", file=sys.stderr)
 
 
 def wake_round_trip_us(rounds: int = 2000) -> float | None:

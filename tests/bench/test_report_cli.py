@@ -27,4 +27,17 @@ def test_a_scale_run_is_sent_to_the_scale_report():
 def test_a_results_json_prints_its_table():
     out = report(ROOT / "bench" / "results" / "haltpoll" / "results.json")
     assert out.returncode == 0, out.stderr
-    assert out.stdout.startswith("machine: ") and "idle: haltpoll, polls 200 us before halting" in out.stdout
+    assert out.stdout.startswith("machine: ") and "idle: haltpoll, polls up to 200 us before halting" in out.stdout
+
+
+def test_the_scale_report_says_what_it_cannot_read(tmp_path):
+    out = subprocess.run([sys.executable, "-m", "fastshadow.bench.scale", str(ROOT / "bench" / "results" / "haltpoll" /
+                          "results.json")], capture_output=True, text=True, timeout=60)
+    assert out.returncode == 2 and "Traceback" not in out.stderr
+    assert "python -m fastshadow.bench.report reads the others" in out.stderr
+
+
+def test_a_file_that_is_not_a_scale_run_gets_no_scale_hint(tmp_path):
+    (tmp_path / "x.json").write_text("{}")
+    out = report(tmp_path / "x.json")
+    assert out.returncode == 2 and "bench.scale" not in out.stderr
