@@ -104,13 +104,19 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--retry-noisy", type=int, default=2, metavar="N",
                    help="run again, at most N times, a run that shared the machine (other work above 10 %% of "
                         "a CPU, or hypervisor steal above 5 %%); the last attempt counts (default 2, 0: never)")
+    p.add_argument("--guest-halt-poll-ns", type=_nonnegative, metavar="NS",
+                   help="set haltpoll.guest_halt_poll_ns (how long an idle vCPU of this KVM guest polls before "
+                        "it halts: what a wake-up costs here) for the bench, and put the old value back after "
+                        "(root; results.json records the value either way)")
     p.add_argument("--loadgen-threads", choices=["one", "per-queue"], default="one",
                    help="one thread drives all queues (default), or one thread per queue")
-    p.add_argument("--pin", choices=["split", "split-free-proxy", "none"], default="split",
+    p.add_argument("--pin", choices=["split", "split-free-proxy", "own", "none"], default="split",
                    help="split (default): the load generator on the first CPU, qemu-storage-daemon and the proxy "
                         "on the others, as a guest's vCPU and its backend would be; split-free-proxy: the same "
-                        "but the proxy may run on any CPU; none: the scheduler decides (a wakeup on the same CPU "
-                        "is ~10x cheaper here, so results then vary with placement)")
+                        "but the proxy may run on any CPU; own: the load generator on the first CPU, "
+                        "qemu-storage-daemon on the second, the proxy on the rest (3+ CPUs); none: the scheduler "
+                        "decides (a wakeup on the same CPU is ~10x cheaper here, so results then vary with "
+                        "placement)")
     p.add_argument("--no-event-idx", action="store_true", help="do not negotiate VIRTIO_RING_F_EVENT_IDX")
     p.add_argument("--queue-size", type=int, default=256, help="virtqueue size (default 256; raised for QD > 85)")
     p.add_argument("--file-size", default="512M", help="size of the file backend's image (default 512M)")
@@ -122,6 +128,16 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-memcpy", action="store_true", help="skip the memcpy baseline")
     p.add_argument("--no-plots", action="store_true", help="skip the PNGs")
     p.set_defaults(preset=None)
+
+
+def _nonnegative(text: str) -> int:
+    try:
+        n = int(text)
+    except ValueError:
+        n = -1
+    if n < 0:
+        raise argparse.ArgumentTypeError(f"{text!r}: want a whole number, 0 or more")
+    return n
 
 
 def parse_workload(text: str):
@@ -178,8 +194,9 @@ def _creatable(path: Path) -> bool:
 def config_from_args(args):
     from . import MODES, OPTIONAL_MODES
     from fastshadow.sizes import parse_size
-    from .runner import PRESETS, Config
+    from .runner import PRESETS, Config, placement
     preset = PRESETS[args.preset or "quick"]
+    placement(args.pin)                     # a policy this machine cannot give fails here, not mid-run
     variants = parse_variants(args.variant)
     traced = parse_variants(args.traced)
     clash = set(traced) & set(variants)
@@ -289,6 +306,13 @@ def plots_possible(wanted: bool) -> bool:
     return True
 
 
+def _said_halt_poll(ns: int | None, old: str | None) -> None:
+    from .runner import GUEST_HALT_POLL_NS
+    if ns is not None:
+        print(f"fastshadow bench: haltpoll.guest_halt_poll_ns {old} -> {ns} for this bench; it is put back "
+              f"after (if the bench is killed with SIGKILL: echo {old} > {GUEST_HALT_POLL_NS})", flush=True)
+
+
 def run_scale(args) -> int:
     """`fastshadow bench --scale`."""
     try:
@@ -301,8 +325,14 @@ def run_scale(args) -> int:
     n = len(cfg.devices) * len(cfg.queues) * (2 if cfg.direct else 1) + len(cfg.bounce_sweep)
     print(f"fastshadow bench: scale preset, {n} points ({cfg.duration:g} s of load each), devices "
           f"{','.join(map(str, cfg.devices))} x queues {','.join(map(str, cfg.queues))}", flush=True)
+    from .runner import IdlePolicyError, guest_halt_poll
     try:
-        res = run_it(cfg, log=lambda s: print(s, flush=True))
+        with guest_halt_poll(args.guest_halt_poll_ns) as old_ns:
+            _said_halt_poll(args.guest_halt_poll_ns, old_ns)
+            res = run_it(cfg, log=lambda s: print(s, flush=True))
+    except IdlePolicyError as e:
+        print(f"fastshadow bench: {e}", file=sys.stderr)
+        return 2
     except KeyboardInterrupt:
         print("fastshadow bench: interrupted", file=sys.stderr)
         return 130
@@ -323,7 +353,7 @@ def run(args) -> int:
     except ValueError as e:
         print(f"fastshadow bench: {e}", file=sys.stderr)
         return 2
-    from .runner import run_bench
+    from .runner import IdlePolicyError, guest_halt_poll, run_bench
     cfg.plots = plots_possible(cfg.plots)
     runs = len(cfg.backends) * cfg.reps * len(cfg.workloads) * len(cfg.modes)
     what = f"{cfg.duration:g} s each" if cfg.duration else f"{cfg.requests} requests each"
@@ -338,7 +368,12 @@ def run(args) -> int:
             raise KeyboardInterrupt
         old = signal.signal(signal.SIGTERM, _term)
     try:
-        results = run_bench(cfg, log=lambda s: print(s, flush=True))
+        with guest_halt_poll(args.guest_halt_poll_ns) as old_ns:
+            _said_halt_poll(args.guest_halt_poll_ns, old_ns)
+            results = run_bench(cfg, log=lambda s: print(s, flush=True))
+    except IdlePolicyError as e:
+        print(f"fastshadow bench: {e}", file=sys.stderr)
+        return 2
     except KeyboardInterrupt:
         print("fastshadow bench: interrupted", file=sys.stderr)
         return 130

@@ -33,3 +33,78 @@ def test_a_run_is_noisy_when_other_work_or_steal_took_the_machine():
     assert Cpu(loadgen=1.0, backend=1.0, other=0.21, steal=0.0).noisy(2.0)
     assert Cpu(loadgen=1.0, backend=1.0, other=0.0, steal=0.11).noisy(2.0)
     assert not Cpu(loadgen=1.0, backend=1.0).noisy(2.0)     # not measured: not called noisy
+
+
+def test_the_idle_policy_is_read_from_sysfs_and_none_where_absent(tmp_path):
+    from fastshadow.bench.runner import idle_policy
+    gov, poll = tmp_path / "current_governor", tmp_path / "guest_halt_poll_ns"
+    assert idle_policy(gov, poll) == {"cpuidle_governor": None, "guest_halt_poll_ns": None}
+    (tmp_path / "current_governor_ro").write_text("menu\n")     # kernels before 5.x: read-only file
+    assert idle_policy(gov, poll) == {"cpuidle_governor": "menu", "guest_halt_poll_ns": None}
+    gov.write_text("haltpoll\n")
+    poll.write_text("200000\n")
+    assert idle_policy(gov, poll) == {"cpuidle_governor": "haltpoll", "guest_halt_poll_ns": 200000}
+
+
+def test_the_machine_record_holds_this_machines_idle_policy():
+    from fastshadow.bench.runner import idle_policy, machine_info
+    m = machine_info()
+    assert {"cpuidle_governor": m.cpuidle_governor, "guest_halt_poll_ns": m.guest_halt_poll_ns} == idle_policy()
+
+
+def test_the_report_names_the_idle_policy():
+    from fastshadow.bench.report import Machine, idle_label
+    m = Machine(hostname="h", nproc=2, kernel="k", cpu_model="c", mem_total_bytes=1, python="3",
+                qemu_storage_daemon="q", fastshadow="f")
+    assert idle_label(m) == ""
+    m.cpuidle_governor = "haltpoll"
+    m.guest_halt_poll_ns = 0
+    assert idle_label(m) == ", idle: haltpoll, halts at once (guest_halt_poll_ns 0)"
+    m.guest_halt_poll_ns = 200000
+    assert idle_label(m) == ", idle: haltpoll, polls 200 us before halting"
+
+
+def test_guest_halt_poll_sets_the_value_for_the_block_and_puts_the_old_one_back(tmp_path):
+    from fastshadow.bench.runner import guest_halt_poll
+    poll = tmp_path / "guest_halt_poll_ns"
+    poll.write_text("0\n")
+    with guest_halt_poll(200000, poll) as old:
+        assert poll.read_text() == "200000\n" and old == "0"
+    assert poll.read_text() == "0\n"
+    with pytest.raises(KeyboardInterrupt):          # Ctrl-C / SIGTERM during the bench
+        with guest_halt_poll(5, poll):
+            raise KeyboardInterrupt
+    assert poll.read_text() == "0\n"
+    with guest_halt_poll(None, poll) as old:        # not asked: not touched
+        assert poll.read_text() == "0\n" and old is None
+
+
+def test_guest_halt_poll_says_why_it_cannot_set_the_value(tmp_path):
+    from fastshadow.bench.runner import IdlePolicyError, guest_halt_poll
+    with pytest.raises(IdlePolicyError, match=r"--guest-halt-poll-ns 5: cannot set .*haltpoll cpuidle driver"):
+        with guest_halt_poll(5, tmp_path / "absent" / "guest_halt_poll_ns"):
+            pass
+
+
+def test_the_bench_refuses_a_negative_halt_poll():
+    out = subprocess.run([sys.executable, "-m", "fastshadow.bench.cli", "--guest-halt-poll-ns", "-3"],
+                         capture_output=True, text=True)
+    assert out.returncode == 2 and "--guest-halt-poll-ns: '-3': want a whole number, 0 or more" in out.stderr
+
+
+def test_pin_own_gives_each_process_its_own_cpus(monkeypatch):
+    from fastshadow.bench import runner
+    monkeypatch.setattr(runner.os, "sched_getaffinity", lambda pid: {0, 1, 2, 3})
+    p = runner.placement("own")
+    assert (p.loadgen, p.backend, p.proxy) == ({0}, {1}, {2, 3})
+    p = runner.placement("split-free-proxy")        # the others as they were
+    assert (p.loadgen, p.backend, p.proxy) == ({0}, {1, 2, 3}, {0, 1, 2, 3})
+    monkeypatch.setattr(runner.os, "sched_getaffinity", lambda pid: {0, 1})
+    with pytest.raises(ValueError, match=r"--pin own needs 3 CPUs .* may use 2"):
+        runner.placement("own")
+
+
+def test_the_bench_refuses_pin_own_on_two_cpus_before_it_runs():
+    out = subprocess.run(["taskset", "-c", "0,1", sys.executable, "-m", "fastshadow.bench.cli", "--pin", "own",
+                          "--out", "/nonexistent/never-created"], capture_output=True, text=True, timeout=60)
+    assert out.returncode == 2 and "--pin own needs 3 CPUs" in out.stderr, out.stderr
