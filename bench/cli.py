@@ -104,13 +104,19 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--retry-noisy", type=int, default=2, metavar="N",
                    help="run again, at most N times, a run that shared the machine (other work above 10 %% of "
                         "a CPU, or hypervisor steal above 5 %%); the last attempt counts (default 2, 0: never)")
+    p.add_argument("--guest-halt-poll-ns", type=_halt_poll_ns, metavar="NS",
+                   help="set haltpoll.guest_halt_poll_ns (how long an idle vCPU of this KVM guest polls before "
+                        "it halts: what a wake-up costs here) for the bench, and put the old value back after "
+                        "(root; results.json records the value either way)")
     p.add_argument("--loadgen-threads", choices=["one", "per-queue"], default="one",
                    help="one thread drives all queues (default), or one thread per queue")
-    p.add_argument("--pin", choices=["split", "split-free-proxy", "none"], default="split",
+    p.add_argument("--pin", choices=["split", "split-free-proxy", "own", "none"], default="split",
                    help="split (default): the load generator on the first CPU, qemu-storage-daemon and the proxy "
                         "on the others, as a guest's vCPU and its backend would be; split-free-proxy: the same "
-                        "but the proxy may run on any CPU; none: the scheduler decides (a wakeup on the same CPU "
-                        "is ~10x cheaper here, so results then vary with placement)")
+                        "but the proxy may run on any CPU; own: the load generator on the first CPU, "
+                        "qemu-storage-daemon on the second, the proxy on the rest (3+ CPUs); none: the scheduler "
+                        "decides (a wakeup on the same CPU is ~10x cheaper here, so results then vary with "
+                        "placement)")
     p.add_argument("--no-event-idx", action="store_true", help="do not negotiate VIRTIO_RING_F_EVENT_IDX")
     p.add_argument("--queue-size", type=int, default=256, help="virtqueue size (default 256; raised for QD > 85)")
     p.add_argument("--file-size", default="512M", help="size of the file backend's image (default 512M)")
@@ -122,6 +128,21 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-memcpy", action="store_true", help="skip the memcpy baseline")
     p.add_argument("--no-plots", action="store_true", help="skip the PNGs")
     p.set_defaults(preset=None)
+
+
+#: --guest-halt-poll-ns at most. The kernel takes up to 2^32-1 ns; 1 s is already far past any
+#: useful window (the driver's default is 200 µs) and makes an idle vCPU burn its CPU.
+HALT_POLL_MAX_NS = 1_000_000_000
+
+
+def _halt_poll_ns(text: str) -> int:
+    try:
+        n = int(text) if text.isdigit() else -1
+    except ValueError:
+        n = -1
+    if not 0 <= n <= HALT_POLL_MAX_NS:
+        raise argparse.ArgumentTypeError(f"{text!r}: want a whole number of ns, 0 to {HALT_POLL_MAX_NS} (1 s)")
+    return n
 
 
 def parse_workload(text: str):
@@ -178,8 +199,9 @@ def _creatable(path: Path) -> bool:
 def config_from_args(args):
     from . import MODES, OPTIONAL_MODES
     from fastshadow.sizes import parse_size
-    from .runner import PRESETS, Config
+    from .runner import PRESETS, Config, placement
     preset = PRESETS[args.preset or "quick"]
+    placement(args.pin)                     # a policy this machine cannot give fails here, not mid-run
     variants = parse_variants(args.variant)
     traced = parse_variants(args.traced)
     clash = set(traced) & set(variants)
@@ -250,6 +272,9 @@ def scale_config_from_args(args):
         if not xs or not all(1 <= x <= hi for x in xs):
             raise ValueError(f"{name} {text!r}: want a comma-separated list of whole numbers 1..{hi}")
         return xs
+    if args.pin != "split":
+        raise ValueError(f"--pin {args.pin}: --scale does not pin its processes (one proxy serves every device "
+                         f"there); --pin is for the other presets")
     devices = ints("--scale-devices", args.scale_devices, 64)
     queues = ints("--scale-queues", args.scale_queues, 4)
     try:
@@ -289,6 +314,43 @@ def plots_possible(wanted: bool) -> bool:
     return True
 
 
+#: Signals that end a bench as Ctrl-C does: the run drains, sessions close, qsd and the proxies
+#: stop, the idle policy is put back. SIGHUP is a closed terminal or a dropped ssh session.
+STOP_SIGNALS = ("SIGTERM", "SIGHUP")
+
+
+def _run_body(args, body):
+    """(exit code, what body returned or None): body run under --guest-halt-poll-ns, with
+    STOP_SIGNALS raised as KeyboardInterrupt in it."""
+    import signal
+    import threading
+
+    from .runner import GUEST_HALT_POLL_NS, IdlePolicyError, guest_halt_poll
+    old = {}
+    if threading.current_thread() is threading.main_thread():
+        def _stop(signum, frame):
+            raise KeyboardInterrupt
+        for name in STOP_SIGNALS:
+            sig = getattr(signal, name)
+            old[sig] = signal.signal(sig, _stop)
+    try:
+        with guest_halt_poll(args.guest_halt_poll_ns) as old_ns:
+            if args.guest_halt_poll_ns is not None:
+                print(f"fastshadow bench: haltpoll.guest_halt_poll_ns {old_ns} -> {args.guest_halt_poll_ns} "
+                      f"for this bench; it is put back after (if the bench is killed with SIGKILL: "
+                      f"echo {old_ns} > {GUEST_HALT_POLL_NS})", flush=True)
+            return 0, body()
+    except IdlePolicyError as e:
+        print(f"fastshadow bench: {e}", file=sys.stderr)
+        return 2, None
+    except KeyboardInterrupt:
+        print("fastshadow bench: interrupted", file=sys.stderr)
+        return 130, None
+    finally:
+        for sig, handler in old.items():
+            signal.signal(sig, handler)
+
+
 def run_scale(args) -> int:
     """`fastshadow bench --scale`."""
     try:
@@ -301,11 +363,9 @@ def run_scale(args) -> int:
     n = len(cfg.devices) * len(cfg.queues) * (2 if cfg.direct else 1) + len(cfg.bounce_sweep)
     print(f"fastshadow bench: scale preset, {n} points ({cfg.duration:g} s of load each), devices "
           f"{','.join(map(str, cfg.devices))} x queues {','.join(map(str, cfg.queues))}", flush=True)
-    try:
-        res = run_it(cfg, log=lambda s: print(s, flush=True))
-    except KeyboardInterrupt:
-        print("fastshadow bench: interrupted", file=sys.stderr)
-        return 130
+    rc, res = _run_body(args, lambda: run_it(cfg, log=lambda s: print(s, flush=True)))
+    if res is None:
+        return rc
     print()
     print(markdown(res))
     print()
@@ -329,22 +389,9 @@ def run(args) -> int:
     what = f"{cfg.duration:g} s each" if cfg.duration else f"{cfg.requests} requests each"
     print(f"fastshadow bench: {cfg.preset} preset, {runs} runs ({what}), modes {', '.join(cfg.modes)}, "
           f"backends {', '.join(cfg.backends)}", flush=True)
-    # SIGTERM like Ctrl-C: the run drains, sessions close, qsd and the proxies are stopped.
-    import signal
-    import threading
-    old = None
-    if threading.current_thread() is threading.main_thread():
-        def _term(signum, frame):
-            raise KeyboardInterrupt
-        old = signal.signal(signal.SIGTERM, _term)
-    try:
-        results = run_bench(cfg, log=lambda s: print(s, flush=True))
-    except KeyboardInterrupt:
-        print("fastshadow bench: interrupted", file=sys.stderr)
-        return 130
-    finally:
-        if old is not None:
-            signal.signal(signal.SIGTERM, old)
+    rc, results = _run_body(args, lambda: run_bench(cfg, log=lambda s: print(s, flush=True)))
+    if results is None:
+        return rc
     print()
     print(rp.table(results))
     print()

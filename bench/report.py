@@ -60,6 +60,14 @@ class Machine(msgspec.Struct):
     #: host far more than anything fastshadow changes (13 µs and 100 µs on two days of the same
     #: VM type), so runs of different days compare only through it. None: one CPU, or not measured.
     wake_rtt_us: float | None = None
+    #: What an idle CPU of this (virtual) machine does (runner.idle_policy): the cpuidle governor
+    #: and, with the haltpoll driver of a KVM guest, the most an idle vCPU polls before it halts
+    #: (haltpoll.guest_halt_poll_ns; the haltpoll governor's, ignored by the others; each vCPU's
+    #: window adapts below it). It sets wake_rtt_us: on the 2-vCPU test VM, 0 ns (its
+    #: boot setting) gave a ~95 µs round trip and 200000 ns (the driver's default) ~8 µs, and
+    #: direct mode's 4 KiB QD32 IOPS moved by up to 1.8x with it. None: not known here.
+    cpuidle_governor: str | None = None
+    guest_halt_poll_ns: int | None = None
 
 
 class Memcpy(msgspec.Struct):
@@ -182,7 +190,8 @@ class Settings(msgspec.Struct):
     file_size: int
     null_size: int
     pin: str                   # "split": loadgen on CPU 0, backend and proxy on the others; "split-free-proxy"
-                               # (the proxy on any CPU); "none" (the scheduler decides)
+                               # (the proxy on any CPU); "own" (loadgen CPU 0, backend CPU 1, proxy the
+                               # rest); "none" (the scheduler decides)
     workloads: list[Workload]
     variants: dict[str, list[str]] = {}   # extra isolated modes: name -> proxy arguments
     traced: dict[str, list[str]] = {}     # of which traced: name -> `fastshadow trace` arguments
@@ -375,13 +384,26 @@ def _ratio(x: float | None) -> str:
     return "" if x is None or math.isnan(x) else f"{x:.2f}"
 
 
+def idle_label(mach: Machine) -> str:
+    """", idle: haltpoll, polls up to 200 us before halting" for the machine line ("" when
+    unknown). guest_halt_poll_ns is the haltpoll governor's: other governors ignore it."""
+    if mach.cpuidle_governor is None:
+        return ""
+    poll = ""
+    if mach.cpuidle_governor == "haltpoll" and mach.guest_halt_poll_ns is not None:
+        poll = (f", polls up to {mach.guest_halt_poll_ns / 1000:.0f} us before halting" if mach.guest_halt_poll_ns
+                else ", halts at once (guest_halt_poll_ns 0)")
+    return f", idle: {mach.cpuidle_governor}{poll}"
+
+
 def table(results: Results) -> str:
     """The table people read: medians per backend, workload and mode, with ratios to direct."""
     lines = []
     m = results.memcpy
     mach = results.machine
     lines.append(f"machine: {mach.cpu_model}, {mach.nproc} CPUs, kernel {mach.kernel}"
-                 + (f", cross-CPU wake-up round trip {mach.wake_rtt_us:.1f} us" if mach.wake_rtt_us else ""))
+                 + (f", cross-CPU wake-up round trip {mach.wake_rtt_us:.1f} us" if mach.wake_rtt_us else "")
+                 + idle_label(mach))
     if m.cold_bytes:
         lines.append(f"memcpy, one core: {m.cold_gb_per_s:.1f} GB/s cold ({size_label(m.cold_bytes)} buffers), "
                      f"{m.hot_gb_per_s:.1f} GB/s hot ({size_label(m.hot_bytes)})")
@@ -602,6 +624,15 @@ def write_plots(results: Results, out_dir: Path, log: Callable[[str], None] = pr
     return written
 
 
+def _is_scale(path: Path) -> bool:
+    """Whether path holds a --scale run's results (bench/scale.py: its points, no runs)."""
+    try:
+        raw = msgspec.json.decode(path.read_bytes())
+    except (OSError, msgspec.DecodeError):
+        return False
+    return isinstance(raw, dict) and "points" in raw and "runs" not in raw
+
+
 def main(argv: list[str] | None = None) -> int:
     import argparse
     ap = argparse.ArgumentParser(prog="python -m fastshadow.bench.report", description="print (and re-plot) a results.json")
@@ -609,7 +640,16 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--plots", action="store_true", help="rewrite the PNGs next to results.json")
     ap.add_argument("--markdown", action="store_true", help="print the Markdown table instead")
     args = ap.parse_args(argv)
-    res = read_json(args.results)
+    try:
+        res = read_json(args.results)
+    except OSError as e:
+        print(f"{ap.prog}: cannot read {args.results}: {e.strerror or e}", file=sys.stderr)
+        return 2
+    except msgspec.DecodeError as e:      # ValidationError too: a file of another schema
+        hint = "; a --scale run's reads with python -m fastshadow.bench.scale" if _is_scale(args.results) else ""
+        print(f"{ap.prog}: {args.results} is not the results.json of a `fastshadow bench` run ({e}){hint}",
+              file=sys.stderr)
+        return 2
     print(markdown_table(res) if args.markdown else table(res))
     if args.plots:
         for name in write_plots(res, args.results.parent):

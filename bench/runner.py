@@ -30,6 +30,8 @@ import sys
 import tempfile
 import threading
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
@@ -107,7 +109,7 @@ class Config:
     stall_timeout: float = 5.0       # seconds without a completion (requests in flight) before failing
     retry_noisy: int = 0             # a run that shared the machine (Cpu.noisy) runs again, at most this often
     warmup: float = 0.3              # seconds of unrecorded I/O per mode and backend before measuring
-    pin: str = "split"               # see placement(): "split", "split-free-proxy", "none"
+    pin: str = "split"               # see placement(): "split", "split-free-proxy", "own", "none"
     memcpy: bool = True
     plots: bool = True
     command: str = ""
@@ -135,7 +137,7 @@ def self_cpu_seconds() -> float:
     return ru.ru_utime + ru.ru_stime
 
 
-PIN_POLICIES = ("split", "split-free-proxy", "none")
+PIN_POLICIES = ("split", "split-free-proxy", "own", "none")
 
 
 @dataclass
@@ -153,11 +155,18 @@ def placement(pin: str) -> Placement:
     scheduler happens to put the load generator and the backend decides a QD1 run's latency by a
     factor of ten. "split" fixes the placement a real guest has (its vCPU on one CPU, the backend
     and the proxy on the others); "split-free-proxy" lets the proxy run on any CPU (the load
-    generator's CPU is mostly idle at large blocks); "none" pins nothing.
+    generator's CPU is mostly idle at large blocks); "own" gives each of the three its own
+    CPU(s), the proxy all but the first two: the only placement where the proxy's CPU per
+    request is not also its peers' (needs 3 CPUs; ValueError otherwise); "none" pins nothing.
     """
     if pin not in PIN_POLICIES:
         raise ValueError(f"pinning policy {pin!r}: choose from {', '.join(PIN_POLICIES)}")
     cpus = sorted(os.sched_getaffinity(0))
+    if pin == "own":
+        if len(cpus) < 3:
+            raise ValueError(f"--pin own needs 3 CPUs (load generator, backend, proxy), this process may use "
+                             f"{len(cpus)}: run it on a machine with 3 or more CPUs")
+        return Placement(loadgen={cpus[0]}, backend={cpus[1]}, proxy=set(cpus[2:]))
     if pin == "none" or len(cpus) < 2:
         return Placement()
     rest = set(cpus[1:])
@@ -491,7 +500,82 @@ def machine_info() -> rp.Machine:
     u = platform.uname()
     return rp.Machine(hostname=socket.gethostname(), nproc=os.cpu_count() or 0, kernel=f"{u.release} {u.machine}",
                       cpu_model=model, mem_total_bytes=mem, python=platform.python_version(),
-                      qemu_storage_daemon=qsd, fastshadow=__version__, wake_rtt_us=wake_round_trip_us())
+                      qemu_storage_daemon=qsd, fastshadow=__version__, wake_rtt_us=wake_round_trip_us(),
+                      **idle_policy())
+
+
+class IdlePolicyError(RuntimeError):
+    """The machine's idle policy cannot be set as asked (--guest-halt-poll-ns)."""
+
+
+CPUIDLE_GOVERNOR = Path("/sys/devices/system/cpu/cpuidle/current_governor")
+GUEST_HALT_POLL_NS = Path("/sys/module/haltpoll/parameters/guest_halt_poll_ns")
+
+
+def idle_policy(governor: Path = CPUIDLE_GOVERNOR, halt_poll: Path = GUEST_HALT_POLL_NS) -> dict:
+    """{"cpuidle_governor": str | None, "guest_halt_poll_ns": int | None}: what an idle CPU does
+    here (Documentation/virt/guest-halt-polling.rst in the kernel). None where the file is
+    absent: no cpuidle, or not a guest with the haltpoll driver."""
+    def read(path: Path) -> str | None:
+        try:
+            return path.read_text().strip() or None
+        except OSError:
+            return None
+    ns = read(halt_poll)
+    return {"cpuidle_governor": read(governor) or read(governor.with_name("current_governor_ro")),
+            "guest_halt_poll_ns": int(ns) if ns and ns.isdigit() else None}
+
+
+#: Held (flock) by a bench that set guest_halt_poll_ns, until it has put the old value back:
+#: two benches that both set it would each restore the other's value.
+HALT_POLL_LOCK = Path("/run/lock/fastshadow-bench-halt-poll.lock")
+
+
+@contextmanager
+def guest_halt_poll(ns: int | None, path: Path = GUEST_HALT_POLL_NS, governor: Path = CPUIDLE_GOVERNOR,
+                    lock: Path = HALT_POLL_LOCK) -> Iterator[str | None]:
+    """Set haltpoll.guest_halt_poll_ns (Documentation/virt/guest-halt-polling.rst: the most an
+    idle vCPU polls before it halts) to `ns` for the block, then put the old value back, unless
+    something else changed it meanwhile (then it is left, with a line on stderr). None: leave
+    it. Yields the old value (None when not asked). Raises IdlePolicyError when the machine has
+    no such setting, its cpuidle governor is not haltpoll (the value would do nothing), another
+    bench holds it, or it cannot be written."""
+    if ns is None:
+        yield None
+        return
+    gov = idle_policy(governor, path)["cpuidle_governor"]
+    if gov != "haltpoll":
+        raise IdlePolicyError(f"--guest-halt-poll-ns {ns}: the cpuidle governor here is {gov or 'none'}, not "
+                              f"haltpoll, so the value would change nothing (it needs a KVM guest kernel with "
+                              f"the haltpoll cpuidle driver)")
+    import fcntl
+    try:
+        lock.parent.mkdir(parents=True, exist_ok=True)
+        held = open(lock, "a")
+    except OSError as e:
+        raise IdlePolicyError(f"--guest-halt-poll-ns {ns}: cannot open the lock {lock} ({e.strerror or e}); "
+                              f"it needs root") from None
+    with held:
+        try:
+            fcntl.flock(held, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise IdlePolicyError(f"--guest-halt-poll-ns {ns}: another bench has set the value and not yet "
+                                  f"put it back ({lock} is locked); wait for it to end") from None
+        try:
+            old = path.read_text().strip()
+            path.write_text(f"{ns}\n")
+        except OSError as e:
+            raise IdlePolicyError(f"--guest-halt-poll-ns {ns}: cannot set {path} ({e.strerror or e}); it needs "
+                                  f"root and a KVM guest kernel with the haltpoll cpuidle driver") from None
+        try:
+            yield old
+        finally:
+            now = path.read_text().strip()
+            if now == str(ns):
+                path.write_text(f"{old}\n")
+            else:
+                print(f"fastshadow bench: {path} is {now}, set by someone else during the bench: left as it "
+                      f"is, not put back to {old}", file=sys.stderr)
 
 
 def wake_round_trip_us(rounds: int = 2000) -> float | None:

@@ -460,7 +460,8 @@ class DataPlane:
         """Stop the loops and free every device (their fds and mappings included)."""
         if self._dp is not None:
             for dev in self._devices.values():
-                dev._dev = None
+                with dev._free_lock:      # before the loops free it (shadow_resident_bytes)
+                    dev._dev = None
             self._devices.clear()
             self._free_loops()
             self._dp = None
@@ -534,10 +535,11 @@ class DataPlane:
 
     def remove_device(self, dev: Device) -> None:
         """Detach `dev` from its loop and free it."""
-        if dev._dev is None:
-            return
-        _check(lib.fsdp_dev_remove(dev._dev), f"remove device {dev.name!r}")
-        dev._dev = None
+        with dev._free_lock:      # the removal closes the shadow fd (shadow_resident_bytes)
+            if dev._dev is None:
+                return
+            _check(lib.fsdp_dev_remove(dev._dev), f"remove device {dev.name!r}")
+            dev._dev = None
         with self._lock:
             if self._devices.pop(dev.id, None) is not None:
                 self._loops[dev.loop].queues -= dev.num_queues
@@ -613,6 +615,12 @@ class Device:
         self.shadow_uaddr: int = info.shadow_uaddr
         self.queue_slot_size: int = info.queue_slot_size
         self.bounce_per_queue: int = info.bounce_per_queue
+        #: Held by whoever frees the C device or closes its shadow fd (DataPlane.remove_device and
+        #: close, renew_backend_side) and by the readers other threads call while the session
+        #: may end (stats, latency, shadow_resident_bytes): without it, a reader that passed
+        #: _live() could hand the C side a freed device. Reentrant: the session thread reads
+        #: stats of its own too.
+        self._free_lock = threading.RLock()
 
     def __repr__(self) -> str:
         return f"<Device {self.name!r} id={self.id} queues={self.num_queues} loop={self.loop}>"
@@ -624,6 +632,19 @@ class Device:
         info = ffi.new("struct fsdp_dev_info *")
         _check(lib.fsdp_dev_info(self._live(), info), f"{self.name}: device info")
         return info.shadow_fd
+
+    def shadow_resident_bytes(self) -> int:
+        """Bytes of the shadow memfd held in memory now; for other threads than the session's
+        (the stats thread).
+
+        The shadow fd's number is read, then fstat'ed: a renewal or a removal on the session
+        thread must not close it in between, or the figure is 0 for one snapshot (EBADF) or,
+        the number reused meanwhile, an unrelated file's. Both close it under this lock. A lock
+        rather than a figure kept by the data plane: the kernel's count is the truth (the idle
+        trim and a renewal's hole punching change it), and the wait is bounded by one
+        renewal's copy of the kept bounce bytes. Raises NotFound once the device is removed."""
+        with self._free_lock:
+            return os.fstat(self.shadow_fd).st_blocks * 512
 
     def _live(self):
         if self._dev is None:
@@ -676,8 +697,9 @@ class Device:
         Raises QueueBusy while a queue is started (stop or park every queue first), and
         DataPlaneError (ENOMEM, EMFILE, ...) when the new memfd or eventfds cannot be made;
         then nothing changed."""
-        _check(lib.fsdp_dev_renew_backend_side(self._live()),
-               f"{self.name}: new shadow memory and eventfds for a new backend")
+        with self._free_lock:     # it closes the old shadow fd (shadow_resident_bytes)
+            _check(lib.fsdp_dev_renew_backend_side(self._live()),
+                   f"{self.name}: new shadow memory and eventfds for a new backend")
 
     # device IOTLB (vIOMMU) -------------------------------------------------------
     def iotlb_enable(self, on: bool, cap: int = 0, keep_completed: bool = False) -> None:
@@ -855,7 +877,8 @@ class Device:
         """Queue q's counters (cumulative since the device was added; bounce_bytes and inflight
         are gauges). Read by the loop thread itself (a command). Raises InvalidRequest."""
         s = ffi.new("struct fsdp_queue_stats *")
-        _check(lib.fsdp_queue_stats(self._live(), q, s), self._q("stats", q))
+        with self._free_lock:       # the stats thread calls it while the session may remove the device
+            _check(lib.fsdp_queue_stats(self._live(), q, s), self._q("stats", q))
         fields = {f: getattr(s, f) for f in QueueStats.__struct_fields__ if f != "refused_by_reason"}
         refused = {}
         for code in range(len(s.refused_by)):
@@ -867,7 +890,8 @@ class Device:
         """Queue q's latency histograms, one per hop of LATENCY_HOPS (all zero when the data plane
         was made with latency_histograms=False). Raises InvalidRequest."""
         h = ffi.new("struct fsdp_queue_hist *")
-        _check(lib.fsdp_queue_hist(self._live(), q, h), self._q("latency histograms", q))
+        with self._free_lock:       # as stats
+            _check(lib.fsdp_queue_hist(self._live(), q, h), self._q("latency histograms", q))
         out = []
         for i, hop in enumerate(LATENCY_HOPS):
             counts = list(h.count[i])

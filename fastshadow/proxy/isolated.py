@@ -8,7 +8,8 @@ toward the backend, pointing at the device's shadow region:
   once, holding the shadow region at fake addresses.
 - SET_VRING_ADDR / BASE / KICK / CALL / ERR: the guest's values stay here;
   the backend gets the shadow ring's addresses, index 0 and eventfds of
-  fastshadow's own.
+  fastshadow's own, its call eventfd again at a ring's start if it may have
+  dropped it since (give_backend_call).
 - GET_VRING_BASE: stop taking from the guest ring, drain what the backend
   holds, complete it to the guest, stop the backend ring, answer with the
   guest's index.
@@ -156,6 +157,10 @@ class IsolatedSession(Session):
         self.backend_has_table = False
         #: The current backend connection was sent fds of RENEWED_PER_BACKEND: the next one needs new ones.
         self.backend_side_given = False
+        #: Queues whose call eventfd (the data plane's) the current backend connection holds: given by
+        #: SET_VRING_CALL, taken away by the ring's GET_VRING_BASE, a reset or a new connection
+        #: (to_backend keeps it; give_backend_call reads it).
+        self.backend_has_call: set[int] = set()
         self.started: set[int] = set()
         self.err_fds: dict[int, tuple[int, int | None]] = {}  # queue -> (ours, QEMU's)
         self.qemu_features: int | None = None  # QEMU's last SET_FEATURES
@@ -264,13 +269,25 @@ class IsolatedSession(Session):
             expect_reply = self.neg.expects_reply(msg)
         if msg.request in RENEWED_PER_BACKEND and msg.fds:
             self.backend_side_given = True        # before the send: a failed one may have passed them
+        gives_call = msg.request == FrontendReq.SET_VRING_CALL and bool(msg.fds)
+        if msg.request == FrontendReq.GET_VRING_BASE:
+            # The backend may close the ring's call fd as it stops the ring (libvhost-user does,
+            # vu_get_vring_base_exec), answer or not: from the send on, it may hold none.
+            self.backend_has_call.discard(msg.payload.index)
+        elif msg.request in (FrontendReq.RESET_OWNER, FrontendReq.RESET_DEVICE):
+            self.backend_has_call.clear()         # as its memory table (on_reset), it may forget them
         # super() closes msg's fds once sent; the record may keep one after the answer.
         kept = Message(msg.request, msg.payload, [os.dup(fd) for fd in msg.fds] if msg.request in STATE_REQUESTS
                        else [], msg.flags)
         try:
             reply = super().to_backend(msg, expect_reply=expect_reply, timeout=timeout)
             # State-setting requests are answered by an ack (u64, 0: success) when asked to.
-            self.record.sent(kept, accepted=reply is None or getattr(reply.payload, "value", 0) == 0)
+            accepted = reply is None or getattr(reply.payload, "value", 0) == 0
+            self.record.sent(kept, accepted=accepted)
+            if gives_call and accepted:
+                self.backend_has_call.add(msg.payload.index)
+            elif gives_call:
+                self.backend_has_call.discard(msg.payload.index)
             return reply
         except BackendGone:
             raise
@@ -368,6 +385,7 @@ class IsolatedSession(Session):
                 raise PeerClosed(f"{reason}; no backend came back: {e}") from None
             self.backend = Connection(sock, Channel.MAIN, receives_replies=True, name="backend")
             self._sel.register(sock, selectors.EVENT_READ, "backend")
+            self.backend_has_call.clear()         # the replay gives them
             try:
                 # Each connection (a retry too, if the one that left got them) gets fds of its own.
                 self.renew_backend_side()
@@ -895,10 +913,41 @@ class IsolatedSession(Session):
             self.stopped_with_kept[q] = stopped
             self.drop_stale_requests(q, "the ring was set up anew (other addresses or base) since it stopped "
                                         "with these requests kept")
+        self.give_backend_call(q)
         # The kick fd starts the ring (vhost-user "Ring states").
         self.start_queue(q, bool(self.neg.features & VirtioFeature.RING_EVENT_IDX))
         kick, _ = self.dev.queue_backend_fds(q)
         self.to_backend_as(msg, p.VringFd.make(q), [os.dup(kick)])
+
+    def give_backend_call(self, q: int) -> None:
+        """Before ring q starts toward the backend: make sure the backend holds the ring's call
+        eventfd, which is fastshadow's own (the data plane's).
+
+        vhost-user.rst does not say what becomes of a ring's call fd when GET_VRING_BASE stops
+        the ring; libvhost-user (qemu-storage-daemon) closes it there, and its next completion
+        then signals fd -1: the notify fails, the device is marked broken, and nobody hears of
+        the request. QEMU sends SET_VRING_CALL again before each start; a front-end that does not
+        (or never sent one) leaves that backend without. Direct mode cannot help it, since the fd
+        is the front-end's; here fastshadow gives its own again. QEMU's call fd is the data
+        plane's to signal and stays there across the stop, whatever the backend does.
+
+        Sent before SET_VRING_KICK, which starts the ring in libvhost-user: the requests the data
+        plane re-publishes at the start may complete at once. The ack (asked for when REPLY_ACK is
+        negotiated, as for the shadow memory table) is fastshadow's to read, never QEMU's, whose
+        SET_VRING_KICK gets the kick's own."""
+        if q in self.backend_has_call:
+            return
+        _, call = self.dev.queue_backend_fds(q)
+        flags = msg_flags(self.neg.has(ProtocolFeature.REPLY_ACK))
+        out = Message(FrontendReq.SET_VRING_CALL, p.VringFd.make(q), [os.dup(call)], flags)
+        reply = self.to_backend(out, expect_reply=bool(flags & FLAG_NEED_REPLY))
+        if reply is not None and reply.payload.value != 0:
+            raise UnexpectedMessage(f"backend refused SET_VRING_CALL for queue {q} (ack {reply.payload.value}), "
+                                    f"sent by fastshadow before the ring starts: its completions would never "
+                                    f"be signalled")
+        kv(log, logging.DEBUG, "vring.call_given", dev=self.name, queue=q,
+           reason="the backend held no call fd for the ring (it may close it at GET_VRING_BASE) and QEMU "
+                  "sent no SET_VRING_CALL since")
 
     def on_set_vring_enable(self, msg: Message) -> None:
         q = msg.payload.index

@@ -119,7 +119,7 @@ def _shadow(session) -> tuple[int | None, int]:
     if dpdev is None:
         return None, 0
     try:
-        return dpdev.loop, os.fstat(dpdev.shadow_fd).st_blocks * 512
+        return dpdev.loop, dpdev.shadow_resident_bytes()    # safe against a renewal meanwhile
     except (OSError, AttributeError):      # the session ended under us: its device is gone
         return None, 0
 

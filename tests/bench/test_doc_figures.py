@@ -353,3 +353,61 @@ def test_results_md_issue12_full_run_is_the_json():
     text = squash((ROOT / "bench" / "RESULTS.md").read_text())
     missing = [w for w in want if squash(w) not in text]
     assert not missing, "bench/RESULTS.md (issue 12 full run) must say:\n" + "\n".join(missing)
+
+
+def idle_rows(path: Path, policy: str, place: str) -> list[str]:
+    """bench/RESULTS.md, "The machine's idle policy": one row per mode of 4 KiB randread, from
+    medians over the reps (CPU µs per request per process; the machine's busy share at QD32)."""
+    raw = json.loads(path.read_text())
+    ncpu = raw["machine"]["nproc"]
+    by: dict[tuple, list[dict]] = {}
+    for r in raw["runs"]:
+        w = r["workload"]
+        if w["bs"] == 4 * KiB and w["rw"] == "randread":
+            by.setdefault((r["mode"], w["qd"]), []).append(r)
+
+    def med(mode, qd, f):
+        return statistics.median(f(r) for r in by[(mode, qd)])
+
+    def per_req(proc):
+        return lambda r: 1e6 * (r["cpu_s"].get(proc) or 0) / r["requests"]
+
+    def busy(r):
+        c = r["cpu_s"]
+        return sum(c.get(k) or 0 for k in ("loadgen", "proxy", "backend", "other", "steal")) / (ncpu * r["duration_s"])
+    direct = med("direct", 32, lambda r: r["iops"])
+    rows = []
+    for mode in ("direct", "isolated", "nopoll"):
+        iops = med(mode, 32, lambda r: r["iops"])
+        px = "-" if mode == "direct" else f"{med(mode, 32, per_req('proxy')):.2f}"
+        rows.append(f"| {policy} | {place} | {raw['machine']['wake_rtt_us']:.0f} µs | {mode} | {iops / 1e3:.0f}k | "
+                    f"{iops / direct:.2f} | {med(mode, 32, busy):.2f} | {med(mode, 32, per_req('loadgen')):.2f} / "
+                    f"{px} / {med(mode, 32, per_req('backend')):.2f} | "
+                    f"{med(mode, 1, lambda r: r['lat_p50_ns']) / 1e3:.1f} µs |")
+    return rows
+
+
+def test_results_md_idle_policy_runs_are_the_json():
+    want = []
+    for ns, policy in ((200000, "polls up to 200 µs"), (0, "halts at once")):
+        for place in ("split-free-proxy", "split"):
+            want += idle_rows(ISSUE12 / "idle" / f"hp{ns}-{place}" / "results.json", policy, f"`{place}`")
+    text = (ROOT / "bench" / "RESULTS.md").read_text()
+    missing = [r for r in want if r not in text]
+    assert not missing, "bench/RESULTS.md (idle policy) must say:\n" + "\n".join(missing)
+
+
+def test_readme_polling_vcpus_sentence_is_the_json():
+    """README's "What isolation costs": the same full run with idle vCPUs polling before they halt."""
+    d = Data(ROOT / "bench" / "results" / "haltpoll" / "results.json")
+    assert d.raw["machine"]["guest_halt_poll_ns"] == 200000
+    f, n = d.iops_ratios("file", "isolated"), d.iops_ratios("null", "isolated")
+    qd1 = (d.get("isolated", "randread", 4 * KiB, 1)["lat_p50_ns"] - d.get("direct", "randread", 4 * KiB, 1)["lat_p50_ns"]) / 1e3
+    want = (f"With the VM's idle vCPUs polling up to 200 µs before they halt (the haltpoll driver's default; "
+            f"`bench/results/haltpoll/results.json`, wake-up round trip {d.raw['machine']['wake_rtt_us']:.0f} µs), "
+            f"direct mode is faster and isolation keeps {ratio(geomean(f))}× on `file` "
+            f"({ratio(min(f))}-{ratio(max(f))}× by workload) and {ratio(geomean(n))}× on `null-co` "
+            f"({ratio(min(n))}-{ratio(max(n))}×, {sum(x < 0.2 for x in n)} of {len(n)} below 0.2×), and 4 KiB QD1 "
+            f"p50 latency is {qd1:+.1f} µs against direct.")
+    readme = squash((ROOT / "README.md").read_text())
+    assert want in readme, f"README.md must say, from the JSON:\n{want}"

@@ -10,7 +10,9 @@ from __future__ import annotations
 import fcntl
 import os
 import struct
+import threading
 import time
+import types
 
 import pytest
 
@@ -217,3 +219,92 @@ def test_old_eventfds_reach_nothing_with_the_loop(loop_rig, busy_poll_us):
         assert rig.events() == []
     finally:
         old.close()
+
+
+def test_stats_never_fstat_the_shadow_fd_a_renewal_closes(make_rig, monkeypatch):
+    """The stats thread's figure of resident shadow bytes (proxy/stats.py) against a renewal on
+    the session thread, which closes the old shadow fd. The renewal is made to come exactly
+    between the stats thread's read of the fd's number and its fstat (which waits for it, at
+    most 0.5 s): the figure must be the old memfd's, not 0 (EBADF on the closed number) nor
+    that of another file given the number meanwhile."""
+    from fastshadow.proxy.stats import _shadow
+    rig = make_rig(num=NUM)
+    head, bufs = rig.blk_read(0, 65536)
+    rig.poll()
+    rig.serve(0, rig.be[0].pending())
+    rig.poll()
+    assert rig.gq[0].take_used() == [(head, 65537)]
+    rig.accept_writable(bufs)
+    rig.dev.queue_stop(0, timeout_ms=0)               # every queue stops before a renewal
+    session = types.SimpleNamespace(dev=rig.dev)      # what the stats read of an isolated session
+    before = _shadow(session)
+    assert before[0] == rig.dev.loop and before[1] >= 65536, before   # the read's bounce pages
+    in_fstat, renewed = threading.Event(), threading.Event()
+    real_fstat = os.fstat
+
+    def fstat(fd, *a, **kw):
+        if threading.current_thread() is reader and not in_fstat.is_set():
+            in_fstat.set()
+            renewed.wait(0.5)     # bounds what must not happen: the renewal closing the fd now
+        return real_fstat(fd, *a, **kw)
+    got = []
+    reader = threading.Thread(target=lambda: got.append(_shadow(session)), name="stats")
+    monkeypatch.setattr(os, "fstat", fstat)
+    reader.start()
+    assert in_fstat.wait(10), "the stats read never reached its fstat"
+    rig.dev.renew_backend_side()                      # as the session thread does (recover_backend)
+    renewed.set()
+    reader.join(10)
+    monkeypatch.undo()
+    assert got == [before]
+    assert _shadow(session)[1] < before[1]            # the new memfd holds no served bytes
+
+
+@pytest.mark.parametrize("read", ["stats", "latency"])
+def test_a_device_is_never_freed_under_a_stats_read(make_rig, monkeypatch, read):
+    """The stats thread reads a queue's counters and histograms (Device.stats / latency, through
+    proxy/stats.py) while the session thread may remove the device as its session ends. A read
+    that has passed its check that the device lives must finish before the device is freed: it
+    hands the C side the device's pointer. The removal is made to come exactly then (the read
+    waits for it, at most 0.5 s); it must wait for the read, and the read must see the device
+    whole."""
+    import fastshadow.dataplane as dpmod
+    rig = make_rig(num=NUM)
+    head, bufs = rig.blk_read(0, 4096)
+    rig.poll()
+    rig.serve(0, rig.be[0].pending())
+    rig.poll()
+    assert rig.gq[0].take_used() == [(head, 4097)]
+    rig.accept_writable(bufs)
+    name = {"stats": "fsdp_queue_stats", "latency": "fsdp_queue_hist"}[read]
+    in_read, removed = threading.Event(), threading.Event()
+    real_lib = dpmod.lib
+
+    class PausingLib:
+        def __getattr__(self, attr):
+            fn = getattr(real_lib, attr)
+            if attr != name or threading.current_thread() is not reader:
+                return fn
+
+            def paused(*a):
+                in_read.set()
+                removed.wait(0.5)       # bounds what must not happen: the removal freeing it now
+                return fn(*a)
+            return paused
+    got = []
+    reader = threading.Thread(target=lambda: got.append(getattr(rig.dev, read)(0)), name="stats")
+    monkeypatch.setattr(dpmod, "lib", PausingLib())
+    reader.start()
+    assert in_read.wait(10), "the stats read never reached the data plane"
+    remover = threading.Thread(target=rig.dp.remove_device, args=(rig.dev,), name="session")
+    remover.start()
+    remover.join(0.3)
+    removed_first = not remover.is_alive()
+    removed.set()
+    reader.join(10)
+    remover.join(10)
+    monkeypatch.undo()
+    assert not removed_first, "the device was freed while a stats read was inside the data plane"
+    assert len(got) == 1
+    if read == "stats":
+        assert got[0].completed == 1

@@ -71,16 +71,21 @@ class BlkFront:
         """negotiate(), then queue 0 set up and started; returns the disk's capacity in sectors."""
         fe, mem = self.fe, self.mem
         capacity = self.negotiate(backend_channel=backend_channel)
-        self.q = q = GuestQueue(mem, self.num)
+        self.q = GuestQueue(mem, self.num)
         fe.set_vring_num(0, self.num)
         fe.set_vring_base(0, 0)
-        if self.viommu:    # QEMU's vhost_memory_map with an IOMMU: the ring addresses are IOVAs
-            fe.set_vring_addr(0, self.iova(q.desc), self.iova(q.used), self.iova(q.avail))
-        else:
-            fe.set_vring_addr(0, mem.uaddr(q.desc), mem.uaddr(q.used), mem.uaddr(q.avail))
+        fe.set_vring_addr(0, *self.ring_addrs())
         fe.set_vring_call(0, self.call)
         fe.set_vring_kick(0, self.kick)
         return capacity
+
+    def ring_addrs(self) -> tuple[int, int, int]:
+        """Queue 0's (desc, used, avail) as SET_VRING_ADDR names them: QEMU user addresses, or
+        IOVAs with a vIOMMU (QEMU's vhost_memory_map)."""
+        q, mem = self.q, self.mem
+        if self.viommu:
+            return self.iova(q.desc), self.iova(q.used), self.iova(q.avail)
+        return mem.uaddr(q.desc), mem.uaddr(q.used), mem.uaddr(q.avail)
 
     def request(self, kind: int, sector: int, data: bytes | int) -> tuple[int, int, int]:
         """Post one request (T_OUT writes `data`, T_IN reads `data` bytes) and kick;
@@ -124,3 +129,16 @@ class BlkFront:
     def stop(self) -> int:
         """GET_VRING_BASE: the ring stops; returns the guest's next avail index."""
         return self.fe.get_vring_base(0)
+
+    def restart(self, base: int, *, call: bool = True) -> None:
+        """QEMU resuming a stopped ring (vhost_virtqueue_start): the same size and addresses, the
+        base it was told, its call fd again (a backend may close it at GET_VRING_BASE:
+        libvhost-user does), then the kick. call=False: a front-end that does not send
+        SET_VRING_CALL again (the guest's call fd is still the one given before the stop)."""
+        fe = self.fe
+        fe.set_vring_num(0, self.num)
+        fe.set_vring_base(0, base)
+        fe.set_vring_addr(0, *self.ring_addrs())
+        if call:
+            fe.set_vring_call(0, self.call)
+        fe.set_vring_kick(0, self.kick)

@@ -121,7 +121,7 @@ def test_header_only_request_is_refused_and_the_ring_restarts(workdir, start_qsd
         idx = blk.stop()
         assert idx == 1
         assert "vring.held" not in proxy.log() and "vring.untaken" not in proxy.log()
-        restart(blk, idx)
+        blk.restart(idx)
         assert_still_serves(blk)
     proxy.wait_log(r"dataplane\.refused .*readable and 0 device-writable")
     assert "vring.held" not in proxy.log()   # nothing was left at the backend to wait for
@@ -141,17 +141,6 @@ def wait_published(stats_file, n: int, timeout: float = 30.0) -> None:
         if time.monotonic() > deadline:
             raise AssertionError(f"the proxy did not publish {n} requests within {timeout} s: {snap}")
         time.sleep(0.02)
-
-
-def restart(blk: BlkFront, base: int) -> None:
-    """QEMU resuming a stopped ring (vhost_virtqueue_start): the same size and addresses, the
-    base it was told, its call fd again (a backend closes it at GET_VRING_BASE), then the kick."""
-    fe, q, mem = blk.fe, blk.q, blk.mem
-    fe.set_vring_num(0, blk.num)
-    fe.set_vring_base(0, base)
-    fe.set_vring_addr(0, mem.uaddr(q.desc), mem.uaddr(q.used), mem.uaddr(q.avail))
-    fe.set_vring_call(0, blk.call)
-    fe.set_vring_kick(0, blk.kick)
 
 
 def test_ring_stop_is_bounded_and_held_requests_complete_after_resume(workdir, start_qsd, start_proxy):
@@ -181,7 +170,7 @@ def test_ring_stop_is_bounded_and_held_requests_complete_after_resume(workdir, s
         [line] = proxy.wait_log(r"vring\.(held|untaken) ")
         left = sum(int(n) for n in re.findall(r"\b(?:kept|returned_to_guest)=(\d+)", line))
         assert left >= 1, line
-        restart(blk, idx)
+        blk.restart(idx)
         got: dict[int, int] = {}
         while len(got) < len(heads):
             got.update(blk.wait_used(1, timeout=30))
@@ -258,7 +247,7 @@ def test_backend_that_never_answers_a_ring_stop_is_replaced(workdir, start_qsd, 
             assert_still_serves(blk, 8)
             assert blk.stop() == 2
             proxy.wait_log(r"backend\.reconnected dev=dev0")
-            restart(blk, 2)
+            blk.restart(2)
             assert_still_serves(blk, 16)
     finally:
         mute.close()
@@ -322,7 +311,7 @@ def test_reset_gives_the_backend_its_shadow_table_again(workdir, start_qsd, star
             before = len(rec.seen[0])
             blk.fe.call(R.RESET_OWNER)
             blk.q.__init__(blk.mem, blk.num)          # the driver sets its ring up anew
-            restart(blk, 0)                           # QEMU's next request: fastshadow sent the table before
+            blk.restart(0)                           # QEMU's next request: fastshadow sent the table before
             after_reset = [s.request for s in rec.seen[0][before:]]
             assert after_reset[:2] == [R.RESET_OWNER, R.SET_MEM_TABLE], after_reset
             assert_still_serves(blk, 16)
