@@ -48,6 +48,11 @@ class Data:
         return [v["iops"] / self.med[(b, "direct", *rest)]["iops"]
                 for (b, m, *rest), v in self.med.items() if b == backend and m == mode]
 
+    def qd1_added_us(self) -> float:
+        """Isolated's 4 KiB randread QD1 p50 minus direct's (null-co), µs."""
+        return (self.get("isolated", "randread", 4 * KiB, 1)["lat_p50_ns"]
+                - self.get("direct", "randread", 4 * KiB, 1)["lat_p50_ns"]) / 1e3
+
     @property
     def cold(self) -> float:
         return self.raw["memcpy"]["cold_gb_per_s"]
@@ -62,10 +67,15 @@ def ratio(x: float) -> str:
     return f"{x:.2f}" if x >= 0.1 else f"{x:.1g}"
 
 
+def assert_readme_says(want: str) -> None:
+    readme = squash((ROOT / "README.md").read_text())
+    assert want in readme, f"README.md must say, from the JSON:\n{want}"
+
+
 def test_readme_paragraph_is_the_json():
     d, free = Data(RESULTS), Data(FREE)
     f, n = d.iops_ratios("file", "isolated"), d.iops_ratios("null", "isolated")
-    qd1 = (d.get("isolated", "randread", 4 * KiB, 1)["lat_p50_ns"] - d.get("direct", "randread", 4 * KiB, 1)["lat_p50_ns"]) / 1e3
+    qd1 = d.qd1_added_us()
     big = free.get("isolated", "read", MiB, 8)["mb_per_s"] / 1e3
     want = (f"on a real image (`file`), {ratio(geomean(f))}× the IOPS of direct mode (geometric mean over {len(f)} "
             f"workloads; {ratio(min(f))}-{ratio(max(f))}× by workload); on `null-co`, where direct mode does "
@@ -74,8 +84,7 @@ def test_readme_paragraph_is_the_json():
             f"4 KiB QD1 p50 latency {qd1:+.1f} µs against direct (`null-co`). With a CPU of its own "
             f"(`bench/results/free-proxy/results.json`) the data plane copies 1 MiB reads at {big:.1f} GB/s "
             f"({big / free.cold:.2f}× a single-core cold memcpy).")
-    readme = squash((ROOT / "README.md").read_text())
-    assert want in readme, f"README.md must say, from the JSON:\n{want}"
+    assert_readme_says(want)
 
 
 def test_results_md_headline_is_the_json():
@@ -402,12 +411,11 @@ def test_readme_polling_vcpus_sentence_is_the_json():
     d = Data(ROOT / "bench" / "results" / "haltpoll" / "results.json")
     assert d.raw["machine"]["guest_halt_poll_ns"] == 200000
     f, n = d.iops_ratios("file", "isolated"), d.iops_ratios("null", "isolated")
-    qd1 = (d.get("isolated", "randread", 4 * KiB, 1)["lat_p50_ns"] - d.get("direct", "randread", 4 * KiB, 1)["lat_p50_ns"]) / 1e3
+    qd1 = d.qd1_added_us()
     want = (f"With the VM's idle vCPUs polling up to 200 µs before they halt (the haltpoll driver's default; "
             f"`bench/results/haltpoll/results.json`, wake-up round trip {d.raw['machine']['wake_rtt_us']:.0f} µs), "
             f"direct mode is faster and isolation keeps {ratio(geomean(f))}× on `file` "
             f"({ratio(min(f))}-{ratio(max(f))}× by workload) and {ratio(geomean(n))}× on `null-co` "
             f"({ratio(min(n))}-{ratio(max(n))}×, {sum(x < 0.2 for x in n)} of {len(n)} below 0.2×), and 4 KiB QD1 "
             f"p50 latency is {qd1:+.1f} µs against direct.")
-    readme = squash((ROOT / "README.md").read_text())
-    assert want in readme, f"README.md must say, from the JSON:\n{want}"
+    assert_readme_says(want)
