@@ -83,17 +83,23 @@ def resident(fd: int) -> int:
     return os.fstat(fd).st_blocks * 512
 
 
+def serve_one_read(rig, nbytes: int) -> None:
+    """A blk read of nbytes on queue 0, served by the backend and completed to the guest
+    (nbytes and the status byte), its buffers accepted as written."""
+    head, bufs = rig.blk_read(0, nbytes)
+    rig.poll()
+    rig.serve(0, rig.be[0].pending())
+    rig.poll()
+    assert rig.gq[0].take_used() == [(head, nbytes + 1)]
+    rig.accept_writable(bufs)
+
+
 def test_refused_while_a_queue_runs(make_rig):
     rig = make_rig(num=NUM)
     with pytest.raises(QueueBusy):
         rig.dev.renew_backend_side()
     # nothing changed: the queue runs on with the same fds
-    head, bufs = rig.blk_read(0, 64)
-    rig.poll()
-    rig.serve(0, rig.be[0].pending())
-    rig.poll()
-    assert rig.gq[0].take_used() == [(head, 65)]
-    rig.accept_writable(bufs)
+    serve_one_read(rig, 64)
 
 
 def test_new_fds_kept_bounce_copied_rings_fresh_old_memfd_emptied(make_rig):
@@ -229,12 +235,7 @@ def test_stats_never_fstat_the_shadow_fd_a_renewal_closes(make_rig, monkeypatch)
     that of another file given the number meanwhile."""
     from fastshadow.proxy.stats import _shadow
     rig = make_rig(num=NUM)
-    head, bufs = rig.blk_read(0, 65536)
-    rig.poll()
-    rig.serve(0, rig.be[0].pending())
-    rig.poll()
-    assert rig.gq[0].take_used() == [(head, 65537)]
-    rig.accept_writable(bufs)
+    serve_one_read(rig, 65536)
     rig.dev.queue_stop(0, timeout_ms=0)               # every queue stops before a renewal
     session = types.SimpleNamespace(dev=rig.dev)      # what the stats read of an isolated session
     before = _shadow(session)
@@ -270,12 +271,7 @@ def test_a_device_is_never_freed_under_a_stats_read(make_rig, monkeypatch, read)
     whole."""
     import fastshadow.dataplane as dpmod
     rig = make_rig(num=NUM)
-    head, bufs = rig.blk_read(0, 4096)
-    rig.poll()
-    rig.serve(0, rig.be[0].pending())
-    rig.poll()
-    assert rig.gq[0].take_used() == [(head, 4097)]
-    rig.accept_writable(bufs)
+    serve_one_read(rig, 4096)
     name = {"stats": "fsdp_queue_stats", "latency": "fsdp_queue_hist"}[read]
     in_read, removed = threading.Event(), threading.Event()
     real_lib = dpmod.lib
