@@ -14,7 +14,7 @@ import math
 import statistics
 import sys
 from pathlib import Path
-from typing import Callable, Iterable
+from typing import Callable, Iterable, TypeVar
 
 import msgspec
 
@@ -624,13 +624,33 @@ def write_plots(results: Results, out_dir: Path, log: Callable[[str], None] = pr
     return written
 
 
-def _is_scale(path: Path) -> bool:
-    """Whether path holds a --scale run's results (bench/scale.py: its points, no runs)."""
+T = TypeVar("T")
+
+
+def read_or_say(read: Callable[[Path], T], path: Path, prog: str, run: str,
+                hint: Callable[[Path], str] = lambda path: "") -> T | None:
+    """read(path), or None after one line on stderr saying why it cannot be read (a missing
+    file, or one that is not the results.json of a `run`, then with hint(path) after it), for
+    the command-line readers."""
+    try:
+        return read(path)
+    except OSError as e:
+        print(f"{prog}: cannot read {path}: {e.strerror or e}", file=sys.stderr)
+    except msgspec.DecodeError as e:      # ValidationError too: a file of another schema
+        print(f"{prog}: {path} is not the results.json of a {run} run ({e}){hint(path)}", file=sys.stderr)
+    return None
+
+
+def _scale_hint(path: Path) -> str:
+    """Where to read path instead, if it holds a --scale run's results (bench/scale.py: its
+    points, no runs)."""
     try:
         raw = msgspec.json.decode(path.read_bytes())
     except (OSError, msgspec.DecodeError):
-        return False
-    return isinstance(raw, dict) and "points" in raw and "runs" not in raw
+        return ""
+    if isinstance(raw, dict) and "points" in raw and "runs" not in raw:
+        return "; a --scale run's reads with python -m fastshadow.bench.scale"
+    return ""
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -640,15 +660,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--plots", action="store_true", help="rewrite the PNGs next to results.json")
     ap.add_argument("--markdown", action="store_true", help="print the Markdown table instead")
     args = ap.parse_args(argv)
-    try:
-        res = read_json(args.results)
-    except OSError as e:
-        print(f"{ap.prog}: cannot read {args.results}: {e.strerror or e}", file=sys.stderr)
-        return 2
-    except msgspec.DecodeError as e:      # ValidationError too: a file of another schema
-        hint = "; a --scale run's reads with python -m fastshadow.bench.scale" if _is_scale(args.results) else ""
-        print(f"{ap.prog}: {args.results} is not the results.json of a `fastshadow bench` run ({e}){hint}",
-              file=sys.stderr)
+    res = read_or_say(read_json, args.results, ap.prog, "`fastshadow bench`", _scale_hint)
+    if res is None:
         return 2
     print(markdown_table(res) if args.markdown else table(res))
     if args.plots:

@@ -508,14 +508,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--markdown", action="store_true", help="print the Markdown tables (as bench/RESULTS.md)")
     ap.add_argument("--plot", action="store_true", help="rewrite scale.png next to results.json")
     args = ap.parse_args(argv)
-    try:
-        res = read_json(args.results)
-    except OSError as e:
-        print(f"{ap.prog}: cannot read {args.results}: {e.strerror or e}", file=sys.stderr)
-        return 2
-    except msgspec.DecodeError as e:      # ValidationError too: a file of another schema
-        print(f"{ap.prog}: {args.results} is not the results.json of a `fastshadow bench --scale` run ({e}); "
-              f"python -m fastshadow.bench.report reads the others", file=sys.stderr)
+    res = rp.read_or_say(read_json, args.results, ap.prog, "`fastshadow bench --scale`",
+                         lambda path: "; python -m fastshadow.bench.report reads the others")
+    if res is None:
         return 2
     print(markdown(res))
     if args.markdown:
